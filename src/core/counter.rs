@@ -1,0 +1,303 @@
+//! The hierarchical counter behind every group: memcg's `page_counter`, in bytes.
+//!
+//! A charge walks from a group to the root and either succeeds on every level or changes
+//! nothing. Each level's `usage` moves with a compare-and-swap against `max`, so two charges
+//! racing at a limit can never both pass it (unlike `page_counter_try_charge`, which adds first
+//! and backs out, a charge here never makes `usage` go over `max` even for a moment, so it
+//! never makes a racing charge fail spuriously). Kernel charges move `kmem` too, against
+//! `kmem_max`. Counters are only touched by the stocks' slow paths (`super::stock`), once per
+//! batch, never per allocation.
+
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+/// A `max`, `high` or `kmem_max` that is not set.
+pub(crate) const UNLIMITED: usize = usize::MAX;
+
+/// What a limit on the chain said no to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Limit {
+    Max,
+    KmemMax,
+}
+
+/// The counter of one group.
+///
+/// Fields are grouped by who writes them: the first cache line is read on every allocation and
+/// written only when the group is created, reconfigured or removed; `hot` is written by every
+/// stock refill and drain; `events` rarely.
+#[repr(C, align(64))]
+pub(crate) struct Counter {
+    /// The parent's counter, null for the root. Fixed while the group is alive.
+    parent: AtomicPtr<Counter>,
+    max: AtomicUsize,
+    high: AtomicUsize,
+    kmem_max: AtomicUsize,
+    /// The group's index in the group table; stock slots name a group by it.
+    pub(crate) id: u32,
+    /// Cleared by `Group::remove`: the group takes no new charges and keeps no stock.
+    online: AtomicBool,
+    /// `OnLimit::Fail`: over-limit charges of this group and its descendants are refused.
+    fail: AtomicBool,
+    hot: Hot,
+    events: [AtomicU64; 3],
+}
+
+#[repr(C, align(64))]
+struct Hot {
+    usage: AtomicUsize,
+    kmem: AtomicUsize,
+    peak: AtomicUsize,
+    allocs: AtomicU64,
+    frees: AtomicU64,
+}
+
+/// Event kinds, as indices into `Counter::events`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Event {
+    High = 0,
+    Max = 1,
+    Fail = 2,
+}
+
+/// A snapshot of one counter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Snapshot {
+    pub(crate) usage: usize,
+    pub(crate) kmem: usize,
+    pub(crate) peak: usize,
+    pub(crate) allocs: u64,
+    pub(crate) frees: u64,
+    pub(crate) max: usize,
+    pub(crate) high: usize,
+    pub(crate) kmem_max: usize,
+    pub(crate) events: [u64; 3],
+}
+
+impl Counter {
+    /// A counter in its initial state.
+    pub(crate) fn new(id: u32, parent: Option<&Counter>) -> Counter {
+        let c = Counter {
+            parent: AtomicPtr::new(core::ptr::null_mut()),
+            max: AtomicUsize::new(UNLIMITED),
+            high: AtomicUsize::new(UNLIMITED),
+            kmem_max: AtomicUsize::new(UNLIMITED),
+            id,
+            online: AtomicBool::new(true),
+            fail: AtomicBool::new(false),
+            hot: Hot {
+                usage: AtomicUsize::new(0),
+                kmem: AtomicUsize::new(0),
+                peak: AtomicUsize::new(0),
+                allocs: AtomicU64::new(0),
+                frees: AtomicU64::new(0),
+            },
+            events: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+        };
+        c.parent.store(parent_ptr(parent), Ordering::Relaxed);
+        c
+    }
+
+    /// Puts a recycled counter back in its initial state under a new parent.
+    ///
+    /// The caller owns the counter exclusively: it is not reachable from any group, stock
+    /// or allocation (the group table's free list guarantees this).
+    pub(crate) fn reset(&self, parent: Option<&Counter>) {
+        self.parent.store(parent_ptr(parent), Ordering::Relaxed);
+        for limit in [&self.max, &self.high, &self.kmem_max] {
+            limit.store(UNLIMITED, Ordering::Relaxed);
+        }
+        self.fail.store(false, Ordering::Relaxed);
+        for field in [&self.hot.usage, &self.hot.kmem, &self.hot.peak] {
+            field.store(0, Ordering::Relaxed);
+        }
+        for field in [&self.hot.allocs, &self.hot.frees] {
+            field.store(0, Ordering::Relaxed);
+        }
+        for event in &self.events {
+            event.store(0, Ordering::Relaxed);
+        }
+        self.online.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn parent(&self) -> Option<&Counter> {
+        // SAFETY: a parent outlives its children: a child holds a reference on its parent's
+        // group until the child's record is freed, and records are never unmapped.
+        unsafe { self.parent.load(Ordering::Acquire).as_ref() }
+    }
+
+    /// This counter and its ancestors, nearest first.
+    pub(crate) fn chain(&self) -> impl Iterator<Item = &Counter> {
+        core::iter::successors(Some(self), |c| c.parent())
+    }
+
+    /// Whether `self` is `ancestor` or below it.
+    pub(crate) fn is_under(&self, ancestor: &Counter) -> bool {
+        self.chain().any(|c| core::ptr::eq(c, ancestor))
+    }
+
+    #[inline]
+    pub(crate) fn is_online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+
+    /// Takes the group offline. Returns false if it already was.
+    pub(crate) fn set_offline(&self) -> bool {
+        self.online.swap(false, Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_max(&self, bytes: Option<usize>) {
+        self.max
+            .store(bytes.unwrap_or(UNLIMITED), Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_high(&self, bytes: Option<usize>) {
+        self.high
+            .store(bytes.unwrap_or(UNLIMITED), Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_kmem_max(&self, bytes: Option<usize>) {
+        self.kmem_max
+            .store(bytes.unwrap_or(UNLIMITED), Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_fail(&self, fail: bool) {
+        self.fail.store(fail, Ordering::Relaxed);
+    }
+
+    pub(crate) fn fails(&self) -> bool {
+        self.fail.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn usage(&self) -> usize {
+        self.hot.usage.load(Ordering::Acquire)
+    }
+
+    /// Charges `bytes` to every level from `self` to the root, if no level's `max` (and, for a
+    /// kernel charge, no level's `kmem_max`) would be passed. On failure nothing is changed and
+    /// the level that refused is returned.
+    pub(crate) fn try_charge(&self, bytes: usize, kernel: bool) -> Result<(), (&Counter, Limit)> {
+        for c in self.chain() {
+            let refused = if !add_within(&c.hot.usage, bytes, c.max.load(Ordering::Relaxed)) {
+                Some(Limit::Max)
+            } else if kernel && !add_within(&c.hot.kmem, bytes, c.kmem_max.load(Ordering::Relaxed))
+            {
+                c.hot.usage.fetch_sub(bytes, Ordering::Relaxed);
+                Some(Limit::KmemMax)
+            } else {
+                None
+            };
+            if let Some(limit) = refused {
+                for done in self.chain().take_while(|d| !core::ptr::eq(*d, c)) {
+                    done.sub(bytes, kernel);
+                }
+                return Err((c, limit));
+            }
+            c.after_charge(bytes);
+        }
+        Ok(())
+    }
+
+    /// Charges `bytes` to every level whatever the limits say (an overcharge).
+    pub(crate) fn charge_force(&self, bytes: usize, kernel: bool) {
+        for c in self.chain() {
+            c.hot.usage.fetch_add(bytes, Ordering::Relaxed);
+            if kernel {
+                c.hot.kmem.fetch_add(bytes, Ordering::Relaxed);
+            }
+            c.after_charge(bytes);
+        }
+    }
+
+    /// Uncharges `bytes` from every level. Returns true when `self`'s own usage reached 0,
+    /// which for an offline group means its record can be freed. (An ancestor cannot reach 0
+    /// here: its usage also holds the bookkeeping charge of `self`.)
+    pub(crate) fn uncharge(&self, bytes: usize, kernel: bool) -> bool {
+        let mut emptied = false;
+        for c in self.chain() {
+            let before = c.sub(bytes, kernel);
+            if core::ptr::eq(c, self) {
+                emptied = before == bytes;
+            }
+        }
+        emptied
+    }
+
+    /// Adds allocation and free counts to every level.
+    pub(crate) fn count(&self, allocs: u64, frees: u64) {
+        if allocs == 0 && frees == 0 {
+            return;
+        }
+        for c in self.chain() {
+            c.hot.allocs.fetch_add(allocs, Ordering::Relaxed);
+            c.hot.frees.fetch_add(frees, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts `event` on `self` and every ancestor (cgroup v2's hierarchical `memory.events`).
+    pub(crate) fn event(&self, event: Event) {
+        for c in self.chain() {
+            c.events[event as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let load = |f: &AtomicUsize| f.load(Ordering::Relaxed);
+        let load64 = |f: &AtomicU64| f.load(Ordering::Relaxed);
+        Snapshot {
+            usage: load(&self.hot.usage),
+            kmem: load(&self.hot.kmem),
+            peak: load(&self.hot.peak),
+            allocs: load64(&self.hot.allocs),
+            frees: load64(&self.hot.frees),
+            max: load(&self.max),
+            high: load(&self.high),
+            kmem_max: load(&self.kmem_max),
+            events: [0, 1, 2].map(|i| load64(&self.events[i])),
+        }
+    }
+
+    /// Raises `peak`, and counts a crossing of `high`, after `bytes` were added to `usage`.
+    /// Racy, but we can live with that: a peak may miss a concurrent charge's bytes until the
+    /// next one, as `page_counter`'s watermark does.
+    fn after_charge(&self, bytes: usize) {
+        let usage = self.hot.usage.load(Ordering::Relaxed);
+        if usage > self.hot.peak.load(Ordering::Relaxed) {
+            self.hot.peak.fetch_max(usage, Ordering::Relaxed);
+        }
+        let high = self.high.load(Ordering::Relaxed);
+        if usage > high && usage.saturating_sub(bytes) <= high {
+            self.events[Event::High as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Subtracts from this level only; returns `usage` before.
+    fn sub(&self, bytes: usize, kernel: bool) -> usize {
+        if kernel {
+            let kmem = self.hot.kmem.fetch_sub(bytes, Ordering::Relaxed);
+            debug_assert!(kmem >= bytes, "kmem underflow");
+        }
+        let before = self.hot.usage.fetch_sub(bytes, Ordering::AcqRel);
+        debug_assert!(before >= bytes, "usage underflow");
+        before
+    }
+}
+
+fn parent_ptr(parent: Option<&Counter>) -> *mut Counter {
+    parent.map_or(core::ptr::null_mut(), |p| {
+        p as *const Counter as *mut Counter
+    })
+}
+
+/// Adds `bytes` to `field` unless the result would pass `limit`.
+fn add_within(field: &AtomicUsize, bytes: usize, limit: usize) -> bool {
+    let mut cur = field.load(Ordering::Relaxed);
+    loop {
+        let Some(new) = cur.checked_add(bytes).filter(|&n| n <= limit) else {
+            return false;
+        };
+        match field.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(now) => cur = now,
+        }
+    }
+}

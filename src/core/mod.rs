@@ -1,0 +1,8 @@
+//! The concurrent core: hierarchical counters and per-CPU stocks.
+//!
+//! It knows nothing of `GlobalAlloc`, libc, threads' current groups or the two designs; it
+//! takes CPU numbers and group ids as arguments. Its atomics come from `crate::sync`, so
+//! `loom-tests/` compiles these very files against loom.
+
+pub(crate) mod counter;
+pub(crate) mod stock;

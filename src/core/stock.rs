@@ -1,0 +1,510 @@
+//! Per-CPU stocks of pre-charged bytes: memcg's `memcg_stock_pcp`.
+//!
+//! Charging the shared counters on every allocation would bounce their cache lines between
+//! CPUs. Instead each CPU keeps a few slots, each holding bytes already charged to one group
+//! (in `batch`-sized steps) together with the allocations and frees not yet added to that
+//! group's counters. A small charge takes bytes from the slot of its group on the current CPU;
+//! a small uncharge gives them back. Only when a slot runs dry, overflows or is evicted do the
+//! shared counters move.
+//!
+//! A slot is one `AtomicU64` holding `key | frees | allocs | bytes`, so every operation on it
+//! is a single compare-and-swap: a thread that migrates to another CPU between reading its CPU
+//! number and the CAS is still correct (it just touched another CPU's line), and a drain from
+//! another CPU can take a slot's bytes at any moment without losing or inventing any.
+//!
+//! Slots per CPU: seven (the kernel's count since 6.16), so tenants that share a CPU do not
+//! evict each other at every switch. A group whose slot is evicted has its bytes returned to
+//! its counter.
+//!
+//! Freeing a group's record while a drain may still hold one of its slot words is prevented by
+//! `drainers`: a drain counts itself in before it takes a word of another group, and the group
+//! table reuses a freed record only after seeing `drainers == 0` (see `Stocks::quiescent`).
+
+use super::counter::{Counter, Event};
+use crate::sync::{spin_hint, AtomicU64, AtomicUsize, Ordering};
+
+/// Slots per CPU. Loom models use two, to stay small.
+pub(crate) const SLOTS: usize = if cfg!(memgroup_loom) { 2 } else { 7 };
+
+/// The largest batch: a slot's byte field must hold a full batch plus one charge.
+pub(crate) const MAX_BATCH: usize = 1 << 23;
+
+const BYTES_BITS: u32 = 25;
+const COUNT_BITS: u32 = 9;
+const ALLOCS_SHIFT: u32 = BYTES_BITS;
+const FREES_SHIFT: u32 = BYTES_BITS + COUNT_BITS;
+const KEY_SHIFT: u32 = BYTES_BITS + 2 * COUNT_BITS;
+const BYTES_MASK: u64 = (1 << BYTES_BITS) - 1;
+const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
+const CONTENT_MASK: u64 = (1 << KEY_SHIFT) - 1;
+
+/// The largest group id a key can hold.
+pub(crate) const MAX_ID: u32 = (1 << (64 - KEY_SHIFT - 1)) - 1;
+
+/// A group and a kind of memory: `id << 1 | kernel`. Key 0 names no group.
+pub(crate) type Key = u32;
+
+#[inline(always)]
+pub(crate) const fn key(id: u32, kernel: bool) -> Key {
+    id << 1 | kernel as u32
+}
+
+#[inline(always)]
+pub(crate) const fn key_id(key: Key) -> u32 {
+    key >> 1
+}
+
+#[inline(always)]
+pub(crate) const fn key_is_kernel(key: Key) -> bool {
+    key & 1 != 0
+}
+
+/// What may happen when a charge would pass a limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The groups' `OnLimit` policies decide.
+    Policy,
+    /// Refuse (inside `fallible`).
+    Fallible,
+    /// Force (inside `nofail`).
+    NoFail,
+}
+
+/// The group table, as the stocks see it.
+pub(crate) trait Groups {
+    /// The counter of the group with this id. Only called with ids that a live slot word or a
+    /// charge names, whose group records are therefore alive.
+    fn counter(&self, id: u32) -> &Counter;
+    /// `c` is offline and its usage just reached 0: free its record if nothing else holds it.
+    fn emptied(&self, c: &Counter);
+}
+
+#[inline(always)]
+const fn word(key: Key, bytes: u64, allocs: u64, frees: u64) -> u64 {
+    (key as u64) << KEY_SHIFT | frees << FREES_SHIFT | allocs << ALLOCS_SHIFT | bytes
+}
+
+#[inline(always)]
+const fn word_key(w: u64) -> Key {
+    (w >> KEY_SHIFT) as Key
+}
+
+#[inline(always)]
+const fn word_bytes(w: u64) -> u64 {
+    w & BYTES_MASK
+}
+
+#[inline(always)]
+const fn word_allocs(w: u64) -> u64 {
+    (w >> ALLOCS_SHIFT) & COUNT_MAX
+}
+
+#[inline(always)]
+const fn word_frees(w: u64) -> u64 {
+    (w >> FREES_SHIFT) & COUNT_MAX
+}
+
+/// One CPU's slots, on their own cache line.
+#[repr(C, align(64))]
+pub(crate) struct CpuStock {
+    slots: [AtomicU64; SLOTS],
+    /// Round-robin eviction cursor; a hint, so racy updates are fine.
+    victim: AtomicU64,
+}
+
+impl CpuStock {
+    #[cfg(not(memgroup_loom))]
+    pub(crate) const fn new() -> CpuStock {
+        CpuStock {
+            slots: [const { AtomicU64::new(0) }; SLOTS],
+            victim: AtomicU64::new(0),
+        }
+    }
+
+    #[cfg(memgroup_loom)]
+    pub(crate) fn new() -> CpuStock {
+        CpuStock {
+            slots: core::array::from_fn(|_| AtomicU64::new(0)),
+            victim: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The stocks of all CPUs, and the charge and uncharge paths through them.
+pub(crate) struct Stocks<G: Groups> {
+    cpus: &'static [CpuStock],
+    /// One more than the highest CPU index that ever held a slot: drains look no further.
+    span: AtomicUsize,
+    batch: AtomicUsize,
+    drainers: AtomicUsize,
+    groups: G,
+}
+
+impl<G: Groups> Stocks<G> {
+    /// `cpus.len()` must be a power of two: CPU numbers are masked into it.
+    pub(crate) const fn new(cpus: &'static [CpuStock], batch: usize, groups: G) -> Self {
+        assert!(cpus.len().is_power_of_two());
+        Stocks {
+            cpus,
+            span: AtomicUsize::new(0),
+            batch: AtomicUsize::new(batch),
+            drainers: AtomicUsize::new(0),
+            groups,
+        }
+    }
+
+    #[cfg(memgroup_loom)]
+    pub(crate) fn new_loom(cpus: &'static [CpuStock], batch: usize, groups: G) -> Self {
+        assert!(cpus.len().is_power_of_two());
+        Stocks {
+            cpus,
+            span: AtomicUsize::new(0),
+            batch: AtomicUsize::new(batch),
+            drainers: AtomicUsize::new(0),
+            groups,
+        }
+    }
+
+    /// Sets the batch; 0 turns stocks off. Called once, before any slot is filled.
+    pub(crate) fn set_batch(&self, batch: usize) {
+        self.batch.store(batch.min(MAX_BATCH), Ordering::Relaxed);
+    }
+
+    #[inline(always)]
+    pub(crate) fn batch(&self) -> usize {
+        self.batch.load(Ordering::Relaxed)
+    }
+
+    #[inline(always)]
+    fn stock(&self, cpu: usize) -> &CpuStock {
+        &self.cpus[cpu & (self.cpus.len() - 1)]
+    }
+
+    /// The fast path of a charge: takes `bytes` from this CPU's slot for `key` and counts
+    /// `objects` allocations there. False when the slot cannot serve it; then call
+    /// `charge_slow`.
+    #[inline(always)]
+    pub(crate) fn charge(&self, cpu: usize, key: Key, bytes: usize, objects: u64) -> bool {
+        for slot in &self.stock(cpu).slots {
+            let mut w = slot.load(Ordering::Relaxed);
+            while word_key(w) == key {
+                if word_bytes(w) < bytes as u64 || word_allocs(w) + objects > COUNT_MAX {
+                    return false;
+                }
+                let new = w - bytes as u64 + (objects << ALLOCS_SHIFT);
+                match slot.compare_exchange_weak(w, new, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => return true,
+                    Err(now) => w = now,
+                }
+            }
+        }
+        false
+    }
+
+    /// The fast path of an uncharge: gives `bytes` back to this CPU's slot for `key` and
+    /// counts `objects` frees there. The group must be online. False when the slot cannot
+    /// take it; then call `uncharge_slow`.
+    #[inline(always)]
+    pub(crate) fn uncharge(&self, cpu: usize, key: Key, bytes: usize, objects: u64) -> bool {
+        let batch = self.batch() as u64;
+        for slot in &self.stock(cpu).slots {
+            let mut w = slot.load(Ordering::Relaxed);
+            while word_key(w) == key {
+                if word_bytes(w) + bytes as u64 > batch || word_frees(w) + objects > COUNT_MAX {
+                    return false;
+                }
+                let new = w + bytes as u64 + (objects << FREES_SHIFT);
+                match slot.compare_exchange_weak(w, new, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => return true,
+                    Err(now) => w = now,
+                }
+            }
+        }
+        false
+    }
+
+    /// The slow path of a charge: refills the slot from the counters in a batch, or charges
+    /// the counters exactly when a batch does not fit. Returns the key charged, or `None` when
+    /// the charge is refused (nothing is then changed).
+    ///
+    /// A new block (`objects != 0`) of a removed group is charged to its nearest live ancestor
+    /// instead, and that ancestor's key is returned; growth of an existing block
+    /// (`objects == 0`) stays with the block's owner.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn charge_slow(
+        &self,
+        cpu: usize,
+        key: Key,
+        bytes: usize,
+        objects: u64,
+        mode: Mode,
+    ) -> Option<Key> {
+        let kernel = key_is_kernel(key);
+        let mut c = self.groups.counter(key_id(key));
+        if objects != 0 {
+            while !c.is_online() {
+                c = c.parent().expect("the root is never removed");
+            }
+        }
+        let key = self::key(c.id, kernel);
+        let batch = self.batch();
+        if bytes > batch || !c.is_online() {
+            return self
+                .charge_exact(c, kernel, bytes, objects, mode)
+                .then_some(key);
+        }
+        // Empty our slot into our hands, then put back what is left after this charge.
+        let held = self.take(cpu, key);
+        c.count(word_allocs(held), word_frees(held));
+        let mut have = word_bytes(held) as usize;
+        if have < bytes {
+            if c.try_charge(batch, kernel).is_ok() {
+                have += batch;
+            } else {
+                self.release(c, kernel, have);
+                return self
+                    .charge_exact(c, kernel, bytes, objects, mode)
+                    .then_some(key);
+            }
+        }
+        self.deposit(cpu, key, c, have - bytes, objects, 0);
+        Some(key)
+    }
+
+    /// The slow path of an uncharge: for an offline group or a large size the counters are
+    /// uncharged directly; otherwise the bytes go to this CPU's slot for `key` (claiming one
+    /// if there is none), and a slot over `batch` returns half to the counters.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn uncharge_slow(&self, cpu: usize, key: Key, bytes: usize, objects: u64) {
+        let c = self.groups.counter(key_id(key));
+        if bytes > self.batch() || !c.is_online() {
+            c.count(0, objects);
+            self.release(c, key_is_kernel(key), bytes);
+        } else {
+            self.deposit(cpu, key, c, bytes, 0, objects);
+        }
+    }
+
+    /// Charges the counters directly. When a limit on the chain refuses, the stocks under that
+    /// limit are drained and the charge retried, so it fails only when real usage plus
+    /// `bytes` would pass the limit. Then the mode and the policies decide: refuse, or force.
+    #[cold]
+    pub(crate) fn charge_exact(
+        &self,
+        c: &Counter,
+        kernel: bool,
+        bytes: usize,
+        objects: u64,
+        mode: Mode,
+    ) -> bool {
+        let mut drained: Option<*const Counter> = None;
+        loop {
+            match c.try_charge(bytes, kernel) {
+                Ok(()) => break,
+                Err((at, _)) if drained != Some(at as *const Counter) => {
+                    drained = Some(at);
+                    self.drain(|g| g.is_under(at));
+                }
+                Err((at, _)) => {
+                    at.event(Event::Max);
+                    if refuses(mode, c, at) {
+                        at.event(Event::Fail);
+                        return false;
+                    }
+                    c.charge_force(bytes, kernel);
+                    break;
+                }
+            }
+        }
+        c.count(objects, 0);
+        true
+    }
+
+    /// Empties every slot, on every CPU, whose group satisfies `pred`: the bytes go back to the
+    /// counters and the pending counts are added to them.
+    pub(crate) fn drain(&self, pred: impl Fn(&Counter) -> bool) {
+        self.drainers.fetch_add(1, Ordering::SeqCst);
+        let span = self.span.load(Ordering::SeqCst).min(self.cpus.len());
+        for stock in &self.cpus[..span] {
+            for slot in &stock.slots {
+                let w = slot.load(Ordering::SeqCst);
+                if w & CONTENT_MASK == 0 || !pred(self.groups.counter(key_id(word_key(w)))) {
+                    continue;
+                }
+                if slot
+                    .compare_exchange(w, 0, Ordering::SeqCst, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    self.apply(w);
+                }
+                // A CAS lost to a concurrent change is not retried: whoever changed the slot
+                // either emptied it (a drain or eviction) or is a charge of the same group.
+            }
+        }
+        self.drainers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Empties and releases every slot naming group `id`, empty ones included, so that no
+    /// fast path finds a slot for it any more: for a group being removed (whose new charges
+    /// then take the slow path, which sends them to a live ancestor) and for a record being
+    /// freed.
+    pub(crate) fn purge(&self, id: u32) {
+        self.drainers.fetch_add(1, Ordering::SeqCst);
+        let span = self.span.load(Ordering::SeqCst).min(self.cpus.len());
+        for stock in &self.cpus[..span] {
+            for slot in &stock.slots {
+                let mut w = slot.load(Ordering::SeqCst);
+                while w != 0 && key_id(word_key(w)) == id {
+                    match slot.compare_exchange(w, 0, Ordering::SeqCst, Ordering::Relaxed) {
+                        Ok(_) => {
+                            self.apply(w);
+                            break;
+                        }
+                        Err(now) => w = now,
+                    }
+                }
+            }
+        }
+        self.drainers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether no drain is running. A record freed (and purged) before a moment at which this
+    /// was true can no longer be named by a slot word any thread holds, so it may be reused.
+    pub(crate) fn quiescent(&self) -> bool {
+        self.drainers.load(Ordering::SeqCst) == 0
+    }
+
+    /// Takes the content of this CPU's slot for `key`, leaving the slot claimed but empty.
+    /// Returns a word with no content if there is no such slot.
+    fn take(&self, cpu: usize, key: Key) -> u64 {
+        for slot in &self.stock(cpu).slots {
+            let mut w = slot.load(Ordering::Relaxed);
+            while word_key(w) == key {
+                match slot.compare_exchange_weak(
+                    w,
+                    word(key, 0, 0, 0),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return w,
+                    Err(now) => w = now,
+                }
+            }
+        }
+        0
+    }
+
+    /// Adds bytes and counts to this CPU's slot for `key`. What does not fit (a slot over
+    /// `batch`, a full count) is returned to the counters of `c`, whose key is `key`.
+    fn deposit(&self, cpu: usize, key: Key, c: &Counter, bytes: usize, allocs: u64, frees: u64) {
+        let batch = self.batch() as u64;
+        let (bytes, kernel) = (bytes as u64, key_is_kernel(key));
+        let stock = self.stock(cpu);
+        for slot in &stock.slots {
+            let mut w = slot.load(Ordering::Relaxed);
+            while word_key(w) == key {
+                let b = word_bytes(w) + bytes;
+                let (a, f) = (word_allocs(w) + allocs, word_frees(w) + frees);
+                let fits = b <= batch && a <= COUNT_MAX && f <= COUNT_MAX;
+                // Overflowing: keep half a batch and hand the rest to the counters.
+                let keep = if fits { b } else { b.min(batch / 2) };
+                let new = if fits {
+                    word(key, b, a, f)
+                } else {
+                    word(key, keep, 0, 0)
+                };
+                match slot.compare_exchange_weak(w, new, Ordering::AcqRel, Ordering::Relaxed) {
+                    Ok(_) => {
+                        if !fits {
+                            c.count(a, f);
+                            self.release(c, kernel, (b - keep) as usize);
+                        }
+                        return;
+                    }
+                    Err(now) => w = now,
+                }
+            }
+        }
+        if bytes <= batch {
+            self.claim(cpu, stock, word(key, bytes, allocs, frees));
+        } else {
+            c.count(allocs, frees);
+            self.release(c, kernel, bytes as usize);
+        }
+    }
+
+    /// Puts `new` into a slot of this CPU: an empty one if there is one, else a victim chosen
+    /// round-robin, whose content goes back to its group's counters.
+    #[cold]
+    fn claim(&self, cpu: usize, stock: &CpuStock, new: u64) {
+        self.span
+            .fetch_max((cpu & (self.cpus.len() - 1)) + 1, Ordering::SeqCst);
+        loop {
+            let empty = stock
+                .slots
+                .iter()
+                .position(|s| s.load(Ordering::Relaxed) & CONTENT_MASK == 0);
+            let i = empty
+                .unwrap_or_else(|| stock.victim.fetch_add(1, Ordering::Relaxed) as usize % SLOTS);
+            let slot = &stock.slots[i];
+            let w = slot.load(Ordering::Relaxed);
+            if w & CONTENT_MASK == 0 {
+                if slot
+                    .compare_exchange(w, new, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return;
+                }
+            } else {
+                self.drainers.fetch_add(1, Ordering::SeqCst);
+                let evicted = slot.compare_exchange(w, new, Ordering::SeqCst, Ordering::Relaxed);
+                if evicted.is_ok() {
+                    self.apply(w);
+                }
+                self.drainers.fetch_sub(1, Ordering::SeqCst);
+                if evicted.is_ok() {
+                    return;
+                }
+            }
+            spin_hint();
+        }
+    }
+
+    /// Applies a word taken out of a slot to its group's counters.
+    fn apply(&self, w: u64) {
+        let key = word_key(w);
+        let c = self.groups.counter(key_id(key));
+        c.count(word_allocs(w), word_frees(w));
+        self.release(c, key_is_kernel(key), word_bytes(w) as usize);
+    }
+
+    /// Uncharges `bytes` from `c`'s counters, and frees an offline group's record once its
+    /// usage reaches 0.
+    fn release(&self, c: &Counter, kernel: bool, bytes: usize) {
+        if bytes != 0 && c.uncharge(bytes, kernel) && !c.is_online() {
+            self.groups.emptied(c);
+        }
+    }
+}
+
+/// Whether an over-limit charge of `c`, refused at `at` (an ancestor of `c` or `c` itself),
+/// fails: inside `fallible`, or when `c` or any group up to `at` has `OnLimit::Fail`.
+fn refuses(mode: Mode, c: &Counter, at: &Counter) -> bool {
+    match mode {
+        Mode::NoFail => false,
+        Mode::Fallible => true,
+        Mode::Policy => {
+            for g in c.chain() {
+                if g.fails() {
+                    return true;
+                }
+                if core::ptr::eq(g, at) {
+                    break;
+                }
+            }
+            false
+        }
+    }
+}

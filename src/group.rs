@@ -1,0 +1,739 @@
+//! Groups: the table of group records, their names and lifetime, and the public `Group` handle.
+//!
+//! Records live in one lazily backed `mmap` region, indexed by id, and are never unmapped:
+//! a stock slot names a group by id, and a drain may look a record up while the group is being
+//! removed. A record is freed (for reuse) when its group is removed, no handle or child holds
+//! it and all its memory has been uncharged; it is reused only once no drain can still hold a
+//! word naming it (`Stocks::quiescent`).
+//!
+//! A removed group keeps its record while it has live charges: frees of its memory uncharge
+//! it and, through the hierarchy, its parent, so the parent stays exact. This record is the
+//! kernel's `obj_cgroup`: small, and the only thing a removed group leaves behind.
+
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use core::cell::UnsafeCell;
+use core::mem::size_of;
+use core::ptr::NonNull;
+
+use crate::core::counter::{Counter, UNLIMITED};
+use crate::core::stock::{CpuStock, Groups, Mode, Stocks, MAX_BATCH, MAX_ID};
+use crate::platform;
+use crate::{Error, OnLimit, Stat};
+
+/// The root's id. Id 0 is never used, so that key 0 names no group.
+pub(crate) const ROOT_ID: u32 = 1;
+
+/// The longest group name, in bytes.
+pub const MAX_NAME: usize = 64;
+
+/// What a group's record costs its parent, charged as kernel memory while the record lives.
+const BOOKKEEPING: usize = size_of::<Node>();
+
+/// CPU slots in the stock array; CPU numbers are masked into it (a power of two).
+const MAX_CPUS: usize = 1024;
+
+static CPUS: [CpuStock; MAX_CPUS] = [const { CpuStock::new() }; MAX_CPUS];
+
+/// The stocks and the charge paths, over the group table.
+pub(crate) static STOCKS: Stocks<Table> = Stocks::new(&CPUS, 0, Table);
+
+static POOL: AtomicPtr<Node> = AtomicPtr::new(core::ptr::null_mut());
+static INIT: AtomicU8 = AtomicU8::new(0);
+static KMEM: AtomicBool = AtomicBool::new(true);
+static DYING: AtomicUsize = AtomicUsize::new(0);
+static REGISTRY: SpinLock<Registry> = SpinLock::new(Registry {
+    names: None,
+    free: 0,
+    quarantine: 0,
+    next: ROOT_ID + 1,
+});
+
+/// One group's record.
+#[repr(C, align(64))]
+pub(crate) struct Node {
+    /// First, so that a `&Counter` from the stocks converts back to its `Node`.
+    pub(crate) counter: Counter,
+    /// Handles, entered threads and child records holding this one.
+    refs: AtomicUsize,
+    /// Only touched under the registry lock.
+    meta: UnsafeCell<Meta>,
+}
+
+// SAFETY: `meta` is only accessed under the registry lock; everything else is atomic.
+unsafe impl Sync for Node {}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum State {
+    /// Never used, or freed: all-zero memory is this state.
+    Free = 0,
+    Online,
+    /// Removed, with live charges, handles or children.
+    Dying,
+}
+
+struct Meta {
+    state: State,
+    name_len: u8,
+    name: [u8; MAX_NAME],
+    /// Children not removed.
+    children: usize,
+    /// Next record on the free or quarantine list.
+    next: u32,
+}
+
+struct Registry {
+    /// Ids of online groups other than the root, by (parent id, name).
+    names: Option<hashbrown::HashTable<u32, Malloc>>,
+    /// Freed records ready for reuse.
+    free: u32,
+    /// Freed records that a drain may still name; moved to `free` once the stocks are quiescent.
+    quarantine: u32,
+    /// The next never-used id.
+    next: u32,
+}
+
+/// The group table as the core sees it.
+pub(crate) struct Table;
+
+impl Groups for Table {
+    #[inline]
+    fn counter(&self, id: u32) -> &Counter {
+        &node(id).counter
+    }
+
+    fn emptied(&self, c: &Counter) {
+        free_if_unused(node_of(c));
+    }
+}
+
+/// The record with this id.
+#[inline]
+pub(crate) fn node(id: u32) -> &'static Node {
+    let mut pool = POOL.load(Ordering::Acquire);
+    if pool.is_null() {
+        pool = init();
+    }
+    debug_assert!(id <= MAX_ID);
+    // SAFETY: the pool holds MAX_ID + 1 records, is never unmapped, and zeroed memory is a
+    // valid (free) record.
+    unsafe { &*pool.add(id as usize) }
+}
+
+fn node_of(c: &Counter) -> &'static Node {
+    // SAFETY: every Counter the stocks see is the first field of a `#[repr(C)]` Node in the
+    // pool, which lives for the whole program.
+    unsafe { &*(c as *const Counter).cast::<Node>() }
+}
+
+impl Node {
+    /// # Safety
+    /// The caller holds the registry lock.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn meta(&self) -> &mut Meta {
+        // SAFETY: the caller holds the registry lock, which serializes every access to `meta`.
+        unsafe { &mut *self.meta.get() }
+    }
+
+    fn acquire(&'static self) -> Group {
+        self.refs.fetch_add(1, Ordering::Relaxed);
+        Group {
+            node: NonNull::from(self),
+        }
+    }
+}
+
+/// Sets up the group table and reads the environment: once, at the first charge that misses
+/// the stocks, which is before `main` in most programs. Allocates nothing.
+#[cold]
+fn init() -> *mut Node {
+    if INIT
+        .compare_exchange(0, 1, Ordering::Acquire, Ordering::Acquire)
+        .is_err()
+    {
+        while INIT.load(Ordering::Acquire) != 2 {
+            core::hint::spin_loop();
+        }
+        return POOL.load(Ordering::Acquire);
+    }
+    let pool = platform::map((MAX_ID as usize + 1) * size_of::<Node>()).cast::<Node>();
+    if pool.is_null() {
+        platform::corrupted(b"cannot map the group table");
+    }
+    let batch = match platform::env_size(c"MEMGROUP_BATCH") {
+        None => 64 << 10,
+        Some(Ok(batch)) if batch <= MAX_BATCH => batch,
+        Some(Ok(_)) => {
+            platform::warn(&[b"memgroup: MEMGROUP_BATCH is over 8M; using 8M\n"]);
+            MAX_BATCH
+        }
+        Some(Err(())) => {
+            platform::warn(&[
+                b"memgroup: MEMGROUP_BATCH is not a size (like 65536 or 64K); using 64K\n",
+            ]);
+            64 << 10
+        }
+    };
+    STOCKS.set_batch(batch);
+    match platform::env(c"MEMGROUP_KMEM") {
+        None | Some(b"1") => {}
+        Some(b"0") => KMEM.store(false, Ordering::Relaxed),
+        Some(_) => platform::warn(&[
+            b"memgroup: MEMGROUP_KMEM must be 0 or 1; kernel accounting stays on\n",
+        ]),
+    }
+    // SAFETY: the pool was just mapped, nothing else can see it yet, and ROOT_ID is in range.
+    unsafe {
+        let root = pool.add(ROOT_ID as usize);
+        root.write(Node {
+            counter: Counter::new(ROOT_ID, None),
+            refs: AtomicUsize::new(0),
+            meta: UnsafeCell::new(Meta {
+                state: State::Online,
+                name_len: 0,
+                name: [0; MAX_NAME],
+                children: 0,
+                next: 0,
+            }),
+        });
+    }
+    POOL.store(pool, Ordering::Release);
+    INIT.store(2, Ordering::Release);
+    pool
+}
+
+pub(crate) fn kmem_enabled() -> bool {
+    node(ROOT_ID);
+    KMEM.load(Ordering::Relaxed)
+}
+
+/// Frees the record of a removed group once nothing holds it, then looks at its parent, which
+/// loses a child reference and a bookkeeping charge.
+fn free_if_unused(mut node: &'static Node) {
+    loop {
+        {
+            let _reg = REGISTRY.lock();
+            // SAFETY: under the registry lock.
+            let meta = unsafe { node.meta() };
+            if meta.state != State::Dying
+                || node.refs.load(Ordering::Acquire) != 0
+                || node.counter.usage() != 0
+            {
+                return;
+            }
+            meta.state = State::Free;
+        }
+        DYING.fetch_sub(1, Ordering::Relaxed);
+        let parent = node_of(node.counter.parent().expect("only the root has no parent"));
+        // Counts still pending in stock slots go to this record's chain before it goes.
+        STOCKS.purge(node.counter.id);
+        {
+            let mut reg = REGISTRY.lock();
+            // SAFETY: under the registry lock.
+            unsafe { node.meta().next = reg.quarantine };
+            reg.quarantine = node.counter.id;
+        }
+        parent.counter.uncharge(BOOKKEEPING, kmem_enabled());
+        parent.refs.fetch_sub(1, Ordering::AcqRel);
+        if parent.counter.is_online() {
+            return;
+        }
+        // A removed parent may have been waiting for this child only.
+        node = parent;
+    }
+}
+
+/// A group of allocations with its own counters and limits: a tenant, or a part of one.
+///
+/// A cheap handle (one reference count); clones name the same group. Groups form a tree under
+/// [`Group::root`]; a group lives until [`Group::remove`], whether or not handles to it exist.
+pub struct Group {
+    node: NonNull<Node>,
+}
+
+// SAFETY: a Group is a counted reference to a record whose shared state is atomic or behind
+// the registry lock.
+unsafe impl Send for Group {}
+// SAFETY: as above; `&Group` only reads atomics or takes the registry lock.
+unsafe impl Sync for Group {}
+
+impl Clone for Group {
+    fn clone(&self) -> Group {
+        self.node().acquire()
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let node = self.node();
+        if node.refs.fetch_sub(1, Ordering::AcqRel) == 1 && !node.counter.is_online() {
+            free_if_unused(node);
+        }
+    }
+}
+
+impl PartialEq for Group {
+    fn eq(&self, other: &Group) -> bool {
+        self.node == other.node
+    }
+}
+
+impl Eq for Group {}
+
+impl core::fmt::Debug for Group {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_tuple("Group").field(&self.name()).finish()
+    }
+}
+
+impl Group {
+    /// The root group: every allocation made outside any group's scope is charged to it, and
+    /// it counts every allocation in the process. It may have a `max` too.
+    pub fn root() -> Group {
+        node(ROOT_ID).acquire()
+    }
+
+    /// Creates a group under the root. See [`Group::child`].
+    pub fn new(name: &str) -> Result<Group, Error> {
+        Group::root().child(name)
+    }
+
+    /// Creates a group under this one.
+    ///
+    /// Names are 1 to 64 bytes, without `/` or NUL, not `.` or `..`, and unique among
+    /// siblings. The new group's record is charged to this group as kernel memory for as long
+    /// as it lives; if that charge does not fit this group's limits the call fails with
+    /// [`Error::OverLimit`], whatever the policies say.
+    pub fn child(&self, name: &str) -> Result<Group, Error> {
+        validate(name)?;
+        register_fork_handlers();
+        let parent = self.node();
+        let kmem = kmem_enabled();
+        if !parent.counter.is_online() {
+            return Err(Error::Removed);
+        }
+        if !STOCKS.charge_exact(&parent.counter, kmem, BOOKKEEPING, 0, Mode::Fallible) {
+            return Err(Error::OverLimit);
+        }
+        let created = self.insert_child(name);
+        if created.is_err() && parent.counter.uncharge(BOOKKEEPING, kmem) {
+            free_if_unused(parent);
+        }
+        created
+    }
+
+    fn insert_child(&self, name: &str) -> Result<Group, Error> {
+        let parent = self.node();
+        let hash = name_hash(parent.counter.id, name.as_bytes());
+        let mut reg = REGISTRY.lock();
+        // SAFETY: under the registry lock.
+        let parent_meta = unsafe { parent.meta() };
+        if parent_meta.state != State::Online {
+            return Err(Error::Removed);
+        }
+        let names = reg
+            .names
+            .get_or_insert_with(|| hashbrown::HashTable::new_in(Malloc));
+        if names.find(hash, |&id| is_named(id, parent, name)).is_some() {
+            return Err(Error::Exists { name: name.into() });
+        }
+        names
+            .try_reserve(1, rehash)
+            .map_err(|_| Error::OutOfMemory)?;
+        let id = reg.take_id().ok_or(Error::TooManyGroups)?;
+        let pool = POOL.load(Ordering::Acquire);
+        let mut meta = Meta {
+            state: State::Online,
+            name_len: name.len() as u8,
+            name: [0; MAX_NAME],
+            children: 0,
+            next: 0,
+        };
+        meta.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: `id` came off the free list or is fresh: no stock word, handle or child
+        // names it, so this thread has the record to itself.
+        let child = unsafe {
+            let slot = pool.add(id as usize);
+            if (*slot).counter.id == id {
+                (*slot).counter.reset(Some(&parent.counter));
+                (*slot).refs.store(0, Ordering::Relaxed);
+                *(*slot).meta.get() = meta;
+            } else {
+                slot.write(Node {
+                    counter: Counter::new(id, Some(&parent.counter)),
+                    refs: AtomicUsize::new(0),
+                    meta: UnsafeCell::new(meta),
+                });
+            }
+            &*slot
+        };
+        parent_meta.children += 1;
+        parent.refs.fetch_add(1, Ordering::Relaxed);
+        reg.names
+            .as_mut()
+            .expect("created above")
+            .insert_unique(hash, id, rehash);
+        Ok(child.acquire())
+    }
+
+    /// The group's path below the root, such as `"tenant-a/batch"`; the root's is `"/"`.
+    pub fn name(&self) -> String {
+        let mut parts: Vec<([u8; MAX_NAME], usize)> = Vec::new();
+        {
+            let _reg = REGISTRY.lock();
+            let mut c = &self.node().counter;
+            while let Some(parent) = c.parent() {
+                // SAFETY: under the registry lock.
+                let meta = unsafe { node_of(c).meta() };
+                parts.push((meta.name, meta.name_len as usize));
+                c = parent;
+            }
+        }
+        if parts.is_empty() {
+            return "/".into();
+        }
+        let names: Vec<&str> = parts
+            .iter()
+            .rev()
+            .map(|(name, len)| core::str::from_utf8(&name[..*len]).expect("names are UTF-8"))
+            .collect();
+        names.join("/")
+    }
+
+    /// The parent group; `None` for the root.
+    pub fn parent(&self) -> Option<Group> {
+        self.node().counter.parent().map(|c| node_of(c).acquire())
+    }
+
+    /// Sets the hard limit (`memory.max`); `None` removes it.
+    pub fn set_max(&self, bytes: Option<usize>) {
+        self.node().counter.set_max(bytes);
+    }
+
+    /// Sets the pressure threshold (`memory.high`); `None` removes it.
+    pub fn set_high(&self, bytes: Option<usize>) {
+        self.node().counter.set_high(bytes);
+    }
+
+    /// Sets the kernel-memory limit (`memory.kmem.limit_in_bytes`); `None` removes it.
+    pub fn set_kmem_max(&self, bytes: Option<usize>) {
+        self.node().counter.set_kmem_max(bytes);
+    }
+
+    /// Chooses what an infallible over-limit charge does in this group and its descendants.
+    pub fn set_on_limit(&self, policy: OnLimit) {
+        self.node().counter.set_fail(policy == OnLimit::Fail);
+    }
+
+    /// The group's figures, its descendants' included. Fast: may over-report by the bytes
+    /// held in per-CPU stocks (at most the batch per CPU per group); see [`Group::flush`].
+    pub fn stat(&self) -> Stat {
+        let s = self.node().counter.snapshot();
+        let limit = |v: usize| (v != UNLIMITED).then_some(v);
+        Stat {
+            usage: s.usage,
+            peak: s.peak,
+            kmem: s.kmem,
+            overhead: s.allocs.saturating_sub(s.frees) as usize * crate::TAG_SIZE,
+            max: limit(s.max),
+            high: limit(s.high),
+            kmem_max: limit(s.kmem_max),
+            allocs: s.allocs,
+            frees: s.frees,
+            events: crate::Events {
+                high: s.events[0],
+                max: s.events[1],
+                fail: s.events[2],
+            },
+        }
+    }
+
+    /// Returns the per-CPU stocks of this group and its descendants to the counters, so that
+    /// `stat()` is exact for memory that is not being charged concurrently.
+    pub fn flush(&self) {
+        let me = &self.node().counter;
+        STOCKS.drain(|c| c.is_under(me));
+    }
+
+    /// Makes this thread charge this group until the returned guard is dropped.
+    pub fn enter(&self) -> crate::Entered {
+        crate::scope::enter(self)
+    }
+
+    /// Runs `f` with this thread charging this group.
+    pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _entered = self.enter();
+        f()
+    }
+
+    /// Removes the group: it goes offline (it can no longer be charged; threads still inside
+    /// it charge its nearest live ancestor) and its name is free again. Its live charges stay
+    /// counted in its ancestors, and freeing that memory later uncharges them; the record goes
+    /// when its last byte does ([`crate::dying_groups`] counts those waiting).
+    pub fn remove(self) -> Result<(), Error> {
+        let node = self.node();
+        let parent = match node.counter.parent() {
+            Some(parent) => node_of(parent),
+            None => return Err(Error::Root),
+        };
+        {
+            let mut reg = REGISTRY.lock();
+            // SAFETY: under the registry lock.
+            let meta = unsafe { node.meta() };
+            if meta.state != State::Online {
+                return Err(Error::Removed);
+            }
+            if meta.children != 0 {
+                return Err(Error::HasChildren);
+            }
+            meta.state = State::Dying;
+            node.counter.set_offline();
+            // SAFETY: under the registry lock.
+            unsafe { parent.meta().children -= 1 };
+            let name = &meta.name[..meta.name_len as usize];
+            let hash = name_hash(parent.counter.id, name);
+            if let Some(names) = reg.names.as_mut() {
+                if let Ok(entry) = names.find_entry(hash, |&id| id == node.counter.id) {
+                    entry.remove();
+                }
+            }
+        }
+        DYING.fetch_add(1, Ordering::Relaxed);
+        // From here no slot can be claimed for the group; empty the ones it has.
+        STOCKS.purge(node.counter.id);
+        drop(self);
+        Ok(())
+    }
+
+    /// Whether [`Group::remove`] was called on this group.
+    pub fn is_removed(&self) -> bool {
+        !self.node().counter.is_online()
+    }
+
+    pub(crate) fn node(&self) -> &'static Node {
+        // SAFETY: the handle holds a reference, so the record is alive; records are never
+        // unmapped.
+        unsafe { &*self.node.as_ptr() }
+    }
+
+    pub(crate) fn id(&self) -> u32 {
+        self.node().counter.id
+    }
+
+    /// Gives up the handle without releasing its reference.
+    pub(crate) fn into_raw(self) -> *const Node {
+        let node = self.node.as_ptr();
+        core::mem::forget(self);
+        node
+    }
+
+    /// # Safety
+    /// `node` comes from `into_raw`, and its reference is handed back exactly once.
+    pub(crate) unsafe fn from_raw(node: *const Node) -> Group {
+        Group {
+            // SAFETY: `into_raw` returned a non-null record pointer.
+            node: unsafe { NonNull::new_unchecked(node as *mut Node) },
+        }
+    }
+
+    /// A new handle to a record that the caller holds a reference on.
+    pub(crate) fn from_held(node: &'static Node) -> Group {
+        node.acquire()
+    }
+}
+
+impl Registry {
+    fn take_id(&mut self) -> Option<u32> {
+        if self.quarantine != 0 && STOCKS.quiescent() {
+            // Every record on the quarantine list was purged before this moment, and no drain
+            // is running: none can still hold a word naming one of them.
+            let mut last = self.quarantine;
+            // SAFETY: under the registry lock (the caller holds it: `self` is its content).
+            unsafe {
+                while node(last).meta().next != 0 {
+                    last = node(last).meta().next;
+                }
+                node(last).meta().next = self.free;
+            }
+            self.free = core::mem::take(&mut self.quarantine);
+        }
+        if self.free != 0 {
+            let id = self.free;
+            // SAFETY: under the registry lock, as above.
+            self.free = unsafe { node(id).meta().next };
+            return Some(id);
+        }
+        if self.next > MAX_ID {
+            return None;
+        }
+        self.next += 1;
+        Some(self.next - 1)
+    }
+}
+
+fn validate(name: &str) -> Result<(), Error> {
+    let reason = if name.is_empty() {
+        "a name must not be empty"
+    } else if name.len() > MAX_NAME {
+        "a name must be at most 64 bytes"
+    } else if name.contains('/') {
+        "a name must not contain '/', the path separator"
+    } else if name.contains('\0') {
+        "a name must not contain NUL"
+    } else if name == "." || name == ".." {
+        "a name must not be \".\" or \"..\""
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidName {
+        name: name.into(),
+        reason,
+    })
+}
+
+/// FNV-1a over the parent's id and the name.
+fn name_hash(parent: u32, name: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in parent.to_le_bytes().iter().chain(name) {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The hash of an online group's entry, for the table's resizing. Called under the lock.
+fn rehash(&id: &u32) -> u64 {
+    let n = node(id);
+    // SAFETY: the table is only touched under the registry lock.
+    let meta = unsafe { n.meta() };
+    let parent = n.counter.parent().expect("the root is not in the table");
+    name_hash(parent.id, &meta.name[..meta.name_len as usize])
+}
+
+/// Whether online group `id` is `parent`'s child called `name`. Called under the lock.
+fn is_named(id: u32, parent: &Node, name: &str) -> bool {
+    let n = node(id);
+    // SAFETY: the table is only touched under the registry lock.
+    let meta = unsafe { n.meta() };
+    n.counter
+        .parent()
+        .is_some_and(|p| core::ptr::eq(p, &parent.counter))
+        && &meta.name[..meta.name_len as usize] == name.as_bytes()
+}
+
+/// Groups removed whose records are not yet freed: they still have live charges (or handles).
+pub fn dying_groups() -> usize {
+    DYING.load(Ordering::Relaxed)
+}
+
+/// The stock batch in bytes (`MEMGROUP_BATCH`, default 64 KiB; 0 when stocks are off).
+pub fn stock_batch() -> usize {
+    node(ROOT_ID);
+    STOCKS.batch()
+}
+
+/// The registry's own memory comes from the C allocator, never from the global allocator it
+/// serves.
+#[derive(Clone, Copy)]
+struct Malloc;
+
+// SAFETY: memory comes from posix_memalign with the requested alignment and at least the
+// requested size, and is returned with free.
+unsafe impl allocator_api2::alloc::Allocator for Malloc {
+    fn allocate(
+        &self,
+        layout: core::alloc::Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        let mut p = core::ptr::null_mut();
+        let align = layout.align().max(size_of::<usize>());
+        // SAFETY: align is a power of two and a multiple of the pointer size.
+        let rc = unsafe { libc::posix_memalign(&mut p, align, layout.size().max(1)) };
+        match NonNull::new(p.cast::<u8>()) {
+            Some(p) if rc == 0 => Ok(NonNull::slice_from_raw_parts(p, layout.size())),
+            _ => Err(allocator_api2::alloc::AllocError),
+        }
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, _layout: core::alloc::Layout) {
+        // SAFETY: `ptr` came from posix_memalign in `allocate`.
+        unsafe { libc::free(ptr.as_ptr().cast()) }
+    }
+}
+
+/// The registry's lock: a spin lock, because it must be usable inside `dealloc` (freeing a
+/// removed group's record) without allocating, and is held only for short, bounded work that
+/// never calls user code or the global allocator.
+struct SpinLock<T> {
+    locked: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the value is only reached through a guard, which the lock makes exclusive.
+unsafe impl<T: Send> Sync for SpinLock<T> {}
+
+struct SpinGuard<'a, T>(&'a SpinLock<T>);
+
+impl<T> SpinLock<T> {
+    const fn new(value: T) -> Self {
+        SpinLock {
+            locked: AtomicBool::new(false),
+            value: UnsafeCell::new(value),
+        }
+    }
+
+    fn lock(&self) -> SpinGuard<'_, T> {
+        self.raw_lock();
+        SpinGuard(self)
+    }
+
+    fn raw_lock(&self) {
+        let mut spins = 0u32;
+        while self.locked.swap(true, Ordering::Acquire) {
+            spins += 1;
+            if spins < 64 {
+                core::hint::spin_loop();
+            } else {
+                platform::yield_now();
+            }
+        }
+    }
+
+    fn raw_unlock(&self) {
+        self.locked.store(false, Ordering::Release);
+    }
+}
+
+impl<T> core::ops::Deref for SpinGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard holds the lock.
+        unsafe { &*self.0.value.get() }
+    }
+}
+
+impl<T> core::ops::DerefMut for SpinGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: the guard holds the lock.
+        unsafe { &mut *self.0.value.get() }
+    }
+}
+
+impl<T> Drop for SpinGuard<'_, T> {
+    fn drop(&mut self) {
+        self.0.raw_unlock();
+    }
+}
+
+/// Holds the registry lock across `fork()`, so that the child never inherits it locked.
+fn register_fork_handlers() {
+    static REGISTERED: AtomicBool = AtomicBool::new(false);
+    extern "C" fn prepare() {
+        REGISTRY.raw_lock();
+    }
+    extern "C" fn release() {
+        REGISTRY.raw_unlock();
+    }
+    if !REGISTERED.swap(true, Ordering::AcqRel) {
+        // glibc may allocate to record the handlers: that is memgroup's, not the tenant's.
+        crate::scope::as_root(|| platform::at_fork(prepare, release, release));
+    }
+}

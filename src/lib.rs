@@ -1,0 +1,151 @@
+//! Per-tenant memory accounting and limits for one process: the Linux memory cgroup
+//! controller, rebuilt as a global allocator.
+//!
+//! ```no_run
+//! #[global_allocator]
+//! static ALLOC: memgroup::GroupAlloc = memgroup::GroupAlloc::system();
+//!
+//! let tenant = memgroup::Group::new("tenant-a").unwrap();
+//! tenant.set_max(Some(64 << 20));
+//! let buf = tenant.run(|| memgroup::fallible(|| {
+//!     let mut v: Vec<u8> = Vec::new();
+//!     v.try_reserve(1 << 20).map(|_| v)       // Err once the tenant is at its limit
+//! }));
+//! tenant.flush();
+//! println!("{} bytes, {} refused", tenant.stat().usage, tenant.stat().events.fail);
+//! # drop(buf);
+//! ```
+//!
+//! Every allocation is charged to the group the allocating thread is in ([`Group::enter`],
+//! [`Group::run`]; the root outside any group). Groups form a tree and every figure is
+//! hierarchical. A free uncharges the block's owner, on whatever thread it happens. Charges go
+//! through per-CPU stocks, so the shared counters move once per batch, not per allocation.
+//!
+//! Layers, bottom up: `sync` (the atomics facade, std or loom), `core` (counters and stocks,
+//! which know nothing of allocators), `group` (the group table and handles), `scope` (the
+//! thread's current group), `tag` (the tag design's `GlobalAlloc`), `platform` (libc).
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod core;
+mod group;
+mod platform;
+mod scope;
+mod sync;
+mod tag;
+
+pub use group::{dying_groups, stock_batch, Group, MAX_NAME};
+pub use scope::{current, fallible, kernel, nofail, Entered};
+pub use tag::{TagAlloc, TAG_SIZE};
+
+/// The allocator to install: the tag design ([`TagAlloc`]).
+pub type GroupAlloc<A = std::alloc::System> = TagAlloc<A>;
+
+/// Whether kernel-memory accounting is on (`MEMGROUP_KMEM=0` turns it off: kernel allocations
+/// are then charged as ordinary memory and `kmem` stays 0).
+pub fn kmem_accounting() -> bool {
+    group::kmem_enabled()
+}
+
+/// What an infallible allocation does when it would pass a group's `max`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnLimit {
+    /// Charge it above the limit, count it in `events.max`, and carry on: in Rust a failed
+    /// infallible allocation aborts the whole process, every tenant with it.
+    #[default]
+    Overcharge,
+    /// Refuse it: the allocator returns null. Fallible APIs (`try_reserve`) get an error; an
+    /// infallible allocation aborts the process, so use this only for code that allocates
+    /// fallibly.
+    Fail,
+}
+
+/// A group's figures, its descendants' included, in bytes.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stat {
+    /// Bytes charged: user and kernel memory, with the design's overhead.
+    pub usage: usize,
+    /// The highest `usage` seen.
+    pub peak: usize,
+    /// The part of `usage` charged as kernel memory (inside [`kernel`]).
+    pub kmem: usize,
+    /// The part of `usage` that is the design's own cost (tags), not the program's data.
+    pub overhead: usize,
+    /// The hard limit, if set.
+    pub max: Option<usize>,
+    /// The pressure threshold, if set.
+    pub high: Option<usize>,
+    /// The kernel-memory limit, if set.
+    pub kmem_max: Option<usize>,
+    /// Blocks allocated.
+    pub allocs: u64,
+    /// Blocks freed.
+    pub frees: u64,
+    /// Limit events.
+    pub events: Events,
+}
+
+/// Counts of limit events, on the group whose limit was involved and its ancestors.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Events {
+    /// `usage` went above `high`.
+    pub high: u64,
+    /// A charge would have passed `max` (or `kmem_max`): it was then forced or refused.
+    pub max: u64,
+    /// A charge was refused.
+    pub fail: u64,
+}
+
+/// What went wrong with a group operation.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// The name cannot name a group.
+    InvalidName {
+        /// The name given.
+        name: String,
+        /// Why it cannot.
+        reason: &'static str,
+    },
+    /// A sibling already has this name.
+    Exists {
+        /// The name given.
+        name: String,
+    },
+    /// The group was removed.
+    Removed,
+    /// The root cannot be removed.
+    Root,
+    /// The group has children that are not removed.
+    HasChildren,
+    /// The new group's record does not fit its parent's limits.
+    OverLimit,
+    /// The group table is full.
+    TooManyGroups,
+    /// The C allocator could not grow the group name table.
+    OutOfMemory,
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::InvalidName { name, reason } => {
+                write!(f, "invalid group name {name:?}: {reason}")
+            }
+            Error::Exists { name } => write!(f, "a group named {name:?} already exists here"),
+            Error::Removed => f.write_str("the group was removed"),
+            Error::Root => f.write_str("the root group cannot be removed"),
+            Error::HasChildren => f.write_str("the group has children that are not removed"),
+            Error::OverLimit => {
+                f.write_str("the new group's bookkeeping does not fit the parent's limits")
+            }
+            Error::TooManyGroups => f.write_str("too many groups (the table holds 2^20)"),
+            Error::OutOfMemory => f.write_str("out of memory for the group name table"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}

@@ -1,0 +1,205 @@
+//! Everything memgroup asks of the platform: the current CPU's number, mapping memory, the
+//! environment, fork hooks and last-resort messages. None of it allocates.
+
+use crate::sync::{AtomicU32, Ordering};
+use core::cell::Cell;
+
+/// The number of the CPU this thread is running on, or of a CPU-like slot it was given.
+///
+/// Only a hint: the thread may migrate right after. With glibc's rseq registration this is one
+/// load from the thread's rseq area; without it (an old kernel, valgrind) each thread gets a
+/// fixed slot, handed out round-robin, which keeps charges correct and stocks shared by few
+/// threads.
+#[inline(always)]
+pub(crate) fn cpu() -> usize {
+    match rseq::cpu() {
+        Some(cpu) => cpu,
+        None => thread_slot(),
+    }
+}
+
+#[cold]
+fn thread_slot() -> usize {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    thread_local! {
+        static SLOT: Cell<u32> = const { Cell::new(u32::MAX) };
+    }
+    SLOT.with(|slot| {
+        if slot.get() == u32::MAX {
+            slot.set(NEXT.fetch_add(1, Ordering::Relaxed) % 64);
+        }
+        slot.get() as usize
+    })
+}
+
+#[cfg(all(
+    target_os = "linux",
+    target_env = "gnu",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+mod rseq {
+    extern "C" {
+        /// Offset of the thread's `struct rseq` from the thread pointer (glibc >= 2.35).
+        static __rseq_offset: isize;
+        /// Size of the registered area, 0 when glibc could not register it.
+        static __rseq_size: u32;
+    }
+
+    #[inline(always)]
+    pub(super) fn cpu() -> Option<usize> {
+        // SAFETY: both are plain data exported by glibc, written once before `main` (and before
+        // any constructor that could allocate) and read-only afterwards.
+        let (offset, size) = unsafe { (__rseq_offset, __rseq_size) };
+        if size == 0 {
+            return None;
+        }
+        // SAFETY: with a registered area, thread pointer + `__rseq_offset` is this thread's
+        // `struct rseq`, whose second u32 is `cpu_id`, kept current by the kernel. It is read
+        // volatile because the kernel writes it behind the compiler's back.
+        let cpu = unsafe {
+            let area = thread_pointer().offset(offset);
+            core::ptr::read_volatile(area.add(4) as *const u32) as i32
+        };
+        usize::try_from(cpu).ok()
+    }
+
+    #[inline(always)]
+    fn thread_pointer() -> *const u8 {
+        let tp: *const u8;
+        // SAFETY: reads the thread pointer register (x86_64: the TCB's self pointer at fs:0);
+        // touches no other state.
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            core::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags, pure));
+            #[cfg(target_arch = "aarch64")]
+            core::arch::asm!("mrs {}, tpidr_el0", out(reg) tp, options(nostack, nomem, preserves_flags, pure));
+        }
+        tp
+    }
+}
+
+#[cfg(not(all(
+    target_os = "linux",
+    target_env = "gnu",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
+mod rseq {
+    #[inline(always)]
+    pub(super) fn cpu() -> Option<usize> {
+        None
+    }
+}
+
+/// Maps `bytes` of zeroed, lazily backed memory, or returns null.
+pub(crate) fn map(bytes: usize) -> *mut u8 {
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing has no
+    // preconditions; failure is reported as MAP_FAILED and turned into null.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        core::ptr::null_mut()
+    } else {
+        p.cast()
+    }
+}
+
+/// Reads a size from the environment: plain bytes, or with a `K`, `M` or `G` suffix (binary
+/// units). `None` when unset; `Some(Err(()))` when set but not a size.
+pub(crate) fn env_size(name: &core::ffi::CStr) -> Option<Result<usize, ()>> {
+    let bytes = env(name)?;
+    Some(parse_size(bytes))
+}
+
+/// Reads a variable from the environment without allocating.
+pub(crate) fn env(name: &core::ffi::CStr) -> Option<&'static [u8]> {
+    // SAFETY: `name` is NUL-terminated. getenv does not allocate; the returned string lives in
+    // the environment block, which memgroup never modifies. A concurrent setenv could
+    // invalidate it; memgroup reads the environment once, at its first allocation.
+    let value = unsafe { libc::getenv(name.as_ptr()) };
+    if value.is_null() {
+        return None;
+    }
+    // SAFETY: getenv returned a NUL-terminated string (see above).
+    Some(unsafe { core::ffi::CStr::from_ptr(value) }.to_bytes())
+}
+
+fn parse_size(text: &[u8]) -> Result<usize, ()> {
+    let (digits, shift) = match text.last() {
+        Some(b'k' | b'K') => (&text[..text.len() - 1], 10),
+        Some(b'm' | b'M') => (&text[..text.len() - 1], 20),
+        Some(b'g' | b'G') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    if digits.is_empty() {
+        return Err(());
+    }
+    let mut n: usize = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return Err(());
+        }
+        n = n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add((d - b'0') as usize))
+            .ok_or(())?;
+    }
+    n.checked_mul(1 << shift).ok_or(())
+}
+
+/// Writes a message to standard error without allocating.
+pub(crate) fn warn(parts: &[&[u8]]) {
+    for part in parts {
+        // SAFETY: writes from a valid slice to fd 2; a failed write is ignored on purpose.
+        unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
+    }
+}
+
+/// Ends the process after heap corruption: continuing would charge or free the wrong memory.
+#[cold]
+pub(crate) fn corrupted(what: &[u8]) -> ! {
+    warn(&[b"memgroup: ", what, b"; aborting\n"]);
+    // SAFETY: abort has no preconditions.
+    unsafe { libc::abort() }
+}
+
+/// Registers fork handlers.
+pub(crate) fn at_fork(prepare: extern "C" fn(), parent: extern "C" fn(), child: extern "C" fn()) {
+    // SAFETY: the handlers are plain `extern "C"` functions that live for the whole program.
+    let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+    if rc != 0 {
+        warn(&[b"memgroup: pthread_atfork failed; group creation in a forked child may hang\n"]);
+    }
+}
+
+/// Gives up the CPU, for a lock holder that may be descheduled.
+pub(crate) fn yield_now() {
+    // SAFETY: sched_yield has no preconditions.
+    unsafe { libc::sched_yield() };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size(b"65536"), Ok(65536));
+        assert_eq!(parse_size(b"64K"), Ok(65536));
+        assert_eq!(parse_size(b"2m"), Ok(2 << 20));
+        assert_eq!(parse_size(b"0"), Ok(0));
+        assert_eq!(parse_size(b""), Err(()));
+        assert_eq!(parse_size(b"K"), Err(()));
+        assert_eq!(parse_size(b"-1"), Err(()));
+        assert_eq!(parse_size(b"12x"), Err(()));
+        assert_eq!(parse_size(b"99999999999999999999999"), Err(()));
+        assert_eq!(parse_size(b"18446744073709551615G"), Err(()));
+    }
+}

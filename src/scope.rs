@@ -1,0 +1,160 @@
+//! The thread's current group and its scopes (`kernel`, `fallible`, `nofail`).
+//!
+//! One `const`-initialized thread local with no destructor, so it is usable from the first
+//! allocation of a thread to its last, thread-local destructors included. The allocation fast
+//! path reads it once: the key of the current group and the scope bits.
+
+use core::cell::Cell;
+use core::marker::PhantomData;
+
+use crate::core::stock::{key, Key, Mode};
+use crate::group::{kmem_enabled, Group, Node, ROOT_ID};
+
+const KERNEL: u8 = 1;
+const FALLIBLE: u8 = 2;
+const NOFAIL: u8 = 4;
+
+const ROOT_KEY: Key = key(ROOT_ID, false);
+
+struct Local {
+    /// The entered group's record, holding a reference; null for the root.
+    node: Cell<*const Node>,
+    /// Its stock key (user kind).
+    key: Cell<Key>,
+    /// Scope bits.
+    ctx: Cell<u8>,
+}
+
+thread_local! {
+    static LOCAL: Local = const {
+        Local {
+            node: Cell::new(core::ptr::null()),
+            key: Cell::new(ROOT_KEY),
+            ctx: Cell::new(0),
+        }
+    };
+}
+
+/// The key to charge a new allocation to, and how to treat a limit.
+#[inline(always)]
+pub(crate) fn target() -> (Key, Mode) {
+    LOCAL.with(|l| {
+        let ctx = l.ctx.get();
+        let mode = if ctx & FALLIBLE != 0 {
+            Mode::Fallible
+        } else if ctx & NOFAIL != 0 {
+            Mode::NoFail
+        } else {
+            Mode::Policy
+        };
+        (l.key.get() | (ctx & KERNEL) as Key, mode)
+    })
+}
+
+/// The limit mode of this thread's current scope.
+#[inline(always)]
+pub(crate) fn mode() -> Mode {
+    target().1
+}
+
+/// While alive, this thread charges the group it was made from. Returned by
+/// [`Group::enter`]; not `Send`, since it restores this thread's previous group when dropped.
+#[must_use = "the group is left as soon as the guard is dropped"]
+pub struct Entered {
+    prev_node: *const Node,
+    prev_key: Key,
+    _not_send: PhantomData<*const ()>,
+}
+
+pub(crate) fn enter(group: &Group) -> Entered {
+    let (node, key) = if group.id() == ROOT_ID {
+        (core::ptr::null(), ROOT_KEY)
+    } else {
+        (group.clone().into_raw(), key(group.id(), false))
+    };
+    LOCAL.with(|l| Entered {
+        prev_node: l.node.replace(node),
+        prev_key: l.key.replace(key),
+        _not_send: PhantomData,
+    })
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let left = LOCAL.with(|l| {
+            l.key.set(self.prev_key);
+            l.node.replace(self.prev_node)
+        });
+        if !left.is_null() {
+            // SAFETY: `left` was put there by `enter`, from `into_raw`, and is taken out once.
+            drop(unsafe { Group::from_raw(left) });
+        }
+    }
+}
+
+impl core::fmt::Debug for Entered {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Entered")
+    }
+}
+
+/// The group this thread charges: the innermost entered one, or the root.
+pub fn current() -> Group {
+    LOCAL.with(|l| match l.node.get() {
+        node if node.is_null() => Group::root(),
+        // SAFETY: the thread local holds a reference on a non-null record.
+        node => Group::from_held(unsafe { &*node }),
+    })
+}
+
+/// Runs `f` with this thread's scope bits changed by `set`, restoring them after, even if
+/// `f` unwinds.
+fn with_ctx<R>(set: impl FnOnce(u8) -> u8, f: impl FnOnce() -> R) -> R {
+    struct Restore(u8);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LOCAL.with(|l| l.ctx.set(self.0));
+        }
+    }
+    let _restore = LOCAL.with(|l| {
+        let prev = l.ctx.get();
+        l.ctx.set(set(prev));
+        Restore(prev)
+    });
+    f()
+}
+
+/// Runs `f` with its allocations charged as kernel memory: memory the server allocates on the
+/// group's behalf rather than at its request (connection buffers, caches, parsed plans). It
+/// counts in `usage` and in `kmem`, and is checked against `kmem_max` as well as `max`. With
+/// `MEMGROUP_KMEM=0` it is charged as ordinary memory.
+pub fn kernel<R>(f: impl FnOnce() -> R) -> R {
+    let kernel = if kmem_enabled() { KERNEL } else { 0 };
+    with_ctx(|ctx| ctx | kernel, f)
+}
+
+/// Runs `f` with over-limit allocations refused: the allocator returns null, so
+/// `Vec::try_reserve` and friends return `Err` (and an infallible allocation aborts, as
+/// always when memory runs out: use only fallible APIs inside).
+pub fn fallible<R>(f: impl FnOnce() -> R) -> R {
+    with_ctx(|ctx| ctx & !NOFAIL | FALLIBLE, f)
+}
+
+/// Runs `f` with over-limit allocations forced above the limit, even in a group whose
+/// policy is [`crate::OnLimit::Fail`].
+pub fn nofail<R>(f: impl FnOnce() -> R) -> R {
+    with_ctx(|ctx| ctx & !FALLIBLE | NOFAIL, f)
+}
+
+/// Runs `f` charging the root, outside any scope: for memgroup's own calls into code that may
+/// allocate on its behalf (registering fork handlers), which must not land on a tenant.
+pub(crate) fn as_root<R>(f: impl FnOnce() -> R) -> R {
+    let (prev_node, prev_key) =
+        LOCAL.with(|l| (l.node.replace(core::ptr::null()), l.key.replace(ROOT_KEY)));
+    let r = with_ctx(|_| 0, f);
+    LOCAL.with(|l| {
+        l.node.set(prev_node);
+        l.key.set(prev_key);
+    });
+    r
+}

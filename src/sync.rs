@@ -1,0 +1,31 @@
+//! The one place the concurrent core takes its atomics from.
+//!
+//! Under `--cfg memgroup_loom` (set only by `loom-tests/build.rs`, for that crate alone) these are
+//! loom's model-checked types; otherwise they are core's. Nothing else in `src/core` may import
+//! `core::sync::atomic` directly, so the loom models check the very source the allocator runs;
+//! the rest of the crate takes its atomics from here too.
+
+#[cfg(not(memgroup_loom))]
+pub(crate) use core::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
+};
+
+#[cfg(memgroup_loom)]
+pub(crate) use loom::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
+};
+
+#[cfg(not(memgroup_loom))]
+pub(crate) use core::sync::atomic::Ordering;
+#[cfg(memgroup_loom)]
+pub(crate) use loom::sync::atomic::Ordering;
+
+/// Spin-wait hint: a real `spin_loop` hint in the allocator, a yield to the scheduler under loom
+/// (loom needs to see the waiting thread give way, or the model never terminates).
+#[inline]
+pub(crate) fn spin_hint() {
+    #[cfg(not(memgroup_loom))]
+    core::hint::spin_loop();
+    #[cfg(memgroup_loom)]
+    loom::thread::yield_now();
+}

@@ -1,0 +1,227 @@
+//! The tag design (Vladimir Davydov's, seeds/003): one shared inner allocator, and the owner's
+//! key stored with every block, so a free finds its owner without a lookup.
+//!
+//! The tag is 8 bytes. For alignments up to 8 it is a header just before the block; above 8,
+//! a header would cost a whole alignment unit (2 MiB for a 2 MiB alignment), so the tag goes
+//! right after the block instead, unaligned. Either way a block costs exactly `size + 8`
+//! bytes of the inner allocator, which is what its owner is charged: `TAG_SIZE` of it is
+//! reported as `overhead`.
+
+use core::alloc::{GlobalAlloc, Layout};
+use std::alloc::System;
+
+use crate::core::stock::{key_id, Key};
+use crate::group::STOCKS;
+use crate::{platform, scope};
+
+/// Bytes of the tag every block carries in the tag design.
+pub const TAG_SIZE: usize = 8;
+
+/// Guards the tag against stray writes and foreign pointers: its upper half repeats the key.
+const CHECK: u64 = 0x9e37_79b9;
+
+/// The tag design: a [`GlobalAlloc`] that charges every block to the current group and stores
+/// the owner with the block.
+///
+/// ```no_run
+/// #[global_allocator]
+/// static ALLOC: memgroup::TagAlloc = memgroup::TagAlloc::system();
+/// ```
+pub struct TagAlloc<A = System> {
+    inner: A,
+}
+
+impl TagAlloc<System> {
+    /// Over the system allocator.
+    pub const fn system() -> Self {
+        TagAlloc { inner: System }
+    }
+}
+
+impl<A> TagAlloc<A> {
+    /// Over any inner allocator (mimalloc, jemalloc, ...).
+    pub const fn new(inner: A) -> Self {
+        TagAlloc { inner }
+    }
+}
+
+/// Where a block and its tag sit in the inner allocation.
+#[derive(Clone, Copy)]
+struct Placement {
+    inner: Layout,
+    /// Offset of the block in the inner allocation.
+    block: usize,
+    /// Offset of the tag in the inner allocation.
+    tag: usize,
+}
+
+#[inline(always)]
+fn place(layout: Layout) -> Option<Placement> {
+    let size = layout.size().checked_add(TAG_SIZE)?;
+    if layout.align() <= TAG_SIZE {
+        let inner = Layout::from_size_align(size, TAG_SIZE).ok()?;
+        Some(Placement {
+            inner,
+            block: TAG_SIZE,
+            tag: 0,
+        })
+    } else {
+        let inner = Layout::from_size_align(size, layout.align()).ok()?;
+        Some(Placement {
+            inner,
+            block: 0,
+            tag: layout.size(),
+        })
+    }
+}
+
+#[inline(always)]
+fn tag_word(key: Key) -> u64 {
+    key as u64 | (key as u64 ^ CHECK) << 32
+}
+
+/// Charges `bytes` (and `objects` new blocks) to `key`; returns the key actually charged,
+/// which differs when the group was removed and a new block goes to its nearest live ancestor.
+#[inline(always)]
+fn charge(key: Key, bytes: usize, objects: u64) -> Option<Key> {
+    let cpu = platform::cpu();
+    if STOCKS.charge(cpu, key, bytes, objects) {
+        return Some(key);
+    }
+    STOCKS.charge_slow(cpu, key, bytes, objects, scope::mode())
+}
+
+#[inline(always)]
+fn uncharge(key: Key, bytes: usize, objects: u64) {
+    let cpu = platform::cpu();
+    if !STOCKS.uncharge(cpu, key, bytes, objects) {
+        STOCKS.uncharge_slow(cpu, key, bytes, objects);
+    }
+}
+
+impl<A: GlobalAlloc> TagAlloc<A> {
+    /// # Safety
+    /// As for [`GlobalAlloc::alloc`].
+    #[inline(always)]
+    unsafe fn alloc_tagged(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        let Some(at) = place(layout) else {
+            return core::ptr::null_mut();
+        };
+        let (key, _) = scope::target();
+        let bytes = at.inner.size();
+        let Some(key) = charge(key, bytes, 1) else {
+            return core::ptr::null_mut();
+        };
+        // SAFETY: `at.inner` has a non-zero size (it includes the tag) and a valid alignment.
+        let base = unsafe {
+            if zeroed {
+                self.inner.alloc_zeroed(at.inner)
+            } else {
+                self.inner.alloc(at.inner)
+            }
+        };
+        if base.is_null() {
+            // Counted as an allocation and a free, so allocs - frees still counts live blocks.
+            uncharge(key, bytes, 1);
+            return base;
+        }
+        // SAFETY: the inner block is `at.inner.size()` bytes, and the tag's 8 bytes lie inside
+        // it; the block offset stays inside it too.
+        unsafe {
+            base.add(at.tag)
+                .cast::<u64>()
+                .write_unaligned(tag_word(key));
+            base.add(at.block)
+        }
+    }
+
+    /// Reads the owner's key of a block.
+    ///
+    /// # Safety
+    /// `ptr` was returned by this allocator for `layout`, placed as `at`, and is live.
+    #[inline(always)]
+    unsafe fn owner(ptr: *mut u8, at: Placement) -> (*mut u8, Key) {
+        // SAFETY: per the caller, `ptr - at.block` is the inner allocation and its tag is at
+        // `at.tag` inside it.
+        let (base, tag) = unsafe {
+            let base = ptr.sub(at.block);
+            (base, base.add(at.tag).cast::<u64>().read_unaligned())
+        };
+        let key = tag as Key;
+        if tag != tag_word(key) || key_id(key) == 0 {
+            platform::corrupted(b"a block's owner tag is damaged (heap corruption, or a pointer this allocator did not return)");
+        }
+        (base, key)
+    }
+}
+
+// SAFETY: every block is the inner allocator's block for `place(layout).inner`, offset so
+// that it meets `layout`'s alignment (a header of 8 bytes keeps 8-byte alignment, which covers
+// alignments up to 8; above that the block starts the inner allocation, aligned as asked),
+// with `layout.size()` usable bytes before or after the tag. Nothing here panics or unwinds:
+// failures return null.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.alloc_tagged(layout, false) }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.alloc_tagged(layout, true) }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let Some(at) = place(layout) else {
+            platform::corrupted(b"dealloc with a layout no allocation could have had");
+        };
+        // SAFETY: the caller passes a live block of ours with its layout.
+        let (base, key) = unsafe { Self::owner(ptr, at) };
+        uncharge(key, at.inner.size(), 1);
+        // SAFETY: `base` is the inner allocation made with `at.inner`.
+        unsafe { self.inner.dealloc(base, at.inner) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let Some(old) = place(layout) else {
+            platform::corrupted(b"realloc with a layout no allocation could have had");
+        };
+        let Some(new) = Layout::from_size_align(new_size, layout.align())
+            .ok()
+            .and_then(place)
+        else {
+            return core::ptr::null_mut();
+        };
+        // SAFETY: the caller passes a live block of ours with its layout.
+        let (base, key) = unsafe { Self::owner(ptr, old) };
+        let (old_bytes, new_bytes) = (old.inner.size(), new.inner.size());
+        // The block keeps its owner, even a removed one: growth is charged to it (objects = 0
+        // means "an existing block", which the core never redirects).
+        if new_bytes > old_bytes && charge(key, new_bytes - old_bytes, 0).is_none() {
+            return core::ptr::null_mut();
+        }
+        // SAFETY: `base` is the inner allocation made with `old.inner`, and the new size is
+        // non-zero and valid for its alignment (`place` checked it).
+        let new_base = unsafe { self.inner.realloc(base, old.inner, new_bytes) };
+        if new_base.is_null() {
+            if new_bytes > old_bytes {
+                uncharge(key, new_bytes - old_bytes, 0);
+            }
+            return new_base;
+        }
+        if new_bytes < old_bytes {
+            uncharge(key, old_bytes - new_bytes, 0);
+        }
+        // SAFETY: the new inner block holds `new.inner.size()` bytes; the tag lies inside it.
+        unsafe {
+            new_base
+                .add(new.tag)
+                .cast::<u64>()
+                .write_unaligned(tag_word(key));
+            new_base.add(new.block)
+        }
+    }
+}
