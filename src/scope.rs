@@ -23,6 +23,8 @@ struct Local {
     key: Cell<Key>,
     /// Scope bits.
     ctx: Cell<u8>,
+    /// Guards alive on this thread: they must be dropped in reverse order.
+    depth: Cell<u32>,
 }
 
 thread_local! {
@@ -31,6 +33,7 @@ thread_local! {
             node: Cell::new(core::ptr::null()),
             key: Cell::new(ROOT_KEY),
             ctx: Cell::new(0),
+            depth: Cell::new(0),
         }
     };
 }
@@ -60,9 +63,15 @@ pub(crate) fn mode() -> Mode {
 /// While alive, this thread charges the group it was made from. Returned by
 /// [`Group::enter`]; not `Send`, since it restores this thread's previous group when dropped.
 #[must_use = "the group is left as soon as the guard is dropped"]
+///
+/// Guards are meant to be dropped in the reverse order of their creation, as scopes nest.
+/// Dropping one early returns the thread to the group it was in before that guard, and the
+/// guards created after it then restore nothing when they go (only their references are
+/// released), so the thread is back where it started once all are gone.
 pub struct Entered {
     prev_node: *const Node,
     prev_key: Key,
+    depth: u32,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -72,21 +81,34 @@ pub(crate) fn enter(group: &Group) -> Entered {
     } else {
         (group.clone().into_raw(), key(group.id(), false))
     };
-    LOCAL.with(|l| Entered {
-        prev_node: l.node.replace(node),
-        prev_key: l.key.replace(key),
-        _not_send: PhantomData,
+    LOCAL.with(|l| {
+        let depth = l.depth.get() + 1;
+        l.depth.set(depth);
+        Entered {
+            prev_node: l.node.replace(node),
+            prev_key: l.key.replace(key),
+            depth,
+            _not_send: PhantomData,
+        }
     })
 }
 
 impl Drop for Entered {
     fn drop(&mut self) {
-        let left = LOCAL.with(|l| {
-            l.key.set(self.prev_key);
-            l.node.replace(self.prev_node)
-        });
+        let depth = LOCAL.with(|l| l.depth.get());
+        let left = if self.depth > depth {
+            // An outer guard went first and took the thread back past this one.
+            self.prev_node
+        } else {
+            LOCAL.with(|l| {
+                l.depth.set(self.depth - 1);
+                l.key.set(self.prev_key);
+                l.node.replace(self.prev_node)
+            })
+        };
         if !left.is_null() {
-            // SAFETY: `left` was put there by `enter`, from `into_raw`, and is taken out once.
+            // SAFETY: every record pointer held by the thread local or a guard owns one
+            // reference from `into_raw`; `left` is no longer held by either.
             drop(unsafe { Group::from_raw(left) });
         }
     }

@@ -55,9 +55,16 @@ struct Placement {
     tag: usize,
 }
 
+/// The largest block: 256 TiB, more than any allocator on a 64-bit platform can return. A
+/// larger request is refused before anything is charged, so no counter can ever wrap.
+const MAX_BLOCK: usize = 1 << 48;
+
 #[inline(always)]
 fn place(layout: Layout) -> Option<Placement> {
-    let size = layout.size().checked_add(TAG_SIZE)?;
+    if layout.size() > MAX_BLOCK {
+        return None;
+    }
+    let size = layout.size() + TAG_SIZE;
     if layout.align() <= TAG_SIZE {
         let inner = Layout::from_size_align(size, TAG_SIZE).ok()?;
         Some(Placement {
@@ -75,9 +82,48 @@ fn place(layout: Layout) -> Option<Placement> {
     }
 }
 
+/// `place` for a layout that a live block was allocated with, which `place` accepted then.
+///
+/// # Safety
+/// `place(layout)` is `Some`.
+#[inline(always)]
+unsafe fn placed(layout: Layout) -> Placement {
+    let size = layout.size() + TAG_SIZE;
+    if layout.align() <= TAG_SIZE {
+        Placement {
+            // SAFETY: the caller guarantees `place` accepted this size and alignment.
+            inner: unsafe { Layout::from_size_align_unchecked(size, TAG_SIZE) },
+            block: TAG_SIZE,
+            tag: 0,
+        }
+    } else {
+        Placement {
+            // SAFETY: as above.
+            inner: unsafe { Layout::from_size_align_unchecked(size, layout.align()) },
+            block: 0,
+            tag: layout.size(),
+        }
+    }
+}
+
 #[inline(always)]
 fn tag_word(key: Key) -> u64 {
     key as u64 | (key as u64 ^ CHECK) << 32
+}
+
+/// Writes the tag of a fresh inner block and returns the block.
+///
+/// # Safety
+/// `base` is an inner allocation of `at.inner`.
+#[inline(always)]
+unsafe fn tagged(base: *mut u8, at: Placement, key: Key) -> *mut u8 {
+    // SAFETY: the tag's 8 bytes and the block lie inside the inner allocation (see `place`).
+    unsafe {
+        base.add(at.tag)
+            .cast::<u64>()
+            .write_unaligned(tag_word(key));
+        base.add(at.block)
+    }
 }
 
 /// Charges `bytes` (and `objects` new blocks) to `key`; returns the key actually charged,
@@ -109,29 +155,73 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         };
         let (key, _) = scope::target();
         let bytes = at.inner.size();
-        let Some(key) = charge(key, bytes, 1) else {
-            return core::ptr::null_mut();
-        };
+        if !STOCKS.charge(platform::cpu(), key, bytes, 1) {
+            // SAFETY: forwarded caller contract.
+            return unsafe { self.alloc_slow(at, key, zeroed) };
+        }
+        // SAFETY: `at` came from `place`.
+        unsafe { self.alloc_charged(at, key, zeroed) }
+    }
+
+    /// A charge the stock could not serve: a small one refills it and goes on; a large one
+    /// (over a batch, charged to the counters directly) asks the inner allocator first, so a
+    /// request it cannot meet leaves every counter as it was.
+    ///
+    /// # Safety
+    /// `at` came from `place`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn alloc_slow(&self, at: Placement, key: Key, zeroed: bool) -> *mut u8 {
+        let (cpu, bytes, mode) = (platform::cpu(), at.inner.size(), scope::mode());
+        if bytes <= STOCKS.batch() {
+            return match STOCKS.charge_slow(cpu, key, bytes, 1, mode) {
+                // SAFETY: forwarded.
+                Some(key) => unsafe { self.alloc_charged(at, key, zeroed) },
+                None => core::ptr::null_mut(),
+            };
+        }
+        // SAFETY: forwarded.
+        let base = unsafe { self.inner_alloc(at, zeroed) };
+        if base.is_null() {
+            return base;
+        }
+        match STOCKS.charge_slow(cpu, key, bytes, 1, mode) {
+            // SAFETY: `base` is a fresh inner block placed as `at`.
+            Some(key) => unsafe { tagged(base, at, key) },
+            None => {
+                // SAFETY: `base` was just allocated with `at.inner`.
+                unsafe { self.inner.dealloc(base, at.inner) };
+                core::ptr::null_mut()
+            }
+        }
+    }
+
+    /// # Safety
+    /// `at` came from `place`; `key` has been charged for it.
+    #[inline(always)]
+    unsafe fn alloc_charged(&self, at: Placement, key: Key, zeroed: bool) -> *mut u8 {
+        // SAFETY: forwarded.
+        let base = unsafe { self.inner_alloc(at, zeroed) };
+        if base.is_null() {
+            // Counted as an allocation and a free, so allocs - frees still counts live blocks.
+            uncharge(key, at.inner.size(), 1);
+            return base;
+        }
+        // SAFETY: `base` is a fresh inner block placed as `at`.
+        unsafe { tagged(base, at, key) }
+    }
+
+    /// # Safety
+    /// `at` came from `place`.
+    #[inline(always)]
+    unsafe fn inner_alloc(&self, at: Placement, zeroed: bool) -> *mut u8 {
         // SAFETY: `at.inner` has a non-zero size (it includes the tag) and a valid alignment.
-        let base = unsafe {
+        unsafe {
             if zeroed {
                 self.inner.alloc_zeroed(at.inner)
             } else {
                 self.inner.alloc(at.inner)
             }
-        };
-        if base.is_null() {
-            // Counted as an allocation and a free, so allocs - frees still counts live blocks.
-            uncharge(key, bytes, 1);
-            return base;
-        }
-        // SAFETY: the inner block is `at.inner.size()` bytes, and the tag's 8 bytes lie inside
-        // it; the block offset stays inside it too.
-        unsafe {
-            base.add(at.tag)
-                .cast::<u64>()
-                .write_unaligned(tag_word(key));
-            base.add(at.block)
         }
     }
 
@@ -175,20 +265,20 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let Some(at) = place(layout) else {
-            platform::corrupted(b"dealloc with a layout no allocation could have had");
+        // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed.
+        let (base, key, at) = unsafe {
+            let at = placed(layout);
+            let (base, key) = Self::owner(ptr, at);
+            (base, key, at)
         };
-        // SAFETY: the caller passes a live block of ours with its layout.
-        let (base, key) = unsafe { Self::owner(ptr, at) };
         uncharge(key, at.inner.size(), 1);
         // SAFETY: `base` is the inner allocation made with `at.inner`.
         unsafe { self.inner.dealloc(base, at.inner) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let Some(old) = place(layout) else {
-            platform::corrupted(b"realloc with a layout no allocation could have had");
-        };
+        // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed.
+        let old = unsafe { placed(layout) };
         let Some(new) = Layout::from_size_align(new_size, layout.align())
             .ok()
             .and_then(place)
@@ -215,13 +305,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
         if new_bytes < old_bytes {
             uncharge(key, old_bytes - new_bytes, 0);
         }
-        // SAFETY: the new inner block holds `new.inner.size()` bytes; the tag lies inside it.
-        unsafe {
-            new_base
-                .add(new.tag)
-                .cast::<u64>()
-                .write_unaligned(tag_word(key));
-            new_base.add(new.block)
-        }
+        // SAFETY: `new_base` is an inner allocation of `new.inner`.
+        unsafe { tagged(new_base, new, key) }
     }
 }

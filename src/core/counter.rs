@@ -135,9 +135,12 @@ impl Counter {
         self.chain().any(|c| core::ptr::eq(c, ancestor))
     }
 
+    /// Sequentially consistent, so that a stock slot filled by a slow path that then sees the
+    /// group online is seen by the purge of a `remove` that took it offline (see
+    /// `Stocks::recheck`).
     #[inline]
     pub(crate) fn is_online(&self) -> bool {
-        self.online.load(Ordering::Acquire)
+        self.online.load(Ordering::SeqCst)
     }
 
     /// Takes the group offline. Returns false if it already was.
@@ -176,36 +179,49 @@ impl Counter {
     /// kernel charge, no level's `kmem_max`) would be passed. On failure nothing is changed and
     /// the level that refused is returned.
     pub(crate) fn try_charge(&self, bytes: usize, kernel: bool) -> Result<(), (&Counter, Limit)> {
+        self.charge_chain(bytes, kernel, true)
+    }
+
+    /// Charges `bytes` to every level whatever the limits say (an overcharge). Refuses only
+    /// when a counter would wrap, which no real allocation can make it do.
+    pub(crate) fn charge_force(&self, bytes: usize, kernel: bool) -> bool {
+        self.charge_chain(bytes, kernel, false).is_ok()
+    }
+
+    fn charge_chain(
+        &self,
+        bytes: usize,
+        kernel: bool,
+        limited: bool,
+    ) -> Result<(), (&Counter, Limit)> {
+        let limit = |l: &AtomicUsize| {
+            if limited {
+                l.load(Ordering::Relaxed)
+            } else {
+                usize::MAX
+            }
+        };
         for c in self.chain() {
-            let refused = if !add_within(&c.hot.usage, bytes, c.max.load(Ordering::Relaxed)) {
+            let refused = if !add_within(&c.hot.usage, bytes, limit(&c.max)) {
                 Some(Limit::Max)
-            } else if kernel && !add_within(&c.hot.kmem, bytes, c.kmem_max.load(Ordering::Relaxed))
-            {
+            } else if kernel && !add_within(&c.hot.kmem, bytes, limit(&c.kmem_max)) {
                 c.hot.usage.fetch_sub(bytes, Ordering::Relaxed);
                 Some(Limit::KmemMax)
             } else {
                 None
             };
-            if let Some(limit) = refused {
+            if let Some(refused) = refused {
                 for done in self.chain().take_while(|d| !core::ptr::eq(*d, c)) {
                     done.sub(bytes, kernel);
                 }
-                return Err((c, limit));
+                return Err((c, refused));
             }
+        }
+        // Only a charge that went through moves peaks and counts crossings of `high`.
+        for c in self.chain() {
             c.after_charge(bytes);
         }
         Ok(())
-    }
-
-    /// Charges `bytes` to every level whatever the limits say (an overcharge).
-    pub(crate) fn charge_force(&self, bytes: usize, kernel: bool) {
-        for c in self.chain() {
-            c.hot.usage.fetch_add(bytes, Ordering::Relaxed);
-            if kernel {
-                c.hot.kmem.fetch_add(bytes, Ordering::Relaxed);
-            }
-            c.after_charge(bytes);
-        }
     }
 
     /// Uncharges `bytes` from every level. Returns true when `self`'s own usage reached 0,
@@ -256,7 +272,8 @@ impl Counter {
         }
     }
 
-    /// Raises `peak`, and counts a crossing of `high`, after `bytes` were added to `usage`.
+    /// Raises `peak`, and counts a crossing of `high` (here and in the ancestors, as every
+    /// event), after `bytes` were added to `usage`.
     /// Racy, but we can live with that: a peak may miss a concurrent charge's bytes until the
     /// next one, as `page_counter`'s watermark does.
     fn after_charge(&self, bytes: usize) {
@@ -266,7 +283,7 @@ impl Counter {
         }
         let high = self.high.load(Ordering::Relaxed);
         if usage > high && usage.saturating_sub(bytes) <= high {
-            self.events[Event::High as usize].fetch_add(1, Ordering::Relaxed);
+            self.event(Event::High);
         }
     }
 

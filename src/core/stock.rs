@@ -269,6 +269,7 @@ impl<G: Groups> Stocks<G> {
             }
         }
         self.deposit(cpu, key, c, have - bytes, objects, 0);
+        self.recheck(c);
         Some(key)
     }
 
@@ -284,6 +285,17 @@ impl<G: Groups> Stocks<G> {
             self.release(c, key_is_kernel(key), bytes);
         } else {
             self.deposit(cpu, key, c, bytes, 0, objects);
+            self.recheck(c);
+        }
+    }
+
+    /// After a slow path filled a slot for `c`, which was online when it looked: if `c` has
+    /// gone offline since, its `remove` may have purged the slots before this one was filled,
+    /// so purge again. (The fill and this load, and `remove`'s store and purge, are all
+    /// sequentially consistent: one of the two purges sees the slot.)
+    fn recheck(&self, c: &Counter) {
+        if !c.is_online() {
+            self.purge(c.id);
         }
     }
 
@@ -313,7 +325,10 @@ impl<G: Groups> Stocks<G> {
                         at.event(Event::Fail);
                         return false;
                     }
-                    c.charge_force(bytes, kernel);
+                    if !c.charge_force(bytes, kernel) {
+                        at.event(Event::Fail);
+                        return false;
+                    }
                     break;
                 }
             }
@@ -329,18 +344,18 @@ impl<G: Groups> Stocks<G> {
         let span = self.span.load(Ordering::SeqCst).min(self.cpus.len());
         for stock in &self.cpus[..span] {
             for slot in &stock.slots {
-                let w = slot.load(Ordering::SeqCst);
-                if w & CONTENT_MASK == 0 || !pred(self.groups.counter(key_id(word_key(w)))) {
-                    continue;
+                let mut w = slot.load(Ordering::SeqCst);
+                // Retried until the slot is empty or not ours to drain: a charge that fails at
+                // a limit must not miss bytes because the slot's owner was busy with it.
+                while w & CONTENT_MASK != 0 && pred(self.groups.counter(key_id(word_key(w)))) {
+                    match slot.compare_exchange(w, 0, Ordering::SeqCst, Ordering::Relaxed) {
+                        Ok(_) => {
+                            self.apply(w);
+                            break;
+                        }
+                        Err(now) => w = now,
+                    }
                 }
-                if slot
-                    .compare_exchange(w, 0, Ordering::SeqCst, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    self.apply(w);
-                }
-                // A CAS lost to a concurrent change is not retried: whoever changed the slot
-                // either emptied it (a drain or eviction) or is a charge of the same group.
             }
         }
         self.drainers.fetch_sub(1, Ordering::SeqCst);
@@ -415,7 +430,7 @@ impl<G: Groups> Stocks<G> {
                 } else {
                     word(key, keep, 0, 0)
                 };
-                match slot.compare_exchange_weak(w, new, Ordering::AcqRel, Ordering::Relaxed) {
+                match slot.compare_exchange_weak(w, new, Ordering::SeqCst, Ordering::Relaxed) {
                     Ok(_) => {
                         if !fits {
                             c.count(a, f);
@@ -452,7 +467,7 @@ impl<G: Groups> Stocks<G> {
             let w = slot.load(Ordering::Relaxed);
             if w & CONTENT_MASK == 0 {
                 if slot
-                    .compare_exchange(w, new, Ordering::AcqRel, Ordering::Relaxed)
+                    .compare_exchange(w, new, Ordering::SeqCst, Ordering::Relaxed)
                     .is_ok()
                 {
                     return;

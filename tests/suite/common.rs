@@ -1,0 +1,220 @@
+// Helpers shared by the test bodies. Included once per test binary by the body (`include!`), so
+// it must not use inner attributes; every item is `allow(dead_code)` because no binary uses all.
+#[allow(dead_code)]
+mod common {
+    use std::alloc::Layout;
+    use std::ptr::NonNull;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use memgroup::{Group, Stat};
+
+    static NAME_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+    /// A name no other test of this process uses: `prefix-N`.
+    pub fn unique_name(prefix: &str) -> String {
+        format!("{prefix}-{}", NAME_SEQ.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A fresh child of the root with a name unique in this process.
+    pub fn fresh(prefix: &str) -> Group {
+        Group::new(&unique_name(prefix)).expect("creating a fresh group")
+    }
+
+    /// A fresh child of `parent` with a name unique in this process.
+    pub fn fresh_child(parent: &Group, prefix: &str) -> Group {
+        parent
+            .child(&unique_name(prefix))
+            .expect("creating a fresh child group")
+    }
+
+    /// The exact figures of `g`: stocks drained first.
+    pub fn exact(g: &Group) -> Stat {
+        g.flush();
+        g.stat()
+    }
+
+    /// Live blocks of a group according to its counters.
+    pub fn live(s: &Stat) -> u64 {
+        s.allocs - s.frees
+    }
+
+    /// A raw heap block of an exact layout, allocated through the global allocator (so charged to
+    /// the current group) and freed on drop (uncharging its owner, whoever drops it).
+    pub struct Block {
+        ptr: NonNull<u8>,
+        layout: Layout,
+    }
+
+    // SAFETY: a Block owns its allocation exclusively, like a Box<[u8]>.
+    unsafe impl Send for Block {}
+
+    impl Block {
+        pub fn layout(size: usize, align: usize) -> Layout {
+            Layout::from_size_align(size, align).expect("valid layout")
+        }
+
+        /// Allocates `size` bytes at `align`; panics on null (the test expected success).
+        pub fn new(size: usize, align: usize) -> Block {
+            Self::try_new(size, align)
+                .unwrap_or_else(|| panic!("allocation of {size} bytes at align {align} failed"))
+        }
+
+        /// Allocates `size` bytes at `align`; None when the allocator returns null.
+        pub fn try_new(size: usize, align: usize) -> Option<Block> {
+            let layout = Self::layout(size, align);
+            assert!(layout.size() > 0, "Block does not do zero-size layouts");
+            // SAFETY: the layout has a non-zero size.
+            let ptr = unsafe { std::alloc::alloc(layout) };
+            NonNull::new(ptr).map(|ptr| Block { ptr, layout })
+        }
+
+        /// Like `new`, filled with `byte` (so the memory is really touched).
+        pub fn filled(size: usize, byte: u8) -> Block {
+            let mut b = Block::new(size, 1);
+            b.bytes_mut().fill(byte);
+            b
+        }
+
+        pub fn size(&self) -> usize {
+            self.layout.size()
+        }
+
+        pub fn ptr(&self) -> *mut u8 {
+            self.ptr.as_ptr()
+        }
+
+        pub fn bytes(&self) -> &[u8] {
+            // SAFETY: the block is live and `size` bytes long; bytes were written before reading
+            // in every use here (or come from alloc_zeroed).
+            unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+        }
+
+        pub fn bytes_mut(&mut self) -> &mut [u8] {
+            // SAFETY: as in `bytes`, and we hold the block exclusively.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+        }
+
+        /// Reallocates to `new_size` (same alignment). On null the block is unchanged and
+        /// Err(self) is returned.
+        pub fn realloc(self, new_size: usize) -> Result<Block, Block> {
+            let new_layout =
+                Layout::from_size_align(new_size, self.layout.align()).expect("valid new layout");
+            // SAFETY: ptr was allocated with self.layout by the global allocator; new_size is
+            // non-zero and, rounded to the alignment, does not overflow isize (checked above).
+            let p = unsafe { std::alloc::realloc(self.ptr.as_ptr(), self.layout, new_size) };
+            match NonNull::new(p) {
+                Some(ptr) => {
+                    std::mem::forget(self);
+                    Ok(Block {
+                        ptr,
+                        layout: new_layout,
+                    })
+                }
+                None => Err(self),
+            }
+        }
+    }
+
+    impl Drop for Block {
+        fn drop(&mut self) {
+            // SAFETY: allocated by the global allocator with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        }
+    }
+
+    /// What one block of `size` bytes at `align` costs in `usage`, measured in a fresh group.
+    pub fn block_cost(size: usize, align: usize) -> usize {
+        let g = fresh("probe");
+        let b = g.run(|| Block::new(size, align));
+        let with = exact(&g);
+        drop(b);
+        let without = exact(&g);
+        assert_eq!(
+            without.usage, 0,
+            "a probe group holding nothing must have usage 0"
+        );
+        assert_eq!(live(&with), 1, "the probe allocated exactly one block");
+        assert_eq!(
+            with.usage,
+            size + with.overhead,
+            "usage == requested + overhead for one block of {size} at align {align}"
+        );
+        g.remove().expect("removing the probe group");
+        with.usage
+    }
+
+    /// The request size (align 1) whose block costs exactly `cost` bytes of usage; checked.
+    pub fn size_for_cost(cost: usize) -> usize {
+        let overhead = block_cost(cost, 1) - cost;
+        let size = cost - overhead;
+        assert_eq!(
+            block_cost(size, 1),
+            cost,
+            "per-block overhead is not constant near {cost}"
+        );
+        size
+    }
+
+    /// True inside a child process started by `run_in_child_process`.
+    pub fn in_child_process() -> bool {
+        std::env::var_os("MEMGROUP_TEST_CHILD").is_some()
+    }
+
+    /// Re-executes this test binary to run the `#[ignore]`d test `test` alone, in a fresh process
+    /// with `env` set (variables the allocator reads at its first allocation), and asserts that it
+    /// ran and passed.
+    pub fn run_in_child_process(test: &str, env: &[(&str, &str)]) {
+        let exe = std::env::current_exe().expect("current_exe");
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                test,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("MEMGROUP_TEST_CHILD", "1")
+            .envs(env.iter().copied())
+            .output()
+            .expect("spawning the test binary");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "child run of {test} with {env:?} failed: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+            out.status
+        );
+        assert!(
+            stdout.contains("1 passed"),
+            "child run of {test} did not run exactly one test\n--- stdout\n{stdout}"
+        );
+    }
+
+    /// A small deterministic PRNG (xorshift64*), so failing runs can be replayed from the seed.
+    pub struct Rng(u64);
+
+    impl Rng {
+        pub fn new(seed: u64) -> Rng {
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+
+        pub fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            self.0 = x;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        /// Uniform in lo..=hi.
+        pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+            lo + (self.next() % (hi - lo + 1) as u64) as usize
+        }
+
+        /// True with probability 1/n.
+        pub fn one_in(&mut self, n: u64) -> bool {
+            self.next() % n == 0
+        }
+    }
+}
