@@ -10,7 +10,7 @@
 //! it and, through the hierarchy, its parent, so the parent stays exact. This record is the
 //! kernel's `obj_cgroup`: small, and the only thing a removed group leaves behind.
 
-use crate::sync::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use core::cell::UnsafeCell;
 use core::mem::size_of;
 use core::ptr::NonNull;
@@ -41,6 +41,8 @@ static POOL: AtomicPtr<Node> = AtomicPtr::new(core::ptr::null_mut());
 static INIT: AtomicU8 = AtomicU8::new(0);
 static KMEM: AtomicBool = AtomicBool::new(true);
 static DYING: AtomicUsize = AtomicUsize::new(0);
+/// One past the highest id ever used (`Registry::next`, readable without the lock).
+static NEXT_ID: AtomicU32 = AtomicU32::new(ROOT_ID + 1);
 static REGISTRY: SpinLock<Registry> = SpinLock::new(Registry {
     names: None,
     free: 0,
@@ -105,6 +107,28 @@ impl Groups for Table {
     fn emptied(&self, c: &Counter) {
         free_if_unused(node_of(c));
     }
+
+    fn wake(&self) {
+        crate::pressure::wake();
+    }
+
+    fn reclaim(&self, at: &Counter, bytes: usize) -> bool {
+        crate::pressure::direct(at, bytes)
+    }
+}
+
+/// Calls `f` on the counter of every group record ever used (free ones included: their
+/// counters are idle).
+pub(crate) fn for_each_counter(mut f: impl FnMut(&Counter)) {
+    let end = NEXT_ID.load(Ordering::Acquire);
+    for id in ROOT_ID..end {
+        f(&node(id).counter);
+    }
+}
+
+/// `Group::flush` for a bare counter.
+pub(crate) fn flush_counter(c: &Counter) {
+    STOCKS.drain(|g| g.is_under(c));
 }
 
 /// The record with this id.
@@ -505,6 +529,50 @@ impl Group {
         Ok(())
     }
 
+    /// Calls `f` on a notifier thread when this group, or one below it, reaches a pressure
+    /// level: `Low` at 3/4 of the lower of its `high` and `max`, `Medium` above `high`,
+    /// `Critical` when a charge hits `max`. Edge-triggered (once per crossing) and coalesced
+    /// (crossings of one level before delivery are delivered once); none is lost. Dropping the
+    /// subscription unsubscribes.
+    pub fn on_pressure(
+        &self,
+        f: impl Fn(crate::Level) + Send + Sync + 'static,
+    ) -> crate::Subscription {
+        crate::pressure::subscribe(self, Box::new(f))
+    }
+
+    /// Registers a shrinker: memory of this group that can be given back on request. It is
+    /// asked (on the notifier thread) when the group goes above `high` (background reclaim,
+    /// toward `high`) and before a charge at a `max` above it is refused or forced (direct
+    /// reclaim). Dropping the handle unregisters it.
+    pub fn register_shrinker(&self, s: impl crate::Shrinker) -> crate::ShrinkerHandle {
+        crate::pressure::register(self, Box::new(s))
+    }
+
+    /// Asks the shrinkers of this group and its descendants to free at least `bytes`, each in
+    /// proportion to what it holds, on this thread. Returns the bytes they freed.
+    pub fn reclaim(&self, bytes: usize) -> usize {
+        crate::pressure::reclaim(&self.node().counter, bytes)
+    }
+
+    /// How long a task of this group should pause at a safe point, by the kernel's
+    /// `memory.high` curve: zero at or below `high`, growing with the square of the overage
+    /// (as a fraction of `high`), capped at 2 s. memgroup never sleeps inside an allocation;
+    /// throttling is the application's choice, see [`Group::throttle`].
+    pub fn throttle_delay(&self) -> core::time::Duration {
+        let stat = self.stat();
+        crate::pressure::throttle_delay(stat.usage, stat.high)
+    }
+
+    /// Sleeps for [`Group::throttle_delay`]: call it where a task of this group may wait
+    /// (between requests, not while holding locks).
+    pub fn throttle(&self) {
+        let delay = self.throttle_delay();
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+    }
+
     /// Whether [`Group::remove`] was called on this group.
     pub fn is_removed(&self) -> bool {
         !self.node().counter.is_online()
@@ -567,6 +635,7 @@ impl Registry {
             return None;
         }
         self.next += 1;
+        NEXT_ID.store(self.next, Ordering::Release);
         Some(self.next - 1)
     }
 }

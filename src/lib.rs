@@ -31,11 +31,13 @@
 mod core;
 mod group;
 mod platform;
+mod pressure;
 mod scope;
 mod sync;
 mod tag;
 
 pub use group::{dying_groups, stock_batch, Group, MAX_NAME};
+pub use pressure::{Level, Shrinker, ShrinkerHandle, Subscription};
 pub use scope::{current, fallible, kernel, nofail, Entered};
 pub use tag::{TagAlloc, TAG_SIZE};
 

@@ -13,6 +13,8 @@ use crate::group::{kmem_enabled, Group, Node, ROOT_ID};
 const KERNEL: u8 = 1;
 const FALLIBLE: u8 = 2;
 const NOFAIL: u8 = 4;
+/// Running shrinkers or pressure callbacks: charges never wait for reclaim.
+const RECLAIMING: u8 = 8;
 
 const ROOT_KEY: Key = key(ROOT_ID, false);
 
@@ -173,10 +175,21 @@ pub fn nofail<R>(f: impl FnOnce() -> R) -> R {
 pub(crate) fn as_root<R>(f: impl FnOnce() -> R) -> R {
     let (prev_node, prev_key) =
         LOCAL.with(|l| (l.node.replace(core::ptr::null()), l.key.replace(ROOT_KEY)));
-    let r = with_ctx(|_| 0, f);
+    let r = with_ctx(|ctx| ctx & RECLAIMING, f);
     LOCAL.with(|l| {
         l.node.set(prev_node);
         l.key.set(prev_key);
     });
     r
+}
+
+/// Runs `f` as memory reclaim: allocations inside are charged as usual but never wait for
+/// (or start) a direct reclaim, so a shrinker that allocates cannot recurse.
+pub(crate) fn reclaiming<R>(f: impl FnOnce() -> R) -> R {
+    with_ctx(|ctx| ctx | RECLAIMING, f)
+}
+
+/// Whether this thread is inside `reclaiming`.
+pub(crate) fn is_reclaiming() -> bool {
+    LOCAL.with(|l| l.ctx.get() & RECLAIMING != 0)
 }

@@ -8,7 +8,7 @@
 //! `kmem_max`. Counters are only touched by the stocks' slow paths (`super::stock`), once per
 //! batch, never per allocation.
 
-use crate::sync::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 /// A `max`, `high` or `kmem_max` that is not set.
 pub(crate) const UNLIMITED: usize = usize::MAX;
@@ -19,6 +19,13 @@ pub(crate) enum Limit {
     Max,
     KmemMax,
 }
+
+/// Pressure levels, as bits of `Counter::pending` (seeds/004's low / medium / critical).
+pub(crate) const LOW: u8 = 1;
+pub(crate) const MEDIUM: u8 = 2;
+pub(crate) const CRITICAL: u8 = 4;
+/// Not a level: a charge asks for memory to be reclaimed under this counter (direct reclaim).
+pub(crate) const RECLAIM: u8 = 8;
 
 /// The counter of one group.
 ///
@@ -40,6 +47,10 @@ pub(crate) struct Counter {
     fail: AtomicBool,
     hot: Hot,
     events: [AtomicU64; 3],
+    /// Pressure levels raised and not yet delivered.
+    pending: AtomicU8,
+    /// Bytes a direct reclaim asks for (with `RECLAIM` pending).
+    wanted: AtomicUsize,
 }
 
 #[repr(C, align(64))]
@@ -92,6 +103,8 @@ impl Counter {
                 frees: AtomicU64::new(0),
             },
             events: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            pending: AtomicU8::new(0),
+            wanted: AtomicUsize::new(0),
         };
         c.parent.store(parent_ptr(parent), Ordering::Relaxed);
         c
@@ -116,6 +129,8 @@ impl Counter {
         for event in &self.events {
             event.store(0, Ordering::Relaxed);
         }
+        self.pending.store(0, Ordering::Relaxed);
+        self.wanted.store(0, Ordering::Relaxed);
         self.online.store(true, Ordering::Release);
     }
 
@@ -178,14 +193,16 @@ impl Counter {
     /// Charges `bytes` to every level from `self` to the root, if no level's `max` (and, for a
     /// kernel charge, no level's `kmem_max`) would be passed. On failure nothing is changed and
     /// the level that refused is returned.
-    pub(crate) fn try_charge(&self, bytes: usize, kernel: bool) -> Result<(), (&Counter, Limit)> {
+    /// On success, says whether a pressure level was newly raised on the way (see `signal`).
+    pub(crate) fn try_charge(&self, bytes: usize, kernel: bool) -> Result<bool, (&Counter, Limit)> {
         self.charge_chain(bytes, kernel, true)
     }
 
     /// Charges `bytes` to every level whatever the limits say (an overcharge). Refuses only
     /// when a counter would wrap, which no real allocation can make it do.
-    pub(crate) fn charge_force(&self, bytes: usize, kernel: bool) -> bool {
-        self.charge_chain(bytes, kernel, false).is_ok()
+    /// Returns `None` when refused, else whether a pressure level was newly raised.
+    pub(crate) fn charge_force(&self, bytes: usize, kernel: bool) -> Option<bool> {
+        self.charge_chain(bytes, kernel, false).ok()
     }
 
     fn charge_chain(
@@ -193,7 +210,7 @@ impl Counter {
         bytes: usize,
         kernel: bool,
         limited: bool,
-    ) -> Result<(), (&Counter, Limit)> {
+    ) -> Result<bool, (&Counter, Limit)> {
         let limit = |l: &AtomicUsize| {
             if limited {
                 l.load(Ordering::Relaxed)
@@ -218,10 +235,11 @@ impl Counter {
             }
         }
         // Only a charge that went through moves peaks and counts crossings of `high`.
+        let mut raised = false;
         for c in self.chain() {
-            c.after_charge(bytes);
+            raised |= c.after_charge(bytes);
         }
-        Ok(())
+        Ok(raised)
     }
 
     /// Uncharges `bytes` from every level. Returns true when `self`'s own usage reached 0,
@@ -272,19 +290,64 @@ impl Counter {
         }
     }
 
-    /// Raises `peak`, and counts a crossing of `high` (here and in the ancestors, as every
-    /// event), after `bytes` were added to `usage`.
-    /// Racy, but we can live with that: a peak may miss a concurrent charge's bytes until the
-    /// next one, as `page_counter`'s watermark does.
-    fn after_charge(&self, bytes: usize) {
+    /// After `bytes` were added to `usage`: raises `peak`, counts a crossing of `high` (here
+    /// and in the ancestors, as every event), and raises the pressure levels whose thresholds
+    /// were crossed: `MEDIUM` at `high`, `LOW` at 3/4 of the lower of `high` and `max`.
+    /// Returns whether a level was newly raised. Racy, but we can live with that: a peak may
+    /// miss a concurrent charge's bytes until the next one, as `page_counter`'s watermark does.
+    fn after_charge(&self, bytes: usize) -> bool {
         let usage = self.hot.usage.load(Ordering::Relaxed);
         if usage > self.hot.peak.load(Ordering::Relaxed) {
             self.hot.peak.fetch_max(usage, Ordering::Relaxed);
         }
+        let before = usage.saturating_sub(bytes);
+        let crossed = |mark: usize| usage > mark && before <= mark;
         let high = self.high.load(Ordering::Relaxed);
-        if usage > high && usage.saturating_sub(bytes) <= high {
+        let lowest = high.min(self.max.load(Ordering::Relaxed));
+        let mut levels = 0;
+        if crossed(high) {
             self.event(Event::High);
+            levels |= MEDIUM;
         }
+        if lowest != UNLIMITED && crossed(lowest - lowest / 4) {
+            levels |= LOW;
+        }
+        levels != 0 && self.signal(levels)
+    }
+
+    /// Marks pressure `levels` pending delivery. Returns whether any was not pending already,
+    /// in which case the caller must ring the notifier's doorbell (after this call, so that a
+    /// notifier that read the doorbell before its scan either sees these bits or wakes again).
+    pub(crate) fn signal(&self, levels: u8) -> bool {
+        self.pending.fetch_or(levels, Ordering::SeqCst) & levels != levels
+    }
+
+    /// Takes the pending levels, for delivery.
+    pub(crate) fn take_pending(&self) -> u8 {
+        if self.pending.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.pending.swap(0, Ordering::SeqCst)
+    }
+
+    /// Asks for `bytes` to be reclaimed under this counter; see `RECLAIM`.
+    pub(crate) fn want(&self, bytes: usize) -> bool {
+        self.wanted.fetch_max(bytes, Ordering::Relaxed);
+        self.signal(RECLAIM)
+    }
+
+    /// The bytes a direct reclaim asked for, taken.
+    pub(crate) fn take_wanted(&self) -> usize {
+        self.wanted.swap(0, Ordering::Relaxed)
+    }
+
+    /// How far `usage` (or `kmem`) plus `bytes` is over the limit that refused it.
+    pub(crate) fn excess(&self, bytes: usize, limit: Limit) -> usize {
+        let (used, max) = match limit {
+            Limit::Max => (&self.hot.usage, &self.max),
+            Limit::KmemMax => (&self.hot.kmem, &self.kmem_max),
+        };
+        (used.load(Ordering::Relaxed) + bytes).saturating_sub(max.load(Ordering::Relaxed))
     }
 
     /// Subtracts from this level only; returns `usage` before.

@@ -20,7 +20,7 @@
 //! `drainers`: a drain counts itself in before it takes a word of another group, and the group
 //! table reuses a freed record only after seeing `drainers == 0` (see `Stocks::quiescent`).
 
-use super::counter::{Counter, Event};
+use super::counter::{Counter, Event, CRITICAL};
 use crate::sync::{spin_hint, AtomicU64, AtomicUsize, Ordering};
 
 /// Slots per CPU. Loom models use two, to stay small.
@@ -77,6 +77,13 @@ pub(crate) trait Groups {
     fn counter(&self, id: u32) -> &Counter;
     /// `c` is offline and its usage just reached 0: free its record if nothing else holds it.
     fn emptied(&self, c: &Counter);
+    /// A counter's pressure levels were raised: wake whoever delivers them. Must not allocate
+    /// or take a lock that user code can hold.
+    fn wake(&self);
+    /// A charge to `at`'s chain is about to be refused or forced: ask for `bytes` to be
+    /// reclaimed under `at` and wait a bounded time. Returns whether anything was tried (then
+    /// the charge is retried once).
+    fn reclaim(&self, at: &Counter, bytes: usize) -> bool;
 }
 
 #[inline(always)]
@@ -259,7 +266,8 @@ impl<G: Groups> Stocks<G> {
         c.count(word_allocs(held), word_frees(held));
         let mut have = word_bytes(held) as usize;
         if have < bytes {
-            if c.try_charge(batch, kernel).is_ok() {
+            if let Ok(raised) = c.try_charge(batch, kernel) {
+                self.raised(raised);
                 have += batch;
             } else {
                 self.release(c, kernel, have);
@@ -312,24 +320,40 @@ impl<G: Groups> Stocks<G> {
         mode: Mode,
     ) -> bool {
         let mut drained: Option<*const Counter> = None;
+        let mut reclaimed = false;
         loop {
             match c.try_charge(bytes, kernel) {
-                Ok(()) => break,
+                Ok(raised) => {
+                    self.raised(raised);
+                    break;
+                }
                 Err((at, _)) if drained != Some(at as *const Counter) => {
                     drained = Some(at);
                     self.drain(|g| g.is_under(at));
                 }
-                Err((at, _)) => {
+                Err((at, limit)) => {
+                    if !reclaimed && self.groups.reclaim(at, at.excess(bytes, limit)) {
+                        reclaimed = true;
+                        drained = None;
+                        continue;
+                    }
                     at.event(Event::Max);
-                    if refuses(mode, c, at) {
-                        at.event(Event::Fail);
-                        return false;
+                    self.raised(at.signal(CRITICAL));
+                    let forced = if refuses(mode, c, at) {
+                        None
+                    } else {
+                        c.charge_force(bytes, kernel)
+                    };
+                    match forced {
+                        Some(raised) => {
+                            self.raised(raised);
+                            break;
+                        }
+                        None => {
+                            at.event(Event::Fail);
+                            return false;
+                        }
                     }
-                    if !c.charge_force(bytes, kernel) {
-                        at.event(Event::Fail);
-                        return false;
-                    }
-                    break;
                 }
             }
         }
@@ -484,6 +508,12 @@ impl<G: Groups> Stocks<G> {
                 }
             }
             spin_hint();
+        }
+    }
+
+    fn raised(&self, raised: bool) {
+        if raised {
+            self.groups.wake();
         }
     }
 

@@ -1,0 +1,360 @@
+//! Memory pressure (seeds/004): levels, notifications, shrinkers, and background and direct
+//! reclaim.
+//!
+//! The charge path never calls user code. When a charge crosses a threshold it sets a bit on
+//! the group's counter and rings a doorbell (one atomic add, and a futex wake if the notifier
+//! sleeps). A notifier thread, started by the first subscription or shrinker, takes the bits
+//! and runs the callbacks and shrinkers, holding none of memgroup's locks while it does.
+//!
+//! **Direct reclaim.** A charge about to be refused or forced at a `max` posts a request and
+//! waits for the notifier to run the shrinkers under that limit, at most `DIRECT_WAIT`. The
+//! shrinkers never run on the allocating thread, so a shrinker may take any lock, including
+//! one the allocating thread holds: then the wait times out, the charge is refused or forced,
+//! and the shrinker goes on once the lock is free (until it does, further charges do not wait:
+//! a stuck shrinker costs one wait, not one per allocation). Allocations made by shrinkers and callbacks
+//! (on the notifier, or in `Group::reclaim`) never wait for reclaim, so reclaim never recurses.
+
+use core::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::core::counter::{Counter, CRITICAL, LOW, MEDIUM, RECLAIM};
+use crate::group::{self, Group};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use crate::{platform, scope};
+
+/// How long an allocation waits for direct reclaim before it is refused or forced.
+const DIRECT_WAIT: Duration = Duration::from_millis(10);
+
+/// A group's memory pressure, from the lowest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    /// Usage reached 3/4 of the lower of the group's `high` and `max`.
+    Low,
+    /// Usage went above the group's `high`; background reclaim starts.
+    Medium,
+    /// A charge hit the group's `max` (it was refused, or forced above it).
+    Critical,
+}
+
+/// Memory that can be given back on request: a cache, a pool, a buffer of deferred work.
+///
+/// Shrinkers are called on memgroup's notifier thread (or by [`Group::reclaim`] on the
+/// caller's), never inside an allocation. Allocations a shrinker makes are charged as usual
+/// but never wait for reclaim.
+pub trait Shrinker: Send + Sync + 'static {
+    /// Bytes one chunk frees.
+    fn chunk_size(&self) -> usize;
+    /// Chunks that could be freed now.
+    fn count(&self) -> usize;
+    /// Frees up to `chunks` chunks; returns how many it freed.
+    fn shrink(&self, chunks: usize) -> usize;
+}
+
+/// A registered pressure callback; dropping it unsubscribes (waiting for a call in progress,
+/// unless dropped from inside that very call).
+#[must_use = "dropping the subscription unsubscribes"]
+pub struct Subscription {
+    sub: Arc<Slot<dyn Fn(Level) + Send + Sync>>,
+}
+
+/// A registered shrinker; dropping it unregisters (waiting for a call in progress, unless
+/// dropped from inside it). The shrinker is never called after the handle is dropped.
+#[must_use = "dropping the handle unregisters the shrinker"]
+pub struct ShrinkerHandle {
+    entry: Arc<Slot<dyn Shrinker>>,
+}
+
+/// A callback or shrinker of one group. `inner` is `None` once unregistered; calls hold the
+/// lock, so unregistering waits for a call in progress.
+struct Slot<T: ?Sized> {
+    group: Group,
+    inner: Mutex<Option<Box<T>>>,
+}
+
+struct Registry {
+    subs: Vec<Arc<Slot<dyn Fn(Level) + Send + Sync>>>,
+    shrinkers: Vec<Arc<Slot<dyn Shrinker>>>,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    subs: Vec::new(),
+    shrinkers: Vec::new(),
+});
+/// Rung (incremented) when a level or request is pending; the notifier sleeps on it.
+static BELL: AtomicU32 = AtomicU32::new(0);
+/// Incremented after each direct-reclaim pass; requesters sleep on it.
+static DONE: AtomicU32 = AtomicU32::new(0);
+static SLEEPING: AtomicBool = AtomicBool::new(false);
+/// `DONE + 1` when a direct reclaim timed out waiting for that pass: until the notifier gets
+/// past it (it may be waiting for a lock the allocating thread holds), charges do not wait.
+static STALLED: AtomicU32 = AtomicU32::new(0);
+/// 0: no notifier, 1: starting, 2: running.
+static NOTIFIER: AtomicU8 = AtomicU8::new(0);
+static SHRINKERS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// The slot whose callback or shrinker this thread is running, so that dropping its own
+    /// handle from inside it does not wait for itself.
+    static CALLING: core::cell::Cell<*const ()> = const { core::cell::Cell::new(core::ptr::null()) };
+}
+
+fn registry() -> MutexGuard<'static, Registry> {
+    REGISTRY.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<T: ?Sized> Slot<T> {
+    fn unregister(&self) {
+        if CALLING.with(|c| c.get()) == self as *const Self as *const () {
+            // Dropped from inside its own call, which holds the lock: `call_slot` drops it
+            // when the call returns.
+            DEAD_ON_RETURN.with(|d| d.set(true));
+            return;
+        }
+        let taken = self
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(taken);
+    }
+}
+
+thread_local! {
+    static DEAD_ON_RETURN: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// Calls the callback or shrinker of `slot` and, if it unregistered itself meanwhile, drops it.
+fn call_slot<T: ?Sized, R>(slot: &Slot<T>, f: impl FnOnce(&T) -> R) -> Option<R> {
+    let mut inner = slot.inner.lock().unwrap_or_else(PoisonError::into_inner);
+    let it = inner.as_deref()?;
+    let prev = CALLING.with(|c| c.replace(slot as *const Slot<T> as *const ()));
+    let r = f(it);
+    CALLING.with(|c| c.set(prev));
+    if DEAD_ON_RETURN.with(|d| d.replace(false)) {
+        drop(inner.take());
+    }
+    Some(r)
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        scope::as_root(|| registry().subs.retain(|s| !Arc::ptr_eq(s, &self.sub)));
+        self.sub.unregister();
+    }
+}
+
+impl Drop for ShrinkerHandle {
+    fn drop(&mut self) {
+        scope::as_root(|| {
+            registry()
+                .shrinkers
+                .retain(|s| !Arc::ptr_eq(s, &self.entry))
+        });
+        SHRINKERS.fetch_sub(1, Ordering::Relaxed);
+        self.entry.unregister();
+    }
+}
+
+impl core::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_tuple("Subscription")
+            .field(&self.sub.group)
+            .finish()
+    }
+}
+
+impl core::fmt::Debug for ShrinkerHandle {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_tuple("ShrinkerHandle")
+            .field(&self.entry.group)
+            .finish()
+    }
+}
+
+pub(crate) fn subscribe(group: &Group, f: Box<dyn Fn(Level) + Send + Sync>) -> Subscription {
+    let sub = scope::as_root(|| {
+        let sub: Arc<Slot<dyn Fn(Level) + Send + Sync>> = Arc::new(Slot {
+            group: group.clone(),
+            inner: Mutex::new(Some(f)),
+        });
+        registry().subs.push(sub.clone());
+        sub
+    });
+    start_notifier();
+    Subscription { sub }
+}
+
+pub(crate) fn register(group: &Group, s: Box<dyn Shrinker>) -> ShrinkerHandle {
+    let entry = scope::as_root(|| {
+        let entry: Arc<Slot<dyn Shrinker>> = Arc::new(Slot {
+            group: group.clone(),
+            inner: Mutex::new(Some(s)),
+        });
+        registry().shrinkers.push(entry.clone());
+        entry
+    });
+    SHRINKERS.fetch_add(1, Ordering::Relaxed);
+    start_notifier();
+    ShrinkerHandle { entry }
+}
+
+/// Asks the shrinkers of `under`'s group and its descendants for at least `bytes`, each in
+/// proportion to what it holds (`count` x `chunk_size`). Returns the bytes they freed.
+pub(crate) fn reclaim(under: &Counter, bytes: usize) -> usize {
+    if bytes == 0 {
+        return 0;
+    }
+    let entries: Vec<_> = scope::as_root(|| {
+        registry()
+            .shrinkers
+            .iter()
+            .filter(|e| e.group.node().counter.is_under(under))
+            .cloned()
+            .collect()
+    });
+    scope::reclaiming(|| {
+        let held: Vec<(usize, usize)> = entries
+            .iter()
+            .map(|e| call_slot(e, |s| (s.chunk_size(), s.count())).unwrap_or((0, 0)))
+            .collect();
+        let total: u128 = held.iter().map(|&(size, n)| size as u128 * n as u128).sum();
+        if total == 0 {
+            return 0;
+        }
+        let mut freed = 0usize;
+        for (e, &(size, n)) in entries.iter().zip(&held) {
+            if size == 0 || n == 0 {
+                continue;
+            }
+            let share = (bytes as u128 * size as u128 * n as u128).div_ceil(total);
+            let chunks = share.div_ceil(size as u128).min(n as u128) as usize;
+            let done = call_slot(e, |s| s.shrink(chunks)).unwrap_or(0).min(chunks);
+            freed = freed.saturating_add(done.saturating_mul(size));
+        }
+        freed
+    })
+}
+
+/// The core's `Groups::wake`: rings the doorbell. No allocation, no lock.
+pub(crate) fn wake() {
+    if NOTIFIER.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    BELL.fetch_add(1, Ordering::SeqCst);
+    if SLEEPING.load(Ordering::SeqCst) {
+        platform::futex_wake(&BELL, 1);
+    }
+}
+
+/// The core's `Groups::reclaim`: direct reclaim before a charge at `at`'s limit fails or is
+/// forced. Waits at most `DIRECT_WAIT`; no allocation, no lock.
+pub(crate) fn direct(at: &Counter, bytes: usize) -> bool {
+    if SHRINKERS.load(Ordering::Relaxed) == 0
+        || NOTIFIER.load(Ordering::Acquire) != 2
+        || scope::is_reclaiming()
+    {
+        return false;
+    }
+    let done = DONE.load(Ordering::SeqCst);
+    at.want(bytes);
+    BELL.fetch_add(1, Ordering::SeqCst);
+    platform::futex_wake(&BELL, 1);
+    if STALLED.load(Ordering::Relaxed) == done.wrapping_add(1) {
+        return false;
+    }
+    let start = std::time::Instant::now();
+    while DONE.load(Ordering::SeqCst) == done {
+        let Some(left) = DIRECT_WAIT.checked_sub(start.elapsed()) else {
+            STALLED.store(done.wrapping_add(1), Ordering::Relaxed);
+            break;
+        };
+        platform::futex_wait(&DONE, done, Some(left));
+    }
+    true
+}
+
+fn start_notifier() {
+    if NOTIFIER
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return;
+    }
+    scope::as_root(|| {
+        // Levels raised before anyone listened are stale: drop them.
+        group::for_each_counter(|c| {
+            c.take_pending();
+        });
+        std::thread::Builder::new()
+            .name("memgroup-notifier".into())
+            .spawn(|| scope::reclaiming(notifier))
+            .expect("memgroup: cannot start the pressure notifier thread");
+    });
+    NOTIFIER.store(2, Ordering::Release);
+}
+
+fn notifier() {
+    loop {
+        let rung = BELL.load(Ordering::SeqCst);
+        group::for_each_counter(deliver);
+        SLEEPING.store(true, Ordering::SeqCst);
+        if BELL.load(Ordering::SeqCst) == rung {
+            platform::futex_wait(&BELL, rung, None);
+        }
+        SLEEPING.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Delivers what is pending on one counter: direct reclaim first (a charge is waiting), then
+/// the levels to the subscribers of the group and its ancestors, then background reclaim.
+fn deliver(c: &Counter) {
+    let levels = c.take_pending();
+    if levels == 0 {
+        return;
+    }
+    if levels & RECLAIM != 0 {
+        reclaim(c, c.take_wanted());
+        DONE.fetch_add(1, Ordering::SeqCst);
+        platform::futex_wake(&DONE, i32::MAX);
+    }
+    let subs: Vec<_> = registry()
+        .subs
+        .iter()
+        .filter(|s| c.is_under(&s.group.node().counter))
+        .cloned()
+        .collect();
+    for (bit, level) in [
+        (LOW, Level::Low),
+        (MEDIUM, Level::Medium),
+        (CRITICAL, Level::Critical),
+    ] {
+        if levels & bit != 0 {
+            for s in &subs {
+                call_slot(s, |f| f(level));
+            }
+        }
+    }
+    if levels & MEDIUM != 0 {
+        background(c);
+    }
+}
+
+/// Reclaims toward `high` after a group crossed it.
+fn background(c: &Counter) {
+    let stat = c.snapshot();
+    if stat.usage > stat.high && SHRINKERS.load(Ordering::Relaxed) != 0 {
+        group::flush_counter(c);
+        let usage = c.snapshot().usage;
+        reclaim(c, usage.saturating_sub(stat.high));
+    }
+}
+
+/// The kernel's `memory.high` throttling curve: a delay growing with the square of the
+/// overage (as a fraction of `high`), capped at 2 s.
+pub(crate) fn throttle_delay(usage: usize, high: Option<usize>) -> Duration {
+    let Some(high) = high.filter(|&h| usage > h && h > 0) else {
+        return Duration::ZERO;
+    };
+    let over = (usage - high) as f64 / high as f64;
+    Duration::from_secs_f64((over * over).min(2.0))
+}
