@@ -54,7 +54,7 @@ pub trait Shrinker: Send + Sync + 'static {
 /// unless dropped from inside that very call).
 #[must_use = "dropping the subscription unsubscribes"]
 pub struct Subscription {
-    sub: Arc<Slot<dyn Fn(Level) + Send + Sync>>,
+    sub: Arc<Slot<Callback>>,
 }
 
 /// A registered shrinker; dropping it unregisters (waiting for a call in progress, unless
@@ -71,8 +71,11 @@ struct Slot<T: ?Sized> {
     inner: Mutex<Option<Box<T>>>,
 }
 
+/// A pressure callback.
+type Callback = dyn Fn(Level) + Send + Sync;
+
 struct Registry {
-    subs: Vec<Arc<Slot<dyn Fn(Level) + Send + Sync>>>,
+    subs: Vec<Arc<Slot<Callback>>>,
     shrinkers: Vec<Arc<Slot<dyn Shrinker>>>,
 }
 
@@ -173,7 +176,7 @@ impl core::fmt::Debug for ShrinkerHandle {
 
 pub(crate) fn subscribe(group: &Group, f: Box<dyn Fn(Level) + Send + Sync>) -> Subscription {
     let sub = scope::as_root(|| {
-        let sub: Arc<Slot<dyn Fn(Level) + Send + Sync>> = Arc::new(Slot {
+        let sub: Arc<Slot<Callback>> = Arc::new(Slot {
             group: group.clone(),
             inner: Mutex::new(Some(f)),
         });
