@@ -16,7 +16,7 @@ use core::mem::size_of;
 use core::ptr::NonNull;
 
 use crate::core::counter::{Counter, UNLIMITED};
-use crate::core::stock::{CpuStock, Groups, Mode, Stocks, MAX_BATCH, MAX_ID};
+use crate::core::stock::{Groups, Mode, Stocks, MAX_BATCH, MAX_ID};
 use crate::platform;
 use crate::{Error, OnLimit, Stat};
 
@@ -32,10 +32,8 @@ const BOOKKEEPING: usize = size_of::<Node>();
 /// CPU slots in the stock array; CPU numbers are masked into it (a power of two).
 const MAX_CPUS: usize = 1024;
 
-static CPUS: [CpuStock; MAX_CPUS] = [const { CpuStock::new() }; MAX_CPUS];
-
 /// The stocks and the charge paths, over the group table.
-pub(crate) static STOCKS: Stocks<Table> = Stocks::new(&CPUS, 0, Table);
+pub(crate) static STOCKS: Stocks<Table, MAX_CPUS> = Stocks::new(0, Table);
 
 static POOL: AtomicPtr<Node> = AtomicPtr::new(core::ptr::null_mut());
 static INIT: AtomicU8 = AtomicU8::new(0);

@@ -7,29 +7,46 @@ use core::cell::Cell;
 /// The number of the CPU this thread is running on, or of a CPU-like slot it was given.
 ///
 /// Only a hint: the thread may migrate right after. With glibc's rseq registration this is one
-/// load from the thread's rseq area; without it (an old kernel, valgrind) each thread gets a
-/// fixed slot, handed out round-robin, which keeps charges correct and stocks shared by few
-/// threads.
+/// load from the thread's rseq area (whose address a thread local caches); without it (an old
+/// kernel, valgrind) each thread gets a fixed slot, handed out round-robin, which keeps charges
+/// correct and stocks shared by few threads.
 #[inline(always)]
 pub(crate) fn cpu() -> usize {
-    match rseq::cpu() {
-        Some(cpu) => cpu,
-        None => thread_slot(),
+    let source = CPU_SOURCE.with(Cell::get);
+    if !source.is_null() {
+        // SAFETY: a non-null source is this thread's rseq `cpu_id` field or its `SLOT` (see
+        // `cpu_slow`), both alive as long as the thread; the kernel writes the former, hence
+        // the volatile read.
+        let cpu = unsafe { core::ptr::read_volatile(source) } as i32;
+        if let Ok(cpu) = usize::try_from(cpu) {
+            return cpu;
+        }
     }
+    cpu_slow()
+}
+
+thread_local! {
+    /// Where this thread reads its CPU number: its rseq area's `cpu_id`, or its `SLOT`.
+    static CPU_SOURCE: Cell<*const u32> = const { Cell::new(core::ptr::null()) };
+    /// A fixed CPU-like slot for a thread without rseq.
+    static SLOT: Cell<u32> = const { Cell::new(0) };
 }
 
 #[cold]
-fn thread_slot() -> usize {
+fn cpu_slow() -> usize {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    thread_local! {
-        static SLOT: Cell<u32> = const { Cell::new(u32::MAX) };
-    }
-    SLOT.with(|slot| {
-        if slot.get() == u32::MAX {
+    let source = match rseq::cpu_id() {
+        // Registration may still be pending (cpu_id < 0): read the slot this time.
+        Some(field) => field,
+        None => SLOT.with(|slot| {
             slot.set(NEXT.fetch_add(1, Ordering::Relaxed) % 64);
-        }
-        slot.get() as usize
-    })
+            slot.as_ptr() as *const u32
+        }),
+    };
+    CPU_SOURCE.with(|s| s.set(source));
+    // SAFETY: as in `cpu`.
+    let cpu = unsafe { core::ptr::read_volatile(source) } as i32;
+    usize::try_from(cpu).unwrap_or_else(|_| SLOT.with(Cell::get) as usize)
 }
 
 #[cfg(all(
@@ -45,8 +62,8 @@ mod rseq {
         static __rseq_size: u32;
     }
 
-    #[inline(always)]
-    pub(super) fn cpu() -> Option<usize> {
+    /// The address of this thread's rseq `cpu_id`, if glibc registered an area.
+    pub(super) fn cpu_id() -> Option<*const u32> {
         // SAFETY: both are plain data exported by glibc, written once before `main` (and before
         // any constructor that could allocate) and read-only afterwards.
         let (offset, size) = unsafe { (__rseq_offset, __rseq_size) };
@@ -54,13 +71,8 @@ mod rseq {
             return None;
         }
         // SAFETY: with a registered area, thread pointer + `__rseq_offset` is this thread's
-        // `struct rseq`, whose second u32 is `cpu_id`, kept current by the kernel. It is read
-        // volatile because the kernel writes it behind the compiler's back.
-        let cpu = unsafe {
-            let area = thread_pointer().offset(offset);
-            core::ptr::read_volatile(area.add(4) as *const u32) as i32
-        };
-        usize::try_from(cpu).ok()
+        // `struct rseq`, whose second u32 is `cpu_id`.
+        Some(unsafe { thread_pointer().offset(offset).add(4) as *const u32 })
     }
 
     #[inline(always)]
@@ -84,8 +96,7 @@ mod rseq {
     any(target_arch = "x86_64", target_arch = "aarch64")
 )))]
 mod rseq {
-    #[inline(always)]
-    pub(super) fn cpu() -> Option<usize> {
+    pub(super) fn cpu_id() -> Option<*const u32> {
         None
     }
 }

@@ -40,26 +40,22 @@ thread_local! {
     };
 }
 
-/// The key to charge a new allocation to, and how to treat a limit.
+/// The key to charge a new allocation to.
 #[inline(always)]
-pub(crate) fn target() -> (Key, Mode) {
-    LOCAL.with(|l| {
-        let ctx = l.ctx.get();
-        let mode = if ctx & FALLIBLE != 0 {
-            Mode::Fallible
-        } else if ctx & NOFAIL != 0 {
-            Mode::NoFail
-        } else {
-            Mode::Policy
-        };
-        (l.key.get() | (ctx & KERNEL) as Key, mode)
-    })
+pub(crate) fn current_key() -> Key {
+    LOCAL.with(|l| l.key.get() | (l.ctx.get() & KERNEL) as Key)
 }
 
 /// The limit mode of this thread's current scope.
-#[inline(always)]
 pub(crate) fn mode() -> Mode {
-    target().1
+    let ctx = LOCAL.with(|l| l.ctx.get());
+    if ctx & FALLIBLE != 0 {
+        Mode::Fallible
+    } else if ctx & NOFAIL != 0 {
+        Mode::NoFail
+    } else {
+        Mode::Policy
+    }
 }
 
 /// While alive, this thread charges the group it was made from. Returned by

@@ -10,7 +10,7 @@
 use core::alloc::{GlobalAlloc, Layout};
 use std::alloc::System;
 
-use crate::core::stock::{key_id, Key};
+use crate::core::stock::Key;
 use crate::group::STOCKS;
 use crate::{platform, scope};
 
@@ -18,7 +18,7 @@ use crate::{platform, scope};
 pub const TAG_SIZE: usize = 8;
 
 /// Guards the tag against stray writes and foreign pointers: its upper half repeats the key.
-const CHECK: u64 = 0x9e37_79b9;
+const CHECK: u32 = 0x9e37_79b9;
 
 /// The tag design: a [`GlobalAlloc`] that charges every block to the current group and stores
 /// the owner with the block.
@@ -61,54 +61,34 @@ const MAX_BLOCK: usize = 1 << 48;
 
 #[inline(always)]
 fn place(layout: Layout) -> Option<Placement> {
-    if layout.size() > MAX_BLOCK {
+    if layout.size() > MAX_BLOCK || layout.align() > MAX_BLOCK {
         return None;
     }
-    let size = layout.size() + TAG_SIZE;
-    if layout.align() <= TAG_SIZE {
-        let inner = Layout::from_size_align(size, TAG_SIZE).ok()?;
-        Some(Placement {
-            inner,
-            block: TAG_SIZE,
-            tag: 0,
-        })
-    } else {
-        let inner = Layout::from_size_align(size, layout.align()).ok()?;
-        Some(Placement {
-            inner,
-            block: 0,
-            tag: layout.size(),
-        })
-    }
+    // SAFETY: just checked.
+    Some(unsafe { placed(layout) })
 }
 
-/// `place` for a layout that a live block was allocated with, which `place` accepted then.
+/// `place` for a layout that `place` accepts (or accepted when the block was allocated).
 ///
 /// # Safety
-/// `place(layout)` is `Some`.
+/// `layout.size()` and `layout.align()` are at most `MAX_BLOCK`.
 #[inline(always)]
 unsafe fn placed(layout: Layout) -> Placement {
     let size = layout.size() + TAG_SIZE;
-    if layout.align() <= TAG_SIZE {
-        Placement {
-            // SAFETY: the caller guarantees `place` accepted this size and alignment.
-            inner: unsafe { Layout::from_size_align_unchecked(size, TAG_SIZE) },
-            block: TAG_SIZE,
-            tag: 0,
-        }
-    } else {
-        Placement {
-            // SAFETY: as above.
-            inner: unsafe { Layout::from_size_align_unchecked(size, layout.align()) },
-            block: 0,
-            tag: layout.size(),
-        }
+    let header = layout.align() <= TAG_SIZE;
+    // SAFETY: both are powers of two, and size + TAG_SIZE rounded up to an alignment of at
+    // most MAX_BLOCK is at most 2 * MAX_BLOCK + TAG_SIZE, far below isize::MAX.
+    let inner = unsafe { Layout::from_size_align_unchecked(size, layout.align().max(TAG_SIZE)) };
+    Placement {
+        inner,
+        block: if header { TAG_SIZE } else { 0 },
+        tag: if header { 0 } else { layout.size() },
     }
 }
 
 #[inline(always)]
 fn tag_word(key: Key) -> u64 {
-    key as u64 | (key as u64 ^ CHECK) << 32
+    key as u64 | ((key ^ CHECK) as u64) << 32
 }
 
 /// Writes the tag of a fresh inner block and returns the block.
@@ -153,11 +133,11 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let Some(at) = place(layout) else {
             return core::ptr::null_mut();
         };
-        let (key, _) = scope::target();
+        let key = scope::current_key();
         let bytes = at.inner.size();
         if !STOCKS.charge(platform::cpu(), key, bytes, 1) {
             // SAFETY: forwarded caller contract.
-            return unsafe { self.alloc_slow(at, key, zeroed) };
+            return unsafe { self.alloc_slow(layout, key, zeroed) };
         }
         // SAFETY: `at` came from `place`.
         unsafe { self.alloc_charged(at, key, zeroed) }
@@ -168,10 +148,12 @@ impl<A: GlobalAlloc> TagAlloc<A> {
     /// request it cannot meet leaves every counter as it was.
     ///
     /// # Safety
-    /// `at` came from `place`.
+    /// `place(layout)` is `Some`.
     #[cold]
     #[inline(never)]
-    unsafe fn alloc_slow(&self, at: Placement, key: Key, zeroed: bool) -> *mut u8 {
+    unsafe fn alloc_slow(&self, layout: Layout, key: Key, zeroed: bool) -> *mut u8 {
+        // SAFETY: forwarded.
+        let at = unsafe { placed(layout) };
         let (cpu, bytes, mode) = (platform::cpu(), at.inner.size(), scope::mode());
         if bytes <= STOCKS.batch() {
             return match STOCKS.charge_slow(cpu, key, bytes, 1, mode) {
@@ -238,7 +220,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
             (base, base.add(at.tag).cast::<u64>().read_unaligned())
         };
         let key = tag as Key;
-        if tag != tag_word(key) || key_id(key) == 0 {
+        if (tag >> 32) as u32 != key ^ CHECK {
             platform::corrupted(b"a block's owner tag is damaged (heap corruption, or a pointer this allocator did not return)");
         }
         (base, key)
@@ -251,19 +233,19 @@ impl<A: GlobalAlloc> TagAlloc<A> {
 // with `layout.size()` usable bytes before or after the tag. Nothing here panics or unwinds:
 // failures return null.
 unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
-    #[inline]
+    #[inline(always)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded caller contract.
         unsafe { self.alloc_tagged(layout, false) }
     }
 
-    #[inline]
+    #[inline(always)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded caller contract.
         unsafe { self.alloc_tagged(layout, true) }
     }
 
-    #[inline]
+    #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed.
         let (base, key, at) = unsafe {

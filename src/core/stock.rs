@@ -138,8 +138,8 @@ impl CpuStock {
 }
 
 /// The stocks of all CPUs, and the charge and uncharge paths through them.
-pub(crate) struct Stocks<G: Groups> {
-    cpus: &'static [CpuStock],
+pub(crate) struct Stocks<G: Groups, const N: usize> {
+    cpus: [CpuStock; N],
     /// One more than the highest CPU index that ever held a slot: drains look no further.
     span: AtomicUsize,
     batch: AtomicUsize,
@@ -147,12 +147,13 @@ pub(crate) struct Stocks<G: Groups> {
     groups: G,
 }
 
-impl<G: Groups> Stocks<G> {
-    /// `cpus.len()` must be a power of two: CPU numbers are masked into it.
-    pub(crate) const fn new(cpus: &'static [CpuStock], batch: usize, groups: G) -> Self {
-        assert!(cpus.len().is_power_of_two());
+impl<G: Groups, const N: usize> Stocks<G, N> {
+    /// `N` must be a power of two: CPU numbers are masked into it.
+    #[cfg(not(memgroup_loom))]
+    pub(crate) const fn new(batch: usize, groups: G) -> Self {
+        assert!(N.is_power_of_two());
         Stocks {
-            cpus,
+            cpus: [const { CpuStock::new() }; N],
             span: AtomicUsize::new(0),
             batch: AtomicUsize::new(batch),
             drainers: AtomicUsize::new(0),
@@ -161,10 +162,10 @@ impl<G: Groups> Stocks<G> {
     }
 
     #[cfg(memgroup_loom)]
-    pub(crate) fn new_loom(cpus: &'static [CpuStock], batch: usize, groups: G) -> Self {
-        assert!(cpus.len().is_power_of_two());
+    pub(crate) fn new_loom(batch: usize, groups: G) -> Self {
+        assert!(N.is_power_of_two());
         Stocks {
-            cpus,
+            cpus: core::array::from_fn(|_| CpuStock::new()),
             span: AtomicUsize::new(0),
             batch: AtomicUsize::new(batch),
             drainers: AtomicUsize::new(0),
@@ -184,7 +185,7 @@ impl<G: Groups> Stocks<G> {
 
     #[inline(always)]
     fn stock(&self, cpu: usize) -> &CpuStock {
-        &self.cpus[cpu & (self.cpus.len() - 1)]
+        &self.cpus[cpu & (N - 1)]
     }
 
     /// The fast path of a charge: takes `bytes` from this CPU's slot for `key` and counts
@@ -192,20 +193,10 @@ impl<G: Groups> Stocks<G> {
     /// `charge_slow`.
     #[inline(always)]
     pub(crate) fn charge(&self, cpu: usize, key: Key, bytes: usize, objects: u64) -> bool {
-        for slot in &self.stock(cpu).slots {
-            let mut w = slot.load(Ordering::Relaxed);
-            while word_key(w) == key {
-                if word_bytes(w) < bytes as u64 || word_allocs(w) + objects > COUNT_MAX {
-                    return false;
-                }
-                let new = w - bytes as u64 + (objects << ALLOCS_SHIFT);
-                match slot.compare_exchange_weak(w, new, Ordering::Relaxed, Ordering::Relaxed) {
-                    Ok(_) => return true,
-                    Err(now) => w = now,
-                }
-            }
-        }
-        false
+        self.update(cpu, key, |w| {
+            (word_bytes(w) >= bytes as u64 && word_allocs(w) + objects <= COUNT_MAX)
+                .then(|| w - bytes as u64 + (objects << ALLOCS_SHIFT))
+        })
     }
 
     /// The fast path of an uncharge: gives `bytes` back to this CPU's slot for `key` and
@@ -214,13 +205,22 @@ impl<G: Groups> Stocks<G> {
     #[inline(always)]
     pub(crate) fn uncharge(&self, cpu: usize, key: Key, bytes: usize, objects: u64) -> bool {
         let batch = self.batch() as u64;
+        self.update(cpu, key, |w| {
+            (word_bytes(w) + bytes as u64 <= batch && word_frees(w) + objects <= COUNT_MAX)
+                .then(|| w + bytes as u64 + (objects << FREES_SHIFT))
+        })
+    }
+
+    /// Replaces the word of this CPU's slot for `key` by `step(word)`. False if no slot has
+    /// the key or `step` refuses.
+    #[inline(always)]
+    fn update(&self, cpu: usize, key: Key, step: impl Fn(u64) -> Option<u64>) -> bool {
         for slot in &self.stock(cpu).slots {
             let mut w = slot.load(Ordering::Relaxed);
             while word_key(w) == key {
-                if word_bytes(w) + bytes as u64 > batch || word_frees(w) + objects > COUNT_MAX {
+                let Some(new) = step(w) else {
                     return false;
-                }
-                let new = w + bytes as u64 + (objects << FREES_SHIFT);
+                };
                 match slot.compare_exchange_weak(w, new, Ordering::Relaxed, Ordering::Relaxed) {
                     Ok(_) => return true,
                     Err(now) => w = now,
@@ -365,7 +365,7 @@ impl<G: Groups> Stocks<G> {
     /// counters and the pending counts are added to them.
     pub(crate) fn drain(&self, pred: impl Fn(&Counter) -> bool) {
         self.drainers.fetch_add(1, Ordering::SeqCst);
-        let span = self.span.load(Ordering::SeqCst).min(self.cpus.len());
+        let span = self.span.load(Ordering::SeqCst).min(N);
         for stock in &self.cpus[..span] {
             for slot in &stock.slots {
                 let mut w = slot.load(Ordering::SeqCst);
@@ -391,7 +391,7 @@ impl<G: Groups> Stocks<G> {
     /// freed.
     pub(crate) fn purge(&self, id: u32) {
         self.drainers.fetch_add(1, Ordering::SeqCst);
-        let span = self.span.load(Ordering::SeqCst).min(self.cpus.len());
+        let span = self.span.load(Ordering::SeqCst).min(N);
         for stock in &self.cpus[..span] {
             for slot in &stock.slots {
                 let mut w = slot.load(Ordering::SeqCst);
@@ -418,21 +418,12 @@ impl<G: Groups> Stocks<G> {
     /// Takes the content of this CPU's slot for `key`, leaving the slot claimed but empty.
     /// Returns a word with no content if there is no such slot.
     fn take(&self, cpu: usize, key: Key) -> u64 {
-        for slot in &self.stock(cpu).slots {
-            let mut w = slot.load(Ordering::Relaxed);
-            while word_key(w) == key {
-                match slot.compare_exchange_weak(
-                    w,
-                    word(key, 0, 0, 0),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => return w,
-                    Err(now) => w = now,
-                }
-            }
-        }
-        0
+        let held = core::cell::Cell::new(0);
+        self.update(cpu, key, |w| {
+            held.set(w);
+            Some(word(key, 0, 0, 0))
+        });
+        held.get()
     }
 
     /// Adds bytes and counts to this CPU's slot for `key`. What does not fit (a slot over
@@ -479,7 +470,7 @@ impl<G: Groups> Stocks<G> {
     #[cold]
     fn claim(&self, cpu: usize, stock: &CpuStock, new: u64) {
         self.span
-            .fetch_max((cpu & (self.cpus.len() - 1)) + 1, Ordering::SeqCst);
+            .fetch_max((cpu & (N - 1)) + 1, Ordering::SeqCst);
         loop {
             let empty = stock
                 .slots

@@ -1,0 +1,758 @@
+//! alloc+free churn of small mixed sizes: the raw inner allocator, a single global atomic
+//! counter with a limit (the `cap` crate's approach) and memgroup's `TagAlloc`, in one run,
+//! reported as ratios to the raw allocator. Target: `tag` costs at most 1.5x `system` per
+//! alloc+free pair (median), later 1.1x.
+//!
+//! The binary's own `#[global_allocator]` stays `System`. Every allocator under test is a value
+//! implementing `GlobalAlloc`, and one generic workload, [`churn`], calls its `alloc`/`dealloc`
+//! directly, so every row runs exactly the same code. The harness (rings, hand-off queues,
+//! tables) allocates through the global `System` before timing starts, never through the
+//! allocator under test.
+//!
+//! Workload: a ring of `CHURN_SLOTS` live blocks; each step frees the oldest block and allocates
+//! a new one (8..=512 bytes skewed small, alignment 8 or 16, from a fixed xorshift stream), and
+//! writes its first word. Threads run inside a memgroup group, so `TagAlloc` charges a real
+//! tenant (for the other rows the scope is irrelevant but identical). 2 threads: each churns
+//! its own group; 1 block in `CHURN_REMOTE` is sent, when its turn to be freed comes, to the
+//! other thread through a preallocated SPSC ring and freed there.
+//!
+//! Reported per row: ns per alloc+free pair per thread (median and min of `CHURN_RUNS` runs,
+//! interleaved across allocators so machine noise hits them equally), and the ratio to the raw
+//! inner allocator measured in the same run. After every run, memgroup groups are flushed and
+//! checked: usage back to 0, and exactly the expected number of allocs and frees charged.
+//!
+//! Commands:
+//!
+//! ```text
+//! cargo bench --bench churn                      # full table (15-30 s on 2 cores)
+//! CHURN_QUICK=1 cargo bench --bench churn        # smoke check: 1 short repetition
+//! cargo test --benches                           # the same smoke check (no `--bench` argument)
+//!
+//! # Instructions per alloc+free pair (1 thread, one allocator, one run of a fixed op count).
+//! # `--toggle-collect` counts only the steady-state loop (`churn`, never inlined), so
+//! # Ir per pair = "Collected" / CHURN_OPS.
+//! BIN=$(cargo bench --bench churn --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p')
+//! for a in system cap tag; do
+//!   CHURN_ONLY=$a CHURN_THREADS=1 CHURN_OPS=200000 valgrind --tool=callgrind \
+//!     --toggle-collect='churn::churn*' --callgrind-out-file=callgrind.churn.$a "$BIN" --bench
+//! done
+//! callgrind_annotate --inclusive=yes callgrind.churn.tag | head -60   # where tag's Ir go
+//! ```
+//!
+//! Under valgrind glibc registers no rseq area, so memgroup's CPU lookup takes its fallback:
+//! `tag` then counts about 17 Ir per pair more than it executes natively.
+//!
+//! Environment (all optional):
+//! `CHURN_QUICK=1` one short repetition (smoke check; also the default without `--bench`);
+//! `CHURN_RUNS=K` timed runs per row (default 9); `CHURN_MS=ms` target length of one raw run
+//! (default 150; the op count is calibrated once on `system` and then fixed for every row);
+//! `CHURN_OPS=n` fixed steps per thread per run, no calibration and no warm-up, 1 run unless
+//! `CHURN_RUNS` is set (the callgrind mode); `CHURN_ONLY=a,b` rows to run, among `system`,
+//! `cap`, `tag`, `mimalloc`, `cap-mimalloc`, `tag-mimalloc`; `CHURN_THREADS=1|2` one scenario
+//! only; `CHURN_SLOTS=n` live blocks per thread (power of two, default 1024);
+//! `CHURN_REMOTE=r` 1 block in r freed by the other thread (default 8, 0 = none).
+
+use std::alloc::{handle_alloc_error, GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU16, AtomicUsize, Ordering};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use memgroup::{Group, TagAlloc};
+use mimalloc::MiMalloc;
+
+#[global_allocator]
+static GLOBAL: System = System;
+
+/// A single global counter with a limit, as the `cap` crate does it: charge with one
+/// `fetch_add`, undo on failure, uncharge with one `fetch_sub`.
+struct Cap<A> {
+    inner: A,
+    allocated: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+impl<A> Cap<A> {
+    const fn new(inner: A, limit: usize) -> Self {
+        Cap {
+            inner,
+            allocated: AtomicUsize::new(0),
+            limit: AtomicUsize::new(limit),
+        }
+    }
+}
+
+// SAFETY: forwards every call to `inner` with the caller's layout unchanged; only counts.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for Cap<A> {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let size = layout.size();
+        let fits = self.allocated.fetch_add(size, Ordering::Relaxed) + size
+            <= self.limit.load(Ordering::Relaxed);
+        let ptr = if fits {
+            // SAFETY: the caller's contract for `alloc` is passed on unchanged.
+            unsafe { self.inner.alloc(layout) }
+        } else {
+            null_mut()
+        };
+        if ptr.is_null() {
+            self.allocated.fetch_sub(size, Ordering::Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `self.inner.alloc(layout)` (the caller's contract).
+        unsafe { self.inner.dealloc(ptr, layout) };
+        self.allocated.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+const CAP_LIMIT: usize = 1 << 40;
+static SYSTEM: System = System;
+static CAP_SYSTEM: Cap<System> = Cap::new(System, CAP_LIMIT);
+static TAG_SYSTEM: TagAlloc = TagAlloc::system();
+static MIMALLOC: MiMalloc = MiMalloc;
+static CAP_MIMALLOC: Cap<MiMalloc> = Cap::new(MiMalloc, CAP_LIMIT);
+static TAG_MIMALLOC: TagAlloc<MiMalloc> = TagAlloc::new(MiMalloc);
+
+// ---- the workload ------------------------------------------------------------------------
+
+/// One step's request, packed: bits 0..=9 size (8..=512), bit 10 align 16 (else 8), bit 11
+/// "freed by the other thread" (2-thread scenario only).
+type Req = u16;
+const ALIGN16: Req = 1 << 10;
+const REMOTE: Req = 1 << 11;
+const TABLE_LEN: usize = 1 << 13; // 16 KiB of u16: stays in L1/L2, costs one load per step
+type Table = [Req; TABLE_LEN];
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// The request stream of one thread: half the blocks 8..=32 bytes, a quarter 33..=128, an
+/// eighth 129..=256, an eighth 257..=512 (mean about 100 bytes); a quarter aligned to 16.
+fn make_table(seed: u64, remote_one_in: u64) -> Box<Table> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut t = Box::new([0; TABLE_LEN]);
+    for r in t.iter_mut() {
+        let v = xorshift(&mut x);
+        let u = v >> 8;
+        let size = match v & 7 {
+            0..=3 => 8 + u % 25,
+            4 | 5 => 33 + u % 96,
+            6 => 129 + u % 128,
+            _ => 257 + u % 256,
+        };
+        let mut req = size as Req;
+        if (v >> 40) & 3 == 0 {
+            req |= ALIGN16;
+        }
+        if remote_one_in != 0 && (v >> 44) % remote_one_in == 0 {
+            req |= REMOTE;
+        }
+        *r = req;
+    }
+    t
+}
+
+#[inline(always)]
+fn layout(req: Req) -> Layout {
+    let size = (req & 0x3ff) as usize;
+    let align = 8usize << ((req & ALIGN16) >> 10);
+    debug_assert!((8..=512).contains(&size));
+    // SAFETY: align is 8 or 16 (a power of two) and size <= 512 cannot overflow isize.
+    unsafe { Layout::from_size_align_unchecked(size, align) }
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    ptr: *mut u8,
+    req: Req,
+}
+
+const EMPTY: Slot = Slot {
+    ptr: null_mut(),
+    req: 0,
+};
+
+#[inline(always)]
+fn alloc_one<A: GlobalAlloc>(a: &A, req: Req, step: usize) -> Slot {
+    let layout = layout(req);
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { a.alloc(layout) };
+    if ptr.is_null() {
+        handle_alloc_error(layout);
+    }
+    // Touch the block as a program would; size >= 8 and align >= 8.
+    // SAFETY: `ptr` is valid for `layout.size() >= 8` bytes and aligned to at least 8.
+    unsafe { ptr.cast::<u64>().write(step as u64) };
+    Slot { ptr, req }
+}
+
+#[inline(always)]
+fn free_one<A: GlobalAlloc>(a: &A, s: Slot) {
+    // SAFETY: `s.ptr` was returned by `a.alloc(layout(s.req))` and is freed exactly once.
+    unsafe { a.dealloc(s.ptr, layout(s.req)) }
+}
+
+/// Allocates the ring's first blocks (steps `0..ring.len()`).
+#[inline(never)]
+fn fill<A: GlobalAlloc>(a: &A, ring: &mut [Slot], table: &Table) {
+    for (step, s) in ring.iter_mut().enumerate() {
+        *s = alloc_one(a, table[step % TABLE_LEN], step);
+    }
+}
+
+/// Frees every block left in the ring.
+#[inline(never)]
+fn drain<A: GlobalAlloc>(a: &A, ring: &mut [Slot]) {
+    for s in ring.iter_mut() {
+        free_one(a, *s);
+        *s = EMPTY;
+    }
+}
+
+/// The measured loop: `ops` steps, each freeing the oldest block of the ring and allocating a
+/// new one. With `CROSS`, blocks marked `REMOTE` go to the other thread instead of being freed
+/// here, and every 16 steps the blocks the other thread sent are freed here.
+/// Never inlined, so callgrind's `--toggle-collect='churn::churn*'` counts exactly this loop.
+#[inline(never)]
+fn churn<A: GlobalAlloc, const CROSS: bool>(
+    a: &A,
+    ring: &mut [Slot],
+    table: &Table,
+    ops: usize,
+    mut link: Option<&mut Link<'_>>,
+) {
+    let n = ring.len();
+    assert!(n.is_power_of_two());
+    let mask = n - 1;
+    for step in n..n + ops {
+        let slot = &mut ring[step & mask];
+        let old = *slot;
+        match link.as_deref_mut() {
+            Some(l) if CROSS => {
+                if old.req & REMOTE == 0 {
+                    free_one(a, old);
+                } else {
+                    l.send(old, |s| free_one(a, s));
+                }
+                if step % 16 == 0 {
+                    l.receive(|s| free_one(a, s));
+                }
+            }
+            _ => free_one(a, old),
+        }
+        *slot = alloc_one(a, table[step % TABLE_LEN], step);
+    }
+    black_box(ring);
+}
+
+// ---- the cross-thread hand-off -----------------------------------------------------------
+
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// A bounded single-producer single-consumer queue of blocks, allocated (through the global
+/// `System`) before timing. Slot contents are relaxed atomics published by the Release store
+/// of `tail` and read after the Acquire load of it.
+struct Spsc {
+    slots: Box<[(AtomicPtr<u8>, AtomicU16)]>,
+    head: Padded<AtomicUsize>,
+    tail: Padded<AtomicUsize>,
+}
+
+const SPSC_CAP: usize = 1 << 16;
+
+impl Spsc {
+    fn new() -> Self {
+        Spsc {
+            slots: (0..SPSC_CAP)
+                .map(|_| (AtomicPtr::new(null_mut()), AtomicU16::new(0)))
+                .collect(),
+            head: Padded(AtomicUsize::new(0)),
+            tail: Padded(AtomicUsize::new(0)),
+        }
+    }
+}
+
+/// One thread's ends: the queue to the peer and the queue from it.
+struct Link<'q> {
+    out: &'q Spsc,
+    tail: usize,
+    head_seen: usize,
+    inbox: &'q Spsc,
+    head: usize,
+    sent: usize,
+    waits: usize,
+}
+
+impl<'q> Link<'q> {
+    fn new(out: &'q Spsc, inbox: &'q Spsc) -> Self {
+        Link {
+            out,
+            tail: out.tail.0.load(Ordering::Relaxed),
+            head_seen: out.head.0.load(Ordering::Relaxed),
+            inbox,
+            head: inbox.head.0.load(Ordering::Relaxed),
+            sent: 0,
+            waits: 0,
+        }
+    }
+
+    /// Queues `s` for the peer. When the queue is full (the peer was descheduled), waits for
+    /// room while freeing what the peer sent (so two full queues cannot deadlock): every row
+    /// then frees exactly the same blocks remotely.
+    #[inline(always)]
+    fn send(&mut self, s: Slot, mut free: impl FnMut(Slot)) {
+        while self.tail.wrapping_sub(self.head_seen) == SPSC_CAP {
+            self.head_seen = self.out.head.0.load(Ordering::Acquire);
+            if self.tail.wrapping_sub(self.head_seen) == SPSC_CAP {
+                self.waits += 1;
+                self.receive(&mut free);
+                std::thread::yield_now();
+            }
+        }
+        let cell = &self.out.slots[self.tail % SPSC_CAP];
+        cell.0.store(s.ptr, Ordering::Relaxed);
+        cell.1.store(s.req, Ordering::Relaxed);
+        self.tail = self.tail.wrapping_add(1);
+        self.out.tail.0.store(self.tail, Ordering::Release);
+        self.sent += 1;
+    }
+
+    /// Hands every block the peer has sent so far to `free`.
+    #[inline(always)]
+    fn receive(&mut self, mut free: impl FnMut(Slot)) {
+        let tail = self.inbox.tail.0.load(Ordering::Acquire);
+        if tail == self.head {
+            return;
+        }
+        while self.head != tail {
+            let cell = &self.inbox.slots[self.head % SPSC_CAP];
+            free(Slot {
+                ptr: cell.0.load(Ordering::Relaxed),
+                req: cell.1.load(Ordering::Relaxed),
+            });
+            self.head = self.head.wrapping_add(1);
+        }
+        self.inbox.head.0.store(self.head, Ordering::Release);
+    }
+}
+
+// ---- runs --------------------------------------------------------------------------------
+
+struct Params {
+    ops: usize,
+    slots: usize,
+    tables: [Box<Table>; 2],
+    /// `bench-1t`, then the two groups of the 2-thread scenario.
+    groups: [Group; 3],
+}
+
+#[derive(Default, Clone, Copy)]
+struct RunOut {
+    elapsed: Duration,
+    sent: usize,
+    waits: usize,
+}
+
+fn run_one<A: GlobalAlloc + Sync>(a: &A, p: &Params) -> RunOut {
+    let _scope = p.groups[0].enter();
+    let mut ring = vec![EMPTY; p.slots];
+    fill(a, &mut ring, &p.tables[0]);
+    let t0 = Instant::now();
+    churn::<A, false>(a, &mut ring, &p.tables[0], p.ops, None);
+    let elapsed = t0.elapsed();
+    drain(a, &mut ring);
+    RunOut {
+        elapsed,
+        ..RunOut::default()
+    }
+}
+
+fn run_two<A: GlobalAlloc + Sync>(a: &A, p: &Params) -> RunOut {
+    let queues = [Spsc::new(), Spsc::new()]; // queues[i]: from thread i to thread 1 - i
+    let done = [AtomicBool::new(false), AtomicBool::new(false)];
+    let start = Barrier::new(3);
+    let end = Barrier::new(3);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|i| {
+                let (queues, done, start, end) = (&queues, &done, &start, &end);
+                s.spawn(move || {
+                    let _scope = p.groups[1 + i].enter();
+                    let table = &p.tables[i];
+                    let mut ring = vec![EMPTY; p.slots];
+                    let mut link = Link::new(&queues[i], &queues[1 - i]);
+                    fill(a, &mut ring, table);
+                    start.wait();
+                    let t0 = Instant::now();
+                    churn::<A, true>(a, &mut ring, table, p.ops, Some(&mut link));
+                    // Free what the peer still sends until it is done too; part of the timing.
+                    done[i].store(true, Ordering::Release);
+                    loop {
+                        let peer_done = done[1 - i].load(Ordering::Acquire);
+                        link.receive(|s| free_one(a, s));
+                        if peer_done {
+                            break;
+                        }
+                        std::thread::yield_now();
+                    }
+                    let t1 = Instant::now();
+                    end.wait();
+                    drain(a, &mut ring);
+                    (t0, t1, link.sent, link.waits)
+                })
+            })
+            .collect();
+        start.wait();
+        end.wait();
+        // Timed in the workers: from the first one leaving the start barrier to the last one
+        // done, so barrier wake-up latency of this thread is not counted.
+        let mut out = RunOut::default();
+        let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+        for w in workers {
+            let (t0, t1, sent, waits) = w.join().expect("churn thread panicked");
+            first = Some(first.map_or(t0, |f| f.min(t0)));
+            last = Some(last.map_or(t1, |l| l.max(t1)));
+            out.sent += sent;
+            out.waits += waits;
+        }
+        if let (Some(first), Some(last)) = (first, last) {
+            out.elapsed = last - first;
+        }
+        out
+    })
+}
+
+// ---- rows and checks ---------------------------------------------------------------------
+
+enum Kind {
+    Raw,
+    Cap(&'static AtomicUsize),
+    Tag,
+}
+
+struct Row {
+    key: &'static str,
+    base: &'static str,
+    kind: Kind,
+    run: fn(&Params, usize) -> RunOut,
+}
+
+fn run_with<A: GlobalAlloc + Sync>(a: &A, p: &Params, threads: usize) -> RunOut {
+    if threads == 1 {
+        run_one(a, p)
+    } else {
+        run_two(a, p)
+    }
+}
+
+fn all_rows() -> Vec<Row> {
+    vec![
+        Row {
+            key: "system",
+            base: "system",
+            kind: Kind::Raw,
+            run: |p, t| run_with(&SYSTEM, p, t),
+        },
+        Row {
+            key: "cap",
+            base: "system",
+            kind: Kind::Cap(&CAP_SYSTEM.allocated),
+            run: |p, t| run_with(&CAP_SYSTEM, p, t),
+        },
+        Row {
+            key: "tag",
+            base: "system",
+            kind: Kind::Tag,
+            run: |p, t| run_with(&TAG_SYSTEM, p, t),
+        },
+        Row {
+            key: "mimalloc",
+            base: "mimalloc",
+            kind: Kind::Raw,
+            run: |p, t| run_with(&MIMALLOC, p, t),
+        },
+        Row {
+            key: "cap-mimalloc",
+            base: "mimalloc",
+            kind: Kind::Cap(&CAP_MIMALLOC.allocated),
+            run: |p, t| run_with(&CAP_MIMALLOC, p, t),
+        },
+        Row {
+            key: "tag-mimalloc",
+            base: "mimalloc",
+            kind: Kind::Tag,
+            run: |p, t| run_with(&TAG_MIMALLOC, p, t),
+        },
+    ]
+}
+
+fn groups_of(p: &Params, threads: usize) -> &[Group] {
+    if threads == 1 {
+        &p.groups[..1]
+    } else {
+        &p.groups[1..]
+    }
+}
+
+/// (allocs, frees) of each group of the scenario, exact (after `flush`).
+fn counts(p: &Params, threads: usize) -> Vec<(u64, u64)> {
+    groups_of(p, threads)
+        .iter()
+        .map(|g| {
+            g.flush();
+            let s = g.stat();
+            (s.allocs, s.frees)
+        })
+        .collect()
+}
+
+/// Fails loudly if an allocator under test lost or invented a charge during the run, so the
+/// benchmark never silently measures a broken allocator.
+fn check(row: &Row, p: &Params, threads: usize, before: &[(u64, u64)]) {
+    let expected = match row.kind {
+        Kind::Tag => (p.slots + p.ops) as u64,
+        Kind::Raw | Kind::Cap(_) => 0,
+    };
+    for (g, &(allocs0, frees0)) in groups_of(p, threads).iter().zip(before) {
+        g.flush();
+        let s = g.stat();
+        assert_eq!(
+            s.usage,
+            0,
+            "{}: group {} usage is {} after all its blocks were freed",
+            row.key,
+            g.name(),
+            s.usage
+        );
+        assert_eq!(
+            (s.allocs - allocs0, s.frees - frees0),
+            (expected, expected),
+            "{}: group {} charged (allocs, frees) != expected",
+            row.key,
+            g.name()
+        );
+    }
+    if let Kind::Cap(counter) = row.kind {
+        assert_eq!(counter.load(Ordering::Relaxed), 0, "{}: counter", row.key);
+    }
+}
+
+fn run_checked(row: &Row, p: &Params, threads: usize) -> RunOut {
+    let before = counts(p, threads);
+    let out = (row.run)(p, threads);
+    check(row, p, threads, &before);
+    out
+}
+
+// ---- configuration and report ------------------------------------------------------------
+
+fn env_usize(name: &str) -> Option<usize> {
+    let v = std::env::var(name).ok()?;
+    Some(
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v}: not a number")),
+    )
+}
+
+struct Line {
+    threads: usize,
+    key: &'static str,
+    base: &'static str,
+    ns: Vec<f64>,
+    sent: usize,
+    waits: usize,
+    frees: usize,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+/// The 1-minute load average (Linux), to tell a quiet run from a disturbed one.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".to_string())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let load_before = load_average();
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not: then a smoke check.
+    let under_cargo_bench = std::env::args().any(|a| a == "--bench");
+    let quick = std::env::var("CHURN_QUICK").is_ok_and(|v| v != "0") || !under_cargo_bench;
+    let fixed_ops = env_usize("CHURN_OPS");
+    let runs = env_usize("CHURN_RUNS")
+        .unwrap_or(if quick || fixed_ops.is_some() { 1 } else { 9 })
+        .max(1);
+    let target = Duration::from_millis(env_usize("CHURN_MS").unwrap_or(150) as u64);
+    let slots = env_usize("CHURN_SLOTS").unwrap_or(1024);
+    assert!(
+        slots.is_power_of_two(),
+        "CHURN_SLOTS must be a power of two"
+    );
+    let remote = env_usize("CHURN_REMOTE").unwrap_or(8);
+    let only: Option<Vec<String>> = std::env::var("CHURN_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+    let scenarios: Vec<usize> = match env_usize("CHURN_THREADS") {
+        Some(t) => vec![t],
+        None => vec![1, 2],
+    };
+    assert!(scenarios.iter().all(|t| *t == 1 || *t == 2));
+
+    let rows: Vec<Row> = all_rows()
+        .into_iter()
+        .filter(|r| only.as_ref().is_none_or(|o| o.iter().any(|k| k == r.key)))
+        .collect();
+    if let Some(o) = &only {
+        for k in o {
+            assert!(rows.iter().any(|r| r.key == k), "CHURN_ONLY: unknown {k}");
+        }
+    }
+    let warm_up = !quick && fixed_ops.is_none();
+
+    let mut p = Params {
+        ops: 0,
+        slots,
+        tables: [make_table(1, remote as u64), make_table(2, remote as u64)],
+        groups: [
+            Group::new("bench-1t")?,
+            Group::new("bench-2t-a")?,
+            Group::new("bench-2t-b")?,
+        ],
+    };
+    let system = all_rows().into_iter().next().expect("system row");
+
+    let mut lines = Vec::new();
+    let mut ops_used = Vec::new();
+    for &threads in &scenarios {
+        p.ops = match fixed_ops {
+            Some(n) => n,
+            None if quick => 20_000,
+            None => {
+                // Calibrate once on the raw system allocator; every row then runs that count.
+                p.ops = 100_000;
+                for _ in 0..2 {
+                    let t = run_checked(&system, &p, threads).elapsed.as_secs_f64();
+                    let scaled = p.ops as f64 * target.as_secs_f64() / t.max(1e-6);
+                    p.ops = (scaled as usize).clamp(10_000, 100_000_000);
+                }
+                p.ops
+            }
+        };
+        ops_used.push((threads, p.ops));
+        if warm_up {
+            for row in &rows {
+                run_checked(row, &p, threads);
+            }
+        }
+        let mut ls: Vec<Line> = rows
+            .iter()
+            .map(|r| Line {
+                threads,
+                key: r.key,
+                base: r.base,
+                ns: Vec::new(),
+                sent: 0,
+                waits: 0,
+                frees: 0,
+            })
+            .collect();
+        for rep in 0..runs {
+            // Interleave, and rotate the order so no row always follows the same neighbour.
+            for j in 0..rows.len() {
+                let i = (j + rep) % rows.len();
+                let out = run_checked(&rows[i], &p, threads);
+                ls[i]
+                    .ns
+                    .push(out.elapsed.as_secs_f64() * 1e9 / p.ops as f64);
+                ls[i].sent += out.sent;
+                ls[i].waits += out.waits;
+                ls[i].frees += threads * p.ops;
+            }
+        }
+        lines.extend(ls);
+    }
+
+    // Report.
+    println!("## memgroup churn: alloc+free pairs of 8..=512-byte blocks\n");
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let ops: Vec<String> = ops_used
+        .iter()
+        .map(|(t, o)| {
+            format!(
+                "{o} steps/thread ({t} thread{})",
+                if *t == 1 { "" } else { "s" }
+            )
+        })
+        .collect();
+    println!(
+        "runs/row: {runs}{}, {}, ring: {slots} live blocks/thread, remote frees (2 threads): \
+         1 in {remote}, memgroup stock batch: {} B, CPUs: {cpus}, load average before/after: \
+         {load_before}/{}\n",
+        if quick { " (quick)" } else { "" },
+        ops.join(", "),
+        memgroup::stock_batch(),
+        load_average(),
+    );
+    println!("ns/pair is per thread: wall time x threads / pairs. ratio: to the raw inner allocator in the same run.\n");
+    println!(
+        "| threads | allocator | median ns/pair | min ns/pair | ratio (median) | ratio (min) |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|");
+    for l in &lines {
+        let base = lines
+            .iter()
+            .find(|b| b.threads == l.threads && b.key == l.base);
+        let (rmed, rmin) = match base {
+            Some(b) => (
+                format!("{:.2}x", median(&l.ns) / median(&b.ns)),
+                format!("{:.2}x", min(&l.ns) / min(&b.ns)),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {rmed} | {rmin} |",
+            l.threads,
+            l.key,
+            median(&l.ns),
+            min(&l.ns),
+        );
+    }
+    let two: Vec<&Line> = lines.iter().filter(|l| l.threads == 2).collect();
+    if let Some(l) = two.first() {
+        let waits: Vec<String> = two
+            .iter()
+            .filter(|l| l.waits > 0)
+            .map(|l| format!("{} {}", l.key, l.waits))
+            .collect();
+        println!(
+            "\n2 threads: {:.1}% of frees are remote (the same blocks for every row); waits for a full hand-off queue: {}",
+            100.0 * l.sent as f64 / l.frees.max(1) as f64,
+            if waits.is_empty() { "none".to_string() } else { waits.join(", ") }
+        );
+    }
+    println!("\ntarget: tag <= 1.5x system per pair (median), later 1.1x");
+    Ok(())
+}
