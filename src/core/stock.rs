@@ -469,8 +469,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// round-robin, whose content goes back to its group's counters.
     #[cold]
     fn claim(&self, cpu: usize, stock: &CpuStock, new: u64) {
-        self.span
-            .fetch_max((cpu & (N - 1)) + 1, Ordering::SeqCst);
+        self.span.fetch_max((cpu & (N - 1)) + 1, Ordering::SeqCst);
         loop {
             let empty = stock
                 .slots
