@@ -791,7 +791,7 @@ impl<T> Drop for SpinGuard<'_, T> {
 }
 
 /// Holds the registry lock across `fork()`, so that the child never inherits it locked.
-fn register_fork_handlers() {
+pub(crate) fn register_fork_handlers() {
     static REGISTERED: AtomicBool = AtomicBool::new(false);
     extern "C" fn prepare() {
         REGISTRY.raw_lock();
@@ -799,8 +799,12 @@ fn register_fork_handlers() {
     extern "C" fn release() {
         REGISTRY.raw_unlock();
     }
+    extern "C" fn child() {
+        REGISTRY.raw_unlock();
+        crate::pressure::after_fork_in_child();
+    }
     if !REGISTERED.swap(true, Ordering::AcqRel) {
         // glibc may allocate to record the handlers: that is memgroup's, not the tenant's.
-        crate::scope::as_root(|| platform::at_fork(prepare, release, release));
+        crate::scope::as_root(|| platform::at_fork(prepare, release, child));
     }
 }

@@ -276,6 +276,14 @@ pub(crate) fn direct(at: &Counter, bytes: usize) -> bool {
     true
 }
 
+/// The notifier thread does not survive `fork()`: in the child, the next subscription or
+/// shrinker starts a new one (for every subscription and shrinker, inherited ones included),
+/// and until then charges neither ring nor wait for it.
+pub(crate) fn after_fork_in_child() {
+    NOTIFIER.store(0, Ordering::Release);
+    SLEEPING.store(false, Ordering::Relaxed);
+}
+
 fn start_notifier() {
     if NOTIFIER
         .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
@@ -283,6 +291,7 @@ fn start_notifier() {
     {
         return;
     }
+    group::register_fork_handlers();
     scope::as_root(|| {
         // Levels raised before anyone listened are stale: drop them.
         group::for_each_counter(|c| {
