@@ -330,6 +330,9 @@ impl Group {
         validate(name)?;
         register_fork_handlers();
         let parent = self.node();
+        if parent.counter.chain().count() > crate::core::counter::MAX_DEPTH {
+            return Err(Error::TooDeep);
+        }
         let kmem = kmem_enabled();
         if !parent.counter.is_online() {
             return Err(Error::Removed);

@@ -127,6 +127,8 @@ pub enum Error {
     OverLimit,
     /// The group table is full.
     TooManyGroups,
+    /// The new group would be more than 32 levels below the root.
+    TooDeep,
     /// The C allocator could not grow the group name table.
     OutOfMemory,
 }
@@ -145,6 +147,7 @@ impl std::fmt::Display for Error {
                 f.write_str("the new group's bookkeeping does not fit the parent's limits")
             }
             Error::TooManyGroups => f.write_str("too many groups (the table holds 2^20)"),
+            Error::TooDeep => f.write_str("groups nest at most 32 levels below the root"),
             Error::OutOfMemory => f.write_str("out of memory for the group name table"),
         }
     }

@@ -85,7 +85,8 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
 });
 /// Rung (incremented) when a level or request is pending; the notifier sleeps on it.
 static BELL: AtomicU32 = AtomicU32::new(0);
-/// Incremented after each direct-reclaim pass; requesters sleep on it.
+/// Incremented after each of the notifier's rounds: a direct reclaim that timed out waits no
+/// more until this moves (see `STALLED`).
 static DONE: AtomicU32 = AtomicU32::new(0);
 static SLEEPING: AtomicBool = AtomicBool::new(false);
 /// `DONE + 1` when a direct reclaim timed out waiting for that pass: until the notifier gets
@@ -131,12 +132,15 @@ fn call_slot<T: ?Sized, R>(slot: &Slot<T>, f: impl FnOnce(&T) -> R) -> Option<R>
     let mut inner = slot.inner.lock().unwrap_or_else(PoisonError::into_inner);
     let it = inner.as_deref()?;
     let prev = CALLING.with(|c| c.replace(slot as *const Slot<T> as *const ()));
-    let r = f(it);
+    let prev_dead = DEAD_ON_RETURN.with(|d| d.replace(false));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(it)));
     CALLING.with(|c| c.set(prev));
-    if DEAD_ON_RETURN.with(|d| d.replace(false)) {
+    let dead = DEAD_ON_RETURN.with(|d| d.replace(prev_dead));
+    if dead || r.is_err() {
+        // A callback or shrinker that panicked is dropped: the notifier carries on.
         drop(inner.take());
     }
-    Some(r)
+    r.ok()
 }
 
 impl Drop for Subscription {
@@ -259,6 +263,7 @@ pub(crate) fn direct(at: &Counter, bytes: usize) -> bool {
         return false;
     }
     let done = DONE.load(Ordering::SeqCst);
+    let served = at.served.load(Ordering::SeqCst);
     at.want(bytes);
     BELL.fetch_add(1, Ordering::SeqCst);
     platform::futex_wake(&BELL, 1);
@@ -266,12 +271,12 @@ pub(crate) fn direct(at: &Counter, bytes: usize) -> bool {
         return false;
     }
     let start = std::time::Instant::now();
-    while DONE.load(Ordering::SeqCst) == done {
+    while at.served.load(Ordering::SeqCst) == served {
         let Some(left) = DIRECT_WAIT.checked_sub(start.elapsed()) else {
             STALLED.store(done.wrapping_add(1), Ordering::Relaxed);
             break;
         };
-        platform::futex_wait(&DONE, done, Some(left));
+        platform::futex_wait(&at.served, served, Some(left));
     }
     true
 }
@@ -309,6 +314,7 @@ fn notifier() {
     loop {
         let rung = BELL.load(Ordering::SeqCst);
         group::for_each_counter(deliver);
+        DONE.fetch_add(1, Ordering::SeqCst);
         SLEEPING.store(true, Ordering::SeqCst);
         if BELL.load(Ordering::SeqCst) == rung {
             platform::futex_wait(&BELL, rung, None);
@@ -326,8 +332,8 @@ fn deliver(c: &Counter) {
     }
     if levels & RECLAIM != 0 {
         reclaim(c, c.take_wanted());
-        DONE.fetch_add(1, Ordering::SeqCst);
-        platform::futex_wake(&DONE, i32::MAX);
+        c.served.fetch_add(1, Ordering::SeqCst);
+        platform::futex_wake(&c.served, i32::MAX);
     }
     let subs: Vec<_> = registry()
         .subs

@@ -8,7 +8,11 @@
 //! `kmem_max`. Counters are only touched by the stocks' slow paths (`super::stock`), once per
 //! batch, never per allocation.
 
-use crate::sync::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+/// The most levels below the root (cgroup's `max.depth`): charges remember each level's new
+/// usage on the stack, in an array this long.
+pub(crate) const MAX_DEPTH: usize = 32;
 
 /// A `max`, `high` or `kmem_max` that is not set.
 pub(crate) const UNLIMITED: usize = usize::MAX;
@@ -51,6 +55,8 @@ pub(crate) struct Counter {
     pending: AtomicU8,
     /// Bytes a direct reclaim asks for (with `RECLAIM` pending).
     wanted: AtomicUsize,
+    /// Direct reclaim passes done for this counter; requesters wait for it to move.
+    pub(crate) served: AtomicU32,
 }
 
 #[repr(C, align(64))]
@@ -105,6 +111,7 @@ impl Counter {
             events: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             pending: AtomicU8::new(0),
             wanted: AtomicUsize::new(0),
+            served: AtomicU32::new(0),
         };
         c.parent.store(parent_ptr(parent), Ordering::Relaxed);
         c
@@ -218,10 +225,17 @@ impl Counter {
                 usize::MAX
             }
         };
-        for c in self.chain() {
-            let refused = if !add_within(&c.hot.usage, bytes, limit(&c.max)) {
+        // Each level's usage right after this charge, for its own crossings: reading it again
+        // later could see other charges and miss a crossing or count one twice.
+        let mut after = [0usize; MAX_DEPTH + 1];
+        for (level, c) in self.chain().enumerate() {
+            let added = add_within(&c.hot.usage, bytes, limit(&c.max));
+            if let (Some(new), Some(slot)) = (added, after.get_mut(level)) {
+                *slot = new;
+            }
+            let refused = if added.is_none() {
                 Some(Limit::Max)
-            } else if kernel && !add_within(&c.hot.kmem, bytes, limit(&c.kmem_max)) {
+            } else if kernel && add_within(&c.hot.kmem, bytes, limit(&c.kmem_max)).is_none() {
                 c.hot.usage.fetch_sub(bytes, Ordering::Relaxed);
                 Some(Limit::KmemMax)
             } else {
@@ -236,8 +250,8 @@ impl Counter {
         }
         // Only a charge that went through moves peaks and counts crossings of `high`.
         let mut raised = false;
-        for c in self.chain() {
-            raised |= c.after_charge(bytes);
+        for (c, &usage) in self.chain().zip(&after) {
+            raised |= c.after_charge(bytes, usage);
         }
         Ok(raised)
     }
@@ -293,10 +307,9 @@ impl Counter {
     /// After `bytes` were added to `usage`: raises `peak`, counts a crossing of `high` (here
     /// and in the ancestors, as every event), and raises the pressure levels whose thresholds
     /// were crossed: `MEDIUM` at `high`, `LOW` at 3/4 of the lower of `high` and `max`.
-    /// Returns whether a level was newly raised. Racy, but we can live with that: a peak may
-    /// miss a concurrent charge's bytes until the next one, as `page_counter`'s watermark does.
-    fn after_charge(&self, bytes: usize) -> bool {
-        let usage = self.hot.usage.load(Ordering::Relaxed);
+    /// `usage` is the value this charge left, so each crossing is seen by exactly one charge.
+    /// Returns whether a level was newly raised.
+    fn after_charge(&self, bytes: usize, usage: usize) -> bool {
         if usage > self.hot.peak.load(Ordering::Relaxed) {
             self.hot.peak.fetch_max(usage, Ordering::Relaxed);
         }
@@ -368,15 +381,13 @@ fn parent_ptr(parent: Option<&Counter>) -> *mut Counter {
     })
 }
 
-/// Adds `bytes` to `field` unless the result would pass `limit`.
-fn add_within(field: &AtomicUsize, bytes: usize, limit: usize) -> bool {
+/// Adds `bytes` to `field` unless the result would pass `limit`; returns the new value.
+fn add_within(field: &AtomicUsize, bytes: usize, limit: usize) -> Option<usize> {
     let mut cur = field.load(Ordering::Relaxed);
     loop {
-        let Some(new) = cur.checked_add(bytes).filter(|&n| n <= limit) else {
-            return false;
-        };
+        let new = cur.checked_add(bytes).filter(|&n| n <= limit)?;
         match field.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => return true,
+            Ok(_) => return Some(new),
             Err(now) => cur = now,
         }
     }
