@@ -8,17 +8,22 @@
 //!     │   └── batch    max  6 MiB, high 4 MiB   web's batch job: sorts 1 MiB arrays
 //!     ├── gateway      max  8 MiB, kmem 1 MiB   its socket buffers are kernel memory
 //!     ├── greedy       max  4 MiB               misbehaves: a cache that never evicts
-//!     └── strict       max  2 MiB, OnLimit::Fail
+//!     ├── strict       max  2 MiB, OnLimit::Fail
+//!     └── cache        max 3.5 MiB, high 3 MiB  parsed documents, with a shrinker that evicts
 //!
 //! Each tenant runs on its own thread for 3 s, with a table printed every second. Then all the
 //! memory is freed, and the example asserts that every tenant's usage is back to 0.
+//!
+//! cache never evicts by itself: memory pressure does. Its shrinker gives back the oldest
+//! entries when memgroup asks, on its notifier thread: in the background when cache goes above
+//! high, and before a charge at max would be refused (direct reclaim).
 
-use memgroup::{Group, OnLimit};
+use memgroup::{Group, OnLimit, Shrinker};
 use std::collections::{HashMap, VecDeque};
 use std::fmt::{Display, Write as _};
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{mpsc::SyncSender, Arc};
+use std::sync::{mpsc::SyncSender, Arc, Mutex};
 use std::thread::{self, sleep};
 use std::time::{Duration, Instant};
 
@@ -36,7 +41,7 @@ fn main() -> Result<(), memgroup::Error> {
     // A lazily created global, such as stdout's buffer, is charged to the group that touches it
     // first. So print once from main, which is in no group (it charges the root), before any
     // tenant runs.
-    println!("memgroup example: 4 tenants for 3 s, one of them misbehaving\n");
+    println!("memgroup example: 5 tenants for 3 s, one of them misbehaving\n");
 
     let tenants = Group::new("tenants")?;
     tenants.set_max(Some(64 * MIB)); // A charge counts in a group and in all its ancestors.
@@ -54,6 +59,23 @@ fn main() -> Result<(), memgroup::Error> {
     let strict = tenants.child("strict")?;
     strict.set_max(Some(2 * MIB));
     strict.set_on_limit(OnLimit::Fail);
+    let cache = tenants.child("cache")?;
+    cache.set_max(Some(7 * MIB / 2));
+    cache.set_high(Some(3 * MIB));
+
+    // cache's documents. Its shrinker is called on memgroup's notifier thread, never inside an
+    // allocation, and is never called again once `shrinker` is dropped.
+    let docs = Arc::new(DocCache::default());
+    let shrinker = cache.register_shrinker(Evict(docs.clone()));
+    // The levels of tenants and of every group below it, counted by level. The callback runs
+    // on the notifier thread too, so it only counts: a slow one would delay reclaim.
+    let levels: Arc<[AtomicU64; 3]> = Arc::default(); // Low, Medium, Critical
+    let subscription = tenants.on_pressure({
+        let levels = levels.clone();
+        move |level| {
+            levels[level as usize].fetch_add(1, Relaxed);
+        }
+    });
 
     // A block's owner is the group that allocated it, whichever thread frees it.
     let block = gateway.run(|| vec![1u8; MIB]);
@@ -63,8 +85,9 @@ fn main() -> Result<(), memgroup::Error> {
     gateway.flush();
     let left = gateway.stat().usage;
     println!("gateway allocates 1 MiB: usage {held} B. Another thread frees it: {left} B\n");
-    println!("events: high = went above high, max = charges that hit max, fail = charges refused");
-    println!("refused: requests the tenant's own code saw refused (and handled)\n");
+    println!("events: high = went above high, max = over max (forced or refused), fail = refused");
+    println!("refused: requests the tenant's own code saw refused (and handled)");
+    println!("levels: low = 3/4 of high (or max), medium = above high, critical = over max\n");
 
     // The writer thread is in no group. It frees the buffers that the tenants send it.
     let (out, inbox) = std::sync::mpsc::sync_channel::<Vec<u8>>(1024);
@@ -89,6 +112,12 @@ fn main() -> Result<(), memgroup::Error> {
         threads.push(thread::spawn(move || handle.run(|| work(&counter, &out))));
         rows.push((group, Some(refused)));
     }
+    let refused = Arc::new(AtomicU64::new(0));
+    threads.push(thread::spawn({
+        let (group, docs, refused) = (cache.clone(), docs.clone(), refused.clone());
+        move || group.run(|| run_cache(&docs, &refused))
+    }));
+    rows.push((cache, Some(refused)));
     rows.insert(2, (batch, None)); // Right after its parent, web.
     drop(out);
 
@@ -96,11 +125,21 @@ fn main() -> Result<(), memgroup::Error> {
     for second in 1..=3 {
         sleep((start + Duration::from_secs(second)).saturating_duration_since(Instant::now()));
         print_table(&format!("t = {second} s (stat() without flush)"), &rows);
+        let [low, medium, critical] = levels.each_ref().map(|n| count(n.load(Relaxed)));
+        let evicted = count(docs.evicted.load(Relaxed));
+        let levels = format!("low {low}, medium {medium}, critical {critical}");
+        println!("levels on tenants: {levels}. cache's shrinker evicted {evicted} entries\n");
     }
     RUNNING.store(false, Relaxed);
     threads.into_iter().for_each(|t| t.join().unwrap());
     let written = bytes(writer.join().unwrap());
     println!("The writer thread freed {written} of buffers allocated by web and gateway.");
+
+    // Unregister the shrinker and the callback, then free the cache (its tenant has stopped).
+    drop((shrinker, subscription));
+    let [evicted, big, waited] = [&docs.evicted, &docs.big, &docs.waited].map(|n| n.load(Relaxed));
+    let [low, medium, critical] = levels.each_ref().map(|n| n.load(Relaxed));
+    drop(docs);
 
     // Remove web/batch while its result is still alive: the result's charge moves to web, and
     // batch stays "dying" until that memory is freed.
@@ -128,6 +167,13 @@ fn main() -> Result<(), memgroup::Error> {
     let strict = rows[4].0.stat();
     let (peak, refused) = (bytes(strict.peak), strict.events.fail);
     println!("strict (OnLimit::Fail) peaked at {peak}, under its max: {refused} uploads refused.");
+    println!("The subscriber on tenants saw {low} low, {medium} medium and {critical} critical");
+    println!("levels, its own and every tenant's (critical: mostly greedy's).");
+    let cache = rows[5].0.stat().events;
+    let (high, fail) = (cache.high, cache.fail);
+    println!("cache went above high {high} times: the notifier trimmed it in the background.");
+    println!("{waited} of its {big} big documents found it full: they waited while the shrinker");
+    println!("made room (direct reclaim), and fitted: {fail} refused. {evicted} entries evicted.");
     println!("Nothing aborted, and the other tenants kept running.\n");
 
     // Removing the tenants frees their bookkeeping, which is charged to "tenants" as kmem.
@@ -263,6 +309,95 @@ fn run_strict(refused: &AtomicU64, _: &SyncSender<Vec<u8>>) {
             None => drop(uploads.drain(..uploads.len() / 2)),
         }
         sleep(Duration::from_millis(3));
+    }
+}
+
+/// The size of one cache entry: a parsed document.
+const ENTRY: usize = 64 * KIB;
+
+/// cache's documents by id, oldest first.
+#[derive(Default)]
+struct DocCache {
+    entries: Mutex<VecDeque<(u64, Vec<u8>)>>,
+    /// Entries the shrinker evicted.
+    evicted: AtomicU64,
+    /// Big documents read, and those that waited at max while the shrinker evicted entries.
+    big: AtomicU64,
+    waited: AtomicU64,
+}
+
+impl DocCache {
+    fn contains(&self, id: u64) -> bool {
+        self.entries
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(key, _)| *key == id)
+    }
+
+    /// Adds an entry, allocated by the caller before it took the lock. An allocation at max
+    /// waits (at most 10 ms) for the notifier to run the shrinker, and the shrinker takes this
+    /// lock: made under the lock, the entry would wait in vain and be refused. Growing the
+    /// queue does allocate under the lock, but it is small and rare.
+    fn insert(&self, id: u64, entry: Vec<u8>, refused: &AtomicU64) {
+        let mut entries = self.entries.lock().unwrap();
+        if memgroup::fallible(|| entries.try_reserve(1)).is_err() {
+            refused.fetch_add(1, Relaxed);
+            return;
+        }
+        entries.push_back((id, entry));
+    }
+}
+
+/// cache's shrinker: one chunk is one entry, and the oldest go first.
+struct Evict(Arc<DocCache>);
+
+impl Shrinker for Evict {
+    fn chunk_size(&self) -> usize {
+        ENTRY
+    }
+
+    fn count(&self) -> usize {
+        self.0.entries.lock().unwrap().len()
+    }
+
+    fn shrink(&self, chunks: usize) -> usize {
+        let mut entries = self.0.entries.lock().unwrap();
+        let n = chunks.min(entries.len());
+        entries.drain(..n); // Freed here, on the notifier thread: uncharged from cache.
+        self.0.evicted.fetch_add(n as u64, Relaxed);
+        n
+    }
+}
+
+/// cache: serves parsed documents. A miss reads the document's text (32 KiB, and 1 MiB for one
+/// miss in 16) and parses it into a 64 KiB entry, which stays cached until the shrinker evicts
+/// it. Both are allocated inside fallible(..): a charge at max waits for direct reclaim, and is
+/// refused only if the shrinker could not make room.
+fn run_cache(docs: &DocCache, refused: &AtomicU64) {
+    let mut seed = 4;
+    while RUNNING.load(Relaxed) {
+        let id = rand(&mut seed) % 256;
+        if !docs.contains(id) {
+            let big = rand(&mut seed) % 16 == 0;
+            let len = if big { MIB } else { 32 * KIB };
+            let evicted = docs.evicted.load(Relaxed);
+            let text = try_buffer(len, refused);
+            if big {
+                docs.big.fetch_add(1, Relaxed);
+                if docs.evicted.load(Relaxed) != evicted {
+                    docs.waited.fetch_add(1, Relaxed); // Direct reclaim evicted while we waited.
+                }
+            }
+            if let Some(mut text) = text {
+                text.resize(len, b'a' + (id % 26) as u8);
+                if let Some(mut entry) = try_buffer(ENTRY, refused) {
+                    entry.extend(text.iter().cycle().take(ENTRY)); // The parse.
+                    docs.insert(id, entry, refused);
+                }
+            }
+        }
+        sleep(Duration::from_millis(1));
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::core::counter::{Counter, CRITICAL, LOW, MEDIUM, RECLAIM};
 use crate::group::{self, Group};
-use crate::sync::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use crate::{platform, scope};
 
 /// How long an allocation waits for direct reclaim before it is refused or forced.
@@ -94,7 +94,6 @@ static SLEEPING: AtomicBool = AtomicBool::new(false);
 static STALLED: AtomicU32 = AtomicU32::new(0);
 /// 0: no notifier, 1: starting, 2: running.
 static NOTIFIER: AtomicU8 = AtomicU8::new(0);
-static SHRINKERS: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     /// The slot whose callback or shrinker this thread is running, so that dropping its own
@@ -157,7 +156,7 @@ impl Drop for ShrinkerHandle {
                 .shrinkers
                 .retain(|s| !Arc::ptr_eq(s, &self.entry))
         });
-        SHRINKERS.fetch_sub(1, Ordering::Relaxed);
+        self.entry.group.node().counter.count_shrinker(false);
         self.entry.unregister();
     }
 }
@@ -200,7 +199,7 @@ pub(crate) fn register(group: &Group, s: Box<dyn Shrinker>) -> ShrinkerHandle {
         registry().shrinkers.push(entry.clone());
         entry
     });
-    SHRINKERS.fetch_add(1, Ordering::Relaxed);
+    group.node().counter.count_shrinker(true);
     start_notifier();
     ShrinkerHandle { entry }
 }
@@ -256,10 +255,7 @@ pub(crate) fn wake() {
 /// The core's `Groups::reclaim`: direct reclaim before a charge at `at`'s limit fails or is
 /// forced. Waits at most `DIRECT_WAIT`; no allocation, no lock.
 pub(crate) fn direct(at: &Counter, bytes: usize) -> bool {
-    if SHRINKERS.load(Ordering::Relaxed) == 0
-        || NOTIFIER.load(Ordering::Acquire) != 2
-        || scope::is_reclaiming()
-    {
+    if !at.has_shrinkers() || NOTIFIER.load(Ordering::Acquire) != 2 || scope::is_reclaiming() {
         return false;
     }
     let done = DONE.load(Ordering::SeqCst);
@@ -360,7 +356,7 @@ fn deliver(c: &Counter) {
 /// Reclaims toward `high` after a group crossed it.
 fn background(c: &Counter) {
     let stat = c.snapshot();
-    if stat.usage > stat.high && SHRINKERS.load(Ordering::Relaxed) != 0 {
+    if stat.usage > stat.high && c.has_shrinkers() {
         group::flush_counter(c);
         let usage = c.snapshot().usage;
         reclaim(c, usage.saturating_sub(stat.high));

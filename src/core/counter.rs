@@ -57,6 +57,9 @@ pub(crate) struct Counter {
     wanted: AtomicUsize,
     /// Direct reclaim passes done for this counter; requesters wait for it to move.
     pub(crate) served: AtomicU32,
+    /// Shrinkers registered on this group and its descendants: direct reclaim is only worth
+    /// a wait where some exist.
+    shrinkers: AtomicU32,
 }
 
 #[repr(C, align(64))]
@@ -112,6 +115,7 @@ impl Counter {
             pending: AtomicU8::new(0),
             wanted: AtomicUsize::new(0),
             served: AtomicU32::new(0),
+            shrinkers: AtomicU32::new(0),
         };
         c.parent.store(parent_ptr(parent), Ordering::Relaxed);
         c
@@ -138,6 +142,7 @@ impl Counter {
         }
         self.pending.store(0, Ordering::Relaxed);
         self.wanted.store(0, Ordering::Relaxed);
+        self.shrinkers.store(0, Ordering::Relaxed);
         self.online.store(true, Ordering::Release);
     }
 
@@ -341,6 +346,23 @@ impl Counter {
             return 0;
         }
         self.pending.swap(0, Ordering::SeqCst)
+    }
+
+    /// Counts a shrinker registered (`true`) or unregistered on this group, here and in every
+    /// ancestor.
+    pub(crate) fn count_shrinker(&self, registered: bool) {
+        for c in self.chain() {
+            if registered {
+                c.shrinkers.fetch_add(1, Ordering::Relaxed);
+            } else {
+                c.shrinkers.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether a shrinker is registered on this group or below it.
+    pub(crate) fn has_shrinkers(&self) -> bool {
+        self.shrinkers.load(Ordering::Relaxed) != 0
     }
 
     /// Asks for `bytes` to be reclaimed under this counter; see `RECLAIM`.
