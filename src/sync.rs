@@ -16,9 +16,9 @@ pub(crate) use loom::sync::atomic::{
 };
 
 #[cfg(not(memgroup_loom))]
-pub(crate) use core::sync::atomic::Ordering;
+pub(crate) use core::sync::atomic::{fence, Ordering};
 #[cfg(memgroup_loom)]
-pub(crate) use loom::sync::atomic::Ordering;
+pub(crate) use loom::sync::atomic::{fence, Ordering};
 
 /// Spin-wait hint: a real `spin_loop` hint in the allocator, a yield to the scheduler under loom
 /// (loom needs to see the waiting thread give way, or the model never terminates).

@@ -8,7 +8,9 @@
 //! `kmem_max`. Counters are only touched by the stocks' slow paths (`super::stock`), once per
 //! batch, never per allocation.
 
-use crate::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use crate::sync::{
+    fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 
 /// The most levels below the root (cgroup's `max.depth`): charges remember each level's new
 /// usage on the stack, in an array this long.
@@ -172,7 +174,11 @@ impl Counter {
 
     /// Takes the group offline. Returns false if it already was.
     pub(crate) fn set_offline(&self) -> bool {
-        self.online.swap(false, Ordering::SeqCst)
+        let was = self.online.swap(false, Ordering::SeqCst);
+        // Pairs with the fence in `Stocks::recheck` (loom models SeqCst accesses as AcqRel,
+        // so the pairing is spelled out with fences, which it checks).
+        fence(Ordering::SeqCst);
+        was
     }
 
     pub(crate) fn set_max(&self, bytes: Option<usize>) {

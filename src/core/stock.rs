@@ -16,15 +16,23 @@
 //! evict each other at every switch. A group whose slot is evicted has its bytes returned to
 //! its counter.
 //!
-//! Freeing a group's record while a drain may still hold one of its slot words is prevented by
-//! `drainers`: a drain counts itself in before it takes a word of another group, and the group
-//! table reuses a freed record only after seeing `drainers == 0` (see `Stocks::quiescent`).
+//! Every operation that holds bytes or counts outside a slot (a drain, an eviction, a refill
+//! between charging its batch and depositing it) counts itself in `in_hand`. Two things rest
+//! on it: the group table reuses a freed record only after seeing `in_hand == 0`, so no word
+//! naming it is still in someone's hands (see `Stocks::quiescent`); and a charge about to be
+//! refused at a limit waits for `in_hand == 0` before it drains, so bytes in flight are back
+//! in slots where the drain can take them.
 
 use super::counter::{Counter, Event, CRITICAL};
-use crate::sync::{spin_hint, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{fence, spin_hint, AtomicU64, AtomicUsize, Ordering};
 
 /// Slots per CPU. Loom models use two, to stay small.
 pub(crate) const SLOTS: usize = if cfg!(memgroup_loom) { 2 } else { 7 };
+
+/// How many times a charge refused at a limit drains the stocks under it and retries before
+/// the refusal stands (the kernel retries reclaim up to 16 times; a drain is cheaper to repeat
+/// but rarely finds more than a concurrent refill or two).
+const DRAINS: u32 = 3;
 
 /// The largest batch: a slot's byte field must hold a full batch plus one charge.
 pub(crate) const MAX_BATCH: usize = 1 << 23;
@@ -143,7 +151,9 @@ pub(crate) struct Stocks<G: Groups, const N: usize> {
     /// One more than the highest CPU index that ever held a slot: drains look no further.
     span: AtomicUsize,
     batch: AtomicUsize,
-    drainers: AtomicUsize,
+    /// Operations holding bytes or counts outside any slot: drains, evictions, and the slow
+    /// paths between taking a slot's content (or charging a batch) and putting it back.
+    in_hand: AtomicUsize,
     groups: G,
 }
 
@@ -156,7 +166,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             cpus: [const { CpuStock::new() }; N],
             span: AtomicUsize::new(0),
             batch: AtomicUsize::new(batch),
-            drainers: AtomicUsize::new(0),
+            in_hand: AtomicUsize::new(0),
             groups,
         }
     }
@@ -168,7 +178,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             cpus: core::array::from_fn(|_| CpuStock::new()),
             span: AtomicUsize::new(0),
             batch: AtomicUsize::new(batch),
-            drainers: AtomicUsize::new(0),
+            in_hand: AtomicUsize::new(0),
             groups,
         }
     }
@@ -261,22 +271,37 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 .charge_exact(c, kernel, bytes, objects, mode)
                 .then_some(key);
         }
-        // Empty our slot into our hands, then put back what is left after this charge.
-        let held = self.take(cpu, key);
-        c.count(word_allocs(held), word_frees(held));
-        let mut have = word_bytes(held) as usize;
-        if have < bytes {
-            if let Ok(raised) = c.try_charge(batch, kernel) {
-                self.raised(raised);
-                have += batch;
+        // Empty our slot into our hands, then put back what is left after this charge, with a
+        // batch from the counters if it is short.
+        let refilled = self.holding(|| {
+            let held = self.take(cpu, key);
+            c.count(word_allocs(held), word_frees(held));
+            let have = word_bytes(held) as usize;
+            let refill = if have >= bytes {
+                Ok(false)
             } else {
-                self.release(c, kernel, have);
-                return self
-                    .charge_exact(c, kernel, bytes, objects, mode)
-                    .then_some(key);
+                c.try_charge(batch, kernel).map(|raised| {
+                    self.raised(raised);
+                    true
+                })
+            };
+            match refill {
+                Ok(batched) => {
+                    let have = have + if batched { batch } else { 0 };
+                    self.deposit(cpu, key, c, have - bytes, objects, 0);
+                    true
+                }
+                Err(_) => {
+                    self.release(c, kernel, have);
+                    false
+                }
             }
+        });
+        if !refilled {
+            return self
+                .charge_exact(c, kernel, bytes, objects, mode)
+                .then_some(key);
         }
-        self.deposit(cpu, key, c, have - bytes, objects, 0);
         self.recheck(c);
         Some(key)
     }
@@ -292,9 +317,18 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             c.count(0, objects);
             self.release(c, key_is_kernel(key), bytes);
         } else {
-            self.deposit(cpu, key, c, bytes, 0, objects);
+            self.holding(|| self.deposit(cpu, key, c, bytes, 0, objects));
             self.recheck(c);
         }
+    }
+
+    /// Runs `f`, which may hold bytes or counts taken out of a slot (or a batch charged to the
+    /// counters and not yet in a slot), counted in `in_hand` meanwhile.
+    fn holding<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.in_hand.fetch_add(1, Ordering::SeqCst);
+        let r = f();
+        self.in_hand.fetch_sub(1, Ordering::SeqCst);
+        r
     }
 
     /// After a slow path filled a slot for `c`, which was online when it looked: if `c` has
@@ -302,6 +336,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// so purge again. (The fill and this load, and `remove`'s store and purge, are all
     /// sequentially consistent: one of the two purges sees the slot.)
     fn recheck(&self, c: &Counter) {
+        fence(Ordering::SeqCst);
         if !c.is_online() {
             self.purge(c.id);
         }
@@ -319,7 +354,9 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         objects: u64,
         mode: Mode,
     ) -> bool {
-        let mut drained: Option<*const Counter> = None;
+        // Drains before giving up: stocks refilled elsewhere while this charge drained hold
+        // bytes it could use, so it drains (and retries) more than once.
+        let mut drains = 0;
         let mut reclaimed = false;
         loop {
             match c.try_charge(bytes, kernel) {
@@ -327,14 +364,15 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                     self.raised(raised);
                     break;
                 }
-                Err((at, _)) if drained != Some(at as *const Counter) => {
-                    drained = Some(at);
+                Err((at, _)) if drains < DRAINS => {
+                    drains += 1;
+                    self.settle_refills();
                     self.drain(|g| g.is_under(at));
                 }
                 Err((at, limit)) => {
                     if !reclaimed && self.groups.reclaim(at, at.excess(bytes, limit)) {
                         reclaimed = true;
-                        drained = None;
+                        drains = DRAINS - 1;
                         continue;
                     }
                     at.event(Event::Max);
@@ -361,10 +399,24 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         true
     }
 
+    /// Waits (briefly: these are a few hundred instructions) for the slow paths and drains
+    /// elsewhere that hold bytes outside any slot, where a drain cannot take them: a refill's
+    /// batch charged but not yet deposited, a slot's content taken but not yet released.
+    fn settle_refills(&self) {
+        // Loom yields at each spin, so a few are enough there and many would only slow it.
+        let spins = if cfg!(memgroup_loom) { 4 } else { 1024 };
+        for _ in 0..spins {
+            if self.in_hand.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            spin_hint();
+        }
+    }
+
     /// Empties every slot, on every CPU, whose group satisfies `pred`: the bytes go back to the
     /// counters and the pending counts are added to them.
     pub(crate) fn drain(&self, pred: impl Fn(&Counter) -> bool) {
-        self.drainers.fetch_add(1, Ordering::SeqCst);
+        self.in_hand.fetch_add(1, Ordering::SeqCst);
         let span = self.span.load(Ordering::SeqCst).min(N);
         for stock in &self.cpus[..span] {
             for slot in &stock.slots {
@@ -382,7 +434,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 }
             }
         }
-        self.drainers.fetch_sub(1, Ordering::SeqCst);
+        self.in_hand.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Empties and releases every slot naming group `id`, empty ones included, so that no
@@ -390,7 +442,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// then take the slow path, which sends them to a live ancestor) and for a record being
     /// freed.
     pub(crate) fn purge(&self, id: u32) {
-        self.drainers.fetch_add(1, Ordering::SeqCst);
+        self.in_hand.fetch_add(1, Ordering::SeqCst);
         let span = self.span.load(Ordering::SeqCst).min(N);
         for stock in &self.cpus[..span] {
             for slot in &stock.slots {
@@ -406,24 +458,29 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 }
             }
         }
-        self.drainers.fetch_sub(1, Ordering::SeqCst);
+        self.in_hand.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Whether no drain is running. A record freed (and purged) before a moment at which this
     /// was true can no longer be named by a slot word any thread holds, so it may be reused.
     pub(crate) fn quiescent(&self) -> bool {
-        self.drainers.load(Ordering::SeqCst) == 0
+        self.in_hand.load(Ordering::SeqCst) == 0
     }
 
     /// Takes the content of this CPU's slot for `key`, leaving the slot claimed but empty.
     /// Returns a word with no content if there is no such slot.
     fn take(&self, cpu: usize, key: Key) -> u64 {
         let held = core::cell::Cell::new(0);
-        self.update(cpu, key, |w| {
+        // The word is ours only if our CAS took it (a drain may take it first).
+        let took = self.update(cpu, key, |w| {
             held.set(w);
             Some(word(key, 0, 0, 0))
         });
-        held.get()
+        if took {
+            held.get()
+        } else {
+            0
+        }
     }
 
     /// Adds bytes and counts to this CPU's slot for `key`. What does not fit (a slot over
@@ -487,12 +544,12 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                     return;
                 }
             } else {
-                self.drainers.fetch_add(1, Ordering::SeqCst);
+                self.in_hand.fetch_add(1, Ordering::SeqCst);
                 let evicted = slot.compare_exchange(w, new, Ordering::SeqCst, Ordering::Relaxed);
                 if evicted.is_ok() {
                     self.apply(w);
                 }
-                self.drainers.fetch_sub(1, Ordering::SeqCst);
+                self.in_hand.fetch_sub(1, Ordering::SeqCst);
                 if evicted.is_ok() {
                     return;
                 }

@@ -1,0 +1,224 @@
+//! Loom models of memgroup's concurrent core.
+//!
+//! The core's own source files (`src/sync.rs`, `src/core/`) are compiled here, unchanged, with
+//! `--cfg memgroup_loom` (set by `build.rs`), which makes `sync` hand out loom's atomics. The
+//! core's items are `pub(crate)`, so the models are unit tests of this crate: the files under
+//! `tests/` are modules of it (see the bottom of this file), not integration tests
+//! (`autotests = false` in `Cargo.toml`).
+//!
+//! This file is the harness: a tiny group table implementing the core's `Groups`, a `World`
+//! holding a table and its stocks, and the allocator's charge and uncharge paths as
+//! `src/tag.rs` drives them (fast path, then slow path).
+
+// The whole core is compiled, but the models use only part of it (the real crate uses the
+// rest, and `sync`'s other atomics): unused items are expected here. Nothing under `src/` is
+// edited for the models.
+#[allow(dead_code, unused_imports)]
+#[path = "../../src/sync.rs"]
+mod sync;
+
+#[allow(dead_code)]
+#[path = "../../src/core/mod.rs"]
+pub mod core;
+
+// The harness is used by the models only.
+#[cfg(test)]
+use harness::*;
+
+#[cfg(test)]
+mod harness {
+    use crate::core::counter::{Counter, Snapshot};
+    use crate::core::stock::{key, Groups, Key, Mode, Stocks};
+    use crate::sync::{AtomicUsize, Ordering};
+
+    /// The model's group table: counters by id (ids start at 1), and what the stocks called:
+    /// how many times each group was reported `emptied` (offline with usage 0: its record
+    /// would be freed), the notifier woken, and a direct reclaim asked for (the model has no
+    /// shrinkers: nothing is reclaimed).
+    #[derive(Clone, Copy)]
+    pub(crate) struct Table {
+        counters: &'static [&'static Counter],
+        emptied: &'static [AtomicUsize],
+        woken: &'static AtomicUsize,
+        reclaims: &'static AtomicUsize,
+    }
+
+    impl Groups for Table {
+        fn counter(&self, id: u32) -> &Counter {
+            self.counters[id as usize - 1]
+        }
+
+        fn emptied(&self, c: &Counter) {
+            self.emptied[c.id as usize - 1].fetch_add(1, Ordering::SeqCst);
+        }
+
+        fn wake(&self) {
+            self.woken.fetch_add(1, Ordering::SeqCst);
+        }
+
+        fn reclaim(&self, _at: &Counter, _bytes: usize) -> bool {
+            self.reclaims.fetch_add(1, Ordering::SeqCst);
+            false
+        }
+    }
+
+    /// CPUs in the models: two, so that a thread can migrate (and a drain has two stocks to
+    /// visit); two threads given the same CPU number model preemption on one CPU.
+    pub(crate) const CPUS: usize = 2;
+
+    /// One model execution's state: a group table and per-CPU stocks over it.
+    ///
+    /// Everything is leaked (loom threads need `'static` borrows): an execution leaks a couple
+    /// of KiB, and the whole suite peaks at about 80 MB resident.
+    #[derive(Clone, Copy)]
+    pub(crate) struct World {
+        pub(crate) stocks: &'static Stocks<Table, CPUS>,
+        table: Table,
+    }
+
+    /// A group to create: its parent's id (`None` for a root), `max`, and `kmem_max`.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Spec {
+        pub(crate) parent: Option<u32>,
+        pub(crate) max: Option<usize>,
+        pub(crate) kmem_max: Option<usize>,
+    }
+
+    /// A group under `parent` with no limits.
+    pub(crate) const fn under(parent: u32) -> Spec {
+        Spec {
+            parent: Some(parent),
+            max: None,
+            kmem_max: None,
+        }
+    }
+
+    /// A root group with no limits.
+    pub(crate) const ROOT: Spec = Spec {
+        parent: None,
+        max: None,
+        kmem_max: None,
+    };
+
+    impl World {
+        /// Groups `specs[0]` .. with ids 1 ..; a parent must come before its children; stocks
+        /// for `CPUS` CPUs with this `batch`.
+        pub(crate) fn new(specs: &[Spec], batch: usize) -> World {
+            let mut counters: Vec<&'static Counter> = Vec::with_capacity(specs.len());
+            for (i, spec) in specs.iter().enumerate() {
+                let parent = spec.parent.map(|p| {
+                    assert!((p as usize) <= i, "a parent must come before its children");
+                    counters[p as usize - 1]
+                });
+                let c: &'static Counter = Box::leak(Box::new(Counter::new(i as u32 + 1, parent)));
+                c.set_max(spec.max);
+                c.set_kmem_max(spec.kmem_max);
+                counters.push(c);
+            }
+            let emptied = specs
+                .iter()
+                .map(|_| AtomicUsize::new(0))
+                .collect::<Vec<_>>();
+            let table = Table {
+                counters: Vec::leak(counters),
+                emptied: Vec::leak(emptied),
+                woken: Box::leak(Box::new(AtomicUsize::new(0))),
+                reclaims: Box::leak(Box::new(AtomicUsize::new(0))),
+            };
+            let stocks = Box::leak(Box::new(Stocks::new_loom(batch, table)));
+            World { stocks, table }
+        }
+
+        pub(crate) fn counter(&self, id: u32) -> &'static Counter {
+            self.table.counters[id as usize - 1]
+        }
+
+        pub(crate) fn snap(&self, id: u32) -> Snapshot {
+            self.counter(id).snapshot()
+        }
+
+        /// How many times the stocks reported group `id` emptied.
+        pub(crate) fn emptied(&self, id: u32) -> usize {
+            self.table.emptied[id as usize - 1].load(Ordering::SeqCst)
+        }
+
+        /// How many times the stocks asked for a direct reclaim (one per charge about to be
+        /// refused or forced, as the model's reclaim never frees anything).
+        pub(crate) fn reclaims(&self) -> usize {
+            self.table.reclaims.load(Ordering::SeqCst)
+        }
+
+        /// Checks the doorbell rule once every thread is done: a counter with pressure levels
+        /// pending was signalled by a charge that then woke the notifier. Takes the levels.
+        pub(crate) fn check_woken(&self) {
+            let woken = self.table.woken.load(Ordering::SeqCst);
+            for c in self.table.counters {
+                let pending = c.take_pending();
+                assert!(
+                    pending == 0 || woken > 0,
+                    "group {}: levels {pending:#x} pending, notifier never woken",
+                    c.id
+                );
+            }
+        }
+
+        /// An allocation of `bytes` (one block) by a thread in group `id` running on `cpu`, as
+        /// `tag.rs` charges it: the stock's fast path, else the slow path, inside `fallible`
+        /// (a charge over a limit is refused, not forced). Returns the key charged (a removed
+        /// group's new block goes to its nearest live ancestor), or `None` when refused.
+        pub(crate) fn alloc(&self, cpu: usize, id: u32, kernel: bool, bytes: usize) -> Option<Key> {
+            let k = key(id, kernel);
+            if self.stocks.charge(cpu, k, bytes, 1) {
+                return Some(k);
+            }
+            self.stocks.charge_slow(cpu, k, bytes, 1, Mode::Fallible)
+        }
+
+        /// Frees a block of `bytes` charged to `key`, on `cpu`, as `tag.rs` uncharges it.
+        pub(crate) fn free(&self, cpu: usize, key: Key, bytes: usize) {
+            if !self.stocks.uncharge(cpu, key, bytes, 1) {
+                self.stocks.uncharge_slow(cpu, key, bytes, 1);
+            }
+        }
+
+        /// Drains every stock (what `Group::flush` does for the root), so that every counter is
+        /// exact; also checks that no drain is left counted in.
+        pub(crate) fn flush(&self) {
+            self.stocks.drain(|_| true);
+            assert!(self.stocks.quiescent(), "a drain is still counted in");
+            self.check_woken();
+        }
+    }
+
+    /// Runs `f` under loom, exploring every interleaving with at most `preemptions`
+    /// preemptions (`LOOM_MAX_PREEMPTIONS`, if set, overrides it). `LOOM_LOG=trace` (with
+    /// `LOOM_LOCATION=1` for source locations) logs every execution's operations; the last one
+    /// logged before a failure is the failing interleaving.
+    pub(crate) fn model<F>(preemptions: usize, f: F)
+    where
+        F: Fn() + Sync + Send + 'static,
+    {
+        let mut builder = loom::model::Builder::new();
+        if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
+            builder.preemption_bound = Some(preemptions);
+        }
+        let log = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("LOOM_LOG"))
+            .with_test_writer()
+            .without_time()
+            .finish();
+        tracing::subscriber::with_default(log, || builder.check(f));
+    }
+}
+
+#[cfg(test)]
+#[path = "../tests/counter.rs"]
+mod counter_models;
+
+#[cfg(test)]
+#[path = "../tests/stock.rs"]
+mod stock_models;
+
+#[cfg(test)]
+#[path = "../tests/removal.rs"]
+mod removal_models;
