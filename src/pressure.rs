@@ -18,8 +18,9 @@ use core::time::Duration;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::core::counter::{Counter, CRITICAL, LOW, MEDIUM, RECLAIM};
+use crate::core::doorbell::Doorbell;
 use crate::group::{self, Group};
-use crate::sync::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use crate::sync::{AtomicU32, AtomicU8, Ordering};
 use crate::{platform, scope};
 
 /// How long an allocation waits for direct reclaim before it is refused or forced.
@@ -84,11 +85,10 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     shrinkers: Vec::new(),
 });
 /// Rung (incremented) when a level or request is pending; the notifier sleeps on it.
-static BELL: AtomicU32 = AtomicU32::new(0);
+static BELL: Doorbell = Doorbell::new();
 /// Incremented after each of the notifier's rounds: a direct reclaim that timed out waits no
 /// more until this moves (see `STALLED`).
 static DONE: AtomicU32 = AtomicU32::new(0);
-static SLEEPING: AtomicBool = AtomicBool::new(false);
 /// `DONE + 1` when a direct reclaim timed out waiting for that pass: until the notifier gets
 /// past it (it may be waiting for a lock the allocating thread holds), charges do not wait.
 static STALLED: AtomicU32 = AtomicU32::new(0);
@@ -246,9 +246,8 @@ pub(crate) fn wake() {
     if NOTIFIER.load(Ordering::Acquire) == 0 {
         return;
     }
-    BELL.fetch_add(1, Ordering::SeqCst);
-    if SLEEPING.load(Ordering::SeqCst) {
-        platform::futex_wake(&BELL, 1);
+    if BELL.ring() {
+        platform::futex_wake(BELL.word(), 1);
     }
 }
 
@@ -261,8 +260,9 @@ pub(crate) fn direct(at: &Counter, bytes: usize) -> bool {
     let done = DONE.load(Ordering::SeqCst);
     let served = at.served.load(Ordering::SeqCst);
     at.want(bytes);
-    BELL.fetch_add(1, Ordering::SeqCst);
-    platform::futex_wake(&BELL, 1);
+    if BELL.ring() {
+        platform::futex_wake(BELL.word(), 1);
+    }
     if STALLED.load(Ordering::Relaxed) == done.wrapping_add(1) {
         return false;
     }
@@ -282,7 +282,7 @@ pub(crate) fn direct(at: &Counter, bytes: usize) -> bool {
 /// and until then charges neither ring nor wait for it.
 pub(crate) fn after_fork_in_child() {
     NOTIFIER.store(0, Ordering::Release);
-    SLEEPING.store(false, Ordering::Relaxed);
+    BELL.awake();
 }
 
 fn start_notifier() {
@@ -308,14 +308,13 @@ fn start_notifier() {
 
 fn notifier() {
     loop {
-        let rung = BELL.load(Ordering::SeqCst);
+        let mark = BELL.mark();
         group::for_each_counter(deliver);
         DONE.fetch_add(1, Ordering::SeqCst);
-        SLEEPING.store(true, Ordering::SeqCst);
-        if BELL.load(Ordering::SeqCst) == rung {
-            platform::futex_wait(&BELL, rung, None);
+        if BELL.may_sleep(mark) {
+            platform::futex_wait(BELL.word(), mark, None);
         }
-        SLEEPING.store(false, Ordering::SeqCst);
+        BELL.awake();
     }
 }
 

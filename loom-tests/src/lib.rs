@@ -222,3 +222,7 @@ mod stock_models;
 #[cfg(test)]
 #[path = "../tests/removal.rs"]
 mod removal_models;
+
+#[cfg(test)]
+#[path = "../tests/pressure.rs"]
+mod pressure_models;

@@ -5,4 +5,5 @@
 //! `loom-tests/` compiles these very files against loom.
 
 pub(crate) mod counter;
+pub(crate) mod doorbell;
 pub(crate) mod stock;
