@@ -459,7 +459,7 @@ impl Group {
             usage: s.usage,
             peak: s.peak,
             kmem: s.kmem,
-            overhead: s.allocs.saturating_sub(s.frees) as usize * crate::TAG_SIZE,
+            overhead: overhead(&s),
             max: limit(s.max),
             high: limit(s.high),
             kmem_max: limit(s.kmem_max),
@@ -477,6 +477,17 @@ impl Group {
     /// `stat()` is exact for memory that is not being charged concurrently.
     pub fn flush(&self) {
         let me = &self.node().counter;
+        // The arena's per-thread caches first: they hold counts and may release slabs.
+        #[cfg(feature = "arena")]
+        {
+            // With no child (removed ones have no cache left), only the group's own caches.
+            let leaf = {
+                let _reg = REGISTRY.lock();
+                // SAFETY: under the registry lock.
+                unsafe { self.node().meta().children == 0 }
+            };
+            crate::arena::flush(me, leaf);
+        }
         STOCKS.drain(|c| c.is_under(me));
     }
 
@@ -526,6 +537,9 @@ impl Group {
         DYING.fetch_add(1, Ordering::Relaxed);
         // From here no slot can be claimed for the group; empty the ones it has.
         STOCKS.purge(node.counter.id);
+        // And no arena cache made for it: retire the ones it has, orphaning its slabs.
+        #[cfg(feature = "arena")]
+        crate::arena::remove(node.counter.id);
         drop(self);
         Ok(())
     }
@@ -688,6 +702,16 @@ fn is_named(id: u32, parent: &Node, name: &str) -> bool {
         .parent()
         .is_some_and(|p| core::ptr::eq(p, &parent.counter))
         && &meta.name[..meta.name_len as usize] == name.as_bytes()
+}
+
+/// The overhead of a counter's snapshot: `TAG_SIZE` per live block (the tag design's tag) plus
+/// the arena design's correction (see `Counter::adjust_overhead`). Between flushes the parts
+/// may be out of step; the figure is kept within `0..=usage`.
+fn overhead(s: &crate::core::counter::Snapshot) -> usize {
+    let tags = s.allocs.saturating_sub(s.frees) as usize * crate::TAG_SIZE;
+    (tags as isize)
+        .saturating_add(s.overhead)
+        .clamp(0, s.usage as isize) as usize
 }
 
 /// Groups removed whose records are not yet freed: they still have live charges (or handles).

@@ -28,6 +28,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "arena")]
+mod arena;
 mod core;
 mod group;
 mod platform;
@@ -41,8 +43,19 @@ pub use pressure::{Level, Shrinker, ShrinkerHandle, Subscription};
 pub use scope::{current, fallible, kernel, nofail, Entered};
 pub use tag::{TagAlloc, TAG_SIZE};
 
+#[cfg(feature = "arena")]
+pub use arena::ArenaAlloc;
+#[cfg(feature = "arena")]
+#[doc(hidden)]
+pub use arena::{footprint as arena_footprint, slab_of, Footprint, SlabInfo};
+
 /// The allocator to install: the tag design ([`TagAlloc`]).
+#[cfg(not(feature = "arena"))]
 pub type GroupAlloc<A = std::alloc::System> = TagAlloc<A>;
+
+/// The allocator to install: the arena design ([`ArenaAlloc`], feature `arena`).
+#[cfg(feature = "arena")]
+pub type GroupAlloc<A = std::alloc::System> = ArenaAlloc<A>;
 
 /// Whether kernel-memory accounting is on (`MEMGROUP_KMEM=0` turns it off: kernel allocations
 /// are then charged as ordinary memory and `kmem` stays 0).

@@ -226,6 +226,97 @@ pub(crate) fn futex_wake(word: &AtomicU32, n: i32) {
     };
 }
 
+// ---- for the arena design: its own memory, membarrier and a thread-exit hook ----------------
+
+#[cfg(feature = "arena")]
+/// Reserves `bytes` of address space with no access and no memory behind it (nor any commit
+/// charge), or returns null.
+pub(crate) fn reserve(bytes: usize) -> *mut u8 {
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing has no
+    // preconditions; failure is reported as MAP_FAILED and turned into null.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            bytes,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        core::ptr::null_mut()
+    } else {
+        p.cast()
+    }
+}
+
+#[cfg(feature = "arena")]
+/// Makes reserved memory readable and writable (zeroed, backed lazily). False on failure.
+pub(crate) fn commit(p: *mut u8, bytes: usize) -> bool {
+    // SAFETY: the caller passes a page-aligned range of a mapping made by `reserve`, which
+    // nothing else uses.
+    unsafe { libc::mprotect(p.cast(), bytes, libc::PROT_READ | libc::PROT_WRITE) == 0 }
+}
+
+#[cfg(feature = "arena")]
+/// Gives the memory of a committed range back to the operating system; it reads as zeros when
+/// touched again. Failure only leaves the memory resident.
+pub(crate) fn decommit(p: *mut u8, bytes: usize) {
+    // SAFETY: the caller passes a page-aligned range that holds nothing live.
+    unsafe { libc::madvise(p.cast(), bytes, libc::MADV_DONTNEED) };
+}
+
+#[cfg(feature = "arena")]
+/// Unmaps a range made by `map`.
+pub(crate) fn unmap(p: *mut u8, bytes: usize) {
+    // SAFETY: the caller passes a whole mapping from `map` that nothing uses any more.
+    unsafe { libc::munmap(p.cast(), bytes) };
+}
+
+#[cfg(feature = "arena")]
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+#[cfg(feature = "arena")]
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+#[cfg(feature = "arena")]
+/// Registers the process for `membarrier`; false if the kernel (or valgrind) cannot.
+pub(crate) fn membarrier_register() -> bool {
+    // SAFETY: membarrier with a command and zero flags has no memory arguments.
+    unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+            0,
+        ) == 0
+    }
+}
+
+#[cfg(feature = "arena")]
+/// Runs a full memory barrier on every running thread of the process (after
+/// `membarrier_register`): the heavy side of an asymmetric fence. False on failure.
+pub(crate) fn membarrier() -> bool {
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0) == 0 }
+}
+
+#[cfg(feature = "arena")]
+/// Creates a thread-specific key whose destructor runs `hook` at the exit of each thread that
+/// set a value for it, after the thread's Rust thread-local destructors.
+pub(crate) fn thread_exit_key(hook: unsafe extern "C" fn(*mut libc::c_void)) -> Option<u32> {
+    let mut key: libc::pthread_key_t = 0;
+    // SAFETY: `key` is a valid out-pointer; the destructor lives for the whole program.
+    (unsafe { libc::pthread_key_create(&mut key, Some(hook)) } == 0).then_some(key)
+}
+
+#[cfg(feature = "arena")]
+/// Sets this thread's value for a `thread_exit_key`. May allocate (glibc's second-level key
+/// table), so the caller must be ready for a nested allocation.
+pub(crate) fn set_thread_exit_value(key: u32, value: *mut libc::c_void) {
+    // SAFETY: `key` came from `thread_exit_key`; failure only loses the exit hook.
+    unsafe { libc::pthread_setspecific(key, value) };
+}
+
 /// Gives up the CPU, for a lock holder that may be descheduled.
 pub(crate) fn yield_now() {
     // SAFETY: sched_yield has no preconditions.

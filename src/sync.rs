@@ -20,6 +20,11 @@ pub(crate) use core::sync::atomic::{fence, Ordering};
 #[cfg(memgroup_loom)]
 pub(crate) use loom::sync::atomic::{fence, Ordering};
 
+// For the arena design's fast path (which loom does not model).
+#[cfg(not(memgroup_loom))]
+#[allow(unused_imports)]
+pub(crate) use core::sync::atomic::compiler_fence;
+
 /// Spin-wait hint: a real `spin_loop` hint in the allocator, a yield to the scheduler under loom
 /// (loom needs to see the waiting thread give way, or the model never terminates).
 #[inline]

@@ -109,7 +109,7 @@ unsafe fn tagged(base: *mut u8, at: Placement, key: Key) -> *mut u8 {
 /// Charges `bytes` (and `objects` new blocks) to `key`; returns the key actually charged,
 /// which differs when the group was removed and a new block goes to its nearest live ancestor.
 #[inline(always)]
-fn charge(key: Key, bytes: usize, objects: u64) -> Option<Key> {
+pub(crate) fn charge(key: Key, bytes: usize, objects: u64) -> Option<Key> {
     let cpu = platform::cpu();
     if STOCKS.charge(cpu, key, bytes, objects) {
         return Some(key);
@@ -118,7 +118,7 @@ fn charge(key: Key, bytes: usize, objects: u64) -> Option<Key> {
 }
 
 #[inline(always)]
-fn uncharge(key: Key, bytes: usize, objects: u64) {
+pub(crate) fn uncharge(key: Key, bytes: usize, objects: u64) {
     let cpu = platform::cpu();
     if !STOCKS.uncharge(cpu, key, bytes, objects) {
         STOCKS.uncharge_slow(cpu, key, bytes, objects);
@@ -168,6 +168,47 @@ impl<A: GlobalAlloc> TagAlloc<A> {
             return base;
         }
         match STOCKS.charge_slow(cpu, key, bytes, 1, mode) {
+            // SAFETY: `base` is a fresh inner block placed as `at`.
+            Some(key) => unsafe { tagged(base, at, key) },
+            None => {
+                // SAFETY: `base` was just allocated with `at.inner`.
+                unsafe { self.inner.dealloc(base, at.inner) };
+                core::ptr::null_mut()
+            }
+        }
+    }
+
+    /// A tagged block for a block another design moves (the arena's realloc): charged to
+    /// `key`, the block's owner (even a removed group), counting no new block. Null if refused;
+    /// a large block is asked of the inner allocator first, as in `alloc_slow`.
+    ///
+    /// # Safety
+    /// As for [`GlobalAlloc::alloc`].
+    #[cfg(feature = "arena")]
+    pub(crate) unsafe fn alloc_for(&self, layout: Layout, key: Key) -> *mut u8 {
+        let Some(at) = place(layout) else {
+            return core::ptr::null_mut();
+        };
+        let bytes = at.inner.size();
+        if bytes <= STOCKS.batch() {
+            let Some(key) = charge(key, bytes, 0) else {
+                return core::ptr::null_mut();
+            };
+            // SAFETY: forwarded caller contract.
+            let base = unsafe { self.inner_alloc(at, false) };
+            if base.is_null() {
+                uncharge(key, bytes, 0);
+                return base;
+            }
+            // SAFETY: `base` is a fresh inner block placed as `at`.
+            return unsafe { tagged(base, at, key) };
+        }
+        // SAFETY: forwarded caller contract.
+        let base = unsafe { self.inner_alloc(at, false) };
+        if base.is_null() {
+            return base;
+        }
+        match charge(key, bytes, 0) {
             // SAFETY: `base` is a fresh inner block placed as `at`.
             Some(key) => unsafe { tagged(base, at, key) },
             None => {

@@ -71,6 +71,9 @@ struct Hot {
     peak: AtomicUsize,
     allocs: AtomicU64,
     frees: AtomicU64,
+    /// A design's overhead beyond `TAG_SIZE` per live block, signed, two's complement: see
+    /// `adjust_overhead`.
+    overhead: AtomicUsize,
 }
 
 /// Event kinds, as indices into `Counter::events`.
@@ -89,6 +92,7 @@ pub(crate) struct Snapshot {
     pub(crate) peak: usize,
     pub(crate) allocs: u64,
     pub(crate) frees: u64,
+    pub(crate) overhead: isize,
     pub(crate) max: usize,
     pub(crate) high: usize,
     pub(crate) kmem_max: usize,
@@ -112,6 +116,7 @@ impl Counter {
                 peak: AtomicUsize::new(0),
                 allocs: AtomicU64::new(0),
                 frees: AtomicU64::new(0),
+                overhead: AtomicUsize::new(0),
             },
             events: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
             pending: AtomicU8::new(0),
@@ -133,7 +138,12 @@ impl Counter {
             limit.store(UNLIMITED, Ordering::Relaxed);
         }
         self.fail.store(false, Ordering::Relaxed);
-        for field in [&self.hot.usage, &self.hot.kmem, &self.hot.peak] {
+        for field in [
+            &self.hot.usage,
+            &self.hot.kmem,
+            &self.hot.peak,
+            &self.hot.overhead,
+        ] {
             field.store(0, Ordering::Relaxed);
         }
         for field in [&self.hot.allocs, &self.hot.frees] {
@@ -292,6 +302,21 @@ impl Counter {
         }
     }
 
+    /// Adds `delta` to the overhead figure of every level. The tag design reports
+    /// `TAG_SIZE * (allocs - frees)` as its overhead; the arena design adds a slab's bytes when
+    /// it charges one and subtracts each object's requested size and `TAG_SIZE` while it lives,
+    /// so that the sum is exactly the charged bytes holding no requested byte. Called from slow
+    /// paths only.
+    #[allow(dead_code)] // used by the arena design only
+    pub(crate) fn adjust_overhead(&self, delta: isize) {
+        if delta == 0 {
+            return;
+        }
+        for c in self.chain() {
+            c.hot.overhead.fetch_add(delta as usize, Ordering::Relaxed);
+        }
+    }
+
     /// Counts `event` on `self` and every ancestor (cgroup v2's hierarchical `memory.events`).
     pub(crate) fn event(&self, event: Event) {
         for c in self.chain() {
@@ -308,6 +333,7 @@ impl Counter {
             peak: load(&self.hot.peak),
             allocs: load64(&self.hot.allocs),
             frees: load64(&self.hot.frees),
+            overhead: load(&self.hot.overhead) as isize,
             max: load(&self.max),
             high: load(&self.high),
             kmem_max: load(&self.kmem_max),

@@ -3,7 +3,10 @@
 
 include!("common.rs");
 
-use common::{exact, fresh, fresh_child, in_child_process, live, run_in_child_process, Block, Rng};
+use common::{
+    block_cost, exact, fresh, fresh_child, in_child_process, live, run_in_child_process, Block,
+    Cost, Rng,
+};
 use memgroup::{current, kernel, stock_batch, Group};
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -241,7 +244,8 @@ fn guards_dropped_out_of_order() {
 fn scopes_restored_after_a_panic() {
     let root = Group::root();
     let g = fresh("panic-g");
-    g.set_max(Some(1000));
+    // Room for the panic's own allocations, not for a 5000-byte block.
+    g.set_max(Some(block_cost(5000, 1) - 1));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         g.run(|| memgroup::fallible(|| kernel(|| std::panic::resume_unwind(Box::new(7u8)))))
     }));
@@ -519,26 +523,31 @@ fn no_stocks_inner() {
     t.join().unwrap();
     let s = g.stat();
     assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0));
-    // Exact limits without stocks: floor(max / cost) small blocks fit.
+    // Exact limits without stocks: floor(max / cost) small blocks fit (charged one unit at a
+    // time: a block in the tag design, a slab in the arena design; see `Cost`).
     let cost = {
         let b = g.run(|| Block::new(100, 1));
         let c = g.stat().usage;
         drop(b);
         c
     };
-    g.set_max(Some(10 * cost + cost / 2));
-    let mut fit = Vec::with_capacity(11);
+    let model = Cost::of_size(100);
+    assert_eq!(model.unit, cost, "stat() without flush agrees with the flushed probe");
+    let max = 10 * cost + cost / 2;
+    g.set_max(Some(max));
+    let expect = model.fit(max);
+    let mut fit = Vec::with_capacity(expect + 1);
     memgroup::fallible(|| {
         g.run(|| {
             while let Some(b) = Block::try_new(100, 1) {
                 fit.push(b);
-                if fit.len() > 10 {
+                if fit.len() > expect {
                     break;
                 }
             }
         })
     });
-    assert_eq!(fit.len(), 10);
+    assert_eq!(fit.len(), expect);
     assert_eq!(g.stat().usage, 10 * cost);
 }
 

@@ -65,6 +65,9 @@ mod common {
             assert!(layout.size() > 0, "Block does not do zero-size layouts");
             // SAFETY: the layout has a non-zero size.
             let ptr = unsafe { std::alloc::alloc(layout) };
+            // The optimizer may drop an allocation whose memory is never used (GlobalAlloc's
+            // documentation): the tests count allocations, so the pointer must escape.
+            let ptr = std::hint::black_box(ptr);
             NonNull::new(ptr).map(|ptr| Block { ptr, layout })
         }
 
@@ -153,6 +156,72 @@ mod common {
             "per-block overhead is not constant near {cost}"
         );
         size
+    }
+
+    /// How the installed design charges blocks of one size (align 1) in a group holding nothing
+    /// else: in units of `unit` bytes, each holding up to `per_unit` blocks. The tag design
+    /// charges each block on its own (`unit` = size + 8, `per_unit` = 1); the arena design
+    /// charges a slab at a time (`unit` = the slab, `per_unit` = its objects). Measured, so the
+    /// suites' exact assertions hold for either design.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Cost {
+        pub unit: usize,
+        pub per_unit: usize,
+    }
+
+    impl Cost {
+        /// Measures blocks of `size` in a probe group: the first costs one unit, and blocks
+        /// come free until the next one costs a second unit.
+        pub fn of_size(size: usize) -> Cost {
+            let g = fresh("cost");
+            let mut held = vec![g.run(|| Block::new(size, 1))];
+            let unit = exact(&g).usage;
+            assert!(unit > size, "one block of {size} costs {unit}");
+            loop {
+                held.push(g.run(|| Block::new(size, 1)));
+                let usage = exact(&g).usage;
+                if usage != unit {
+                    assert_eq!(usage, 2 * unit, "a second unit for {size} costs the first's");
+                    break;
+                }
+                assert!(held.len() < 1 << 16, "no second unit for {size}");
+            }
+            let per_unit = held.len() - 1;
+            drop(held);
+            assert_eq!(exact(&g).usage, 0, "a probe group holding nothing has usage 0");
+            g.remove().expect("removing the probe group");
+            Cost { unit, per_unit }
+        }
+
+        /// What `n` blocks cost, allocated one after another in a group holding nothing else.
+        pub fn of(&self, n: usize) -> usize {
+            n.div_ceil(self.per_unit) * self.unit
+        }
+
+        /// How many blocks fit in `bytes` that way.
+        pub fn fit(&self, bytes: usize) -> usize {
+            bytes / self.unit * self.per_unit
+        }
+    }
+
+    /// How many more blocks of `size` (align 1) `g` takes without charging anything: none in
+    /// the tag design, the free objects of its slabs of that size in the arena design. Measured
+    /// and given back.
+    pub fn room(g: &Group, size: usize) -> usize {
+        let before = exact(g).usage;
+        let mut probe = Vec::new();
+        loop {
+            let b = g.run(|| Block::new(size, 1));
+            if exact(g).usage != before {
+                drop(b);
+                break;
+            }
+            probe.push(b);
+        }
+        let n = probe.len();
+        drop(probe);
+        assert_eq!(exact(g).usage, before, "the room probe leaves the group as it was");
+        n
     }
 
     /// True inside a child process started by `run_in_child_process`.

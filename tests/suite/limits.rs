@@ -4,7 +4,7 @@ include!("common.rs");
 
 use common::{
     block_cost, exact, fresh, fresh_child, in_child_process, live, run_in_child_process,
-    size_for_cost, Block,
+    size_for_cost, Block, Cost,
 };
 use memgroup::{fallible, nofail, Group, OnLimit};
 
@@ -182,7 +182,7 @@ fn concurrent_fallible_charges_never_pass_max() {
     let g = fresh("race");
     let max = 500_000;
     g.set_max(Some(max));
-    let c_small = block_cost(300, 1);
+    let small = Cost::of_size(300);
     let handles: Vec<_> = (0..3)
         .map(|_| {
             let g = g.clone();
@@ -206,10 +206,10 @@ fn concurrent_fallible_charges_never_pass_max() {
     let mut all: Vec<Vec<Block>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     let s = exact(&g);
     let n: usize = all.iter().map(Vec::len).sum();
-    assert_eq!(s.usage, n * c_small);
+    assert_eq!(s.usage, small.of(n));
     assert!(s.usage <= max && s.peak <= max, "never above max: {s:?}");
     // Quiet now: exactly floor(max / cost) blocks fit, whatever the racers left in the stocks.
-    let mut more = Vec::with_capacity(max / c_small + 1);
+    let mut more = Vec::with_capacity(small.fit(max) + 1);
     g.run(|| {
         fallible(|| {
             while let Some(b) = Block::try_new(300, 1) {
@@ -217,7 +217,7 @@ fn concurrent_fallible_charges_never_pass_max() {
             }
         })
     });
-    assert_eq!(n + more.len(), max / c_small, "{n} blocks from the racers");
+    assert_eq!(n + more.len(), small.fit(max), "{n} blocks from the racers");
     all.push(more);
     drop(all);
     assert_eq!(exact(&g).usage, 0);
@@ -232,15 +232,15 @@ fn exact_fit_after_draining_stocks() {
     let max = 1_000_000;
     g.set_max(Some(max));
     let small = 100;
-    let c_small = block_cost(small, 1);
-    let n = (max - 90_000) / c_small;
+    let cost = Cost::of_size(small);
+    let n = cost.fit(max - 90_000);
     let mut blocks = Vec::with_capacity(n + 1);
     g.run(|| {
         for _ in 0..n {
             blocks.push(Block::new(small, 1));
         }
     });
-    let real0 = n * c_small;
+    let real0 = cost.of(n);
     let real = real0;
     let gap = max - real;
     assert!(
@@ -265,7 +265,7 @@ fn exact_fit_after_draining_stocks() {
 
     // One more small block: the stock refills and holds slack again.
     g.run(|| blocks.push(Block::new(small, 1)));
-    let real = real + c_small;
+    let real = cost.of(n + 1);
     let fits = size_for_cost(max - real);
     let v = g
         .run(|| fallible(|| try_bytes(fits)))
@@ -296,8 +296,8 @@ fn small_charges_fill_to_exactly_max() {
         let g = fresh("smallfill");
         g.set_max(Some(max));
         let small = 100;
-        let c_small = block_cost(small, 1);
-        let expect_fit = max / c_small;
+        let cost = Cost::of_size(small);
+        let expect_fit = cost.fit(max);
         let mut blocks = Vec::with_capacity(expect_fit + 1);
         g.run(|| {
             fallible(|| {
@@ -312,10 +312,10 @@ fn small_charges_fill_to_exactly_max() {
         assert_eq!(
             blocks.len(),
             expect_fit,
-            "blocks of {c_small} bytes fitting in {max}"
+            "blocks of {small} bytes ({cost:?}) fitting in {max}"
         );
         let s = exact(&g);
-        assert_eq!(s.usage, expect_fit * c_small);
+        assert_eq!(s.usage, cost.of(expect_fit));
         assert_eq!(
             (s.events.max, s.events.fail),
             (1, 1),

@@ -1,0 +1,289 @@
+//! The memory the arena maps itself: one reserved stretch of address space, cut into aligned
+//! segments of slabs, and the pool of empty slabs.
+//!
+//! The arena reserves one region at its first use (1 TiB of address space, less where that is
+//! refused, for example under valgrind), never backed until used. A segment is 4 MiB of it,
+//! aligned to 4 MiB, holding slabs of one size (one page to eight); its header holds the
+//! metadata of all its slabs. So from any pointer: in the region or not (two loads and a
+//! compare), its segment (a mask), its slab (a shift by the size in the segment's header) and
+//! the slab's metadata, with no lock and no lookup. Segments are never unmapped, so a racing
+//! reader of a slab's metadata always reads mapped memory.
+//!
+//! Empty slabs go back to a pool, one per slab size, shared by all groups (a slab is charged to
+//! a group only while it is out of the pool). The pool keeps up to `MEMGROUP_ARENA_POOL` bytes
+//! (default 4 MiB) resident for quick reuse; slabs pooled beyond that give their memory back to
+//! the operating system (`madvise(MADV_DONTNEED)`, in batches of 128 slabs, so at most a batch
+//! per slab size stays resident on top) and read as zeros when reused.
+
+use core::mem::size_of;
+
+use crate::platform;
+use crate::sync::{AtomicUsize, Ordering};
+
+use super::class::{KINDS, MIN_SLAB_SHIFT};
+use super::lock::Locked;
+use super::slab::{self, Slab};
+
+pub(crate) const SEGMENT_SHIFT: u32 = 22;
+const SEGMENT: usize = 1 << SEGMENT_SHIFT;
+/// The segment header before the slab metadata.
+const HEADER: usize = 64;
+
+/// Slabs given back to the OS in one go.
+const BATCH: usize = 128;
+
+/// The region sizes tried, largest first.
+const REGIONS: [usize; 6] = [1 << 40, 1 << 38, 1 << 36, 1 << 34, 1 << 32, 1 << 30];
+
+static BASE: AtomicUsize = AtomicUsize::new(0);
+/// 0 until the region is reserved: then no pointer is in it.
+static SIZE: AtomicUsize = AtomicUsize::new(0);
+/// Bytes of the region cut into segments.
+static CUT: AtomicUsize = AtomicUsize::new(0);
+/// Bytes of empty slabs pooled with their memory resident, and the most that may be.
+static WARM: AtomicUsize = AtomicUsize::new(0);
+static WARM_MAX: AtomicUsize = AtomicUsize::new(4 << 20);
+
+#[repr(C, align(64))]
+struct Header {
+    /// Slab size of this segment, as a shift.
+    shift: u32,
+    slabs: u32,
+}
+
+/// The pool and the segment being cut, for one slab size.
+struct Kind {
+    /// Empty slabs with resident memory, and without.
+    warm: *mut Slab,
+    cold: *mut Slab,
+    pooled: usize,
+    /// Pooled slabs waiting to be given back to the OS, in a batch (see `put`).
+    doomed: [*mut Slab; BATCH],
+    ndoomed: usize,
+    /// The segment being cut into slabs, and its next fresh slab.
+    segment: usize,
+    fresh: usize,
+}
+
+// SAFETY: the raw pointers name slab metadata, which lives for the whole program; `Kind` is
+// only reached under its lock.
+unsafe impl Send for Kind {}
+
+static KIND: [Locked<Kind>; KINDS] = [const {
+    Locked::new(Kind {
+        warm: core::ptr::null_mut(),
+        cold: core::ptr::null_mut(),
+        pooled: 0,
+        doomed: [core::ptr::null_mut(); BATCH],
+        ndoomed: 0,
+        segment: 0,
+        fresh: 0,
+    })
+}; KINDS];
+
+/// Reserves the region. False if no size could be reserved: the arena is then unavailable and
+/// every block goes to the inner allocator.
+pub(crate) fn reserve(pool: usize) -> bool {
+    WARM_MAX.store(pool, Ordering::Relaxed);
+    for size in REGIONS {
+        // Room to align the start to a segment.
+        let p = platform::reserve(size + SEGMENT);
+        if !p.is_null() {
+            let base = (p as usize + SEGMENT - 1) & !(SEGMENT - 1);
+            BASE.store(base, Ordering::Relaxed);
+            SIZE.store(size, Ordering::Release);
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether `p` is in the region: a slab object. Everything else came from the inner allocator.
+#[inline(always)]
+pub(crate) fn contains(p: *const u8) -> bool {
+    (p as usize).wrapping_sub(BASE.load(Ordering::Relaxed)) < SIZE.load(Ordering::Relaxed)
+}
+
+/// The metadata of the slab holding `p`.
+///
+/// # Safety
+/// `p` is in the region, in a slab handed out by `take`.
+#[inline(always)]
+pub(crate) unsafe fn slab_of(p: *const u8) -> *mut Slab {
+    let base = BASE.load(Ordering::Relaxed);
+    let seg = base + ((p as usize - base) & !(SEGMENT - 1));
+    // SAFETY: `p` lies in a segment that was cut, whose header was written before any of its
+    // slabs was handed out, and segments are never unmapped.
+    let shift = unsafe { (*(seg as *const Header)).shift };
+    let index = (p as usize - seg) >> shift;
+    (seg + HEADER + index * size_of::<Slab>()) as *mut Slab
+}
+
+/// The first byte of slab `s`.
+#[inline(always)]
+pub(crate) fn start(s: *const Slab) -> *mut u8 {
+    let seg = s as usize & !(SEGMENT - 1);
+    let index = (s as usize - seg - HEADER) / size_of::<Slab>();
+    // SAFETY: `seg` is the header of the segment holding the metadata `s` (headers come
+    // first in a segment, and metadata never spans segments).
+    let shift = unsafe { (*(seg as *const Header)).shift };
+    (seg + (index << shift)) as *mut u8
+}
+
+/// An empty slab of kind `kind` (slab size `1 << (12 + kind)`), taken from the pool or cut from
+/// a segment; null when the region is exhausted or its memory cannot be committed. The caller
+/// holds it exclusively; its memory is zero or left over from a previous use.
+pub(crate) fn take(kind: usize) -> *mut Slab {
+    let shift = MIN_SLAB_SHIFT as usize + kind;
+    KIND[kind].with(|k| {
+        // Resident slabs first: warm ones, then those waiting to be given back, then cold.
+        let s = k.warm;
+        if !s.is_null() {
+            // SAFETY: pooled slabs are only reached under this lock.
+            unsafe {
+                k.warm = (*s).next;
+                (*s).next = core::ptr::null_mut();
+            }
+            WARM.fetch_sub(1 << shift, Ordering::Relaxed);
+            k.pooled -= 1;
+            return s;
+        }
+        if k.ndoomed > 0 {
+            k.ndoomed -= 1;
+            k.pooled -= 1;
+            return k.doomed[k.ndoomed];
+        }
+        let s = k.cold;
+        if !s.is_null() {
+            // SAFETY: as above.
+            unsafe {
+                k.cold = (*s).next;
+                (*s).next = core::ptr::null_mut();
+            }
+            k.pooled -= 1;
+            return s;
+        }
+        if k.segment == 0 || k.fresh == SEGMENT >> shift {
+            let Some((seg, first)) = new_segment(shift) else {
+                return core::ptr::null_mut();
+            };
+            k.segment = seg;
+            k.fresh = first;
+        }
+        let s = (k.segment + HEADER + k.fresh * size_of::<Slab>()) as *mut Slab;
+        k.fresh += 1;
+        s
+    })
+}
+
+/// Cuts a new segment of slabs of `1 << shift` bytes: returns it and its first slab index
+/// after the header.
+fn new_segment(shift: usize) -> Option<(usize, usize)> {
+    let size = SIZE.load(Ordering::Acquire);
+    let offset = CUT.fetch_add(SEGMENT, Ordering::Relaxed);
+    if offset.checked_add(SEGMENT)? > size {
+        CUT.fetch_sub(SEGMENT, Ordering::Relaxed);
+        return None;
+    }
+    let seg = BASE.load(Ordering::Relaxed) + offset;
+    if !platform::commit(seg as *mut u8, SEGMENT) {
+        // Leave the hole: the region is only an address range.
+        return None;
+    }
+    let slabs = SEGMENT >> shift;
+    let header = HEADER + slabs * size_of::<Slab>();
+    // SAFETY: the segment was just committed and no one else knows it yet.
+    unsafe {
+        (seg as *mut Header).write(Header {
+            shift: shift as u32,
+            slabs: slabs as u32,
+        })
+    };
+    Some((seg, header.div_ceil(1 << shift)))
+}
+
+/// Returns an empty slab to the pool: with its memory resident if the pool holds less than its
+/// limit of resident bytes, else to be given back to the operating system. Those are given
+/// back in batches of `BATCH`, sorted so that neighbouring slabs (often freed together) go in
+/// one `madvise` call: one call per slab would cost more than the frees that emptied it.
+///
+/// # Safety
+/// The caller holds `s` exclusively, no object of it is live, and it came from `take`.
+pub(crate) unsafe fn put(s: *mut Slab, kind: usize) {
+    let bytes = 1usize << (MIN_SLAB_SHIFT as usize + kind);
+    let warm = WARM.fetch_add(bytes, Ordering::Relaxed) + bytes <= WARM_MAX.load(Ordering::Relaxed);
+    if !warm {
+        WARM.fetch_sub(bytes, Ordering::Relaxed);
+    }
+    let batch = KIND[kind].with(|k| {
+        k.pooled += 1;
+        // SAFETY: the caller gave us `s`; the lists are only reached under this lock.
+        unsafe {
+            (*s).state = slab::POOLED;
+            if warm {
+                (*s).next = k.warm;
+                k.warm = s;
+                return None;
+            }
+        }
+        k.doomed[k.ndoomed] = s;
+        k.ndoomed += 1;
+        (k.ndoomed == BATCH).then(|| {
+            k.ndoomed = 0;
+            k.doomed
+        })
+    });
+    if let Some(mut batch) = batch {
+        // Outside the lock: the batch's slabs are in no list, ours alone.
+        batch.sort_unstable();
+        let mut i = 0;
+        while i < BATCH {
+            let first = start(batch[i]);
+            let mut j = i + 1;
+            // SAFETY: slabs of one segment are contiguous: `first + n * bytes` is in bounds
+            // of the segment whenever a neighbour starts there.
+            while j < BATCH && start(batch[j]) == unsafe { first.add((j - i) * bytes) } {
+                j += 1;
+            }
+            platform::decommit(first, (j - i) * bytes);
+            i = j;
+        }
+        KIND[kind].with(|k| {
+            for s in batch {
+                // SAFETY: as above; back under the lock.
+                unsafe {
+                    (*s).next = k.cold;
+                    k.cold = s;
+                }
+            }
+        });
+    }
+}
+
+/// What the arena holds, in bytes: segments cut, slabs pooled, and pooled slabs still resident
+/// (the warm ones, and those waiting in a batch to be given back).
+pub(crate) fn footprint() -> (usize, usize, usize) {
+    let (mut pooled, mut doomed) = (0, 0);
+    for (kind, k) in KIND.iter().enumerate() {
+        k.with(|k| {
+            pooled += k.pooled << (MIN_SLAB_SHIFT as usize + kind);
+            doomed += k.ndoomed << (MIN_SLAB_SHIFT as usize + kind);
+        });
+    }
+    (
+        CUT.load(Ordering::Relaxed),
+        pooled,
+        WARM.load(Ordering::Relaxed) + doomed,
+    )
+}
+
+/// Takes (`lock`) or releases every pool lock, around `fork()`.
+pub(crate) fn fork_locks(lock: bool) {
+    for k in &KIND {
+        if lock {
+            k.spin.lock();
+        } else {
+            k.spin.unlock();
+        }
+    }
+}

@@ -1,0 +1,456 @@
+//! What only the arena design promises: slabs never mix groups (or kinds), charges per slab,
+//! frees from any thread, thousands of groups, memory given back at flush and to the OS, and no
+//! cache of a removed group outliving its last object.
+#![cfg(feature = "arena")]
+#[global_allocator]
+static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
+
+include!("suite/common.rs");
+
+use common::{exact, fresh, fresh_child, in_child_process, live, run_in_child_process, Block, Rng};
+use memgroup::{dying_groups, kernel, Group, SlabInfo};
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
+
+/// dying_groups() and the pool are process-wide: tests that look at them run one at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where a live block lives: `None` for the inner allocator's.
+fn slab_of(p: *const u8) -> Option<SlabInfo> {
+    // SAFETY: every pointer given here is a live block of this binary's global allocator.
+    unsafe { memgroup::slab_of(p) }
+}
+
+/// The slab of a block, which must be one.
+fn slab(b: &Block) -> SlabInfo {
+    let info = slab_of(b.ptr()).expect("a small block lives in a slab");
+    let p = b.ptr() as usize;
+    assert!(p >= info.start && p + b.size() <= info.start + info.len);
+    assert_eq!(
+        (p - info.start) % info.object_size,
+        0,
+        "blocks start on objects"
+    );
+    info
+}
+
+#[test]
+fn large_blocks_go_to_the_inner_allocator() {
+    let g = fresh("large");
+    let big = g.run(|| Block::new(8193, 1));
+    let aligned = g.run(|| Block::new(100, 8192));
+    let small = g.run(|| Block::new(8192, 1));
+    assert!(slab_of(big.ptr()).is_none() && slab_of(aligned.ptr()).is_none());
+    assert_eq!(slab(&small).object_size, 8192);
+    let s = exact(&g);
+    // Tagged blocks cost size + 8; the 8 KiB object's slab holds four.
+    assert_eq!(s.usage, 8193 + 8 + 100 + 8 + slab(&small).len);
+    assert_eq!(s.usage, 8193 + 100 + 8192 + s.overhead);
+}
+
+#[test]
+fn a_group_is_charged_per_slab() {
+    let g = fresh("perslab");
+    let one = g.run(|| Block::new(24, 1));
+    let info = slab(&one);
+    assert_eq!((info.len, info.object_size), (4096, 24));
+    assert_eq!(info.group, g);
+    let s = exact(&g);
+    assert_eq!((s.usage, s.overhead, live(&s)), (4096, 4096 - 24, 1));
+    // The slab's other objects come free, until it is full.
+    let per_slab = 4096 / 24;
+    let more: Vec<Block> = g.run(|| (1..per_slab).map(|_| Block::new(24, 1)).collect());
+    assert!(more.iter().all(|b| slab(b).start == info.start));
+    let buffer = slab_of(more.as_ptr().cast())
+        .expect("the Vec's buffer is small")
+        .len;
+    assert_eq!(
+        exact(&g).usage,
+        4096 + buffer,
+        "the Vec's buffer has a slab of its own"
+    );
+    let next = g.run(|| Block::new(24, 1));
+    assert_ne!(slab(&next).start, info.start);
+    // Kernel objects get slabs of their own, charged as kmem.
+    let k = g.run(|| kernel(|| Block::new(24, 1)));
+    assert!(slab(&k).kernel && !slab(&one).kernel);
+    let s = exact(&g);
+    assert_eq!(s.kmem, 4096);
+    drop((one, more, next, k));
+    let s = exact(&g);
+    assert_eq!((s.usage, s.kmem, s.overhead, live(&s)), (0, 0, 0, 0));
+}
+
+/// Many groups, both kinds, two threads, random sizes and alignments, interleaved: every slab
+/// holds the objects of one group and one kind only.
+#[test]
+fn no_slab_holds_two_groups_objects() {
+    let groups: Vec<Group> = (0..40).map(|_| fresh("mix")).collect();
+    let handles: Vec<_> = (0..2u64)
+        .map(|t| {
+            let groups = groups.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(t + 7);
+                let mut held = Vec::with_capacity(20_000);
+                for _ in 0..20_000 {
+                    let i = rng.range(0, groups.len() - 1);
+                    let kern = rng.one_in(4);
+                    let size = if rng.one_in(8) {
+                        rng.range(1, 8192)
+                    } else {
+                        rng.range(1, 300)
+                    };
+                    let align = 1 << rng.range(0, 6);
+                    let b = groups[i].run(|| {
+                        if kern {
+                            kernel(|| Block::new(size, align))
+                        } else {
+                            Block::new(size, align)
+                        }
+                    });
+                    assert_eq!(b.ptr() as usize % align, 0);
+                    held.push((i, kern, b));
+                    if rng.one_in(3) {
+                        let j = rng.range(0, held.len() - 1);
+                        held.swap_remove(j);
+                    }
+                }
+                held
+            })
+        })
+        .collect();
+    let held: Vec<(usize, bool, Block)> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let mut owner: HashMap<usize, (usize, bool)> = HashMap::new();
+    for (i, kern, b) in &held {
+        let info = slab(b);
+        assert_eq!(info.group, groups[*i], "a block in another group's slab");
+        assert_eq!(info.kernel, *kern, "a block in a slab of the other kind");
+        let prev = owner.insert(info.start, (*i, *kern));
+        assert!(
+            prev.is_none() || prev == Some((*i, *kern)),
+            "slab {:#x} holds two groups' objects",
+            info.start
+        );
+    }
+    drop(held);
+    for g in &groups {
+        let s = exact(g);
+        assert_eq!((s.usage, s.kmem, s.overhead, live(&s)), (0, 0, 0, 0));
+    }
+}
+
+/// A producer allocates, consumers on other threads free everything: the producer's slabs get
+/// their objects back (no growth), and every counter ends at zero.
+#[test]
+fn cross_thread_frees_are_reused_by_the_owner() {
+    let g = fresh("xfree");
+    let (tx, rx) = mpsc::sync_channel::<Vec<Block>>(2);
+    let consumer = std::thread::spawn(move || {
+        let mut n = 0;
+        for batch in rx {
+            n += batch.len();
+        }
+        n
+    });
+    let mut worst = 0;
+    let rounds = 300;
+    let per_round = 1000;
+    let g2 = g.clone();
+    let producer = std::thread::spawn(move || {
+        for r in 0..rounds {
+            let batch: Vec<Block> = g2.run(|| {
+                (0..per_round)
+                    .map(|i| Block::new(16 + (i + r) % 100, 8))
+                    .collect()
+            });
+            tx.send(batch).unwrap();
+            if r % 10 == 0 {
+                worst = worst.max(g2.stat().usage);
+            }
+        }
+        worst
+    });
+    let worst = producer.join().unwrap();
+    assert_eq!(consumer.join().unwrap(), rounds * per_round);
+    // At most about four batches are live at once (one being built, two queued, one being
+    // freed), ~120 KiB each; the stocks may hold up to a batch per CPU on top.
+    assert!(
+        worst < 2 << 20,
+        "usage reached {worst}: remote frees were not reused"
+    );
+    let s = exact(&g);
+    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0));
+    assert_eq!(s.allocs, (rounds * per_round + rounds) as u64);
+}
+
+/// Threads free each other's blocks while they allocate, in several groups: all exact at the
+/// end, with the allocating threads still alive (their caches hold empty slabs until flush).
+#[test]
+fn usage_is_exactly_zero_after_flush() {
+    let groups: Vec<Group> = (0..3).map(|_| fresh("flush0")).collect();
+    let done = Arc::new(Barrier::new(5));
+    let checked = Arc::new(Barrier::new(5));
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..4).map(|_| mpsc::channel::<Block>()).unzip();
+    let handles: Vec<_> = receivers
+        .into_iter()
+        .enumerate()
+        .map(|(t, rx)| {
+            let (groups, senders) = (groups.clone(), senders.clone());
+            let (done, checked) = (done.clone(), checked.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(t as u64);
+                let mut held = Vec::new();
+                for _ in 0..20_000 {
+                    let g = &groups[rng.range(0, 2)];
+                    held.push(g.run(|| Block::new(rng.range(1, 2000), 8)));
+                    if rng.one_in(2) {
+                        let b = held.swap_remove(rng.range(0, held.len() - 1));
+                        senders[rng.range(0, 3)].send(b).unwrap();
+                    }
+                    held.extend(rx.try_iter());
+                    if held.len() > 300 {
+                        held.truncate(100);
+                    }
+                }
+                drop(held);
+                drop(senders);
+                done.wait();
+                // Others' blocks sent here after our loop are freed by the main thread's drops.
+                for b in rx.try_iter() {
+                    drop(b);
+                }
+                checked.wait();
+            })
+        })
+        .collect();
+    drop(senders);
+    done.wait();
+    // The workers are alive, their caches full of empty slabs, some blocks still in channels.
+    checked.wait();
+    for h in handles {
+        h.join().unwrap();
+    }
+    for g in &groups {
+        let s = exact(g);
+        assert!(s.allocs > 10_000);
+        assert_eq!(
+            (s.usage, s.kmem, s.overhead, live(&s)),
+            (0, 0, 0, 0),
+            "{s:?}"
+        );
+    }
+}
+
+/// Empty slabs held by live threads' caches are given back by flush(), not only at exit.
+#[test]
+fn flush_takes_empty_slabs_from_live_threads() {
+    let g = fresh("livecache");
+    let (go, wait) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+    let g2 = g.clone();
+    let (go2, wait2) = (go.clone(), wait.clone());
+    let t = std::thread::spawn(move || {
+        let blocks: Vec<Block> = g2.run(|| (0..5000).map(|i| Block::new(i % 700 + 1, 1)).collect());
+        drop(blocks); // freed by the owner: its slabs are empty, cached
+        go2.wait();
+        wait2.wait();
+        // Still usable afterwards.
+        let b = g2.run(|| Block::new(100, 1));
+        exact(&g2).usage == slab(&b).len
+    });
+    go.wait();
+    let before = g.stat().usage;
+    let s = exact(&g);
+    assert!(before > 0, "the thread's cache holds charged slabs");
+    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0));
+    wait.wait();
+    assert!(t.join().unwrap());
+    assert_eq!(exact(&g).usage, 0);
+}
+
+/// 10,000 siblings under one parent, each holding a few small objects: every one is charged
+/// exactly its own slabs, and everything goes back.
+#[test]
+fn a_group_with_10000_siblings() {
+    let _s = serial();
+    let dying0 = dying_groups();
+    let p = fresh("siblings");
+    let n = 10_000;
+    let mut kids = Vec::with_capacity(n);
+    let mut blocks = Vec::with_capacity(3 * n);
+    for i in 0..n {
+        let c = p.child(&format!("c{i}")).expect("child");
+        c.run(|| {
+            blocks.push(Block::new(24, 8));
+            blocks.push(Block::new(100 + i % 20, 8));
+            blocks.push(kernel(|| Block::new(64, 8)));
+        });
+        kids.push(c);
+    }
+    for (i, c) in kids.iter().enumerate() {
+        let mine = &blocks[3 * i..3 * i + 3];
+        let slabs: usize = mine.iter().map(|b| slab(b).len).sum();
+        assert!(mine.iter().all(|b| slab(b).group == *c));
+        let s = exact(c);
+        assert_eq!(
+            (s.usage, s.kmem, live(&s)),
+            (slabs, 4096, 3),
+            "{}",
+            c.name()
+        );
+        assert_eq!(s.usage, 24 + 100 + i % 20 + 64 + s.overhead);
+    }
+    let ps = exact(&p);
+    assert_eq!(ps.usage - ps.kmem, 2 * 4096 * n, "two user slabs per child");
+    drop(blocks);
+    for c in kids.iter() {
+        assert_eq!(exact(c).usage, 0);
+    }
+    for c in kids {
+        c.remove().unwrap();
+    }
+    assert_eq!(dying_groups(), dying0);
+    let s = exact(&p);
+    assert_eq!((s.usage, s.kmem, s.overhead, live(&s)), (0, 0, 0, 0));
+    p.remove().unwrap();
+}
+
+/// Removing a group with live objects on several live threads: its caches go at once (its
+/// slabs become orphans), its record waits for its last object (freed on any thread), and
+/// the threads carry on in the parent.
+#[test]
+fn dying_caches_are_freed_with_their_last_object() {
+    // Alone in a process: it counts the group heaps of the whole process.
+    run_in_child_process("dying_caches_inner", &[]);
+}
+
+#[test]
+#[ignore = "run by dying_caches_are_freed_with_their_last_object in a child process"]
+fn dying_caches_inner() {
+    if !in_child_process() {
+        return;
+    }
+    let dying0 = dying_groups();
+    let heaps0 = memgroup::arena_footprint().group_heaps;
+    let p = fresh("dying-p");
+    let c = fresh_child(&p, "c");
+    let start = Arc::new(Barrier::new(4));
+    let removed = Arc::new(Barrier::new(4));
+    let (tx, rx) = mpsc::channel::<Vec<Block>>();
+    let handles: Vec<_> = (0..3)
+        .map(|t| {
+            let (c, start, removed, tx) = (c.clone(), start.clone(), removed.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let _in = c.enter();
+                let blocks: Vec<Block> = (0..500)
+                    .map(|i| Block::new(8 + (i * 7 + t) % 3000, 8))
+                    .collect();
+                tx.send(blocks).unwrap();
+                start.wait();
+                removed.wait();
+                // Inside the removed group: new blocks are the parent's.
+                let after = Block::new(50, 8);
+                let info = slab(&after);
+                drop(_in);
+                (info.group, after)
+            })
+        })
+        .collect();
+    drop(tx);
+    let blocks: Vec<Vec<Block>> = rx.iter().take(3).collect();
+    start.wait();
+    assert!(memgroup::arena_footprint().group_heaps >= heaps0 + 3);
+    let cs = exact(&c);
+    assert!(
+        live(&cs) >= 1500 + 3,
+        "the blocks, the threads' vectors (and the channel's)"
+    );
+    let p0 = exact(&p);
+    let ch = c.clone();
+    c.remove().unwrap();
+    assert_eq!(dying_groups(), dying0 + 1);
+    assert!(
+        blocks.iter().flatten().all(|b| slab(b).orphan),
+        "a removed group's slabs have no cache any more"
+    );
+    assert_eq!(
+        exact(&p).usage,
+        p0.usage,
+        "charges stay, counted in the parent"
+    );
+    removed.wait();
+    let after: Vec<(Group, Block)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(
+        after.iter().all(|(g, _)| *g == p),
+        "a thread inside a removed group charges the parent"
+    );
+    drop((ch, rx)); // the channel's buffer was allocated in c too
+                    // Free from another thread: the record goes with the last object, no flush needed.
+    std::thread::spawn(move || drop(blocks)).join().unwrap();
+    assert_eq!(dying_groups(), dying0);
+    drop(after);
+    let s = exact(&p);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, live(&s)),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    // The exited threads' and the removed group's group heaps are gone too.
+    assert!(memgroup::arena_footprint().group_heaps <= heaps0 + 1);
+    p.remove().unwrap();
+}
+
+/// Empty slabs go to a shared pool (uncharged); past `MEMGROUP_ARENA_POOL` resident bytes the
+/// pool gives their memory back to the OS.
+#[test]
+fn the_pool_gives_memory_back() {
+    run_in_child_process("pool_inner", &[("MEMGROUP_ARENA_POOL", "1M")]);
+}
+
+#[test]
+#[ignore = "run by the_pool_gives_memory_back with MEMGROUP_ARENA_POOL=1M"]
+fn pool_inner() {
+    if !in_child_process() {
+        return;
+    }
+    let g = fresh("pool");
+    let blocks: Vec<Block> = g.run(|| {
+        (0..100_000)
+            .map(|i| Block::filled(64 + i % 200, 1))
+            .collect()
+    });
+    let used = exact(&g).usage;
+    // Every block is in a slab; the vector's buffer is a large block (inner allocator).
+    let slabs = used - (blocks.capacity() * std::mem::size_of::<Block>() + memgroup::TAG_SIZE);
+    assert!(slabs > 10 << 20);
+    drop(blocks);
+    assert_eq!(exact(&g).usage, 0, "every slab uncharged");
+    let f = memgroup::arena_footprint();
+    assert!(f.pooled >= slabs, "the slabs are pooled: {slabs} {f:?}");
+    // 1 MiB, and up to a batch of slabs per slab size waiting to be given back.
+    let batches = 128 * ((4 + 8 + 16 + 32) << 10);
+    assert!(
+        f.pooled_resident <= (1 << 20) + batches,
+        "at most 1 MiB (and the batches) stays resident: {f:?}"
+    );
+    // Pooled slabs are reused, by any group.
+    let h = fresh("pool-reuse");
+    let again: Vec<Block> = h.run(|| {
+        (0..100_000)
+            .map(|i| Block::filled(64 + i % 200, 1))
+            .collect()
+    });
+    let f2 = memgroup::arena_footprint();
+    assert_eq!(
+        f2.segments, f.segments,
+        "no new segment: pooled slabs were reused"
+    );
+    drop(again);
+    assert_eq!(exact(&h).usage, 0);
+}

@@ -1,0 +1,5 @@
+//! Limits: hierarchy, exact limits with stocks, policies at the limit, events and peak, under the arena design.
+#![cfg(feature = "arena")]
+#[global_allocator]
+static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
+include!("suite/limits.rs");
