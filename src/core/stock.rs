@@ -416,25 +416,9 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// Empties every slot, on every CPU, whose group satisfies `pred`: the bytes go back to the
     /// counters and the pending counts are added to them.
     pub(crate) fn drain(&self, pred: impl Fn(&Counter) -> bool) {
-        self.in_hand.fetch_add(1, Ordering::SeqCst);
-        let span = self.span.load(Ordering::SeqCst).min(N);
-        for stock in &self.cpus[..span] {
-            for slot in &stock.slots {
-                let mut w = slot.load(Ordering::SeqCst);
-                // Retried until the slot is empty or not ours to drain: a charge that fails at
-                // a limit must not miss bytes because the slot's owner was busy with it.
-                while w & CONTENT_MASK != 0 && pred(self.groups.counter(key_id(word_key(w)))) {
-                    match slot.compare_exchange(w, 0, Ordering::SeqCst, Ordering::Relaxed) {
-                        Ok(_) => {
-                            self.apply(w);
-                            break;
-                        }
-                        Err(now) => w = now,
-                    }
-                }
-            }
-        }
-        self.in_hand.fetch_sub(1, Ordering::SeqCst);
+        self.empty_slots(|w| {
+            w & CONTENT_MASK != 0 && pred(self.groups.counter(key_id(word_key(w))))
+        });
     }
 
     /// Empties and releases every slot naming group `id`, empty ones included, so that no
@@ -442,12 +426,19 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// then take the slow path, which sends them to a live ancestor) and for a record being
     /// freed.
     pub(crate) fn purge(&self, id: u32) {
-        self.in_hand.fetch_add(1, Ordering::SeqCst);
-        let span = self.span.load(Ordering::SeqCst).min(N);
-        for stock in &self.cpus[..span] {
-            for slot in &stock.slots {
+        self.empty_slots(|w| w != 0 && key_id(word_key(w)) == id);
+    }
+
+    /// Takes every slot word, on every CPU, for which `take(word)` says so, and applies it to
+    /// its group's counters. A CAS lost to a concurrent change is retried while `take` still
+    /// says so: a charge that fails at a limit must not miss bytes because the slot's owner
+    /// was busy with it.
+    fn empty_slots(&self, take: impl Fn(u64) -> bool) {
+        self.holding(|| {
+            let span = self.span.load(Ordering::SeqCst).min(N);
+            for slot in self.cpus[..span].iter().flat_map(|stock| &stock.slots) {
                 let mut w = slot.load(Ordering::SeqCst);
-                while w != 0 && key_id(word_key(w)) == id {
+                while take(w) {
                     match slot.compare_exchange(w, 0, Ordering::SeqCst, Ordering::Relaxed) {
                         Ok(_) => {
                             self.apply(w);
@@ -457,8 +448,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                     }
                 }
             }
-        }
-        self.in_hand.fetch_sub(1, Ordering::SeqCst);
+        });
     }
 
     /// Whether no drain is running. A record freed (and purged) before a moment at which this
