@@ -18,7 +18,8 @@
 //! records excluded), charged per requested byte, and the memory the design really holds for
 //! them: for `tag`, the inner allocator's in-use bytes (glibc `mallinfo2().uordblks`, which
 //! counts each chunk's header and rounding but not free memory); for `arena`, the slabs charged
-//! plus the per-group caches (group heaps) it mapped, which are not charged to anyone.
+//! plus the memory it mapped for its per-group caches (group heaps and key tables), charged to
+//! no one.
 //!
 //! Commands:
 //!
@@ -702,7 +703,7 @@ mod bench {
             (
                 charged + meta,
                 format!(
-                    "slabs {charged} + group heaps {meta} ({} of them)",
+                    "slabs {charged} + caches {meta} ({} group heaps)",
                     arena1.group_heaps - arena0.group_heaps
                 ),
             )
@@ -755,10 +756,7 @@ mod bench {
             (real, format!("malloc in use {real}"))
         } else {
             let meta = arena1.metadata - arena0.metadata;
-            (
-                charged + meta,
-                format!("slabs {charged} + group heaps {meta}"),
-            )
+            (charged + meta, format!("slabs {charged} + caches {meta}"))
         };
         let t1 = Instant::now();
         for s in held {

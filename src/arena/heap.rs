@@ -39,7 +39,8 @@ use core::ptr::null_mut;
 use crate::core::counter::Counter;
 use crate::core::stock::{key, key_id, key_is_kernel, Key};
 use crate::sync::{
-    compiler_fence, fence, spin_hint, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, Ordering,
+    compiler_fence, fence, spin_hint, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize,
+    Ordering,
 };
 use crate::{group, platform, tag, TAG_SIZE};
 
@@ -85,6 +86,8 @@ static GROUP_HEAPS: Locked<GroupHeapPool> = Locked::new(GroupHeapPool {
     live: 0,
 });
 static FORK_HANDLERS: AtomicBool = AtomicBool::new(false);
+/// Bytes mapped for the heaps' key tables.
+static TABLE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// One thread's heap.
 #[repr(C, align(64))]
@@ -1433,6 +1436,7 @@ impl Table {
         if entries.is_null() {
             return false;
         }
+        TABLE_BYTES.fetch_add(bytes, Ordering::Relaxed);
         let old = core::mem::replace(
             self,
             Table {
@@ -1450,7 +1454,9 @@ impl Table {
             }
         }
         if old.cap != 0 {
-            platform::unmap(old.entries.cast(), old.cap * core::mem::size_of::<Entry>());
+            let bytes = old.cap * core::mem::size_of::<Entry>();
+            platform::unmap(old.entries.cast(), bytes);
+            TABLE_BYTES.fetch_sub(bytes, Ordering::Relaxed);
         }
         true
     }
@@ -1501,9 +1507,9 @@ struct GroupHeapPool {
 // lock only.
 unsafe impl Send for GroupHeapPool {}
 
-/// Bytes mapped for heaps and group heaps, and group heaps in use.
+/// Bytes mapped for heaps, their key tables and group heaps, and group heaps in use.
 pub(crate) fn metadata() -> (usize, usize) {
     let heaps = REGISTRY.with(|c| c.mapped);
     let (ghs, live) = GROUP_HEAPS.with(|p| (p.chunks.mapped, p.live));
-    (heaps + ghs, live)
+    (heaps + TABLE_BYTES.load(Ordering::Relaxed) + ghs, live)
 }

@@ -260,7 +260,7 @@ pub struct Footprint {
     pub pooled: usize,
     /// The part of `pooled` still resident (not yet given back with `madvise`).
     pub pooled_resident: usize,
-    /// Memory mapped for thread heaps and group heaps (the per-group caches).
+    /// Memory mapped for thread heaps, their key tables and group heaps (the per-group caches).
     pub metadata: usize,
     /// Group heaps in use (one per thread and group key allocated for).
     pub group_heaps: usize,
