@@ -532,7 +532,10 @@ fn no_stocks_inner() {
         c
     };
     let model = Cost::of_size(100);
-    assert_eq!(model.unit, cost, "stat() without flush agrees with the flushed probe");
+    assert_eq!(
+        model.unit, cost,
+        "stat() without flush agrees with the flushed probe"
+    );
     let max = 10 * cost + cost / 2;
     g.set_max(Some(max));
     let expect = model.fit(max);

@@ -181,14 +181,22 @@ mod common {
                 held.push(g.run(|| Block::new(size, 1)));
                 let usage = exact(&g).usage;
                 if usage != unit {
-                    assert_eq!(usage, 2 * unit, "a second unit for {size} costs the first's");
+                    assert_eq!(
+                        usage,
+                        2 * unit,
+                        "a second unit for {size} costs the first's"
+                    );
                     break;
                 }
                 assert!(held.len() < 1 << 16, "no second unit for {size}");
             }
             let per_unit = held.len() - 1;
             drop(held);
-            assert_eq!(exact(&g).usage, 0, "a probe group holding nothing has usage 0");
+            assert_eq!(
+                exact(&g).usage,
+                0,
+                "a probe group holding nothing has usage 0"
+            );
             g.remove().expect("removing the probe group");
             Cost { unit, per_unit }
         }
@@ -220,7 +228,11 @@ mod common {
         }
         let n = probe.len();
         drop(probe);
-        assert_eq!(exact(g).usage, before, "the room probe leaves the group as it was");
+        assert_eq!(
+            exact(g).usage,
+            before,
+            "the room probe leaves the group as it was"
+        );
         n
     }
 

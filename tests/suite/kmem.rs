@@ -269,7 +269,10 @@ fn kmem_off_inner() {
     c.set_max(Some(s.usage + 10));
     let mut extra = Vec::with_capacity(free);
     for _ in 0..free {
-        extra.push(c.run(|| kernel(|| try_block(100))).expect("room already charged"));
+        extra.push(
+            c.run(|| kernel(|| try_block(100)))
+                .expect("room already charged"),
+        );
     }
     assert!(c.run(|| kernel(|| try_block(100))).is_none());
     drop((k, small, extra));

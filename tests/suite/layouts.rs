@@ -6,6 +6,9 @@ include!("common.rs");
 use common::{exact, fresh, in_child_process, live, run_in_child_process};
 use memgroup::Group;
 use std::alloc::{alloc, alloc_zeroed, dealloc, realloc, Layout};
+// The optimizer may drop an allocation whose result is only compared with null, and assume it
+// succeeded (GlobalAlloc's documentation): the requests that must fail escape through it.
+use std::hint::black_box;
 
 const ALIGNS: std::ops::RangeInclusive<u32> = 0..=21; // 1 B ..= 2 MiB, as powers of two
 
@@ -63,7 +66,8 @@ fn huge_sizes_return_null_and_change_no_counter() {
     let before = counters(&g);
     for &layout in &layouts {
         // SAFETY: non-zero size; a null result is checked, never dereferenced.
-        let (p, z) = g.run(|| unsafe { (alloc(layout), alloc_zeroed(layout)) });
+        let (p, z) =
+            g.run(|| unsafe { (black_box(alloc(layout)), black_box(alloc_zeroed(layout))) });
         assert!(p.is_null(), "alloc({layout:?}) must fail, got {p:?}");
         assert!(z.is_null(), "alloc_zeroed({layout:?}) must fail, got {z:?}");
         assert_eq!(counters(&g), before, "after a null alloc of {layout:?}");
@@ -72,10 +76,10 @@ fn huge_sizes_return_null_and_change_no_counter() {
     g.set_max(Some(1 << 20));
     for &layout in &layouts {
         // SAFETY: as above.
-        let p = g.run(|| memgroup::fallible(|| unsafe { alloc(layout) }));
+        let p = g.run(|| memgroup::fallible(|| unsafe { black_box(alloc(layout)) }));
         assert!(p.is_null());
         // SAFETY: as above.
-        let p = g.run(|| memgroup::nofail(|| unsafe { alloc(layout) }));
+        let p = g.run(|| memgroup::nofail(|| unsafe { black_box(alloc(layout)) }));
         assert!(p.is_null(), "nofail cannot make an impossible size succeed");
         assert_eq!(
             counters(&g),
@@ -86,7 +90,7 @@ fn huge_sizes_return_null_and_change_no_counter() {
     // The group still works afterwards.
     let l = Layout::from_size_align(1000, 8).unwrap();
     // SAFETY: non-zero size; freed with the same layout.
-    let p = g.run(|| unsafe { alloc(l) });
+    let p = g.run(|| unsafe { black_box(alloc(l)) });
     assert!(!p.is_null());
     let s = exact(&g);
     assert_eq!(s.usage, 1000 + s.overhead);
@@ -106,7 +110,7 @@ fn huge_sizes_leave_allocs_peak_and_events_alone() {
     let before = exact(&g);
     for layout in huge_layouts() {
         // SAFETY: non-zero size; a null result is checked, never dereferenced.
-        let p = g.run(|| unsafe { alloc(layout) });
+        let p = g.run(|| unsafe { black_box(alloc(layout)) });
         assert!(p.is_null());
         let s = exact(&g);
         assert_eq!(
@@ -155,7 +159,7 @@ fn concurrent_huge_inner() {
                     let size = imax - 4096 - (i % 64) * 8;
                     let layout = Layout::from_size_align(size, 8).unwrap();
                     // SAFETY: non-zero size; the null result is checked.
-                    let p = g.run(|| unsafe { alloc(layout) });
+                    let p = g.run(|| unsafe { black_box(alloc(layout)) });
                     assert!(p.is_null());
                 }
                 counters(&g)
