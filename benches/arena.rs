@@ -32,8 +32,19 @@
 //! Environment (all optional): `ARENA_QUICK=1`; `CHURN_RUNS=K` timed runs per row (default 9);
 //! `CHURN_MS=ms` target length of one raw run (default 150); `CHURN_SLOTS=n` (default 1024);
 //! `CHURN_REMOTE=r` (default 8); `CHURN_ONLY=a,b` rows among `system`, `mimalloc`, `tag`,
-//! `arena`; `ARENA_PART=time|memory` one part only; `ARENA_GROUPS=n` (default 10000);
-//! `ARENA_OBJECTS=n` (default 1000000).
+//! `arena`; `ARENA_SCENARIOS=1,2,2r` scenarios to run; `ARENA_PART=time|memory` one part only;
+//! `ARENA_GROUPS=n` (default 10000); `ARENA_OBJECTS=n` (default 1000000).
+//!
+//! Instructions per alloc+free pair, 1 thread (load-independent; quick mode runs 20,000 steps
+//! after filling a 1024-block ring, so Ir per pair = "Collected" / 20000):
+//!
+//! ```text
+//! BIN=$(cargo bench --features arena --bench arena --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p')
+//! for a in system tag arena; do
+//!   ARENA_QUICK=1 ARENA_PART=time ARENA_SCENARIOS=1 CHURN_ONLY=$a valgrind --tool=callgrind \
+//!     --toggle-collect='arena::bench::churn*' --callgrind-out-file=callgrind.arena.$a "$BIN" --bench
+//! done
+//! ```
 
 #[cfg(not(feature = "arena"))]
 fn main() {
@@ -548,7 +559,15 @@ mod bench {
         let mut lines: Vec<Line> = Vec::new();
         let mut ops_used = Vec::new();
         let mut groups = Some(groups);
-        for sc in &scenarios {
+        let wanted: Option<Vec<String>> = std::env::var("ARENA_SCENARIOS")
+            .ok()
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+        let scenarios = scenarios.iter().filter(|sc| {
+            wanted
+                .as_ref()
+                .is_none_or(|w| w.iter().any(|n| n == sc.name))
+        });
+        for sc in scenarios {
             let mut p = Params {
                 ops: 100_000,
                 slots,
