@@ -371,7 +371,8 @@ fn overcharge_by_default() {
     g.set_max(Some(max));
     let p0 = exact(&p);
     // An infallible allocation over the limit: forced, the process goes on.
-    let v: Vec<u8> = g.run(|| Vec::with_capacity(150_000));
+    // black_box: the optimizer may otherwise elide an allocation nobody writes to.
+    let v: Vec<u8> = g.run(|| std::hint::black_box(Vec::with_capacity(150_000)));
     assert_eq!(v.capacity(), 150_000);
     let s = exact(&g);
     assert_eq!(s.usage, 150_000 + s.overhead);
@@ -624,7 +625,7 @@ fn root_max_inner() {
 
     let small = fallible(|| try_bytes(mib / 2)).expect("within the root's max");
     // Default policy on the root: an infallible allocation is forced above max.
-    let big: Vec<u8> = Vec::with_capacity(2 * mib);
+    let big: Vec<u8> = std::hint::black_box(Vec::with_capacity(2 * mib));
     let s2 = exact(&root);
     assert!(s2.usage > s0.usage + mib, "forced above the root's max");
     assert!(s2.events.max > s1.events.max);

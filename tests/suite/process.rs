@@ -56,7 +56,8 @@ fn forked_child_work(pre: &Group, i: usize) -> bool {
         let Ok(g) = Group::new(&format!("forked-{i}-{}", std::process::id())) else {
             return false;
         };
-        let v: Vec<u8> = g.run(|| Vec::with_capacity(5000));
+        // black_box: the optimizer may otherwise elide an allocation nobody writes to.
+        let v: Vec<u8> = g.run(|| std::hint::black_box(Vec::with_capacity(5000)));
         let s = exact(&g);
         ok &= s.usage == 5000 + s.overhead;
         drop(v);
