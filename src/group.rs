@@ -817,18 +817,35 @@ impl<T> Drop for SpinGuard<'_, T> {
     }
 }
 
+/// Set while the fork handlers below hold the registry lock (see `fork_held`).
+static FORK_HELD: AtomicBool = AtomicBool::new(false);
+
+/// Whether the registry lock is held across a `fork()` in progress (by the forking thread).
+#[allow(dead_code)] // used by the arena design only
+pub(crate) fn fork_held() -> bool {
+    FORK_HELD.load(Ordering::Acquire)
+}
+
 /// Holds the registry lock across `fork()`, so that the child never inherits it locked.
 pub(crate) fn register_fork_handlers() {
     static REGISTERED: AtomicBool = AtomicBool::new(false);
     extern "C" fn prepare() {
         REGISTRY.raw_lock();
+        FORK_HELD.store(true, Ordering::Release);
     }
     extern "C" fn release() {
+        FORK_HELD.store(false, Ordering::Release);
         REGISTRY.raw_unlock();
+        // Slabs the arena parked during the fork, if its own handler ran before this one.
+        #[cfg(feature = "arena")]
+        crate::arena::drain_parked();
     }
     extern "C" fn child() {
+        FORK_HELD.store(false, Ordering::Release);
         REGISTRY.raw_unlock();
         crate::pressure::after_fork_in_child();
+        #[cfg(feature = "arena")]
+        crate::arena::drain_parked();
     }
     if !REGISTERED.swap(true, Ordering::AcqRel) {
         // glibc may allocate to record the handlers: that is memgroup's, not the tenant's.

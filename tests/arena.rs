@@ -454,3 +454,97 @@ fn pool_inner() {
     drop(again);
     assert_eq!(exact(&h).usage, 0);
 }
+
+// A free inside `fork()` (between the arena's prepare and release handlers, on the forking
+// thread) that is the last of a removed group's orphan slab: the slab is released after the
+// handlers let the pool locks go, not under them (it used to deadlock inside fork). The
+// prepare handler below is registered before the arena's (by a constructor), so it runs after
+// the arena's prepare handler (glibc runs prepare handlers in reverse order).
+#[cfg(target_os = "linux")]
+mod fork_window {
+    use super::*;
+
+    extern "C" {
+        fn pthread_atfork(
+            prepare: Option<extern "C" fn()>,
+            parent: Option<extern "C" fn()>,
+            child: Option<extern "C" fn()>,
+        ) -> i32;
+        fn fork() -> i32;
+        fn waitpid(pid: i32, status: *mut i32, options: i32) -> i32;
+        fn _exit(code: i32) -> !;
+    }
+
+    /// The block the prepare handler frees, when a test armed it.
+    pub static ARMED: Mutex<Option<Block>> = Mutex::new(None);
+
+    extern "C" fn prepare() {
+        if let Ok(mut slot) = ARMED.try_lock() {
+            drop(slot.take());
+        }
+    }
+
+    extern "C" fn register() {
+        // SAFETY: a plain registration, before main; `prepare` is a valid handler.
+        unsafe { pthread_atfork(Some(prepare), None, None) };
+    }
+
+    #[used]
+    #[link_section = ".init_array"]
+    static INIT: extern "C" fn() = register;
+
+    /// Forks; the child exits at once with 0. The child's exit status.
+    pub fn fork_and_wait() -> i32 {
+        // SAFETY: the child only calls `_exit`.
+        let pid = unsafe { fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: async-signal-safe, ends the child.
+            unsafe { _exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: `pid` is our child; `status` is a valid out pointer.
+        let r = unsafe { waitpid(pid, &mut status, 0) };
+        assert_eq!(r, pid);
+        status
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_free_inside_fork_releases_the_last_slab_of_a_removed_group() {
+    run_in_child_process("fork_window_inner", &[]);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+#[ignore = "run by a_free_inside_fork_releases_the_last_slab_of_a_removed_group"]
+fn fork_window_inner() {
+    if !in_child_process() {
+        return;
+    }
+    let dying0 = dying_groups();
+    let p = fresh("fork-p");
+    let c = fresh_child(&p, "c");
+    // Allocated by a thread that exits: its slab is an orphan, this block its only object.
+    let cc = c.clone();
+    let b = std::thread::spawn(move || cc.run(|| Block::new(2000, 8)))
+        .join()
+        .unwrap();
+    assert!(slab(&b).orphan);
+    c.remove().unwrap();
+    assert_eq!(dying_groups(), dying0 + 1, "the block keeps the record");
+    *fork_window::ARMED.lock().unwrap() = Some(b);
+    assert_eq!(fork_window::fork_and_wait(), 0, "the child exited cleanly");
+    assert!(
+        fork_window::ARMED.lock().unwrap().is_none(),
+        "freed inside fork"
+    );
+    assert_eq!(
+        dying_groups(),
+        dying0,
+        "the slab was released, the record freed"
+    );
+    assert_eq!(exact(&p).usage, 0);
+    p.remove().unwrap();
+}

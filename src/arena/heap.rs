@@ -67,6 +67,10 @@ thread_local! {
     /// Between `fork_prepare` and `fork_release`, on the forking thread: every heap is locked,
     /// its own included, so its allocations go to the inner allocator and its frees are remote.
     static FORKING: Cell<bool> = const { Cell::new(false) };
+    /// Slabs emptied on the forking thread while `FORKING`, linked through `next`: releasing
+    /// them then would take a lock it holds (a pool's, the group registry's). `drain_parked`
+    /// releases them after the fork handlers let those go.
+    static PARKED: Cell<*mut Slab> = const { Cell::new(null_mut()) };
 }
 
 static STATE: AtomicU8 = AtomicU8::new(0);
@@ -275,12 +279,18 @@ unsafe fn wait_out(th: *mut ThreadHeap) {
     let mut spins = 0u32;
     // SAFETY: heaps are never unmapped.
     while unsafe { (*th).busy.load(Ordering::SeqCst) } != 0 {
-        spins += 1;
-        if spins < 64 {
-            spin_hint();
-        } else {
-            platform::yield_now();
-        }
+        backoff(&mut spins);
+    }
+}
+
+/// One wait in a spin loop: a spin hint for the first rounds, then yields. `spins` counts the
+/// rounds (saturating: the loops it serves are unbounded).
+fn backoff(spins: &mut u32) {
+    *spins = spins.saturating_add(1);
+    if *spins < 64 {
+        spin_hint();
+    } else {
+        platform::yield_now();
     }
 }
 
@@ -494,8 +504,14 @@ unsafe fn notify(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
 /// # Safety
 /// `s` is an orphan holding the object freed.
 unsafe fn orphan_free(s: *mut Slab, size: usize, counted: bool) -> *mut Slab {
-    // SAFETY: an orphan's `used` is final (published by the `ORPHAN` word, read after it).
+    // SAFETY: an orphan's `used` is final (published by the `ORPHAN` word, read after it). The
+    // object being freed keeps the slab (and its group's record) alive until our CAS lands.
     unsafe {
+        // Before the CAS: once it lands, another thread's last free may release the slab (and
+        // free the group's record, and recycle the slab under another key).
+        let c = counter((*s).key.load(Ordering::Relaxed));
+        c.count(0, counted as u64);
+        c.adjust_overhead(size as isize + TAG as isize);
         let r = &(*s).remote;
         let mut w = r.load(Ordering::Acquire);
         let last = loop {
@@ -507,10 +523,6 @@ unsafe fn orphan_free(s: *mut Slab, size: usize, counted: bool) -> *mut Slab {
                 Err(now) => w = now,
             }
         };
-        // Before a release can free the group's record.
-        let c = counter((*s).key.load(Ordering::Relaxed));
-        c.count(0, counted as u64);
-        c.adjust_overhead(size as isize + TAG as isize);
         if last {
             (*s).state = LOOSE;
             s
@@ -627,13 +639,28 @@ impl Released {
     }
 }
 
-/// Returns an empty slab to the pool and uncharges it.
+/// Returns an empty slab to the pool and uncharges it. On the forking thread between
+/// `fork_prepare` and `fork_release`, which holds the pool locks, the slab is parked instead
+/// and released by `drain_parked` after the fork.
 ///
 /// # Safety
 /// The caller holds `s` exclusively: empty, unlinked, claimed.
 unsafe fn release(s: *mut Slab) {
+    if FORKING.with(Cell::get) {
+        // SAFETY: per the caller, `s` is ours and its links are free.
+        unsafe { (*s).next = PARKED.with(Cell::get) };
+        PARKED.with(|p| p.set(s));
+        return;
+    }
     // SAFETY: per the caller.
     unsafe {
+        // A notifier (see `notify`) may still hold `NOTIFYING` after its object was freed
+        // (through the delayed list) and the slab emptied: let it clear the bit before the slab
+        // can be reused, or its late clear would clear a later notifier's.
+        let mut spins = 0u32;
+        while (*s).remote.load(Ordering::Acquire) & NOTIFYING != 0 {
+            backoff(&mut spins);
+        }
         let key = (*s).key.load(Ordering::Relaxed);
         let c = (*s).class as usize;
         let bytes = class::slab_bytes(c);
@@ -911,7 +938,11 @@ unsafe fn group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
         let mut c = counter(key);
         loop {
             while !c.is_online() {
-                c = c.parent().expect("the root is never removed");
+                c = match c.parent() {
+                    Some(p) => p,
+                    // The root is never removed: an offline root is corruption.
+                    None => platform::corrupted(b"arena: the root group is offline"),
+                };
             }
             let k = self::key(c.id, kernel);
             let mut gh = (*th).table.find(k);
@@ -1053,6 +1084,11 @@ fn create_heap() -> *mut ThreadHeap {
 /// The thread-exit hook: retires every group heap of the exiting thread (orphaning its slabs
 /// that still hold objects) and frees its heap for the next thread. Small allocations the
 /// thread makes after this (in later destructors) go to the inner allocator.
+///
+/// # Safety
+/// Called once per thread, by the platform's thread-exit mechanism on the exiting thread, with
+/// `arg` the heap `create_heap` registered for that thread (non-null, live), after the thread's
+/// last use of it through the fast paths.
 unsafe extern "C" fn thread_exit(arg: *mut core::ffi::c_void) {
     let th = arg as *mut ThreadHeap;
     let mut rel = Released::new();
@@ -1315,6 +1351,27 @@ extern "C" fn fork_release() {
         }
     }
     REGISTRY.spin.unlock();
+    drain_parked();
+}
+
+/// Releases the slabs `release` parked during a `fork()` on this thread, once nothing of the
+/// fork is held any more: the arena's locks (`FORKING` clear) and the group registry's lock
+/// (released by its own fork handler, which may run before or after ours: both call this, the
+/// last one does the work).
+pub(crate) fn drain_parked() {
+    if FORKING.with(Cell::get) || group::fork_held() {
+        return;
+    }
+    let mut s = PARKED.with(|p| p.replace(null_mut()));
+    while !s.is_null() {
+        // SAFETY: parked slabs were given up to `release` (empty, unlinked, claimed), and only
+        // this thread reaches the list.
+        unsafe {
+            let next = (*s).next;
+            release(s);
+            s = next;
+        }
+    }
 }
 
 // ---- the key table -----------------------------------------------------------------------

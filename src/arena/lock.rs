@@ -16,7 +16,7 @@ impl Spin {
         let mut spins = 0u32;
         while self.0.swap(1, Ordering::Acquire) != 0 {
             while self.0.load(Ordering::Relaxed) != 0 {
-                spins += 1;
+                spins = spins.saturating_add(1);
                 if spins < 64 {
                     spin_hint();
                 } else {

@@ -90,6 +90,7 @@ pub(crate) fn reserve(pool: usize) -> bool {
         let p = platform::reserve(size + SEGMENT);
         if !p.is_null() {
             let base = (p as usize + SEGMENT - 1) & !(SEGMENT - 1);
+            // BASE before SIZE, which publishes it (see `contains`).
             BASE.store(base, Ordering::Relaxed);
             SIZE.store(size, Ordering::Release);
             return true;
@@ -101,7 +102,10 @@ pub(crate) fn reserve(pool: usize) -> bool {
 /// Whether `p` is in the region: a slab object. Everything else came from the inner allocator.
 #[inline(always)]
 pub(crate) fn contains(p: *const u8) -> bool {
-    (p as usize).wrapping_sub(BASE.load(Ordering::Relaxed)) < SIZE.load(Ordering::Relaxed)
+    // SIZE first (Acquire, paired with `reserve`'s Release store): a non-zero size means BASE
+    // is published too. A zero size (not reserved yet) contains nothing whatever BASE reads.
+    let size = SIZE.load(Ordering::Acquire);
+    (p as usize).wrapping_sub(BASE.load(Ordering::Relaxed)) < size
 }
 
 /// The metadata of the slab holding `p`.
@@ -240,9 +244,9 @@ pub(crate) unsafe fn put(s: *mut Slab, kind: usize) {
         while i < BATCH {
             let first = start(batch[i]);
             let mut j = i + 1;
-            // SAFETY: slabs of one segment are contiguous: `first + n * bytes` is in bounds
-            // of the segment whenever a neighbour starts there.
-            while j < BATCH && start(batch[j]) == unsafe { first.add((j - i) * bytes) } {
+            // Slabs of one segment are contiguous: a neighbour starts at `first + n * bytes`.
+            // Wrapping: past the segment's end that address is only compared, never used.
+            while j < BATCH && start(batch[j]) == first.wrapping_add((j - i) * bytes) {
                 j += 1;
             }
             platform::decommit(first, (j - i) * bytes);

@@ -305,8 +305,9 @@ impl Counter {
     /// Adds `delta` to the overhead figure of every level. The tag design reports
     /// `TAG_SIZE * (allocs - frees)` as its overhead; the arena design adds a slab's bytes when
     /// it charges one and subtracts each object's requested size and `TAG_SIZE` while it lives,
-    /// so that the sum is exactly the charged bytes holding no requested byte. Called from slow
-    /// paths only.
+    /// so that the sum is exactly the charged bytes holding no requested byte. Called from the
+    /// arena's slow paths, its frees into orphan slabs (`orphan_free`) and its in-place
+    /// reallocs (`resize`).
     #[allow(dead_code)] // used by the arena design only
     pub(crate) fn adjust_overhead(&self, delta: isize) {
         if delta == 0 {
