@@ -103,13 +103,18 @@ mod rseq {
 
 /// Maps `bytes` of zeroed, lazily backed memory, or returns null.
 pub(crate) fn map(bytes: usize) -> *mut u8 {
+    map_anonymous(bytes, libc::PROT_READ | libc::PROT_WRITE)
+}
+
+/// An anonymous private mapping of `bytes` with protection `prot`, or null.
+fn map_anonymous(bytes: usize, prot: libc::c_int) -> *mut u8 {
     // SAFETY: an anonymous private mapping at an address of the kernel's choosing has no
     // preconditions; failure is reported as MAP_FAILED and turned into null.
     let p = unsafe {
         libc::mmap(
             core::ptr::null_mut(),
             bytes,
-            libc::PROT_READ | libc::PROT_WRITE,
+            prot,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
             0,
@@ -232,23 +237,7 @@ pub(crate) fn futex_wake(word: &AtomicU32, n: i32) {
 /// Reserves `bytes` of address space with no access and no memory behind it (nor any commit
 /// charge), or returns null.
 pub(crate) fn reserve(bytes: usize) -> *mut u8 {
-    // SAFETY: an anonymous private mapping at an address of the kernel's choosing has no
-    // preconditions; failure is reported as MAP_FAILED and turned into null.
-    let p = unsafe {
-        libc::mmap(
-            core::ptr::null_mut(),
-            bytes,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        core::ptr::null_mut()
-    } else {
-        p.cast()
-    }
+    map_anonymous(bytes, libc::PROT_NONE)
 }
 
 #[cfg(feature = "arena")]
