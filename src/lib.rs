@@ -21,9 +21,15 @@
 //! hierarchical. A free uncharges the block's owner, on whatever thread it happens. Charges go
 //! through per-CPU stocks, so the shared counters move once per batch, not per allocation.
 //!
-//! Layers, bottom up: `sync` (the atomics facade, std or loom), `core` (counters and stocks,
-//! which know nothing of allocators), `group` (the group table and handles), `scope` (the
-//! thread's current group), `tag` (the tag design's `GlobalAlloc`), `platform` (libc).
+//! Two designs: [`TagAlloc`] (the default: an 8-byte owner tag on every block, over any inner
+//! allocator) and `ArenaAlloc` (feature `arena`: per-group slab caches). [`GroupAlloc`] is the
+//! one the features select. Groups report memory pressure ([`Group::on_pressure`]) and can be
+//! asked to give memory back through [`Shrinker`]s.
+//!
+//! Layers, bottom up: `sync` (the atomics facade, std or loom), `core` (counters, stocks and the
+//! notifier's doorbell, which know nothing of allocators), `group` (the group table and
+//! handles), `scope` (the thread's current group), `pressure` (notifier, subscriptions,
+//! shrinkers), `tag` and `arena` (the designs' `GlobalAlloc`s), `platform` (libc).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
