@@ -137,47 +137,18 @@ mod bench {
         }
     }
 
-    fn counts(p: &Params, threads: usize) -> Vec<(u64, u64)> {
-        groups_of(p, threads)
-            .iter()
-            .map(|g| {
-                g.flush();
-                let s = g.stat();
-                (s.allocs, s.frees)
-            })
-            .collect()
-    }
-
-    /// Fails loudly if an allocator lost or invented a charge, so the benchmark never measures
-    /// a broken allocator: after each run every group is back to 0 with the expected counts.
+    /// Fails loudly if an allocator lost or invented a charge during the run.
     fn check(row: &Row, p: &Params, threads: usize, before: &[(u64, u64)]) {
         let expected = if row.charges {
             (p.slots + p.ops) as u64
         } else {
             0
         };
-        for (g, &(allocs0, frees0)) in groups_of(p, threads).iter().zip(before) {
-            g.flush();
-            let s = g.stat();
-            assert_eq!(
-                (s.usage, s.overhead),
-                (0, 0),
-                "{}: group {} holds memory after all its blocks were freed",
-                row.key,
-                g.name()
-            );
-            assert_eq!(
-                (s.allocs - allocs0, s.frees - frees0),
-                (expected, expected),
-                "{}: group {} (allocs, frees)",
-                row.key,
-                g.name()
-            );
-        }
+        crate::workload::check_groups(row.key, groups_of(p, threads), before, expected);
     }
 
     fn run_checked(row: &Row, p: &Params, threads: usize) -> RunOut {
-        let before = counts(p, threads);
+        let before = crate::workload::counts(groups_of(p, threads));
         let out = (row.run)(p, threads);
         check(row, p, threads, &before);
         out

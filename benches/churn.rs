@@ -228,51 +228,20 @@ fn groups_of(p: &Params, threads: usize, set: usize) -> &[Group] {
     }
 }
 
-/// (allocs, frees) of each group of the scenario, exact (after `flush`).
-fn counts(p: &Params, threads: usize, set: usize) -> Vec<(u64, u64)> {
-    groups_of(p, threads, set)
-        .iter()
-        .map(|g| {
-            g.flush();
-            let s = g.stat();
-            (s.allocs, s.frees)
-        })
-        .collect()
-}
-
-/// Fails loudly if an allocator under test lost or invented a charge during the run, so the
-/// benchmark never silently measures a broken allocator.
+/// Fails loudly if an allocator under test lost or invented a charge during the run.
 fn check(row: &Row, p: &Params, threads: usize, before: &[(u64, u64)]) {
     let expected = match row.kind {
         Kind::Tag => (p.slots + p.ops) as u64,
         Kind::Raw | Kind::Cap(_) => 0,
     };
-    for (g, &(allocs0, frees0)) in groups_of(p, threads, row.set).iter().zip(before) {
-        g.flush();
-        let s = g.stat();
-        assert_eq!(
-            s.usage,
-            0,
-            "{}: group {} usage is {} after all its blocks were freed",
-            row.key,
-            g.name(),
-            s.usage
-        );
-        assert_eq!(
-            (s.allocs - allocs0, s.frees - frees0),
-            (expected, expected),
-            "{}: group {} charged (allocs, frees) != expected",
-            row.key,
-            g.name()
-        );
-    }
+    workload::check_groups(row.key, groups_of(p, threads, row.set), before, expected);
     if let Kind::Cap(counter) = row.kind {
         assert_eq!(counter.load(Ordering::Relaxed), 0, "{}: counter", row.key);
     }
 }
 
 fn run_checked(row: &Row, p: &Params, threads: usize) -> RunOut {
-    let before = counts(p, threads, row.set);
+    let before = workload::counts(groups_of(p, threads, row.set));
     let out = (row.run)(p, threads, row.set);
     check(row, p, threads, &before);
     out

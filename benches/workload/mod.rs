@@ -340,6 +340,42 @@ pub fn run_two<A: GlobalAlloc + Sync, const G: usize>(
     })
 }
 
+// ---- checks ------------------------------------------------------------------------------
+
+/// (allocs, frees) of each group, exact (after `flush`).
+pub fn counts(groups: &[Group]) -> Vec<(u64, u64)> {
+    groups
+        .iter()
+        .map(|g| {
+            g.flush();
+            let s = g.stat();
+            (s.allocs, s.frees)
+        })
+        .collect()
+}
+
+/// Fails loudly if the allocator of row `key` lost or invented a charge, so a benchmark never
+/// measures a broken allocator: after a run every group holds nothing (usage and overhead 0)
+/// and has `expected` more allocations and frees than `before` (from `counts`).
+pub fn check_groups(key: &str, groups: &[Group], before: &[(u64, u64)], expected: u64) {
+    for (g, &(allocs0, frees0)) in groups.iter().zip(before) {
+        g.flush();
+        let s = g.stat();
+        assert_eq!(
+            (s.usage, s.overhead),
+            (0, 0),
+            "{key}: group {} holds memory after all its blocks were freed",
+            g.name()
+        );
+        assert_eq!(
+            (s.allocs - allocs0, s.frees - frees0),
+            (expected, expected),
+            "{key}: group {} charged (allocs, frees) != expected",
+            g.name()
+        );
+    }
+}
+
 // ---- configuration and report ------------------------------------------------------------
 
 pub fn env_usize(name: &str) -> Option<usize> {
