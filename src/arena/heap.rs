@@ -1297,14 +1297,24 @@ pub(crate) fn remove(id: u32) {
     });
 }
 
+/// Every thread heap ever listed, live or not. Listed heaps are never unmapped, and `next`
+/// is read before the caller touches the heap (a heap is never unlisted either).
+fn listed_heaps() -> impl Iterator<Item = *mut ThreadHeap> {
+    let first = HEAPS.load(Ordering::Acquire);
+    core::iter::successors((!first.is_null()).then_some(first), |&th| {
+        // SAFETY: listed heaps are never unmapped; `next` is set before a heap is listed.
+        let next = unsafe { (*th).next };
+        (!next.is_null()).then_some(next)
+    })
+}
+
 /// Runs `f` on every live heap, locked (the caller completes the stop with `wait_out` before
 /// touching it), then releases what `f` unlinked.
 fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
     if !ready() {
         return;
     }
-    let mut th = HEAPS.load(Ordering::Acquire);
-    while !th.is_null() {
+    for th in listed_heaps() {
         let mut rel = Released::new();
         // SAFETY: listed heaps are never unmapped.
         unsafe {
@@ -1314,7 +1324,6 @@ fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
                 (*th).lock.unlock();
             }
             rel.release_all();
-            th = (*th).next;
         }
     }
 }
@@ -1325,13 +1334,9 @@ fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
 /// consistent heaps (other threads' heaps simply have no thread there) and no lock held.
 extern "C" fn fork_prepare() {
     REGISTRY.spin.lock();
-    let mut th = HEAPS.load(Ordering::Acquire);
-    while !th.is_null() {
+    for th in listed_heaps() {
         // SAFETY: listed heaps are never unmapped; this thread holds no heap's lock.
-        unsafe {
-            stop(th);
-            th = (*th).next;
-        }
+        unsafe { stop(th) };
     }
     GROUP_HEAPS.spin.lock();
     segment::fork_locks(true);
@@ -1342,13 +1347,9 @@ extern "C" fn fork_release() {
     FORKING.with(|f| f.set(false));
     segment::fork_locks(false);
     GROUP_HEAPS.spin.unlock();
-    let mut th = HEAPS.load(Ordering::Acquire);
-    while !th.is_null() {
+    for th in listed_heaps() {
         // SAFETY: `fork_prepare` stopped every listed heap.
-        unsafe {
-            resume(th);
-            th = (*th).next;
-        }
+        unsafe { resume(th) };
     }
     REGISTRY.spin.unlock();
     drain_parked();
