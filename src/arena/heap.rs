@@ -319,16 +319,8 @@ pub(crate) fn alloc_fast(key: Key, class: usize, size: usize, counted: bool) -> 
         if (*th).cached_key == key {
             let gh = (*th).cached;
             let s = (*gh).classes[class].active;
-            p = (*s).free;
-            if !p.is_null() {
-                (*s).free = *(p as *const *mut u8);
-                (*s).used += 1;
-                (*gh).allocs += counted as u64;
-                (*gh).adj -= (size + TAG_SIZE) as i64;
-                (*gh).left -= 1;
-                if (*gh).left == 0 {
-                    harvest(gh);
-                }
+            if !(*s).free.is_null() {
+                p = pop(gh, s, size, counted);
             }
         }
         leave(th);
@@ -778,6 +770,29 @@ pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> 
     out
 }
 
+/// Takes the first free object of slab `s` of `gh` for a block of `size` bytes, and counts it
+/// (an allocation if `counted`, its overhead correction, and a harvest every 256 operations).
+///
+/// # Safety
+/// The caller owns `gh` (fast path entered, or its heap's lock held), `s` is a slab of `gh`
+/// and `s`'s free list is not empty.
+#[inline(always)]
+unsafe fn pop(gh: *mut GroupHeap, s: *mut Slab, size: usize, counted: bool) -> *mut u8 {
+    // SAFETY: per the caller: a free object's first word links the next one.
+    unsafe {
+        let p = (*s).free;
+        (*s).free = *(p as *const *mut u8);
+        (*s).used += 1;
+        (*gh).allocs += counted as u64;
+        (*gh).adj -= (size + TAG_SIZE) as i64;
+        (*gh).left -= 1;
+        if (*gh).left == 0 {
+            harvest(gh);
+        }
+        p
+    }
+}
+
 /// Allocates from the class's active slab, refilling it first: from its remote frees, then
 /// from the partial list (after taking in the objects other threads handed over). Null if no
 /// slab of the group heap has a free object.
@@ -804,16 +819,7 @@ unsafe fn refill(
                     collect(gh, s);
                 }
                 if !(*s).free.is_null() {
-                    let p = (*s).free;
-                    (*s).free = *(p as *const *mut u8);
-                    (*s).used += 1;
-                    (*gh).allocs += counted as u64;
-                    (*gh).adj -= (size + TAG_SIZE) as i64;
-                    (*gh).left -= 1;
-                    if (*gh).left == 0 {
-                        harvest(gh);
-                    }
-                    return p;
+                    return pop(gh, s, size, counted);
                 }
                 if !park_full(gh, s) {
                     continue;
