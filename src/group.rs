@@ -711,7 +711,7 @@ fn overhead(s: &crate::core::counter::Snapshot) -> usize {
     let tags = s.allocs.saturating_sub(s.frees) as usize * crate::TAG_SIZE;
     (tags as isize)
         .saturating_add(s.overhead)
-        .clamp(0, s.usage as isize) as usize
+        .clamp(0, s.usage.min(isize::MAX as usize) as isize) as usize
 }
 
 /// Groups removed whose records are not yet freed: they still have live charges (or handles).
