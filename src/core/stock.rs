@@ -34,20 +34,33 @@ pub(crate) const SLOTS: usize = if cfg!(memgroup_loom) { 2 } else { 7 };
 /// but rarely finds more than a concurrent refill or two).
 const DRAINS: u32 = 3;
 
-/// The largest batch: a slot's byte field must hold a full batch plus one charge.
+/// The largest batch: a slot never holds more bytes than a batch.
 pub(crate) const MAX_BATCH: usize = 1 << 23;
 
-const BYTES_BITS: u32 = 25;
-const COUNT_BITS: u32 = 9;
-const ALLOCS_SHIFT: u32 = BYTES_BITS;
-const FREES_SHIFT: u32 = BYTES_BITS + COUNT_BITS;
-const KEY_SHIFT: u32 = BYTES_BITS + 2 * COUNT_BITS;
+// A slot word, from the low bits up: bytes (24 bits), a guard bit, the allocations it can
+// still count (8 bits, counting down), a guard bit, the frees it can still count (8 bits,
+// counting down), a guard bit, the key (21 bits). Guards are 1 in every claimed word. So a
+// charge is one subtraction of `bytes + one allocation`, and it fits exactly when it borrows
+// through no guard and the key is unchanged: one mask and one compare check the key, the
+// bytes and the count at once. An uncharge is one addition of `bytes - one free`.
+const BYTES_BITS: u32 = 24;
+const COUNT_BITS: u32 = 8;
+const ALLOCS_SHIFT: u32 = BYTES_BITS + 1;
+const FREES_SHIFT: u32 = ALLOCS_SHIFT + COUNT_BITS + 1;
+const KEY_SHIFT: u32 = FREES_SHIFT + COUNT_BITS + 1;
 const BYTES_MASK: u64 = (1 << BYTES_BITS) - 1;
 const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
+const GUARDS: u64 =
+    1 << BYTES_BITS | 1 << (ALLOCS_SHIFT + COUNT_BITS) | 1 << (FREES_SHIFT + COUNT_BITS);
 const CONTENT_MASK: u64 = (1 << KEY_SHIFT) - 1;
+/// The content of a claimed slot holding nothing.
+const EMPTY: u64 = GUARDS | COUNT_MAX << ALLOCS_SHIFT | COUNT_MAX << FREES_SHIFT;
+/// The bits a fast path checks after its arithmetic: the key and the guards.
+const CHECK_MASK: u64 = !CONTENT_MASK | GUARDS;
 
-/// The largest group id a key can hold.
-pub(crate) const MAX_ID: u32 = (1 << (64 - KEY_SHIFT - 1)) - 1;
+/// The largest group id a key can hold. The all-ones key is left out: an unclaimed word (0)
+/// minus a charge would read as it.
+pub(crate) const MAX_ID: u32 = (1 << (64 - KEY_SHIFT - 1)) - 2;
 
 /// A group and a kind of memory: `id << 1 | kernel`. Key 0 names no group.
 pub(crate) type Key = u32;
@@ -94,9 +107,27 @@ pub(crate) trait Groups {
     fn reclaim(&self, at: &Counter, bytes: usize) -> bool;
 }
 
+/// A claimed word: `bytes` (at most `BYTES_MASK`), and `allocs` and `frees` not yet counted
+/// (each at most `COUNT_MAX`).
 #[inline(always)]
 const fn word(key: Key, bytes: u64, allocs: u64, frees: u64) -> u64 {
-    (key as u64) << KEY_SHIFT | frees << FREES_SHIFT | allocs << ALLOCS_SHIFT | bytes
+    (key as u64) << KEY_SHIFT
+        | GUARDS
+        | (COUNT_MAX - frees) << FREES_SHIFT
+        | (COUNT_MAX - allocs) << ALLOCS_SHIFT
+        | bytes
+}
+
+/// What `word(key, ..)` has under `CHECK_MASK`.
+#[inline(always)]
+const fn checked(key: Key) -> u64 {
+    (key as u64) << KEY_SHIFT | GUARDS
+}
+
+/// Whether a slot word holds bytes or counts (an unclaimed or claimed-empty one does not).
+#[inline(always)]
+const fn has_content(w: u64) -> bool {
+    w != 0 && w & CONTENT_MASK != EMPTY
 }
 
 #[inline(always)]
@@ -111,12 +142,18 @@ const fn word_bytes(w: u64) -> u64 {
 
 #[inline(always)]
 const fn word_allocs(w: u64) -> u64 {
-    (w >> ALLOCS_SHIFT) & COUNT_MAX
+    if w == 0 {
+        return 0;
+    }
+    COUNT_MAX - ((w >> ALLOCS_SHIFT) & COUNT_MAX)
 }
 
 #[inline(always)]
 const fn word_frees(w: u64) -> u64 {
-    (w >> FREES_SHIFT) & COUNT_MAX
+    if w == 0 {
+        return 0;
+    }
+    COUNT_MAX - ((w >> FREES_SHIFT) & COUNT_MAX)
 }
 
 /// One CPU's slots, on their own cache line.
@@ -203,10 +240,13 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// `charge_slow`.
     #[inline(always)]
     pub(crate) fn charge(&self, cpu: usize, key: Key, bytes: usize, objects: u64) -> bool {
-        self.update(cpu, key, |w| {
-            (word_bytes(w) >= bytes as u64 && word_allocs(w) + objects <= COUNT_MAX)
-                .then(|| w - bytes as u64 + (objects << ALLOCS_SHIFT))
-        })
+        // `bytes` and `objects` (0 or 1) are small enough not to reach past the guards.
+        let take = bytes as u64 + (objects << ALLOCS_SHIFT);
+        bytes <= MAX_BATCH
+            && self.update(cpu, |w| {
+                let new = w.wrapping_sub(take);
+                (new & CHECK_MASK == checked(key)).then_some(new)
+            })
     }
 
     /// The fast path of an uncharge: gives `bytes` back to this CPU's slot for `key` and
@@ -215,22 +255,22 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     #[inline(always)]
     pub(crate) fn uncharge(&self, cpu: usize, key: Key, bytes: usize, objects: u64) -> bool {
         let batch = self.batch() as u64;
-        self.update(cpu, key, |w| {
-            (word_bytes(w) + bytes as u64 <= batch && word_frees(w) + objects <= COUNT_MAX)
-                .then(|| w + bytes as u64 + (objects << FREES_SHIFT))
+        // `bytes <= batch` (checked first) keeps the addition below the guards' reach.
+        let give = (bytes as u64).wrapping_sub(objects << FREES_SHIFT);
+        self.update(cpu, |w| {
+            let new = w.wrapping_add(give);
+            (word_bytes(w) + bytes as u64 <= batch && new & CHECK_MASK == checked(key))
+                .then_some(new)
         })
     }
 
-    /// Replaces the word of this CPU's slot for `key` by `step(word)`. False if no slot has
-    /// the key or `step` refuses.
+    /// Replaces the first word of this CPU's slots that `step` accepts by `step(word)`. False
+    /// if `step` accepts none.
     #[inline(always)]
-    fn update(&self, cpu: usize, key: Key, step: impl Fn(u64) -> Option<u64>) -> bool {
+    fn update(&self, cpu: usize, step: impl Fn(u64) -> Option<u64>) -> bool {
         for slot in &self.stock(cpu).slots {
             let mut w = slot.load(Ordering::Relaxed);
-            while word_key(w) == key {
-                let Some(new) = step(w) else {
-                    return false;
-                };
+            while let Some(new) = step(w) {
                 match slot.compare_exchange_weak(w, new, Ordering::Relaxed, Ordering::Relaxed) {
                     Ok(_) => return true,
                     Err(now) => w = now,
@@ -416,9 +456,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// Empties every slot, on every CPU, whose group satisfies `pred`: the bytes go back to the
     /// counters and the pending counts are added to them.
     pub(crate) fn drain(&self, pred: impl Fn(&Counter) -> bool) {
-        self.empty_slots(|w| {
-            w & CONTENT_MASK != 0 && pred(self.groups.counter(key_id(word_key(w))))
-        });
+        self.empty_slots(|w| has_content(w) && pred(self.groups.counter(key_id(word_key(w)))));
     }
 
     /// Empties and releases every slot naming group `id`, empty ones included, so that no
@@ -462,9 +500,9 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     fn take(&self, cpu: usize, key: Key) -> u64 {
         let held = core::cell::Cell::new(0);
         // The word is ours only if our CAS took it (a drain may take it first).
-        let took = self.update(cpu, key, |w| {
+        let took = self.update(cpu, |w| {
             held.set(w);
-            Some(word(key, 0, 0, 0))
+            (word_key(w) == key).then_some(word(key, 0, 0, 0))
         });
         if took {
             held.get()
@@ -521,12 +559,12 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             let empty = stock
                 .slots
                 .iter()
-                .position(|s| s.load(Ordering::Relaxed) & CONTENT_MASK == 0);
+                .position(|s| !has_content(s.load(Ordering::Relaxed)));
             let i = empty
                 .unwrap_or_else(|| stock.victim.fetch_add(1, Ordering::Relaxed) as usize % SLOTS);
             let slot = &stock.slots[i];
             let w = slot.load(Ordering::Relaxed);
-            if w & CONTENT_MASK == 0 {
+            if !has_content(w) {
                 if slot
                     .compare_exchange(w, new, Ordering::SeqCst, Ordering::Relaxed)
                     .is_ok()
