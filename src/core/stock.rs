@@ -142,17 +142,11 @@ const fn word_bytes(w: u64) -> u64 {
 
 #[inline(always)]
 const fn word_allocs(w: u64) -> u64 {
-    if w == 0 {
-        return 0;
-    }
     COUNT_MAX - ((w >> ALLOCS_SHIFT) & COUNT_MAX)
 }
 
 #[inline(always)]
 const fn word_frees(w: u64) -> u64 {
-    if w == 0 {
-        return 0;
-    }
     COUNT_MAX - ((w >> FREES_SHIFT) & COUNT_MAX)
 }
 
@@ -496,18 +490,19 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     }
 
     /// Takes the content of this CPU's slot for `key`, leaving the slot claimed but empty.
-    /// Returns a word with no content if there is no such slot.
+    /// Returns an empty word if there is no such slot.
     fn take(&self, cpu: usize, key: Key) -> u64 {
-        let held = core::cell::Cell::new(0);
+        let empty = word(key, 0, 0, 0);
+        let held = core::cell::Cell::new(empty);
         // The word is ours only if our CAS took it (a drain may take it first).
         let took = self.update(cpu, |w| {
             held.set(w);
-            (word_key(w) == key).then_some(word(key, 0, 0, 0))
+            (word_key(w) == key).then_some(empty)
         });
         if took {
             held.get()
         } else {
-            0
+            empty
         }
     }
 
