@@ -17,6 +17,7 @@ use core::ptr::NonNull;
 
 use crate::core::counter::{Counter, UNLIMITED};
 use crate::core::stock::{Groups, Mode, Stocks, MAX_BATCH, MAX_ID};
+use crate::lock::SpinLock;
 use crate::platform;
 use crate::{Error, OnLimit, Stat};
 
@@ -753,70 +754,6 @@ unsafe impl allocator_api2::alloc::Allocator for Malloc {
     }
 }
 
-/// The registry's lock: a spin lock, because it must be usable inside `dealloc` (freeing a
-/// removed group's record) without allocating, and is held only for short, bounded work that
-/// never calls user code or the global allocator.
-struct SpinLock<T> {
-    locked: AtomicBool,
-    value: UnsafeCell<T>,
-}
-
-// SAFETY: the value is only reached through a guard, which the lock makes exclusive.
-unsafe impl<T: Send> Sync for SpinLock<T> {}
-
-struct SpinGuard<'a, T>(&'a SpinLock<T>);
-
-impl<T> SpinLock<T> {
-    const fn new(value: T) -> Self {
-        SpinLock {
-            locked: AtomicBool::new(false),
-            value: UnsafeCell::new(value),
-        }
-    }
-
-    fn lock(&self) -> SpinGuard<'_, T> {
-        self.raw_lock();
-        SpinGuard(self)
-    }
-
-    fn raw_lock(&self) {
-        let mut spins = 0u32;
-        while self.locked.swap(true, Ordering::Acquire) {
-            spins += 1;
-            if spins < 64 {
-                core::hint::spin_loop();
-            } else {
-                platform::yield_now();
-            }
-        }
-    }
-
-    fn raw_unlock(&self) {
-        self.locked.store(false, Ordering::Release);
-    }
-}
-
-impl<T> core::ops::Deref for SpinGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: the guard holds the lock.
-        unsafe { &*self.0.value.get() }
-    }
-}
-
-impl<T> core::ops::DerefMut for SpinGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: the guard holds the lock.
-        unsafe { &mut *self.0.value.get() }
-    }
-}
-
-impl<T> Drop for SpinGuard<'_, T> {
-    fn drop(&mut self) {
-        self.0.raw_unlock();
-    }
-}
-
 /// Set while the fork handlers below hold the registry lock (see `fork_held`).
 static FORK_HELD: AtomicBool = AtomicBool::new(false);
 
@@ -826,16 +763,19 @@ pub(crate) fn fork_held() -> bool {
     FORK_HELD.load(Ordering::Acquire)
 }
 
-/// Holds the registry lock across `fork()`, so that the child never inherits it locked.
+/// Holds the registry lock (and the pressure registry's, taken first) across `fork()`, so
+/// that the child never inherits them locked.
 pub(crate) fn register_fork_handlers() {
     static REGISTERED: AtomicBool = AtomicBool::new(false);
     extern "C" fn prepare() {
+        crate::pressure::lock_for_fork();
         REGISTRY.raw_lock();
         FORK_HELD.store(true, Ordering::Release);
     }
     extern "C" fn release() {
         FORK_HELD.store(false, Ordering::Release);
         REGISTRY.raw_unlock();
+        crate::pressure::unlock_after_fork();
         // Slabs the arena parked during the fork, if its own handler ran before this one.
         #[cfg(feature = "arena")]
         crate::arena::drain_parked();
@@ -843,6 +783,8 @@ pub(crate) fn register_fork_handlers() {
     extern "C" fn child() {
         FORK_HELD.store(false, Ordering::Release);
         REGISTRY.raw_unlock();
+        crate::pressure::unlock_after_fork();
+        crate::lock::after_fork_in_child();
         crate::pressure::after_fork_in_child();
         #[cfg(feature = "arena")]
         crate::arena::drain_parked();

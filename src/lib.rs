@@ -38,6 +38,7 @@
 mod arena;
 mod core;
 mod group;
+mod lock;
 mod platform;
 mod pressure;
 mod scope;

@@ -15,11 +15,12 @@
 //! (on the notifier, or in `Group::reclaim`) never wait for reclaim, so reclaim never recurses.
 
 use core::time::Duration;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use crate::core::counter::{Counter, CRITICAL, LOW, MEDIUM, RECLAIM};
 use crate::core::doorbell::Doorbell;
 use crate::group::{self, Group};
+use crate::lock::{CallLock, SpinGuard, SpinLock};
 use crate::sync::{AtomicU32, AtomicU8, Ordering};
 use crate::{platform, scope};
 
@@ -69,7 +70,7 @@ pub struct ShrinkerHandle {
 /// lock, so unregistering waits for a call in progress.
 struct Slot<T: ?Sized> {
     group: Group,
-    inner: Mutex<Option<Box<T>>>,
+    inner: CallLock<Option<Box<T>>>,
 }
 
 /// A pressure callback.
@@ -80,7 +81,10 @@ struct Registry {
     shrinkers: Vec<Arc<Slot<dyn Shrinker>>>,
 }
 
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+/// Held only to push, remove or clone entries (which may allocate: no allocation path takes
+/// this lock), never across a callback; held across `fork()` by the fork handlers (see
+/// `group::register_fork_handlers`), which take it before the group registry's.
+static REGISTRY: SpinLock<Registry> = SpinLock::new(Registry {
     subs: Vec::new(),
     shrinkers: Vec::new(),
 });
@@ -101,8 +105,19 @@ thread_local! {
     static CALLING: core::cell::Cell<*const ()> = const { core::cell::Cell::new(core::ptr::null()) };
 }
 
-fn registry() -> MutexGuard<'static, Registry> {
-    REGISTRY.lock().unwrap_or_else(PoisonError::into_inner)
+fn registry() -> SpinGuard<'static, Registry> {
+    REGISTRY.lock()
+}
+
+/// For the fork handlers: holds the registry across `fork()`, so that the child never
+/// inherits it locked by a thread that does not exist there.
+pub(crate) fn lock_for_fork() {
+    REGISTRY.raw_lock();
+}
+
+/// For the fork handlers, in the parent and in the child.
+pub(crate) fn unlock_after_fork() {
+    REGISTRY.raw_unlock();
 }
 
 impl<T: ?Sized> Slot<T> {
@@ -113,11 +128,7 @@ impl<T: ?Sized> Slot<T> {
             DEAD_ON_RETURN.with(|d| d.set(true));
             return;
         }
-        let taken = self
-            .inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let taken = self.inner.lock().take();
         drop(taken);
     }
 }
@@ -128,7 +139,7 @@ thread_local! {
 
 /// Calls the callback or shrinker of `slot` and, if it unregistered itself meanwhile, drops it.
 fn call_slot<T: ?Sized, R>(slot: &Slot<T>, f: impl FnOnce(&T) -> R) -> Option<R> {
-    let mut inner = slot.inner.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut inner = slot.inner.lock();
     let it = inner.as_deref()?;
     let prev = CALLING.with(|c| c.replace(slot as *const Slot<T> as *const ()));
     let prev_dead = DEAD_ON_RETURN.with(|d| d.replace(false));
@@ -181,7 +192,7 @@ pub(crate) fn subscribe(group: &Group, f: Box<dyn Fn(Level) + Send + Sync>) -> S
     let sub = scope::as_root(|| {
         let sub: Arc<Slot<Callback>> = Arc::new(Slot {
             group: group.clone(),
-            inner: Mutex::new(Some(f)),
+            inner: CallLock::new(Some(f)),
         });
         registry().subs.push(sub.clone());
         sub
@@ -194,7 +205,7 @@ pub(crate) fn register(group: &Group, s: Box<dyn Shrinker>) -> ShrinkerHandle {
     let entry = scope::as_root(|| {
         let entry: Arc<Slot<dyn Shrinker>> = Arc::new(Slot {
             group: group.clone(),
-            inner: Mutex::new(Some(s)),
+            inner: CallLock::new(Some(s)),
         });
         registry().shrinkers.push(entry.clone());
         entry

@@ -143,6 +143,132 @@ fn fork_while_other_threads_allocate() {
     );
 }
 
+/// A shrinker for `fork_while_subscriptions_change`: holds nothing.
+struct Nothing;
+
+impl memgroup::Shrinker for Nothing {
+    fn chunk_size(&self) -> usize {
+        1
+    }
+    fn count(&self) -> usize {
+        0
+    }
+    fn shrink(&self, _chunks: usize) -> usize {
+        0
+    }
+}
+
+#[test]
+fn fork_while_subscriptions_change() {
+    // One thread subscribes and unsubscribes, registers and unregisters a shrinker, in a loop,
+    // so the pressure registry's lock is often held when the main thread forks. A child that
+    // inherited it locked would hang at its first subscription.
+    let g = fresh("fork-subs");
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (g, stop) = (g.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let sub = g.on_pressure(|_| {});
+                let shrinker = g.register_shrinker(Nothing);
+                drop(sub);
+                drop(shrinker);
+                n += 1;
+            }
+            n
+        })
+    };
+    for i in 0..200 {
+        // SAFETY: the child subscribes, registers, unregisters and leaves with _exit, never
+        // returning into the test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let sub = g.on_pressure(|_| {});
+            let shrinker = g.register_shrinker(Nothing);
+            drop(sub);
+            drop(shrinker);
+            // SAFETY: _exit is async-signal-safe and skips atexit handlers and destructors.
+            unsafe { libc::_exit(0) };
+        }
+        let status = wait_child(pid, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("forked child {i} hung (pressure registry held across fork?)"));
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "forked child {i} failed: status {status:#x}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(churn.join().unwrap() > 0);
+}
+
+/// A shrinker for `fork_during_a_shrinker_call`: its `shrink` says it started, then waits
+/// until `go` (in the parent; in a forked child the call was cut short).
+struct Blocking {
+    started: Arc<AtomicBool>,
+    go: Arc<AtomicBool>,
+}
+
+impl memgroup::Shrinker for Blocking {
+    fn chunk_size(&self) -> usize {
+        1000
+    }
+    fn count(&self) -> usize {
+        10
+    }
+    fn shrink(&self, _chunks: usize) -> usize {
+        self.started.store(true, Ordering::SeqCst);
+        while !self.go.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        0
+    }
+}
+
+#[test]
+fn fork_during_a_shrinker_call() {
+    // The fork happens while another thread is inside a shrinker (through `Group::reclaim`),
+    // holding that shrinker's call lock. In the child that thread does not exist: unregistering
+    // the shrinker, or reclaiming through it, must not wait for it.
+    let g = fresh("fork-shrinking");
+    let (started, go) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let handle = g.register_shrinker(Blocking {
+        started: started.clone(),
+        go: go.clone(),
+    });
+    let caller = {
+        let g = g.clone();
+        std::thread::spawn(move || g.reclaim(5000))
+    };
+    let start = Instant::now();
+    while !started.load(Ordering::SeqCst) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the shrinker was never called");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: the child reclaims, unregisters and leaves with _exit, never returning into the
+    // test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        go.store(true, Ordering::SeqCst);
+        let freed = g.reclaim(5000);
+        drop(handle);
+        // SAFETY: _exit is async-signal-safe and skips atexit handlers and destructors.
+        unsafe { libc::_exit(if freed == 0 { 0 } else { 1 }) };
+    }
+    let status = wait_child(pid, Duration::from_secs(10));
+    // Let the parent's call finish first, so that a failure below does not hang on `handle`.
+    go.store(true, Ordering::SeqCst);
+    let status = status.expect("forked child hung on a shrinker lock held at the fork");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "forked child failed: status {status:#x}"
+    );
+    assert_eq!(caller.join().unwrap(), 0);
+    drop(handle);
+}
+
 #[test]
 fn memory_of_exited_threads_freed_later() {
     let g = fresh("exited");

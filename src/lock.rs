@@ -1,0 +1,146 @@
+//! memgroup's own locks: a spin lock for the registries and a fork-proof lock for calls
+//! into user code.
+
+use core::cell::UnsafeCell;
+
+use crate::platform;
+use crate::sync::{AtomicBool, AtomicU32, Ordering};
+
+/// A spin lock (spinning, then yielding): usable inside `dealloc` without allocating, and
+/// lockable in a `fork()` prepare handler and unlockable in the child, which std's `Mutex` is
+/// not. For short, bounded critical sections that never call user code.
+pub(crate) struct SpinLock<T> {
+    locked: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the value is only reached through a guard, which the lock makes exclusive.
+unsafe impl<T: Send> Sync for SpinLock<T> {}
+
+pub(crate) struct SpinGuard<'a, T>(&'a SpinLock<T>);
+
+impl<T> SpinLock<T> {
+    pub(crate) const fn new(value: T) -> Self {
+        SpinLock {
+            locked: AtomicBool::new(false),
+            value: UnsafeCell::new(value),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
+        self.raw_lock();
+        SpinGuard(self)
+    }
+
+    pub(crate) fn raw_lock(&self) {
+        let mut spins = 0u32;
+        while self.locked.swap(true, Ordering::Acquire) {
+            spins += 1;
+            if spins < 64 {
+                core::hint::spin_loop();
+            } else {
+                platform::yield_now();
+            }
+        }
+    }
+
+    pub(crate) fn raw_unlock(&self) {
+        self.locked.store(false, Ordering::Release);
+    }
+}
+
+impl<T> core::ops::Deref for SpinGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard holds the lock.
+        unsafe { &*self.0.value.get() }
+    }
+}
+
+impl<T> core::ops::DerefMut for SpinGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: the guard holds the lock.
+        unsafe { &mut *self.0.value.get() }
+    }
+}
+
+impl<T> Drop for SpinGuard<'_, T> {
+    fn drop(&mut self) {
+        self.0.raw_unlock();
+    }
+}
+
+/// A lock held across a call into user code (a pressure callback or shrinker): waiters sleep
+/// on a futex. It survives `fork()`: the word holds the fork generation of its holder, and the
+/// child starts a new generation, so a lock that a parent's thread held at the fork (its call
+/// cut short in the child, where that thread does not exist) is free in the child.
+pub(crate) struct CallLock<T> {
+    /// 0: free; otherwise the generation of the holder.
+    word: AtomicU32,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the value is only reached through a guard, which the lock makes exclusive.
+unsafe impl<T: Send> Sync for CallLock<T> {}
+
+pub(crate) struct CallGuard<'a, T>(&'a CallLock<T>);
+
+/// This process's fork generation: never 0, changed in each child.
+static GENERATION: AtomicU32 = AtomicU32::new(1);
+
+impl<T> CallLock<T> {
+    pub(crate) const fn new(value: T) -> Self {
+        CallLock {
+            word: AtomicU32::new(0),
+            value: UnsafeCell::new(value),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> CallGuard<'_, T> {
+        let me = GENERATION.load(Ordering::Relaxed);
+        loop {
+            let w = self.word.load(Ordering::Acquire);
+            if w != me {
+                // Free, or held by a thread of the parent process before a fork.
+                if self
+                    .word
+                    .compare_exchange(w, me, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return CallGuard(self);
+                }
+            } else {
+                platform::futex_wait(&self.word, w, None);
+            }
+        }
+    }
+}
+
+impl<T> core::ops::Deref for CallGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard holds the lock.
+        unsafe { &*self.0.value.get() }
+    }
+}
+
+impl<T> core::ops::DerefMut for CallGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: the guard holds the lock.
+        unsafe { &mut *self.0.value.get() }
+    }
+}
+
+impl<T> Drop for CallGuard<'_, T> {
+    fn drop(&mut self) {
+        self.0.word.store(0, Ordering::Release);
+        platform::futex_wake(&self.0.word, i32::MAX);
+    }
+}
+
+/// In a child just after `fork()` (one thread): starts a new generation, which frees every
+/// `CallLock` the parent's threads held.
+pub(crate) fn after_fork_in_child() {
+    let next = GENERATION.load(Ordering::Relaxed).wrapping_add(1);
+    GENERATION.store(if next == 0 { 1 } else { next }, Ordering::Relaxed);
+}
