@@ -1,6 +1,7 @@
 //! alloc+free churn of small mixed sizes: the raw inner allocator, a single global atomic
-//! counter with a limit (the `cap` crate's approach) and memgroup's `TagAlloc`, in one run,
-//! reported as ratios to the raw allocator. Target: `tag` costs at most 1.5x `system` per
+//! counter with a limit (the `cap` crate's approach), an 8-byte word stored where `TagAlloc`
+//! stores its tag but with no accounting (`pad8`: the floor of any inline-tag design) and
+//! memgroup's `TagAlloc`, in one run, reported as ratios to the raw allocator. Target: `tag` costs at most 1.5x `system` per
 //! alloc+free pair (median), later 1.1x.
 //!
 //! The binary's own `#[global_allocator]` stays `System`. Every allocator under test is a value
@@ -48,7 +49,7 @@
 //! (default 150; the op count is calibrated once on `system` and then fixed for every row);
 //! `CHURN_OPS=n` fixed steps per thread per run, no calibration and no warm-up, 1 run unless
 //! `CHURN_RUNS` is set (the callgrind mode); `CHURN_ONLY=a,b` rows to run, among `system`,
-//! `cap`, `tag`, `tag-sub` (`tag` charging groups that have a pressure subscriber and a
+//! `cap`, `pad8`, `tag`, `tag-sub` (`tag` charging groups that have a pressure subscriber and a
 //! shrinker), `mimalloc`, `cap-mimalloc`, `tag-mimalloc`; `CHURN_THREADS=1|2` one scenario
 //! only; `CHURN_SLOTS=n` live blocks per thread (power of two, default 1024);
 //! `CHURN_REMOTE=r` 1 block in r freed by the other thread (default 8, 0 = none).
@@ -118,10 +119,65 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Cap<A> {
     }
 }
 
+/// An 8-byte word stored with every block exactly where `TagAlloc` puts its tag (a header for
+/// alignments up to 8, right after the block above), written on allocation and checked on
+/// free, with no accounting at all: the cost any inline-tag design pays before it counts
+/// anything.
+struct Pad8<A> {
+    inner: A,
+}
+
+const PAD: usize = 8;
+const PAD_WORD: u64 = 0x6d65_6d67_726f_7570;
+
+/// The inner layout of a block, its offset in it, and the offset of the word.
+fn padded(layout: Layout) -> Option<(Layout, usize, usize)> {
+    let header = layout.align() <= PAD;
+    let inner =
+        Layout::from_size_align(layout.size().checked_add(PAD)?, layout.align().max(PAD)).ok()?;
+    Some(if header {
+        (inner, PAD, 0)
+    } else {
+        (inner, 0, layout.size())
+    })
+}
+
+// SAFETY: every block is the inner allocator's block for `padded(layout).0`, offset by 8 (which
+// keeps alignments up to 8) or not at all (larger alignments), with `layout.size()` usable
+// bytes beside the word.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for Pad8<A> {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let Some((inner, block, word)) = padded(layout) else {
+            return null_mut();
+        };
+        // SAFETY: `inner` has a non-zero size.
+        let base = unsafe { self.inner.alloc(inner) };
+        if base.is_null() {
+            return base;
+        }
+        // SAFETY: the word and the block lie inside the inner block.
+        unsafe {
+            base.add(word).cast::<u64>().write_unaligned(PAD_WORD);
+            base.add(block)
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let (inner, block, word) = padded(layout).expect("allocated with this layout");
+        // SAFETY: `ptr` came from `alloc(layout)`, so `ptr - block` is the inner block.
+        unsafe {
+            let base = ptr.sub(block);
+            assert_eq!(base.add(word).cast::<u64>().read_unaligned(), PAD_WORD);
+            self.inner.dealloc(base, inner);
+        }
+    }
+}
+
 const CAP_LIMIT: usize = 1 << 40;
 static SYSTEM: System = System;
 static CAP_SYSTEM: Cap<System> = Cap::new(System, CAP_LIMIT);
 static TAG_SYSTEM: TagAlloc = TagAlloc::system();
+static PAD_SYSTEM: Pad8<System> = Pad8 { inner: System };
 static MIMALLOC: MiMalloc = MiMalloc;
 static CAP_MIMALLOC: Cap<MiMalloc> = Cap::new(MiMalloc, CAP_LIMIT);
 static TAG_MIMALLOC: TagAlloc<MiMalloc> = TagAlloc::new(MiMalloc);
@@ -181,6 +237,13 @@ fn all_rows() -> Vec<Row> {
             kind: Kind::Cap(&CAP_SYSTEM.allocated),
             set: 0,
             run: |p, t, set| run_with(&CAP_SYSTEM, p, t, set),
+        },
+        Row {
+            key: "pad8",
+            base: "system",
+            kind: Kind::Raw,
+            set: 0,
+            run: |p, t, set| run_with(&PAD_SYSTEM, p, t, set),
         },
         Row {
             key: "tag",
