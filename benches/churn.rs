@@ -130,21 +130,27 @@ struct Pad8<A> {
 const PAD: usize = 8;
 const PAD_WORD: u64 = 0x6d65_6d67_726f_7570;
 
-/// The inner layout of a block, its offset in it, and the offset of the word.
+/// The inner layout of a block, its offset in it, and the offset of the word: placed as
+/// `TagAlloc` places its tag (a header of 8 bytes, 16 for 16-aligned blocks, a footer above).
 fn padded(layout: Layout) -> Option<(Layout, usize, usize)> {
-    let header = layout.align() <= PAD;
-    let inner =
-        Layout::from_size_align(layout.size().checked_add(PAD)?, layout.align().max(PAD)).ok()?;
-    Some(if header {
-        (inner, PAD, 0)
+    let align = layout.align();
+    let (block, word, extra) = if align <= 2 * PAD {
+        let header = align.max(PAD);
+        (header, header - PAD, header - PAD)
     } else {
-        (inner, 0, layout.size())
-    })
+        (0, layout.size(), 0)
+    };
+    let size = layout.size().checked_add(PAD + extra)?;
+    Some((
+        Layout::from_size_align(size, align.max(PAD)).ok()?,
+        block,
+        word,
+    ))
 }
 
-// SAFETY: every block is the inner allocator's block for `padded(layout).0`, offset by 8 (which
-// keeps alignments up to 8) or not at all (larger alignments), with `layout.size()` usable
-// bytes beside the word.
+// SAFETY: every block is the inner allocator's block for `padded(layout).0`, offset by a header
+// of 8 or 16 bytes (which keeps alignments up to 8 or 16) or not at all (larger alignments), with
+// `layout.size()` usable bytes beside the word.
 unsafe impl<A: GlobalAlloc> GlobalAlloc for Pad8<A> {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let Some((inner, block, word)) = padded(layout) else {

@@ -114,6 +114,13 @@ impl Groups for Table {
     fn reclaim(&self, at: &Counter, bytes: usize) -> bool {
         crate::pressure::direct(at, bytes)
     }
+
+    fn barrier(&self) {
+        // Pockets are on only if the process registered for membarrier.
+        if !platform::membarrier() {
+            platform::corrupted(b"membarrier failed after registration");
+        }
+    }
 }
 
 /// Calls `f` on the counter of every group record ever used (free ones included: their
@@ -764,17 +771,19 @@ pub(crate) fn fork_held() -> bool {
 }
 
 /// Holds the registry lock (and the pressure registry's, taken first) across `fork()`, so
-/// that the child never inherits them locked.
+/// that the child never inherits them locked, and keeps every thread out of its pocket.
 pub(crate) fn register_fork_handlers() {
     static REGISTERED: AtomicBool = AtomicBool::new(false);
     extern "C" fn prepare() {
         crate::pressure::lock_for_fork();
+        crate::pocket::fork_prepare();
         REGISTRY.raw_lock();
         FORK_HELD.store(true, Ordering::Release);
     }
     extern "C" fn release() {
         FORK_HELD.store(false, Ordering::Release);
         REGISTRY.raw_unlock();
+        crate::pocket::fork_parent();
         crate::pressure::unlock_after_fork();
         // Slabs the arena parked during the fork, if its own handler ran before this one.
         #[cfg(feature = "arena")]
@@ -786,6 +795,7 @@ pub(crate) fn register_fork_handlers() {
         crate::pressure::unlock_after_fork();
         crate::lock::after_fork_in_child();
         crate::pressure::after_fork_in_child();
+        crate::pocket::fork_child();
         #[cfg(feature = "arena")]
         crate::arena::drain_parked();
     }

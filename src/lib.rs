@@ -40,6 +40,7 @@ mod core;
 mod group;
 mod lock;
 mod platform;
+mod pocket;
 mod pressure;
 mod scope;
 mod sync;

@@ -231,7 +231,46 @@ pub(crate) fn futex_wake(word: &AtomicU32, n: i32) {
     };
 }
 
-// ---- for the arena design: its own memory, membarrier and a thread-exit hook ----------------
+// ---- membarrier and a thread-exit hook: the pockets' and the arena's -----------------------
+
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+/// Registers the process for `membarrier`; false if the kernel (or valgrind) cannot.
+pub(crate) fn membarrier_register() -> bool {
+    // SAFETY: membarrier with a command and zero flags has no memory arguments.
+    unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+            0,
+        ) == 0
+    }
+}
+
+/// Runs a full memory barrier on every running thread of the process (after
+/// `membarrier_register`): the heavy side of an asymmetric fence. False on failure.
+pub(crate) fn membarrier() -> bool {
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0) == 0 }
+}
+
+/// Creates a thread-specific key whose destructor runs `hook` at the exit of each thread that
+/// set a value for it, after the thread's Rust thread-local destructors.
+pub(crate) fn thread_exit_key(hook: unsafe extern "C" fn(*mut libc::c_void)) -> Option<u32> {
+    let mut key: libc::pthread_key_t = 0;
+    // SAFETY: `key` is a valid out-pointer; the destructor lives for the whole program.
+    (unsafe { libc::pthread_key_create(&mut key, Some(hook)) } == 0).then_some(key)
+}
+
+/// Sets this thread's value for a `thread_exit_key`. May allocate (glibc's second-level key
+/// table), so the caller must be ready for a nested allocation.
+pub(crate) fn set_thread_exit_value(key: u32, value: *mut libc::c_void) {
+    // SAFETY: `key` came from `thread_exit_key`; failure only loses the exit hook.
+    unsafe { libc::pthread_setspecific(key, value) };
+}
+
+// ---- for the arena design: its own memory ---------------------------------------------------
 
 #[cfg(feature = "arena")]
 /// Reserves `bytes` of address space with no access and no memory behind it (nor any commit
@@ -261,49 +300,6 @@ pub(crate) fn decommit(p: *mut u8, bytes: usize) {
 pub(crate) fn unmap(p: *mut u8, bytes: usize) {
     // SAFETY: the caller passes a whole mapping from `map` that nothing uses any more.
     unsafe { libc::munmap(p.cast(), bytes) };
-}
-
-#[cfg(feature = "arena")]
-const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
-#[cfg(feature = "arena")]
-const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
-
-#[cfg(feature = "arena")]
-/// Registers the process for `membarrier`; false if the kernel (or valgrind) cannot.
-pub(crate) fn membarrier_register() -> bool {
-    // SAFETY: membarrier with a command and zero flags has no memory arguments.
-    unsafe {
-        libc::syscall(
-            libc::SYS_membarrier,
-            MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
-            0,
-        ) == 0
-    }
-}
-
-#[cfg(feature = "arena")]
-/// Runs a full memory barrier on every running thread of the process (after
-/// `membarrier_register`): the heavy side of an asymmetric fence. False on failure.
-pub(crate) fn membarrier() -> bool {
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0) == 0 }
-}
-
-#[cfg(feature = "arena")]
-/// Creates a thread-specific key whose destructor runs `hook` at the exit of each thread that
-/// set a value for it, after the thread's Rust thread-local destructors.
-pub(crate) fn thread_exit_key(hook: unsafe extern "C" fn(*mut libc::c_void)) -> Option<u32> {
-    let mut key: libc::pthread_key_t = 0;
-    // SAFETY: `key` is a valid out-pointer; the destructor lives for the whole program.
-    (unsafe { libc::pthread_key_create(&mut key, Some(hook)) } == 0).then_some(key)
-}
-
-#[cfg(feature = "arena")]
-/// Sets this thread's value for a `thread_exit_key`. May allocate (glibc's second-level key
-/// table), so the caller must be ready for a nested allocation.
-pub(crate) fn set_thread_exit_value(key: u32, value: *mut libc::c_void) {
-    // SAFETY: `key` came from `thread_exit_key`; failure only loses the exit hook.
-    unsafe { libc::pthread_setspecific(key, value) };
 }
 
 /// Gives up the CPU, for a lock holder that may be descheduled.

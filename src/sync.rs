@@ -25,6 +25,17 @@ pub(crate) use loom::sync::atomic::{fence, Ordering};
 #[allow(unused_imports)]
 pub(crate) use core::sync::atomic::compiler_fence;
 
+/// The light side of an asymmetric store-load fence: only the compiler is kept from reordering
+/// in the allocator, where the heavy side (`membarrier(2)`) runs the full fence on this thread
+/// when it matters; a full `SeqCst` fence under loom, which has no `membarrier` to model it.
+#[inline(always)]
+pub(crate) fn light_fence() {
+    #[cfg(not(memgroup_loom))]
+    core::sync::atomic::compiler_fence(Ordering::SeqCst);
+    #[cfg(memgroup_loom)]
+    loom::sync::atomic::fence(Ordering::SeqCst);
+}
+
 /// Spin-wait hint: a real `spin_loop` hint in the allocator, a yield to the scheduler under loom
 /// (loom needs to see the waiting thread give way, or the model never terminates).
 #[inline]

@@ -1,17 +1,21 @@
 //! The tag design (Vladimir Davydov's, seeds/003): one shared inner allocator, and the owner's
 //! key stored with every block, so a free finds its owner without a lookup.
 //!
-//! The tag is 8 bytes. For alignments up to 8 it is a header just before the block; above 8,
-//! a header would cost a whole alignment unit (2 MiB for a 2 MiB alignment), so the tag goes
-//! right after the block instead, unaligned. Either way a block costs exactly `size + 8`
-//! bytes of the inner allocator, which is what its owner is charged: `TAG_SIZE` of it is
-//! reported as `overhead`.
+//! The tag is 8 bytes, just before the block: for alignments up to 8 it is the whole header;
+//! for 16-aligned blocks the header is 16 bytes (the tag and 8 unused), since a tag after the
+//! block (unaligned, often on another cache line) made every such free markedly slower. Above
+//! 16, a header would cost a whole alignment unit (2 MiB for a 2 MiB alignment), so the tag
+//! goes right after the block instead, unaligned. A block costs `size + 8` bytes of the inner
+//! allocator (`size + 16` if 16-aligned), which is what its owner is charged, and all but
+//! `size` is reported as `overhead`: `TAG_SIZE` per block by formula, the 16-byte headers'
+//! other 8 bytes counted as they come and go (`Counter::adjust_overhead`).
 
 use core::alloc::{GlobalAlloc, Layout};
 use std::alloc::System;
 
-use crate::core::stock::Key;
-use crate::group::STOCKS;
+use crate::core::stock::{key_id, Key};
+use crate::group::{self, STOCKS};
+use crate::pocket::{self, Mine};
 use crate::{platform, scope};
 
 /// Bytes of the tag every block carries in the tag design.
@@ -53,6 +57,8 @@ struct Placement {
     block: usize,
     /// Offset of the tag in the inner allocation.
     tag: usize,
+    /// Overhead bytes beyond `TAG_SIZE`: the unused half of a 16-byte header.
+    pad: usize,
 }
 
 /// The largest block: 256 TiB, more than any allocator on a 64-bit platform can return. A
@@ -74,15 +80,32 @@ fn place(layout: Layout) -> Option<Placement> {
 /// `layout.size()` and `layout.align()` are at most `MAX_BLOCK`.
 #[inline(always)]
 unsafe fn placed(layout: Layout) -> Placement {
-    let size = layout.size() + TAG_SIZE;
-    let header = layout.align() <= TAG_SIZE;
-    // SAFETY: both are powers of two, and size + TAG_SIZE rounded up to an alignment of at
-    // most MAX_BLOCK is at most 2 * MAX_BLOCK + TAG_SIZE, far below isize::MAX.
-    let inner = unsafe { Layout::from_size_align_unchecked(size, layout.align().max(TAG_SIZE)) };
+    let align = layout.align();
+    let (block, tag, pad) = if align <= 2 * TAG_SIZE {
+        let header = align.max(TAG_SIZE);
+        (header, header - TAG_SIZE, header - TAG_SIZE)
+    } else {
+        (0, layout.size(), 0)
+    };
+    // SAFETY: both are powers of two, and size + 2 * TAG_SIZE rounded up to an alignment of
+    // at most MAX_BLOCK is at most 2 * MAX_BLOCK + 2 * TAG_SIZE, far below isize::MAX.
+    let inner = unsafe {
+        Layout::from_size_align_unchecked(layout.size() + TAG_SIZE + pad, align.max(TAG_SIZE))
+    };
     Placement {
         inner,
-        block: if header { TAG_SIZE } else { 0 },
-        tag: if header { 0 } else { layout.size() },
+        block,
+        tag,
+        pad,
+    }
+}
+
+/// Adds a block's `pad` to its group's overhead figure, or (negative) takes it off, for a
+/// block charged or uncharged outside the thread's pocket (which counts it itself).
+#[inline(always)]
+fn pad_overhead(key: Key, delta: isize) {
+    if delta != 0 {
+        group::node(key_id(key)).counter.adjust_overhead(delta);
     }
 }
 
@@ -125,6 +148,20 @@ pub(crate) fn uncharge(key: Key, bytes: usize, objects: u64) {
     }
 }
 
+/// An uncharge of a block that the thread's pocket could not take: it goes to the CPU's stock,
+/// and a pocket that holds the key (so it was full) is brought back to half.
+#[inline(never)]
+fn free_slow(key: Key, bytes: usize, pad: usize) {
+    // Before the bytes go: they keep a removed group's record alive.
+    pad_overhead(key, -(pad as isize));
+    uncharge(key, bytes, 1);
+    if let Some(p) = pocket::current() {
+        if bytes <= STOCKS.pocket_size() / 2 && STOCKS.pocket_holds(p, key) {
+            STOCKS.fill(platform::cpu(), p, key);
+        }
+    }
+}
+
 impl<A: GlobalAlloc> TagAlloc<A> {
     /// # Safety
     /// As for [`GlobalAlloc::alloc`].
@@ -135,7 +172,15 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         };
         let key = scope::current_key();
         let bytes = at.inner.size();
-        if !STOCKS.charge(platform::cpu(), key, bytes, 1) {
+        let charged = match pocket::mine() {
+            Mine::Pocket(p) => STOCKS.pocket_charge(p, key, bytes, at.pad),
+            Mine::Stocks if STOCKS.charge(platform::cpu(), key, bytes, 1) => {
+                pad_overhead(key, at.pad as isize);
+                true
+            }
+            _ => false,
+        };
+        if !charged {
             // SAFETY: forwarded caller contract.
             return unsafe { self.alloc_slow(layout, key, zeroed) };
         }
@@ -143,9 +188,10 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         unsafe { self.alloc_charged(at, key, zeroed) }
     }
 
-    /// A charge the stock could not serve: a small one refills it and goes on; a large one
-    /// (over a batch, charged to the counters directly) asks the inner allocator first, so a
-    /// request it cannot meet leaves every counter as it was.
+    /// A charge the thread's pocket could not serve. A small one is charged to the CPU's
+    /// stock (refilling it from the counters if it is short), then the pocket is filled for
+    /// the next ones; a large one (over a batch, charged to the counters directly) asks the
+    /// inner allocator first, so a request it cannot meet leaves every counter as it was.
     ///
     /// # Safety
     /// `place(layout)` is `Some`.
@@ -154,11 +200,25 @@ impl<A: GlobalAlloc> TagAlloc<A> {
     unsafe fn alloc_slow(&self, layout: Layout, key: Key, zeroed: bool) -> *mut u8 {
         // SAFETY: forwarded.
         let at = unsafe { placed(layout) };
-        let (cpu, bytes, mode) = (platform::cpu(), at.inner.size(), scope::mode());
+        let (cpu, bytes) = (platform::cpu(), at.inner.size());
         if bytes <= STOCKS.batch() {
-            return match STOCKS.charge_slow(cpu, key, bytes, 1, mode) {
-                // SAFETY: forwarded.
-                Some(key) => unsafe { self.alloc_charged(at, key, zeroed) },
+            let charged = if STOCKS.charge(cpu, key, bytes, 1) {
+                Some(key)
+            } else {
+                STOCKS.charge_slow(cpu, key, bytes, 1, scope::mode())
+            };
+            return match charged {
+                Some(charged) => {
+                    pad_overhead(charged, at.pad as isize);
+                    // Not for a removed group's key (its blocks go to an ancestor).
+                    if charged == key && bytes <= STOCKS.pocket_size() / 2 {
+                        if let Some(p) = pocket::get() {
+                            STOCKS.fill(cpu, p, key);
+                        }
+                    }
+                    // SAFETY: forwarded.
+                    unsafe { self.alloc_charged(at, charged, zeroed) }
+                }
                 None => core::ptr::null_mut(),
             };
         }
@@ -167,9 +227,12 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         if base.is_null() {
             return base;
         }
-        match STOCKS.charge_slow(cpu, key, bytes, 1, mode) {
-            // SAFETY: `base` is a fresh inner block placed as `at`.
-            Some(key) => unsafe { tagged(base, at, key) },
+        match STOCKS.charge_slow(cpu, key, bytes, 1, scope::mode()) {
+            Some(key) => {
+                pad_overhead(key, at.pad as isize);
+                // SAFETY: `base` is a fresh inner block placed as `at`.
+                unsafe { tagged(base, at, key) }
+            }
             None => {
                 // SAFETY: `base` was just allocated with `at.inner`.
                 unsafe { self.inner.dealloc(base, at.inner) };
@@ -200,6 +263,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
                 uncharge(key, bytes, 0);
                 return base;
             }
+            pad_overhead(key, at.pad as isize);
             // SAFETY: `base` is a fresh inner block placed as `at`.
             return unsafe { tagged(base, at, key) };
         }
@@ -209,8 +273,11 @@ impl<A: GlobalAlloc> TagAlloc<A> {
             return base;
         }
         match charge(key, bytes, 0) {
-            // SAFETY: `base` is a fresh inner block placed as `at`.
-            Some(key) => unsafe { tagged(base, at, key) },
+            Some(key) => {
+                pad_overhead(key, at.pad as isize);
+                // SAFETY: `base` is a fresh inner block placed as `at`.
+                unsafe { tagged(base, at, key) }
+            }
             None => {
                 // SAFETY: `base` was just allocated with `at.inner`.
                 unsafe { self.inner.dealloc(base, at.inner) };
@@ -227,7 +294,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let base = unsafe { self.inner_alloc(at, zeroed) };
         if base.is_null() {
             // Counted as an allocation and a free, so allocs - frees still counts live blocks.
-            uncharge(key, at.inner.size(), 1);
+            free_slow(key, at.inner.size(), at.pad);
             return base;
         }
         // SAFETY: `base` is a fresh inner block placed as `at`.
@@ -294,7 +361,11 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
             let (base, key) = Self::owner(ptr, at);
             (base, key, at)
         };
-        uncharge(key, at.inner.size(), 1);
+        let bytes = at.inner.size();
+        match pocket::mine() {
+            Mine::Pocket(p) if STOCKS.pocket_uncharge(p, key, bytes, at.pad) => {}
+            _ => free_slow(key, bytes, at.pad),
+        }
         // SAFETY: `base` is the inner allocation made with `at.inner`.
         unsafe { self.inner.dealloc(base, at.inner) }
     }

@@ -60,6 +60,12 @@ mod harness {
             self.reclaims.fetch_add(1, Ordering::SeqCst);
             false
         }
+
+        /// `membarrier(2)`: a full fence here, paired with the one `light_fence` runs on the
+        /// pockets' fast path under loom.
+        fn barrier(&self) {
+            crate::sync::fence(Ordering::SeqCst);
+        }
     }
 
     /// CPUs in the models: two, so that a thread can migrate (and a drain has two stocks to

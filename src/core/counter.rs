@@ -303,12 +303,12 @@ impl Counter {
     }
 
     /// Adds `delta` to the overhead figure of every level. The tag design reports
-    /// `TAG_SIZE * (allocs - frees)` as its overhead; the arena design adds a slab's bytes when
-    /// it charges one and subtracts each object's requested size and `TAG_SIZE` while it lives,
-    /// so that the sum is exactly the charged bytes holding no requested byte. Called from the
-    /// arena's slow paths, its frees into orphan slabs (`orphan_free`) and its in-place
-    /// reallocs (`resize`).
-    #[allow(dead_code)] // used by the arena design only
+    /// `TAG_SIZE * (allocs - frees)` as its overhead, and adds the 8 bytes more of each
+    /// 16-aligned block's 16-byte header here (through the pockets, or directly); the arena
+    /// design adds a slab's bytes when it charges one and subtracts each object's requested
+    /// size and `TAG_SIZE` while it lives, so that the sum is exactly the charged bytes holding
+    /// no requested byte (from its slow paths, its frees into orphan slabs and its in-place
+    /// reallocs).
     pub(crate) fn adjust_overhead(&self, delta: isize) {
         if delta == 0 {
             return;

@@ -1,4 +1,4 @@
-//! The concurrent core: hierarchical counters and per-CPU stocks.
+//! The concurrent core: hierarchical counters, per-CPU stocks and per-thread pockets.
 //!
 //! It knows nothing of `GlobalAlloc`, libc, threads' current groups or the two designs; it
 //! takes CPU numbers and group ids as arguments. Its atomics come from `crate::sync`, so
@@ -6,4 +6,5 @@
 
 pub(crate) mod counter;
 pub(crate) mod doorbell;
+pub(crate) mod pocket;
 pub(crate) mod stock;

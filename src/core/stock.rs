@@ -16,6 +16,11 @@
 //! evict each other at every switch. A group whose slot is evicted has its bytes returned to
 //! its counter.
 //!
+//! In front of the stocks, each thread may have a pocket (`super::pocket`): a slot of its own,
+//! holding at most `batch / 8` bytes for one key, which it charges with no locked instruction.
+//! Pockets are filled from and emptied into this CPU's slots, and drains take their content as
+//! they take the slots'.
+//!
 //! Every operation that holds bytes or counts outside a slot (a drain, an eviction, a refill
 //! between charging its batch and depositing it) counts itself in `in_hand`. Two things rest
 //! on it: the group table reuses a freed record only after seeing `in_hand == 0`, so no word
@@ -24,6 +29,7 @@
 //! in slots where the drain can take them.
 
 use super::counter::{Counter, Event, CRITICAL};
+use super::pocket::{Pocket, Pockets};
 use crate::sync::{fence, spin_hint, AtomicU64, AtomicUsize, Ordering};
 
 /// Slots per CPU. Loom models use two, to stay small.
@@ -36,6 +42,9 @@ const DRAINS: u32 = 3;
 
 /// The largest batch: a slot never holds more bytes than a batch.
 pub(crate) const MAX_BATCH: usize = 1 << 23;
+
+/// A pocket holds at most `batch / POCKET_SHARE` bytes, and is filled to half of that.
+pub(crate) const POCKET_SHARE: usize = 8;
 
 // A slot word, from the low bits up: bytes (24 bits), a guard bit, the allocations it can
 // still count (8 bits, counting down), a guard bit, the frees it can still count (8 bits,
@@ -105,6 +114,9 @@ pub(crate) trait Groups {
     /// reclaimed under `at` and wait a bounded time. Returns whether anything was tried (then
     /// the charge is retried once).
     fn reclaim(&self, at: &Counter, bytes: usize) -> bool;
+    /// The heavy side of the pockets' asymmetric fence: returns once every thread has run a
+    /// full memory fence (or is not running), as `membarrier(2)` does.
+    fn barrier(&self);
 }
 
 /// A claimed word: `bytes` (at most `BYTES_MASK`), and `allocs` and `frees` not yet counted
@@ -185,6 +197,7 @@ pub(crate) struct Stocks<G: Groups, const N: usize> {
     /// Operations holding bytes or counts outside any slot: drains, evictions, and the slow
     /// paths between taking a slot's content (or charging a batch) and putting it back.
     in_hand: AtomicUsize,
+    pockets: Pockets,
     groups: G,
 }
 
@@ -198,6 +211,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             span: AtomicUsize::new(0),
             batch: AtomicUsize::new(batch),
             in_hand: AtomicUsize::new(0),
+            pockets: Pockets::new(),
             groups,
         }
     }
@@ -210,6 +224,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             span: AtomicUsize::new(0),
             batch: AtomicUsize::new(batch),
             in_hand: AtomicUsize::new(0),
+            pockets: Pockets::new(),
             groups,
         }
     }
@@ -234,13 +249,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// `charge_slow`.
     #[inline(always)]
     pub(crate) fn charge(&self, cpu: usize, key: Key, bytes: usize, objects: u64) -> bool {
-        // `bytes` and `objects` (0 or 1) are small enough not to reach past the guards.
-        let take = bytes as u64 + (objects << ALLOCS_SHIFT);
-        bytes <= MAX_BATCH
-            && self.update(cpu, |w| {
-                let new = w.wrapping_sub(take);
-                (new & CHECK_MASK == checked(key)).then_some(new)
-            })
+        bytes <= MAX_BATCH && self.update(cpu, take(key, bytes, objects))
     }
 
     /// The fast path of an uncharge: gives `bytes` back to this CPU's slot for `key` and
@@ -248,14 +257,43 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// take it; then call `uncharge_slow`.
     #[inline(always)]
     pub(crate) fn uncharge(&self, cpu: usize, key: Key, bytes: usize, objects: u64) -> bool {
-        let batch = self.batch() as u64;
-        // `bytes <= batch` (checked first) keeps the addition below the guards' reach.
-        let give = (bytes as u64).wrapping_sub(objects << FREES_SHIFT);
-        self.update(cpu, |w| {
-            let new = w.wrapping_add(give);
-            (word_bytes(w) + bytes as u64 <= batch && new & CHECK_MASK == checked(key))
-                .then_some(new)
-        })
+        self.update(cpu, give(key, bytes, objects, self.batch()))
+    }
+
+    /// `charge` on this thread's pocket, with no locked instruction, of a block (`objects`
+    /// is 1) whose overhead is `pad` bytes more than the tag formula counts (see
+    /// `Counter::adjust_overhead`). False when the pocket cannot serve it; then charge the
+    /// stocks, and `fill` the pocket.
+    #[inline(always)]
+    pub(crate) fn pocket_charge(&self, p: &Pocket, key: Key, bytes: usize, pad: usize) -> bool {
+        bytes <= MAX_BATCH && p.update(&self.pockets.stop, pad as u64, take(key, bytes, 1))
+    }
+
+    /// `uncharge` on this thread's pocket of a block, as `pocket_charge` charged it. False
+    /// when the pocket cannot take it; then uncharge the stocks, and `fill` the pocket if it
+    /// holds `key` (it is full).
+    #[inline(always)]
+    pub(crate) fn pocket_uncharge(&self, p: &Pocket, key: Key, bytes: usize, pad: usize) -> bool {
+        let cap = self.batch() / POCKET_SHARE;
+        let pad = (pad as u64).wrapping_neg();
+        p.update(&self.pockets.stop, pad, give(key, bytes, 1, cap))
+    }
+
+    /// The most bytes a pocket holds (0: pockets are off).
+    pub(crate) fn pocket_size(&self) -> usize {
+        self.batch() / POCKET_SHARE
+    }
+
+    /// Whether this thread's pocket holds `key`.
+    pub(crate) fn pocket_holds(&self, p: &Pocket, key: Key) -> bool {
+        p.with(&self.pockets.stop, |p| {
+            word_key(p.word.load(Ordering::Relaxed)) == key
+        }) == Some(true)
+    }
+
+    /// The list of pockets, for a new thread to adopt one.
+    pub(crate) fn pockets(&self) -> &Pockets {
+        &self.pockets
     }
 
     /// Replaces the first word of this CPU's slots that `step` accepts by `step(word)`. False
@@ -272,6 +310,80 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             }
         }
         false
+    }
+
+    /// Makes this thread's pocket serve `key`, after a fast path on it failed and the stocks
+    /// served instead: its content goes back to this CPU's stock, and half a pocket's worth for
+    /// `key` comes from there if the stock has it (a pocket never makes a charge fail, nor
+    /// charges the counters). `key`'s group was online at the caller's charge.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn fill(&self, cpu: usize, p: &Pocket, key: Key) {
+        let stop = &self.pockets.stop;
+        let c = self.groups.counter(key_id(key));
+        let held = self.holding(|| {
+            let (held, extra) = p.take_own(stop)?;
+            self.give_back(cpu, held, extra);
+            let half = self.pocket_size() / 2;
+            let bytes = if half != 0 && self.charge(cpu, key, half, 0) {
+                half
+            } else {
+                0
+            };
+            let new = word(key, bytes as u64, 0, 0);
+            if p.with(stop, |p| p.word.store(new, Ordering::Relaxed))
+                .is_none()
+                && bytes != 0
+            {
+                // A drain began meanwhile: what would have gone in goes back.
+                self.deposit(cpu, key, c, bytes, 0, 0);
+            }
+            Some(held)
+        });
+        if let Some(held) = held.filter(|&w| w != 0) {
+            self.recheck(self.groups.counter(key_id(word_key(held))));
+        }
+        self.recheck(c);
+    }
+
+    /// Returns a word and extra taken out of a pocket to this CPU's stock (to the counters if
+    /// its group is offline).
+    fn give_back(&self, cpu: usize, w: u64, extra: u64) {
+        if !has_content(w) {
+            return;
+        }
+        let key = word_key(w);
+        let c = self.groups.counter(key_id(key));
+        // Before the bytes go: they keep an offline group's record alive.
+        c.adjust_overhead(extra as i64 as isize);
+        if c.is_online() {
+            let bytes = word_bytes(w) as usize;
+            self.deposit(cpu, key, c, bytes, word_allocs(w), word_frees(w));
+        } else {
+            self.apply(w);
+        }
+    }
+
+    /// Empties the pocket of a thread that is gone (at its exit, or in a `fork()` child for
+    /// the parent's other threads) into the counters, and frees it for the next new thread.
+    /// Its owner must not use it any more.
+    pub(crate) fn retire_pocket(&self, p: &Pocket) {
+        self.holding(|| {
+            let w = p.word.swap(0, Ordering::SeqCst);
+            let extra = p.extra.swap(0, Ordering::SeqCst);
+            self.apply_pocket(w, extra);
+        });
+        self.pockets.abandon(p);
+    }
+
+    /// Before `fork()`: keeps every thread out of its pocket until `thaw_pockets`, so that no
+    /// pocket is caught in use by a thread the child will not have.
+    pub(crate) fn freeze_pockets(&self) {
+        self.pockets.stop(|| self.groups.barrier());
+    }
+
+    pub(crate) fn thaw_pockets(&self) {
+        self.pockets.resume();
     }
 
     /// The slow path of a charge: refills the slot from the counters in a batch, or charges
@@ -465,22 +577,67 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// its group's counters. A CAS lost to a concurrent change is retried while `take` still
     /// says so: a charge that fails at a limit must not miss bytes because the slot's owner
     /// was busy with it.
+    ///
+    /// Pockets too: if any pocket's word looks takeable, every owner is kept out of its pocket
+    /// meanwhile (see `super::pocket`).
     fn empty_slots(&self, take: impl Fn(u64) -> bool) {
         self.holding(|| {
             let span = self.span.load(Ordering::SeqCst).min(N);
             for slot in self.cpus[..span].iter().flat_map(|stock| &stock.slots) {
-                let mut w = slot.load(Ordering::SeqCst);
-                while take(w) {
-                    match slot.compare_exchange(w, 0, Ordering::SeqCst, Ordering::Relaxed) {
-                        Ok(_) => {
-                            self.apply(w);
-                            break;
-                        }
-                        Err(now) => w = now,
-                    }
+                self.empty_word(slot, &take);
+            }
+            if self.pockets.any(&take) {
+                self.pockets.stop(|| self.groups.barrier());
+                for p in self.pockets.iter() {
+                    self.empty_pocket(p, &take);
                 }
+                self.pockets.resume();
             }
         });
+    }
+
+    /// Takes a stopped pocket's word (and extra) if `take` says so, and applies them.
+    fn empty_pocket(&self, p: &Pocket, take: impl Fn(u64) -> bool) {
+        let mut w = p.word.load(Ordering::SeqCst);
+        while take(w) {
+            match p
+                .word
+                .compare_exchange(w, 0, Ordering::SeqCst, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    // The owner is kept out, and other takers only take the extra with a word.
+                    let extra = p.extra.swap(0, Ordering::SeqCst);
+                    self.apply_pocket(w, extra);
+                    break;
+                }
+                Err(now) => w = now,
+            }
+        }
+    }
+
+    /// Applies a pocket's word and extra to its group's counters.
+    fn apply_pocket(&self, w: u64, extra: u64) {
+        if !has_content(w) {
+            return;
+        }
+        let c = self.groups.counter(key_id(word_key(w)));
+        // Before the bytes go: they keep an offline group's record alive.
+        c.adjust_overhead(extra as i64 as isize);
+        self.apply(w);
+    }
+
+    /// Takes one slot's word if `take` says so, and applies it.
+    fn empty_word(&self, slot: &AtomicU64, take: impl Fn(u64) -> bool) {
+        let mut w = slot.load(Ordering::SeqCst);
+        while take(w) {
+            match slot.compare_exchange(w, 0, Ordering::SeqCst, Ordering::Relaxed) {
+                Ok(_) => {
+                    self.apply(w);
+                    break;
+                }
+                Err(now) => w = now,
+            }
+        }
     }
 
     /// Whether no drain is running. A record freed (and purged) before a moment at which this
@@ -601,6 +758,31 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         if bytes != 0 && c.uncharge(bytes, kernel) && !c.is_online() {
             self.groups.emptied(c);
         }
+    }
+}
+
+/// The step of a fast-path charge: takes `bytes` and counts `objects` (0 or 1) allocations
+/// from a slot or pocket word of `key`, if it has them.
+#[inline(always)]
+fn take(key: Key, bytes: usize, objects: u64) -> impl Fn(u64) -> Option<u64> {
+    // The callers check `bytes <= MAX_BATCH`: small enough not to reach past the guards.
+    let take = bytes as u64 + (objects << ALLOCS_SHIFT);
+    move |w| {
+        let new = w.wrapping_sub(take);
+        (new & CHECK_MASK == checked(key)).then_some(new)
+    }
+}
+
+/// The step of a fast-path uncharge: gives `bytes` back and counts `objects` frees to a slot
+/// or pocket word of `key`, if it stays within `cap` bytes and has counts left.
+#[inline(always)]
+fn give(key: Key, bytes: usize, objects: u64, cap: usize) -> impl Fn(u64) -> Option<u64> {
+    let give = (bytes as u64).wrapping_sub(objects << FREES_SHIFT);
+    move |w| {
+        let new = w.wrapping_add(give);
+        // `bytes <= cap` (checked first) keeps the addition below the guards' reach.
+        (word_bytes(w) + bytes as u64 <= cap as u64 && new & CHECK_MASK == checked(key))
+            .then_some(new)
     }
 }
 
