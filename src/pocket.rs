@@ -159,7 +159,7 @@ unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
 
 /// Fork handlers (called by the group registry's): before the fork, every thread is kept out
 /// of its pocket; in the child, the pockets of the threads it does not have are emptied and
-/// given up.
+/// given up, and the stocks forget what those threads held.
 pub(crate) fn fork_prepare() {
     if STATE.load(Ordering::Acquire) == ON {
         STOCKS.freeze_pockets();
@@ -172,16 +172,8 @@ pub(crate) fn fork_parent() {
     }
 }
 
-/// After the registry locks are released (emptying a pocket may free a group's record).
+/// In the child, after the registry locks are released (emptying a pocket may free a group's
+/// record).
 pub(crate) fn fork_child() {
-    if STATE.load(Ordering::Acquire) != ON {
-        return;
-    }
-    STOCKS.thaw_pockets();
-    let own = POCKET.with(Cell::get);
-    for p in STOCKS.pockets().iter() {
-        if !core::ptr::eq(p, own) && p.is_live() {
-            STOCKS.retire_pocket(p);
-        }
-    }
+    STOCKS.reset_in_child(POCKET.with(Cell::get));
 }

@@ -18,7 +18,8 @@ use crate::group::{self, STOCKS};
 use crate::pocket::{self, Mine};
 use crate::{platform, scope};
 
-/// Bytes of the tag every block carries in the tag design.
+/// Bytes of the tag every block carries in the tag design (a 16-aligned block's header is
+/// twice that: the tag and 8 unused bytes, all reported in `overhead`).
 pub const TAG_SIZE: usize = 8;
 
 /// Guards the tag against stray writes and foreign pointers: its upper half repeats the key.

@@ -202,13 +202,31 @@ impl Pockets {
         self.stop.fetch_add(1, Ordering::SeqCst);
         barrier();
         for p in self.iter() {
+            let mut spins = 0u32;
             while p.busy.load(Ordering::Acquire) != 0 {
-                spin_hint();
+                // An owner is a few instructions from leaving, unless it was preempted there.
+                spins = spins.wrapping_add(1);
+                if spins % 64 == 0 && !cfg!(memgroup_loom) {
+                    std::thread::yield_now();
+                } else {
+                    spin_hint();
+                }
             }
         }
     }
 
     pub(super) fn resume(&self) {
         self.stop.fetch_sub(1, Ordering::Release);
+    }
+
+    /// In a `fork()` child, whose only thread is the caller and is in no pocket: no taker
+    /// runs and no owner is busy, whatever the parent's threads were doing at the fork (a
+    /// thread that had just raised `busy` to look at `stop`, a taker between its `stop` and
+    /// `resume`).
+    pub(super) fn reset_in_child(&self) {
+        for p in self.iter() {
+            p.busy.store(0, Ordering::Relaxed);
+        }
+        self.stop.store(0, Ordering::SeqCst);
     }
 }

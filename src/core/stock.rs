@@ -382,8 +382,24 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         self.pockets.stop(|| self.groups.barrier());
     }
 
+    /// After `fork()`, in the parent.
     pub(crate) fn thaw_pockets(&self) {
         self.pockets.resume();
+    }
+
+    /// After `fork()`, in the child, whose only thread is the caller (in no stock operation):
+    /// nothing is in anyone's hands or pocket but its own, whatever the parent's other threads
+    /// were doing at the fork. Their pockets are emptied into the counters and freed; what a
+    /// thread held in its hands at the fork (a slot's content between take and deposit) is
+    /// lost to the child, which can be off by that much.
+    pub(crate) fn reset_in_child(&self, own: *const Pocket) {
+        self.in_hand.store(0, Ordering::SeqCst);
+        self.pockets.reset_in_child();
+        for p in self.pockets.iter() {
+            if !core::ptr::eq(p, own) && p.is_live() {
+                self.retire_pocket(p);
+            }
+        }
     }
 
     /// The slow path of a charge: refills the slot from the counters in a batch, or charges

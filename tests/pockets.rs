@@ -1,0 +1,4 @@
+//! Pockets: per-thread charges in front of the stocks, drained by limits, flush, removal, thread exit and fork; the 16-byte header's overhead, under the tag design.
+#[global_allocator]
+static ALLOC: memgroup::TagAlloc = memgroup::TagAlloc::system();
+include!("suite/pockets.rs");
