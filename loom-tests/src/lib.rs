@@ -8,7 +8,8 @@
 //!
 //! This file is the harness: a tiny group table implementing the core's `Groups`, a `World`
 //! holding a table and its stocks, and the allocator's charge and uncharge paths as
-//! `src/tag.rs` drives them (fast path, then slow path).
+//! `src/tag.rs` drives them (fast path, then slow path; or a thread's pocket, then the stocks
+//! and a `fill` of the pocket).
 
 // The whole core is compiled, but the models use only part of it (the real crate uses the
 // rest, and `sync`'s other atomics): unused items are expected here. Nothing under `src/` is
@@ -28,7 +29,8 @@ use harness::*;
 #[cfg(test)]
 mod harness {
     use crate::core::counter::{Counter, Snapshot};
-    use crate::core::stock::{key, Groups, Key, Mode, Stocks};
+    use crate::core::pocket::Pocket;
+    use crate::core::stock::{key, key_id, Groups, Key, Mode, Stocks};
     use crate::sync::{AtomicUsize, Ordering};
 
     /// The model's group table: counters by id (ids start at 1), and what the stocks called:
@@ -187,6 +189,91 @@ mod harness {
             }
         }
 
+        /// A pocket for a new thread, as `src/pocket.rs` gives one: a free one from the list,
+        /// else a new one, published. Leaked, like the real ones (which are never freed).
+        pub(crate) fn pocket(&self) -> &'static Pocket {
+            let fresh = || Some(&*Box::leak(Box::new(Pocket::new())));
+            self.stocks.pockets().adopt(fresh).expect("a fresh pocket")
+        }
+
+        /// An allocation of `bytes` (one block) by the owner of pocket `p`, in group `id`,
+        /// running on `cpu`, as `tag.rs` charges it (`alloc_tagged`, `alloc_slow`): the pocket's
+        /// fast path; else, for a block of at most a batch, the stock's fast path or its slow
+        /// path (inside `fallible`), then the block's `pad` straight to the overhead figure of
+        /// the key charged, and a `fill` of the pocket if the block is small and charged to
+        /// `id` itself; a larger block goes to the counters directly. Returns the key charged
+        /// (a removed group's block goes to its nearest live ancestor), or `None` if refused.
+        pub(crate) fn pocket_alloc(
+            &self,
+            cpu: usize,
+            p: &'static Pocket,
+            id: u32,
+            kernel: bool,
+            bytes: usize,
+            pad: usize,
+        ) -> Option<Key> {
+            let k = key(id, kernel);
+            if self.stocks.pocket_charge(p, k, bytes, pad) {
+                return Some(k);
+            }
+            if bytes > self.stocks.batch() {
+                let charged = self.stocks.charge_slow(cpu, k, bytes, 1, Mode::Fallible)?;
+                self.pad_overhead(charged, pad as isize);
+                return Some(charged);
+            }
+            let charged = if self.stocks.charge(cpu, k, bytes, 1) {
+                k
+            } else {
+                self.stocks.charge_slow(cpu, k, bytes, 1, Mode::Fallible)?
+            };
+            self.pad_overhead(charged, pad as isize);
+            if charged == k && bytes <= self.stocks.pocket_size() / 2 {
+                self.stocks.fill(cpu, p, k);
+            }
+            Some(charged)
+        }
+
+        /// Frees a block of `bytes` and `pad` charged to `key`, by the owner of pocket `p` on
+        /// `cpu`, as `tag.rs` uncharges it (`dealloc`, `free_slow`): into the pocket; else the
+        /// pad off the overhead figure, the stock's uncharge paths, and a `fill` if the pocket
+        /// holds `key` (it was full).
+        pub(crate) fn pocket_free(
+            &self,
+            cpu: usize,
+            p: &'static Pocket,
+            key: Key,
+            bytes: usize,
+            pad: usize,
+        ) {
+            if self.stocks.pocket_uncharge(p, key, bytes, pad) {
+                return;
+            }
+            self.pad_overhead(key, -(pad as isize));
+            self.free(cpu, key, bytes);
+            if bytes <= self.stocks.pocket_size() / 2 && self.stocks.pocket_holds(p, key) {
+                self.stocks.fill(cpu, p, key);
+            }
+        }
+
+        /// `tag.rs`'s `pad_overhead`: a block charged or uncharged outside a pocket moves its
+        /// group's overhead figure directly.
+        fn pad_overhead(&self, key: Key, delta: isize) {
+            if delta != 0 {
+                self.counter(key_id(key)).adjust_overhead(delta);
+            }
+        }
+
+        /// Whether some pocket's word names group `id` (either key), with or without content.
+        /// A racy look through the owners' own access (`pocket_holds`), so only meaningful once
+        /// no pocket is in use; `false` for a pocket a taker is stopping.
+        pub(crate) fn pocket_names(&self, id: u32) -> bool {
+            self.stocks.pockets().iter().any(|p| {
+                [false, true]
+                    .into_iter()
+                    .any(|kernel| self.stocks.pocket_holds(p, key(id, kernel)))
+            })
+        }
+
         /// Drains every stock (what `Group::flush` does for the root), so that every counter is
         /// exact; also checks that no drain is left counted in.
         pub(crate) fn flush(&self) {
@@ -232,3 +319,7 @@ mod removal_models;
 #[cfg(test)]
 #[path = "../tests/pressure.rs"]
 mod pressure_models;
+
+#[cfg(test)]
+#[path = "../tests/pocket.rs"]
+mod pocket_models;

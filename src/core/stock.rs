@@ -315,7 +315,8 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// Makes this thread's pocket serve `key`, after a fast path on it failed and the stocks
     /// served instead: its content goes back to this CPU's stock, and half a pocket's worth for
     /// `key` comes from there if the stock has it (a pocket never makes a charge fail, nor
-    /// charges the counters). `key`'s group was online at the caller's charge.
+    /// charges the counters). If `key`'s group is offline (removed since), `recheck` purges
+    /// the pocket again.
     #[cold]
     #[inline(never)]
     pub(crate) fn fill(&self, cpu: usize, p: &Pocket, key: Key) {
@@ -370,8 +371,11 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     pub(crate) fn retire_pocket(&self, p: &Pocket) {
         self.holding(|| {
             let w = p.word.swap(0, Ordering::SeqCst);
-            let extra = p.extra.swap(0, Ordering::SeqCst);
-            self.apply_pocket(w, extra);
+            // Whoever takes a word takes its extra (a drain may have taken both first).
+            if w != 0 {
+                let extra = p.extra.swap(0, Ordering::SeqCst);
+                self.apply_pocket(w, extra);
+            }
         });
         self.pockets.abandon(p);
     }
