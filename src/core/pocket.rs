@@ -206,7 +206,7 @@ impl Pockets {
             while p.busy.load(Ordering::Acquire) != 0 {
                 // An owner is a few instructions from leaving, unless it was preempted there.
                 spins = spins.wrapping_add(1);
-                if spins.is_multiple_of(64) && !cfg!(memgroup_loom) {
+                if spins & 63 == 0 && !cfg!(memgroup_loom) {
                     std::thread::yield_now();
                 } else {
                     spin_hint();
