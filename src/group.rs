@@ -459,7 +459,8 @@ impl Group {
     }
 
     /// The group's figures, its descendants' included. Fast: may over-report by the bytes
-    /// held in per-CPU stocks (at most the batch per CPU per group); see [`Group::flush`].
+    /// held in per-CPU stocks (at most the batch per CPU per group) and threads' pockets (at
+    /// most an eighth of the batch per thread); see [`Group::flush`].
     pub fn stat(&self) -> Stat {
         let s = self.node().counter.snapshot();
         let limit = |v: usize| (v != UNLIMITED).then_some(v);
@@ -481,8 +482,9 @@ impl Group {
         }
     }
 
-    /// Returns the per-CPU stocks of this group and its descendants to the counters, so that
-    /// `stat()` is exact for memory that is not being charged concurrently.
+    /// Returns the per-CPU stocks and threads' pockets holding this group's or its
+    /// descendants' bytes to the counters, so that `stat()` is exact for memory that is not
+    /// being charged concurrently.
     pub fn flush(&self) {
         let me = &self.node().counter;
         // The arena's per-thread caches first: they hold counts and may release slabs.

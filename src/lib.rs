@@ -19,16 +19,17 @@
 //! Every allocation is charged to the group the allocating thread is in ([`Group::enter`],
 //! [`Group::run`]; the root outside any group). Groups form a tree and every figure is
 //! hierarchical. A free uncharges the block's owner, on whatever thread it happens. Charges go
-//! through per-CPU stocks, so the shared counters move once per batch, not per allocation.
+//! through per-CPU stocks (and, in the tag design, a small per-thread pocket in front of them),
+//! so the shared counters move once per batch, not per allocation.
 //!
 //! Two designs: [`TagAlloc`] (the default: an 8-byte owner tag on every block, over any inner
 //! allocator) and `ArenaAlloc` (feature `arena`: per-group slab caches). [`GroupAlloc`] is the
 //! one the features select. Groups report memory pressure ([`Group::on_pressure`]) and can be
 //! asked to give memory back through [`Shrinker`]s.
 //!
-//! Layers, bottom up: `sync` (the atomics facade, std or loom), `core` (counters, stocks and the
-//! notifier's doorbell, which know nothing of allocators), `group` (the group table and
-//! handles), `scope` (the thread's current group), `pressure` (notifier, subscriptions,
+//! Layers, bottom up: `sync` (the atomics facade, std or loom), `core` (counters, stocks, pockets
+//! and the notifier's doorbell, which know nothing of allocators), `group` (the group table and
+//! handles), `scope` (the thread's current group), `pocket` (the thread's pocket), `pressure` (notifier, subscriptions,
 //! shrinkers), `tag` and `arena` (the designs' `GlobalAlloc`s), `platform` (libc).
 
 #![deny(unsafe_op_in_unsafe_fn)]
