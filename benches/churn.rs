@@ -1,6 +1,7 @@
 //! alloc+free churn of small mixed sizes: the raw inner allocator, a single global atomic
 //! counter with a limit (the `cap` crate's approach), an 8-byte word stored where `TagAlloc`
-//! stores its tag but with no accounting (`pad8`: the floor of any inline-tag design) and
+//! stores its tag, in a header of the same size, but with no accounting (`pad8`: the floor of
+//! this inline-tag design) and
 //! memgroup's `TagAlloc`, in one run, reported as ratios to the raw allocator. Target: `tag` costs at most 1.5x `system` per
 //! alloc+free pair (median), later 1.1x.
 //!
@@ -41,7 +42,8 @@
 //! ```
 //!
 //! Under valgrind glibc registers no rseq area, so memgroup's CPU lookup takes its fallback:
-//! `tag` then counts about 17 Ir per pair more than it executes natively.
+//! rows that go through the per-CPU stocks on every operation (`MEMGROUP_POCKETS=0`) then count
+//! about 17 Ir per pair more than they execute natively; `tag`'s pockets do not read the CPU.
 //!
 //! Environment (all optional):
 //! `CHURN_QUICK=1` one short repetition (smoke check; also the default without `--bench`);
