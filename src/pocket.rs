@@ -12,7 +12,7 @@ use crate::core::pocket::Pocket;
 use crate::group::{self, STOCKS};
 use crate::lock::SpinLock;
 use crate::platform;
-use crate::sync::{spin_hint, AtomicU32, AtomicU8, Ordering};
+use crate::sync::{AtomicU32, AtomicU8, Ordering};
 
 thread_local! {
     /// This thread's pocket, or `UNSET` (it never had its chance at one: its first slow path
@@ -33,6 +33,7 @@ pub(crate) enum Mine {
 }
 
 static STATE: AtomicU8 = AtomicU8::new(0);
+const DECIDING: u8 = 1;
 const ON: u8 = 2;
 const OFF: u8 = 3;
 static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
@@ -68,8 +69,17 @@ pub(crate) fn get() -> Option<&'static Pocket> {
         return Some(p);
     }
     // Set first: allocations nested in what follows charge the stocks directly.
-    if POCKET.with(|c| c.replace(NONE)) != UNSET || !enabled() {
+    if POCKET.with(|c| c.replace(NONE)) != UNSET {
         return None;
+    }
+    match enabled() {
+        Some(true) => {}
+        Some(false) => return None,
+        None => {
+            // Another thread is deciding: try again at a later slow path.
+            POCKET.with(|c| c.set(UNSET));
+            return None;
+        }
     }
     let p = STOCKS.pockets().adopt(fresh)?;
     // The hook is what gives the pocket up at the thread's exit: without it, none.
@@ -81,14 +91,13 @@ pub(crate) fn get() -> Option<&'static Pocket> {
     Some(p)
 }
 
-/// Whether pockets are on, deciding it at the first call.
-fn enabled() -> bool {
-    loop {
-        match STATE.compare_exchange(0, 1, Ordering::Acquire, Ordering::Acquire) {
-            Ok(_) => break,
-            Err(1) => spin_hint(),
-            Err(s) => return s == ON,
-        }
+/// Whether pockets are on, deciding it at the first call; `None` while another thread
+/// decides (never waited for: a fork child could inherit the decision half made).
+fn enabled() -> Option<bool> {
+    match STATE.compare_exchange(0, DECIDING, Ordering::Acquire, Ordering::Acquire) {
+        Ok(_) => {}
+        Err(DECIDING) => return None,
+        Err(s) => return Some(s == ON),
     }
     let wanted = match platform::env(c"MEMGROUP_POCKETS") {
         None | Some(b"1") => true,
@@ -113,7 +122,7 @@ fn enabled() -> bool {
         group::register_fork_handlers();
     }
     STATE.store(if on { ON } else { OFF }, Ordering::Release);
-    on
+    Some(on)
 }
 
 /// A new pocket, carved from memory mapped for pockets (never freed).
@@ -175,5 +184,7 @@ pub(crate) fn fork_parent() {
 /// In the child, after the registry locks are released (emptying a pocket may free a group's
 /// record).
 pub(crate) fn fork_child() {
+    // A decision another thread was making is made again.
+    let _ = STATE.compare_exchange(DECIDING, 0, Ordering::Relaxed, Ordering::Relaxed);
     STOCKS.reset_in_child(POCKET.with(Cell::get));
 }
