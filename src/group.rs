@@ -10,7 +10,7 @@
 //! it and, through the hierarchy, its parent, so the parent stays exact. This record is the
 //! kernel's `obj_cgroup`: small, and the only thing a removed group leaves behind.
 
-use crate::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use core::cell::UnsafeCell;
 use core::mem::size_of;
 use core::ptr::NonNull;
@@ -775,7 +775,10 @@ pub(crate) fn fork_held() -> bool {
 /// Holds the registry lock (and the pressure registry's, taken first) across `fork()`, so
 /// that the child never inherits them locked, and keeps every thread out of its pocket.
 pub(crate) fn register_fork_handlers() {
-    static REGISTERED: AtomicBool = AtomicBool::new(false);
+    /// 0, `DONE`, or the id of the process registering them (a child that inherited that
+    /// from a fork made while its parent was registering has no handlers: it registers).
+    static REGISTERED: AtomicU64 = AtomicU64::new(0);
+    const DONE: u64 = u64::MAX;
     extern "C" fn prepare() {
         crate::pressure::lock_for_fork();
         crate::pocket::fork_prepare();
@@ -801,8 +804,21 @@ pub(crate) fn register_fork_handlers() {
         #[cfg(feature = "arena")]
         crate::arena::drain_parked();
     }
-    if !REGISTERED.swap(true, Ordering::AcqRel) {
-        // glibc may allocate to record the handlers: that is memgroup's, not the tenant's.
-        crate::scope::as_root(|| platform::at_fork(prepare, release, child));
+    let mut seen = REGISTERED.load(Ordering::Acquire);
+    while seen != DONE {
+        let me = platform::process_id();
+        if seen == me {
+            // Another thread of this process is registering them.
+            return;
+        }
+        match REGISTERED.compare_exchange(seen, me, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                // glibc may allocate to record the handlers: memgroup's, not the tenant's.
+                crate::scope::as_root(|| platform::at_fork(prepare, release, child));
+                REGISTERED.store(DONE, Ordering::Release);
+                return;
+            }
+            Err(now) => seen = now,
+        }
     }
 }

@@ -263,11 +263,12 @@ pub(crate) fn thread_exit_key(hook: unsafe extern "C" fn(*mut libc::c_void)) -> 
     (unsafe { libc::pthread_key_create(&mut key, Some(hook)) } == 0).then_some(key)
 }
 
-/// Sets this thread's value for a `thread_exit_key`. May allocate (glibc's second-level key
-/// table), so the caller must be ready for a nested allocation.
-pub(crate) fn set_thread_exit_value(key: u32, value: *mut libc::c_void) {
+/// Sets this thread's value for a `thread_exit_key`; false if it could not (then the hook
+/// will not run for this thread). May allocate (glibc's second-level key table), so the caller
+/// must be ready for a nested allocation.
+pub(crate) fn set_thread_exit_value(key: u32, value: *mut libc::c_void) -> bool {
     // SAFETY: `key` came from `thread_exit_key`; failure only loses the exit hook.
-    unsafe { libc::pthread_setspecific(key, value) };
+    unsafe { libc::pthread_setspecific(key, value) == 0 }
 }
 
 // ---- for the arena design: its own memory ---------------------------------------------------
@@ -300,6 +301,12 @@ pub(crate) fn decommit(p: *mut u8, bytes: usize) {
 pub(crate) fn unmap(p: *mut u8, bytes: usize) {
     // SAFETY: the caller passes a whole mapping from `map` that nothing uses any more.
     unsafe { libc::munmap(p.cast(), bytes) };
+}
+
+/// This process's id (never 0).
+pub(crate) fn process_id() -> u64 {
+    // SAFETY: getpid has no preconditions and cannot fail.
+    unsafe { libc::getpid() as u64 }
 }
 
 /// Gives up the CPU, for a lock holder that may be descheduled.

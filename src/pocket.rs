@@ -12,7 +12,7 @@ use crate::core::pocket::Pocket;
 use crate::group::{self, STOCKS};
 use crate::lock::SpinLock;
 use crate::platform;
-use crate::sync::{AtomicU32, AtomicU8, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 
 thread_local! {
     /// This thread's pocket, or `UNSET` (it never had its chance at one: its first slow path
@@ -41,7 +41,7 @@ static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
 /// Pockets smaller than this (a small `MEMGROUP_BATCH`) would serve too few blocks to pay.
 const MIN_POCKET: usize = 512;
 /// Bytes mapped at a time for new pockets.
-const CHUNK: usize = 64 << 10;
+const CHUNK_BYTES: usize = 64 << 10;
 
 #[inline(always)]
 pub(crate) fn mine() -> Mine {
@@ -83,10 +83,14 @@ pub(crate) fn get() -> Option<&'static Pocket> {
     }
     let p = STOCKS.pockets().adopt(fresh)?;
     // The hook is what gives the pocket up at the thread's exit: without it, none.
-    platform::set_thread_exit_value(
+    let hooked = platform::set_thread_exit_value(
         EXIT_KEY.load(Ordering::Relaxed),
         p as *const Pocket as *mut libc::c_void,
     );
+    if !hooked {
+        STOCKS.pockets().abandon(p);
+        return None;
+    }
     POCKET.with(|c| c.set(p));
     Some(p)
 }
@@ -125,27 +129,36 @@ fn enabled() -> Option<bool> {
     Some(on)
 }
 
+/// What `fresh` carves new pockets from.
+struct Chunk {
+    next: *mut Pocket,
+    end: *mut Pocket,
+}
+
+// SAFETY: the chunk's pointers are only used under its lock.
+unsafe impl Send for Chunk {}
+
+/// Held across `fork()` (by the handlers below), so a child never inherits it locked.
+static CHUNK: SpinLock<Chunk> = SpinLock::new(Chunk {
+    next: core::ptr::null_mut(),
+    end: core::ptr::null_mut(),
+});
+
+/// Set by `fork_prepare` when it froze the pockets, so that only a freeze is thawed (pockets
+/// may be turned on between the prepare and parent handlers).
+static FROZE: AtomicBool = AtomicBool::new(false);
+
 /// A new pocket, carved from memory mapped for pockets (never freed).
 fn fresh() -> Option<&'static Pocket> {
-    struct Chunk {
-        next: *mut Pocket,
-        end: *mut Pocket,
-    }
-    // SAFETY: the chunk's pointers are only used under the lock.
-    unsafe impl Send for Chunk {}
-    static CHUNK_LOCK: SpinLock<Chunk> = SpinLock::new(Chunk {
-        next: core::ptr::null_mut(),
-        end: core::ptr::null_mut(),
-    });
-    let mut chunk = CHUNK_LOCK.lock();
+    let mut chunk = CHUNK.lock();
     if chunk.next == chunk.end {
-        let base = platform::map(CHUNK).cast::<Pocket>();
+        let base = platform::map(CHUNK_BYTES).cast::<Pocket>();
         if base.is_null() {
             return None;
         }
         chunk.next = base;
-        // SAFETY: the mapping holds CHUNK bytes, a whole number of pockets.
-        chunk.end = unsafe { base.add(CHUNK / size_of::<Pocket>()) };
+        // SAFETY: the mapping holds CHUNK_BYTES bytes, a whole number of pockets.
+        chunk.end = unsafe { base.add(CHUNK_BYTES / size_of::<Pocket>()) };
     }
     let p = chunk.next;
     // SAFETY: `p` is inside the mapping (checked above), page-aligned mappings keep the
@@ -170,20 +183,25 @@ unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
 /// of its pocket; in the child, the pockets of the threads it does not have are emptied and
 /// given up, and the stocks forget what those threads held.
 pub(crate) fn fork_prepare() {
+    CHUNK.raw_lock();
     if STATE.load(Ordering::Acquire) == ON {
         STOCKS.freeze_pockets();
+        FROZE.store(true, Ordering::Relaxed);
     }
 }
 
 pub(crate) fn fork_parent() {
-    if STATE.load(Ordering::Acquire) == ON {
+    if FROZE.swap(false, Ordering::Relaxed) {
         STOCKS.thaw_pockets();
     }
+    CHUNK.raw_unlock();
 }
 
 /// In the child, after the registry locks are released (emptying a pocket may free a group's
 /// record).
 pub(crate) fn fork_child() {
+    FROZE.store(false, Ordering::Relaxed);
+    CHUNK.raw_unlock();
     // A decision another thread was making is made again.
     let _ = STATE.compare_exchange(DECIDING, 0, Ordering::Relaxed, Ordering::Relaxed);
     STOCKS.reset_in_child(POCKET.with(Cell::get));

@@ -337,9 +337,10 @@ impl<A: GlobalAlloc> TagAlloc<A> {
 }
 
 // SAFETY: every block is the inner allocator's block for `place(layout).inner`, offset so
-// that it meets `layout`'s alignment (a header of 8 bytes keeps 8-byte alignment, which covers
-// alignments up to 8; above that the block starts the inner allocation, aligned as asked),
-// with `layout.size()` usable bytes before or after the tag. Nothing here panics or unwinds:
+// that it meets `layout`'s alignment (a header of 8 bytes keeps the inner allocation's 8-byte
+// alignment, which covers alignments up to 8, and one of 16 bytes its 16-byte alignment; above
+// 16 the block starts the inner allocation, aligned as asked), with `layout.size()` usable
+// bytes after the header or before the tag. Nothing here panics or unwinds:
 // failures return null.
 unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
     #[inline(always)]

@@ -495,6 +495,46 @@ mod removal {
             );
         });
     }
+
+    /// The pocket holds a word of C with no bytes and one allocation (block `y`). Thread A
+    /// allocates for D, so `fill` takes C's word in hand and deposits it in CPU 0's stock.
+    /// Meanwhile thread B removes C (offline, purge), frees C's blocks (usage 0: emptied) and,
+    /// as `free_if_unused` does, purges again; the record may then be reused as soon as the
+    /// stocks are `quiescent()`, so at that moment no slot may name C. (It found `fill`
+    /// rechecking C after its `holding` had ended: a slot claimed for C's counts outlived both
+    /// purges while `in_hand` was already 0.)
+    #[test]
+    fn quiescent_while_a_fill_holds_a_removed_groups_counts() {
+        model(3, || {
+            let w = World::new(&[ROOT, under(P), under(P)], BATCH);
+            let p = w.pocket();
+            let kc = key(C, false);
+            assert_eq!(w.pocket_alloc(0, p, C, false, BLOCK, 0), Some(kc)); // x: stock + fill
+            assert_eq!(w.pocket_alloc(0, p, C, false, BLOCK, 0), Some(kc)); // y: pocket, now dry
+            let a = loom::thread::spawn(move || {
+                let _ = w.pocket_alloc(0, p, D, false, BLOCK, 0);
+            });
+            let b = loom::thread::spawn(move || {
+                w.counter(C).set_offline();
+                w.stocks.purge(C);
+                w.stocks.uncharge_slow(1, kc, BLOCK, 1);
+                w.stocks.uncharge_slow(1, kc, BLOCK, 1);
+                if w.emptied(C) > 0 {
+                    w.stocks.purge(C);
+                    if w.stocks.quiescent() {
+                        for cpu in 0..2 {
+                            assert!(
+                                !w.stocks.charge(cpu, kc, 0, 0),
+                                "quiescent, yet CPU {cpu}'s stock names the freed record C"
+                            );
+                        }
+                    }
+                }
+            });
+            a.join().unwrap();
+            b.join().unwrap();
+        });
+    }
 }
 
 // ---- 4. Retiring a pocket racing a drain ----------------------------------------------------

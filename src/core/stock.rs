@@ -279,7 +279,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         p.update(&self.pockets.stop, pad, give(key, bytes, 1, cap))
     }
 
-    /// The most bytes a pocket holds (0: pockets are off).
+    /// The most bytes a pocket holds (`batch / POCKET_SHARE`).
     pub(crate) fn pocket_size(&self) -> usize {
         self.batch() / POCKET_SHARE
     }
@@ -322,8 +322,10 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     pub(crate) fn fill(&self, cpu: usize, p: &Pocket, key: Key) {
         let stop = &self.pockets.stop;
         let c = self.groups.counter(key_id(key));
-        let held = self.holding(|| {
-            let (held, extra) = p.take_own(stop)?;
+        self.holding(|| {
+            let Some((held, extra)) = p.take_own(stop) else {
+                return;
+            };
             self.give_back(cpu, held, extra);
             let half = self.pocket_size() / 2;
             let bytes = if half != 0 && self.charge(cpu, key, half, 0) {
@@ -339,12 +341,14 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 // A drain began meanwhile: what would have gone in goes back.
                 self.deposit(cpu, key, c, bytes, 0, 0);
             }
-            Some(held)
+            // Still in hand, so that no record these name can be reused before a purge of a
+            // group removed meanwhile sees its words: no block of the pocket's former group
+            // keeps that one's record alive.
+            if held != 0 {
+                self.recheck(self.groups.counter(key_id(word_key(held))));
+            }
+            self.recheck(c);
         });
-        if let Some(held) = held.filter(|&w| w != 0) {
-            self.recheck(self.groups.counter(key_id(word_key(held))));
-        }
-        self.recheck(c);
     }
 
     /// Returns a word and extra taken out of a pocket to this CPU's stock (to the counters if
@@ -399,6 +403,12 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     pub(crate) fn reset_in_child(&self, own: *const Pocket) {
         self.in_hand.store(0, Ordering::SeqCst);
         self.pockets.reset_in_child();
+        for p in self.pockets.iter() {
+            // A parent thread caught between taking a word and its extra left the extra.
+            if p.word.load(Ordering::Relaxed) == 0 {
+                p.extra.store(0, Ordering::Relaxed);
+            }
+        }
         for p in self.pockets.iter() {
             if !core::ptr::eq(p, own) && p.is_live() {
                 self.retire_pocket(p);
