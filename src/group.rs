@@ -411,7 +411,11 @@ impl Group {
 
     /// The group's path below the root, such as `"tenant-a/batch"`; the root's is `"/"`.
     pub fn name(&self) -> String {
-        let mut parts: Vec<([u8; MAX_NAME], usize)> = Vec::new();
+        // Allocated before the registry lock is taken: an allocation under it could end up
+        // freeing a removed group's record, which takes the lock. (A group's chain of
+        // ancestors never changes, so its length is known.)
+        let depth = self.node().counter.chain().count() - 1;
+        let mut parts: Vec<([u8; MAX_NAME], usize)> = Vec::with_capacity(depth);
         {
             let _reg = REGISTRY.lock();
             let mut c = &self.node().counter;
