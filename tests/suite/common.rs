@@ -298,4 +298,28 @@ mod common {
             self.next() % n == 0
         }
     }
+
+    /// Waits for the forked child `pid` for at most `limit`; kills it and returns `None` on
+    /// timeout, else its wait status.
+    pub fn wait_child(pid: libc::pid_t, limit: std::time::Duration) -> Option<libc::c_int> {
+        let start = std::time::Instant::now();
+        loop {
+            let mut status = 0;
+            // SAFETY: plain waitpid on our own child.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            assert!(r >= 0, "waitpid failed");
+            if r == pid {
+                return Some(status);
+            }
+            if start.elapsed() > limit {
+                // SAFETY: killing and reaping our own child.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
 }

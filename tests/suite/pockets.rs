@@ -13,12 +13,12 @@ include!("common.rs");
 
 use common::{
     block_cost, exact, fresh, fresh_child, in_child_process, live, run_in_child_process,
-    size_for_cost, Block, Rng,
+    size_for_cost, wait_child, Block, Rng,
 };
 use memgroup::{dying_groups, fallible, kernel, stock_batch, Group, OnLimit};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Barrier, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A pocket holds at most `batch / POCKET_SHARE` bytes (src/core/stock.rs), 8 KiB by default.
 const POCKET_SHARE: usize = 8;
@@ -959,30 +959,6 @@ fn churn_largest_pockets_inner() {
 }
 
 // ---- 7. fork() while other threads churn through their pockets ----------------------------------
-
-/// Waits for `pid` for at most `limit`; kills it and returns None on timeout (as in
-/// tests/suite/process.rs, whose helpers are private to that suite).
-fn wait_child(pid: libc::pid_t, limit: Duration) -> Option<libc::c_int> {
-    let start = Instant::now();
-    loop {
-        let mut status = 0;
-        // SAFETY: plain waitpid on our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        assert!(r >= 0, "waitpid failed");
-        if r == pid {
-            return Some(status);
-        }
-        if start.elapsed() > limit {
-            // SAFETY: killing and reaping our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-            }
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 /// Sets the flag that stops the threads a test started when the test ends, even by a failed
 /// assertion, so that they do not run on into the next test.

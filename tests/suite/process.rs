@@ -3,35 +3,12 @@
 
 include!("common.rs");
 
-use common::{exact, fresh, live, Block};
+use common::{exact, fresh, live, wait_child, Block};
 use memgroup::Group;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// Waits for `pid` for at most `limit`; kills it and returns None on timeout.
-fn wait_child(pid: libc::pid_t, limit: Duration) -> Option<libc::c_int> {
-    let start = Instant::now();
-    loop {
-        let mut status = 0;
-        // SAFETY: plain waitpid on our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        assert!(r >= 0, "waitpid failed");
-        if r == pid {
-            return Some(status);
-        }
-        if start.elapsed() > limit {
-            // SAFETY: killing and reaping our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-            }
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 /// What the forked child does: allocate and free in groups (one made before the fork, one made
 /// in the child), check the counters, and report through its exit code. No panics escape.
