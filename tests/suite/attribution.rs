@@ -4,8 +4,9 @@
 include!("common.rs");
 
 use common::{
-    block_cost, exact, fresh, fresh_child, in_child_process, live, run_in_child_process, Block,
-    Cost, Rng,
+    drop_one, send_one,
+    block_cost, churn_threads, exact, fresh, fresh_child, in_child_process, live,
+    run_in_child_process, Block, Cost, Rng, Tenants,
 };
 use memgroup::{current, kernel, stock_batch, Group};
 use std::collections::HashMap;
@@ -373,122 +374,34 @@ fn mutate(item: &mut Item, rng: &mut Rng) {
 #[test]
 fn churn_across_threads_and_groups_returns_to_zero() {
     const THREADS: usize = 4;
-    const ITERS: usize = 100_000;
-    const MAX_HELD: usize = 250;
-    let tenants = [fresh("churn-t"), fresh("churn-t")];
-    let leaves: Vec<Group> = tenants
-        .iter()
-        .flat_map(|t| [fresh_child(t, "x"), fresh_child(t, "y")])
-        .collect();
-    let groups: Vec<Group> = tenants
-        .iter()
-        .cloned()
-        .chain(leaves.iter().cloned())
-        .collect();
-    let tenant_base: Vec<_> = tenants.iter().map(exact).collect();
-
-    let (senders, receivers): (Vec<_>, Vec<_>) =
-        (0..THREADS).map(|_| mpsc::channel::<Item>()).unzip();
-    let handles: Vec<_> = receivers
-        .into_iter()
-        .enumerate()
-        .map(|(t, rx)| {
-            let senders = senders.clone();
-            let groups = groups.clone();
-            std::thread::spawn(move || {
-                let mut rng = Rng::new(0xC0FFEE + t as u64);
-                let mut held: Vec<Item> = Vec::new();
-                for _ in 0..ITERS {
-                    let g = &groups[rng.range(0, groups.len() - 1)];
-                    let op = rng.next() % 100;
-                    match op {
-                        0..=39 => {
-                            let item = if rng.one_in(8) {
-                                g.run(|| kernel(|| make_item(&mut rng)))
-                            } else {
-                                g.run(|| make_item(&mut rng))
-                            };
-                            held.push(item);
-                        }
-                        40..=54 if !held.is_empty() => {
-                            let item = held.swap_remove(rng.range(0, held.len() - 1));
-                            let to = rng.range(0, THREADS - 1);
-                            if rng.one_in(2) {
-                                g.run(|| senders[to].send(item).unwrap());
-                            } else {
-                                senders[to].send(item).unwrap();
-                            }
-                        }
-                        55..=69 => held.extend(rx.try_iter()),
-                        70..=89 if !held.is_empty() => {
-                            let item = held.swap_remove(rng.range(0, held.len() - 1));
-                            if rng.one_in(2) {
-                                g.run(|| drop(item));
-                            } else {
-                                drop(item);
-                            }
-                        }
-                        90..=99 if !held.is_empty() => {
-                            let i = rng.range(0, held.len() - 1);
-                            if rng.one_in(2) {
-                                g.run(|| mutate(&mut held[i], &mut rng));
-                            } else {
-                                mutate(&mut held[i], &mut rng);
-                            }
-                        }
-                        _ => {}
-                    }
-                    while held.len() > MAX_HELD {
-                        held.swap_remove(rng.range(0, held.len() - 1));
-                    }
+    let tenants = Tenants::new("churn-t");
+    let groups = tenants.groups.clone();
+    churn_threads(THREADS, 100_000, 250, 0xC0FFEE, move |rng, held, senders, rx| {
+        let g = &groups[rng.range(0, groups.len() - 1)];
+        match rng.next() % 100 {
+            0..=39 => {
+                let item = if rng.one_in(8) {
+                    g.run(|| kernel(|| make_item(rng)))
+                } else {
+                    g.run(|| make_item(rng))
+                };
+                held.push(item);
+            }
+            40..=54 => send_one(rng, g, held, senders),
+            55..=69 => held.extend(rx.try_iter()),
+            70..=89 => drop_one(rng, g, held),
+            90..=99 if !held.is_empty() => {
+                let i = rng.range(0, held.len() - 1);
+                if rng.one_in(2) {
+                    g.run(|| mutate(&mut held[i], rng));
+                } else {
+                    mutate(&mut held[i], rng);
                 }
-                drop(held);
-                drop(senders);
-                // Everything still in flight to this thread is freed here, unscoped.
-                for item in rx {
-                    drop(item);
-                }
-            })
-        })
-        .collect();
-    drop(senders);
-    for h in handles {
-        h.join().expect("churn thread");
-    }
-
-    for leaf in &leaves {
-        let s = exact(leaf);
-        assert!(s.allocs > 0, "{} was used", leaf.name());
-        assert_eq!(
-            (s.usage, s.kmem, s.overhead, s.allocs),
-            (0, 0, 0, s.frees),
-            "{} after everything was freed: {s:?}",
-            leaf.name()
-        );
-    }
-    for (t, base) in tenants.iter().zip(&tenant_base) {
-        let s = exact(t);
-        assert!(s.allocs > base.allocs);
-        assert_eq!(
-            (s.usage, s.kmem, s.overhead, live(&s)),
-            (base.usage, base.kmem, base.overhead, live(base)),
-            "{} back to its children's bookkeeping: {s:?}",
-            t.name()
-        );
-    }
-    drop(groups); // handles keep records alive
-    for leaf in leaves {
-        leaf.remove().expect("remove leaf");
-    }
-    for t in &tenants {
-        let s = exact(t);
-        assert_eq!(
-            (s.usage, s.kmem, s.overhead, live(&s)),
-            (0, 0, 0, 0),
-            "{}: {s:?}",
-            t.name()
-        );
-    }
+            }
+            _ => {}
+        }
+    });
+    tenants.check_back_to_zero();
 }
 
 /// MEMGROUP_BATCH=0 turns the stocks off: stat() is exact without flush().

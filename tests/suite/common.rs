@@ -322,4 +322,140 @@ mod common {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
+
+    /// Two tenants with two leaves each, for the churn tests; `groups` lists all six.
+    pub struct Tenants {
+        pub tenants: [Group; 2],
+        pub leaves: Vec<Group>,
+        pub groups: Vec<Group>,
+        base: Vec<Stat>,
+    }
+
+    impl Tenants {
+        pub fn new(prefix: &str) -> Tenants {
+            let tenants = [fresh(prefix), fresh(prefix)];
+            let leaves: Vec<Group> = tenants
+                .iter()
+                .flat_map(|t| [fresh_child(t, "x"), fresh_child(t, "y")])
+                .collect();
+            let groups = tenants.iter().chain(&leaves).cloned().collect();
+            let base = tenants.iter().map(exact).collect();
+            Tenants {
+                tenants,
+                leaves,
+                groups,
+                base,
+            }
+        }
+
+        /// Once everything they charged is freed: every leaf was used and is exactly back to
+        /// zero, each tenant back to its children's bookkeeping; then the leaves are removed and
+        /// the tenants are exactly zero. Returns the tenants.
+        pub fn check_back_to_zero(self) -> [Group; 2] {
+            for leaf in &self.leaves {
+                let s = exact(leaf);
+                assert!(s.allocs > 0, "{} was used", leaf.name());
+                assert_eq!(
+                    (s.usage, s.kmem, s.overhead, s.allocs),
+                    (0, 0, 0, s.frees),
+                    "{} after everything was freed: {s:?}",
+                    leaf.name()
+                );
+            }
+            for (t, base) in self.tenants.iter().zip(&self.base) {
+                let s = exact(t);
+                assert!(s.allocs > base.allocs, "{} was used", t.name());
+                assert_eq!(
+                    (s.usage, s.kmem, s.overhead, live(&s)),
+                    (base.usage, base.kmem, base.overhead, live(base)),
+                    "{} back to its children's bookkeeping: {s:?}",
+                    t.name()
+                );
+            }
+            drop(self.groups); // handles keep records alive
+            for leaf in self.leaves {
+                leaf.remove().expect("remove leaf");
+            }
+            for t in &self.tenants {
+                let s = exact(t);
+                assert_eq!(
+                    (s.usage, s.kmem, s.overhead, live(&s)),
+                    (0, 0, 0, 0),
+                    "{}: {s:?}",
+                    t.name()
+                );
+            }
+            self.tenants
+        }
+    }
+
+    /// Runs `threads` threads of `iters` steps each. A thread holds items (at most `max_held`:
+    /// past that, random ones are dropped) and has a channel from every thread; `step(rng,
+    /// held, senders, receiver)` is one step. At the end each thread drops what it holds and
+    /// what is still in flight to it, unscoped.
+    pub fn churn_threads<I, F>(threads: usize, iters: usize, max_held: usize, seed: u64, step: F)
+    where
+        I: Send + 'static,
+        F: Fn(&mut Rng, &mut Vec<I>, &[std::sync::mpsc::Sender<I>], &std::sync::mpsc::Receiver<I>)
+            + Clone
+            + Send
+            + 'static,
+    {
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..threads).map(|_| std::sync::mpsc::channel::<I>()).unzip();
+        let handles: Vec<_> = receivers
+            .into_iter()
+            .enumerate()
+            .map(|(t, rx)| {
+                let senders = senders.clone();
+                let step = step.clone();
+                std::thread::spawn(move || {
+                    let mut rng = Rng::new(seed + t as u64);
+                    let mut held: Vec<I> = Vec::new();
+                    for _ in 0..iters {
+                        step(&mut rng, &mut held, &senders, &rx);
+                        while held.len() > max_held {
+                            held.swap_remove(rng.range(0, held.len() - 1));
+                        }
+                    }
+                    drop(held);
+                    drop(senders);
+                    for item in rx {
+                        drop(item);
+                    }
+                })
+            })
+            .collect();
+        drop(senders);
+        for h in handles {
+            h.join().expect("churn thread");
+        }
+    }
+
+    /// A churn step: hands a random held item to a random thread, half the time inside `g`.
+    pub fn send_one<I>(rng: &mut Rng, g: &Group, held: &mut Vec<I>, to: &[std::sync::mpsc::Sender<I>]) {
+        if held.is_empty() {
+            return;
+        }
+        let item = held.swap_remove(rng.range(0, held.len() - 1));
+        let to = &to[rng.range(0, to.len() - 1)];
+        if rng.one_in(2) {
+            g.run(|| to.send(item).unwrap());
+        } else {
+            to.send(item).unwrap();
+        }
+    }
+
+    /// A churn step: drops a random held item, half the time inside `g`.
+    pub fn drop_one<I>(rng: &mut Rng, g: &Group, held: &mut Vec<I>) {
+        if held.is_empty() {
+            return;
+        }
+        let item = held.swap_remove(rng.range(0, held.len() - 1));
+        if rng.one_in(2) {
+            g.run(|| drop(item));
+        } else {
+            drop(item);
+        }
+    }
 }

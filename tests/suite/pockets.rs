@@ -12,12 +12,13 @@
 include!("common.rs");
 
 use common::{
+    drop_one, send_one,
     block_cost, exact, fresh, fresh_child, in_child_process, live, run_in_child_process,
-    size_for_cost, wait_child, Block, Rng,
+    size_for_cost, wait_child, churn_threads, Block, Rng, Tenants,
 };
 use memgroup::{dying_groups, fallible, kernel, stock_batch, Group, OnLimit};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Barrier, Mutex, MutexGuard};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// A pocket holds at most `batch / POCKET_SHARE` bytes (src/core/stock.rs), 8 KiB by default.
@@ -674,159 +675,110 @@ enum Item {
 /// never pass its max; at the end every group is exact.
 fn churn(seed: u64) {
     const THREADS: usize = 4;
-    const ITERS: usize = 30_000;
-    const MAX_HELD: usize = 300;
     const LIMIT: usize = 60_000;
-    let tenants = [fresh("pkc-t"), fresh("pkc-t")];
-    let leaves: Vec<Group> = tenants
-        .iter()
-        .flat_map(|t| [fresh_child(t, "x"), fresh_child(t, "y")])
-        .collect();
-    let groups: Vec<Group> = tenants.iter().chain(&leaves).cloned().collect();
+    let tenants = Tenants::new("pkc-t");
     let limited = fresh("pkc-limited");
     limited.set_max(Some(LIMIT));
     limited.set_on_limit(OnLimit::Fail);
-    let tenant_base: Vec<_> = tenants.iter().map(exact).collect();
     let held_limited = Arc::new(AtomicUsize::new(0));
     let over = Arc::new(AtomicUsize::new(0));
-
-    let (senders, receivers): (Vec<_>, Vec<_>) =
-        (0..THREADS).map(|_| mpsc::channel::<Item>()).unzip();
     let aligns = [1usize, 1, 8, 16, 16, 32, 64];
-    let handles: Vec<_> = receivers
-        .into_iter()
-        .enumerate()
-        .map(|(t, rx)| {
-            let senders = senders.clone();
-            let groups = groups.clone();
-            let limited = limited.clone();
-            let (held_limited, over) = (held_limited.clone(), over.clone());
-            std::thread::spawn(move || {
-                let mut rng = Rng::new(seed * 1000 + t as u64);
-                let mut held: Vec<Item> = Vec::new();
-                for _ in 0..ITERS {
-                    let g = &groups[rng.range(0, groups.len() - 1)];
-                    match rng.next() % 100 {
-                        0..=34 => {
-                            let size = match rng.next() % 100 {
-                                0..=84 => rng.range(1, 512),
-                                85..=94 => rng.range(513, 6000),
-                                95..=98 => rng.range(6001, 60_000),
-                                _ => rng.range(70_000, 150_000),
-                            };
-                            let align = aligns[rng.range(0, aligns.len() - 1)];
-                            let b = if rng.one_in(8) {
-                                g.run(|| kernel(|| Block::new(size, align)))
-                            } else {
-                                g.run(|| Block::new(size, align))
-                            };
-                            held.push(Item::Raw(b));
+    let (groups, limited2) = (tenants.groups.clone(), limited.clone());
+    let (held_limited2, over2) = (held_limited.clone(), over.clone());
+    churn_threads(THREADS, 30_000, 300, seed * 1000, move |rng, held, senders, rx| {
+        let (limited, held_limited, over) = (&limited2, &held_limited2, &over2);
+        let g = &groups[rng.range(0, groups.len() - 1)];
+        match rng.next() % 100 {
+            0..=34 => {
+                let size = match rng.next() % 100 {
+                    0..=84 => rng.range(1, 512),
+                    85..=94 => rng.range(513, 6000),
+                    95..=98 => rng.range(6001, 60_000),
+                    _ => rng.range(70_000, 150_000),
+                };
+                let align = aligns[rng.range(0, aligns.len() - 1)];
+                let b = if rng.one_in(8) {
+                    g.run(|| kernel(|| Block::new(size, align)))
+                } else {
+                    g.run(|| Block::new(size, align))
+                };
+                held.push(Item::Raw(b));
+            }
+            35..=41 => {
+                let n = rng.range(1, 300);
+                let v: Vec<u128> = g.run(|| std::hint::black_box(vec![7; n]));
+                held.push(Item::Wide(v));
+            }
+            42..=44 if !held.is_empty() => {
+                let i = rng.range(0, held.len() - 1);
+                match &mut held[i] {
+                    Item::Wide(v) => {
+                        let n = rng.range(1, 400);
+                        g.run(|| v.extend(std::iter::repeat_n(9, n)));
+                        if rng.one_in(3) {
+                            v.truncate(v.len() / 3);
+                            v.shrink_to_fit();
                         }
-                        35..=41 => {
-                            let n = rng.range(1, 300);
-                            let v: Vec<u128> = g.run(|| std::hint::black_box(vec![7; n]));
-                            held.push(Item::Wide(v));
-                        }
-                        42..=44 if !held.is_empty() => {
-                            let i = rng.range(0, held.len() - 1);
-                            match &mut held[i] {
-                                Item::Wide(v) => {
-                                    let n = rng.range(1, 400);
-                                    g.run(|| v.extend(std::iter::repeat_n(9, n)));
-                                    if rng.one_in(3) {
-                                        v.truncate(v.len() / 3);
-                                        v.shrink_to_fit();
-                                    }
-                                }
-                                Item::Raw(b) => b.bytes_mut()[0] = 1,
-                                Item::Limited(l) => {
-                                    if let Some(b) = &mut l.block {
-                                        b.bytes_mut()[0] = 2;
-                                    }
-                                }
-                            }
-                        }
-                        45..=54 => {
-                            let size = rng.range(1024, 4096);
-                            let align = if rng.one_in(2) { 16 } else { 1 };
-                            match limited.run(|| fallible(|| Block::try_new(size, align))) {
-                                Some(b) => {
-                                    let cost = size + tag_overhead(align);
-                                    let now = held_limited.fetch_add(cost, Ordering::SeqCst) + cost;
-                                    if now > LIMIT {
-                                        over.fetch_max(now, Ordering::SeqCst);
-                                    }
-                                    held.push(Item::Limited(Limited {
-                                        block: Some(b),
-                                        cost,
-                                        held: held_limited.clone(),
-                                    }));
-                                }
-                                None => {
-                                    // Refused: give back half of this thread's share.
-                                    let mut k = 0;
-                                    held.retain(|item| {
-                                        k += 1;
-                                        !matches!(item, Item::Limited(_)) || k % 2 == 0
-                                    });
-                                }
-                            }
-                        }
-                        55..=64 if !held.is_empty() => {
-                            let item = held.swap_remove(rng.range(0, held.len() - 1));
-                            let to = rng.range(0, THREADS - 1);
-                            if rng.one_in(2) {
-                                g.run(|| senders[to].send(item).unwrap());
-                            } else {
-                                senders[to].send(item).unwrap();
-                            }
-                        }
-                        65..=72 => held.extend(rx.try_iter()),
-                        73..=92 if !held.is_empty() => {
-                            let item = held.swap_remove(rng.range(0, held.len() - 1));
-                            if rng.one_in(2) {
-                                g.run(|| drop(item));
-                            } else {
-                                drop(item);
-                            }
-                        }
-                        93..=95 => g.flush(),
-                        96 => {
-                            let (g, n, s) = (g.clone(), rng.range(1, 40), rng.next());
-                            std::thread::spawn(move || {
-                                let mut v = Vec::with_capacity(n);
-                                g.run(|| {
-                                    for k in 0..n {
-                                        let size = (s as usize >> (k % 32)) % 700 + 1;
-                                        v.push(Block::new(size, aligns[k % aligns.len()]));
-                                        if k % 3 == 0 {
-                                            v.swap_remove(0);
-                                        }
-                                    }
-                                });
-                                drop(v);
-                            })
-                            .join()
-                            .expect("short thread");
-                        }
-                        _ => {}
                     }
-                    while held.len() > MAX_HELD {
-                        held.swap_remove(rng.range(0, held.len() - 1));
+                    Item::Raw(b) => b.bytes_mut()[0] = 1,
+                    Item::Limited(l) => {
+                        if let Some(b) = &mut l.block {
+                            b.bytes_mut()[0] = 2;
+                        }
                     }
                 }
-                drop(held);
-                drop(senders);
-                for item in rx {
-                    drop(item);
+            }
+            45..=54 => {
+                let size = rng.range(1024, 4096);
+                let align = if rng.one_in(2) { 16 } else { 1 };
+                match limited.run(|| fallible(|| Block::try_new(size, align))) {
+                    Some(b) => {
+                        let cost = size + tag_overhead(align);
+                        let now = held_limited.fetch_add(cost, Ordering::SeqCst) + cost;
+                        if now > LIMIT {
+                            over.fetch_max(now, Ordering::SeqCst);
+                        }
+                        held.push(Item::Limited(Limited {
+                            block: Some(b),
+                            cost,
+                            held: held_limited.clone(),
+                        }));
+                    }
+                    None => {
+                        // Refused: give back half of this thread's share.
+                        let mut k = 0;
+                        held.retain(|item| {
+                            k += 1;
+                            !matches!(item, Item::Limited(_)) || k % 2 == 0
+                        });
+                    }
                 }
-            })
-        })
-        .collect();
-    drop(senders);
-    for h in handles {
-        h.join().expect("churn thread");
-    }
+            }
+            55..=64 => send_one(rng, g, held, senders),
+            65..=72 => held.extend(rx.try_iter()),
+            73..=92 => drop_one(rng, g, held),
+            93..=95 => g.flush(),
+            96 => {
+                let (g, n, s) = (g.clone(), rng.range(1, 40), rng.next());
+                std::thread::spawn(move || {
+                    let mut v = Vec::with_capacity(n);
+                    g.run(|| {
+                        for k in 0..n {
+                            let size = (s as usize >> (k % 32)) % 700 + 1;
+                            v.push(Block::new(size, aligns[k % aligns.len()]));
+                            if k % 3 == 0 {
+                                v.swap_remove(0);
+                            }
+                        }
+                    });
+                    drop(v);
+                })
+                .join()
+                .expect("short thread");
+            }
+            _ => {}
+        }
+    });
 
     assert_eq!(
         over.load(Ordering::SeqCst),
@@ -843,36 +795,7 @@ fn churn(seed: u64) {
         (0, 0, 0, 0),
         "the limited group after everything was freed: {s:?}"
     );
-    for leaf in &leaves {
-        let s = exact(leaf);
-        assert!(s.allocs > 0, "{} was used", leaf.name());
-        assert_eq!(
-            (s.usage, s.kmem, s.overhead, s.allocs),
-            (0, 0, 0, s.frees),
-            "{} after everything was freed: {s:?}",
-            leaf.name()
-        );
-    }
-    for (t, base) in tenants.iter().zip(&tenant_base) {
-        let s = exact(t);
-        assert_eq!(
-            (s.usage, s.kmem, s.overhead, live(&s)),
-            (base.usage, base.kmem, base.overhead, live(base)),
-            "{} back to its children's bookkeeping: {s:?}",
-            t.name()
-        );
-    }
-    drop(groups);
-    for leaf in leaves {
-        leaf.remove().expect("remove leaf");
-    }
-    for t in tenants {
-        let s = exact(&t);
-        assert_eq!(
-            (s.usage, s.kmem, s.overhead, live(&s)),
-            (0, 0, 0, 0),
-            "{s:?}"
-        );
+    for t in tenants.check_back_to_zero() {
         t.remove().expect("remove tenant");
     }
     limited.remove().expect("remove the limited group");
