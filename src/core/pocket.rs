@@ -41,18 +41,7 @@ pub(crate) struct Pocket {
 }
 
 impl Pocket {
-    #[cfg(not(memgroup_loom))]
-    pub(crate) const fn new() -> Pocket {
-        Pocket {
-            busy: AtomicU32::new(0),
-            live: AtomicBool::new(true),
-            word: AtomicU64::new(0),
-            extra: AtomicU64::new(0),
-            next: AtomicPtr::new(core::ptr::null_mut()),
-        }
-    }
-
-    #[cfg(memgroup_loom)]
+    /// A pocket for a new thread (made at run time only, so one `new` serves loom too).
     pub(crate) fn new() -> Pocket {
         Pocket {
             busy: AtomicU32::new(0),
@@ -222,10 +211,13 @@ impl Pockets {
     /// In a `fork()` child, whose only thread is the caller and is in no pocket: no taker
     /// runs and no owner is busy, whatever the parent's threads were doing at the fork (a
     /// thread that had just raised `busy` to look at `stop`, a taker between its `stop` and
-    /// `resume`).
+    /// `resume`). An extra left without its word (a taker caught between the two) goes too.
     pub(super) fn reset_in_child(&self) {
         for p in self.iter() {
             p.busy.store(0, Ordering::Relaxed);
+            if p.word.load(Ordering::Relaxed) == 0 {
+                p.extra.store(0, Ordering::Relaxed);
+            }
         }
         self.stop.store(0, Ordering::SeqCst);
     }

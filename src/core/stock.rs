@@ -286,9 +286,8 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
 
     /// Whether this thread's pocket holds `key`.
     pub(crate) fn pocket_holds(&self, p: &Pocket, key: Key) -> bool {
-        p.with(&self.pockets.stop, |p| {
-            word_key(p.word.load(Ordering::Relaxed)) == key
-        }) == Some(true)
+        // Only the owner changes the key (a drain only takes the word): a plain look will do.
+        word_key(p.word.load(Ordering::Relaxed)) == key
     }
 
     /// The list of pockets, for a new thread to adopt one.
@@ -403,12 +402,6 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     pub(crate) fn reset_in_child(&self, own: *const Pocket) {
         self.in_hand.store(0, Ordering::SeqCst);
         self.pockets.reset_in_child();
-        for p in self.pockets.iter() {
-            // A parent thread caught between taking a word and its extra left the extra.
-            if p.word.load(Ordering::Relaxed) == 0 {
-                p.extra.store(0, Ordering::Relaxed);
-            }
-        }
         for p in self.pockets.iter() {
             if !core::ptr::eq(p, own) && p.is_live() {
                 self.retire_pocket(p);

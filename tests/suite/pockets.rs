@@ -143,6 +143,14 @@ fn pockets_on() -> bool {
     left == 0
 }
 
+/// Pockets are on in a default configuration (they need `membarrier(2)`).
+fn assert_pockets_on_by_default() {
+    assert!(
+        pockets_on(),
+        "pockets are on by default (they need membarrier(2))"
+    );
+}
+
 // ---- 1. overhead per alignment ----------------------------------------------------------------
 
 /// One live block costs its size plus its placement's overhead, all of it reported in
@@ -494,10 +502,7 @@ fn flush_is_exact_while_other_threads_hold_pocket_bytes() {
 #[test]
 fn pockets_of_exited_threads_are_emptied_and_reused() {
     let _s = serial();
-    assert!(
-        pockets_on(),
-        "pockets are on by default (they need membarrier(2))"
-    );
+    assert_pockets_on_by_default();
     let batch = stock_batch();
     let g = fresh("pk-exit");
     let h = fresh("pk-exit-next");
@@ -804,10 +809,7 @@ fn churn(seed: u64) {
 #[test]
 fn churn_with_pockets_returns_to_zero() {
     let _s = serial();
-    assert!(
-        pockets_on(),
-        "pockets are on by default (they need membarrier(2))"
-    );
+    assert_pockets_on_by_default();
     churn(1);
 }
 
@@ -1162,10 +1164,7 @@ fn fork_children_flush_pockets_without_hanging() {
 #[test]
 fn fork_children_keep_their_pockets() {
     let _s = serial();
-    assert!(
-        pockets_on(),
-        "pockets are on by default (they need membarrier(2))"
-    );
+    assert_pockets_on_by_default();
     let churned: Vec<Group> = (0..2).map(|_| fresh("pk-fork-keep")).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let stopper = StopOnDrop(stop.clone());
