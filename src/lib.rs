@@ -38,6 +38,8 @@
 #[cfg(feature = "arena")]
 mod arena;
 mod core;
+pub mod export;
+mod future;
 mod group;
 mod lock;
 mod platform;
@@ -46,6 +48,8 @@ mod pressure;
 mod scope;
 mod sync;
 mod tag;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 pub use group::{dying_groups, stock_batch, Group, MAX_NAME};
 pub use pressure::{Level, Shrinker, ShrinkerHandle, Subscription};

@@ -1,0 +1,1 @@
+//! Export of the groups' figures (Prometheus text exposition).

@@ -1,0 +1,1 @@
+//! Futures that run in a group.

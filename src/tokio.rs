@@ -1,0 +1,1 @@
+//! Spawning tokio tasks in the current group (feature `tokio`).
