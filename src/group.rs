@@ -442,14 +442,20 @@ impl Group {
         self.node().counter.parent().map(|c| node_of(c).acquire())
     }
 
-    /// Sets the hard limit (`memory.max`); `None` removes it.
+    /// Sets the hard limit (`memory.max`); `None` removes it. Set below the group's usage, it
+    /// acts at once, as writing `memory.max` does: the notifier reclaims toward it from the
+    /// group's shrinkers without waiting for the next charge.
     pub fn set_max(&self, bytes: Option<usize>) {
         self.node().counter.set_max(bytes);
+        crate::pressure::limit_set(&self.node().counter);
     }
 
-    /// Sets the pressure threshold (`memory.high`); `None` removes it.
+    /// Sets the pressure threshold (`memory.high`); `None` removes it. Set below the group's
+    /// usage, it acts at once, as writing `memory.high` does: the group goes to
+    /// [`Level::Medium`](crate::Level::Medium) and the notifier reclaims toward it.
     pub fn set_high(&self, bytes: Option<usize>) {
         self.node().counter.set_high(bytes);
+        crate::pressure::limit_set(&self.node().counter);
     }
 
     /// Sets the kernel-memory limit (`memory.kmem.limit_in_bytes`); `None` removes it.

@@ -363,13 +363,31 @@ fn deliver(c: &Counter) {
     }
 }
 
-/// Reclaims toward `high` after a group crossed it.
+/// Reclaims toward the lower of `high` and `max` after a group crossed `high`, or after one
+/// of them was set below its usage.
 fn background(c: &Counter) {
     let stat = c.snapshot();
-    if stat.usage > stat.high && c.has_shrinkers() {
+    let target = stat.high.min(stat.max);
+    if stat.usage > target && c.has_shrinkers() {
         group::flush_counter(c);
         let usage = c.snapshot().usage;
-        reclaim(c, usage.saturating_sub(stat.high));
+        reclaim(c, usage.saturating_sub(target));
+    }
+}
+
+/// A limit of `c` was just set (from user code, never inside an allocation). If the group's
+/// exact usage is already above it, raise `Medium` and start background reclaim now, as
+/// writing `memory.high` or `memory.max` below `memory.current` does in cgroup v2.
+pub(crate) fn limit_set(c: &Counter) {
+    let stat = c.snapshot();
+    let target = stat.high.min(stat.max);
+    if stat.usage <= target {
+        return;
+    }
+    // The fast figure includes stock slack: decide on the exact one.
+    group::flush_counter(c);
+    if c.snapshot().usage > target && c.signal(MEDIUM) {
+        wake();
     }
 }
 

@@ -891,6 +891,53 @@ fn background_reclaim_brings_usage_back_to_high() {
     drop(over);
 }
 
+/// Lowers a limit below a group's usage with `set` and checks that its shrinkers bring usage
+/// down to it with no further charge (live limits, as writing `memory.high`/`memory.max`).
+fn lowering_a_limit_reclaims_at_once(prefix: &str, set: impl Fn(&Group, Option<usize>)) {
+    let _n = needs_notifier();
+    let g = fresh(prefix);
+    let cache = Cache::new(big());
+    cache.fill(&g, 8);
+    let _h = g.register_shrinker(cache.shrinker());
+    let before = exact(&g).usage;
+    let target = before - 3 * cache.chunk - cache.chunk / 2;
+    set(&g, Some(target));
+    let mut usage = before;
+    assert!(
+        wait_until(|| {
+            usage = exact(&g).usage;
+            usage <= target
+        }),
+        "usage {usage} (before {before}) never came down to the new limit {target}; \
+         the shrinker freed {} bytes",
+        cache.freed_bytes()
+    );
+    assert!(
+        cache.len() >= 4,
+        "only what was over the limit was reclaimed: {} left",
+        cache.len()
+    );
+    // Raising the limit again above usage reclaims nothing more.
+    let freed = cache.freed_bytes();
+    set(&g, Some(usage + 4 * cache.chunk));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(
+        cache.freed_bytes(),
+        freed,
+        "a limit above usage asked for reclaim"
+    );
+}
+
+#[test]
+fn lowering_high_below_usage_reclaims_at_once() {
+    lowering_a_limit_reclaims_at_once("pr-live-high", |g, v| g.set_high(v));
+}
+
+#[test]
+fn lowering_max_below_usage_reclaims_at_once() {
+    lowering_a_limit_reclaims_at_once("pr-live-max", |g, v| g.set_max(v));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Unregistering
 
