@@ -437,6 +437,50 @@ impl Group {
         names.join("/")
     }
 
+    /// The group's live (not removed) children, in no particular order.
+    pub fn children(&self) -> Vec<Group> {
+        let me = self.node();
+        // Room for the children is made outside the registry lock (an allocation under it
+        // could free a removed group's record, which takes the lock); if children were added
+        // in between, the room is too small and the walk starts again.
+        let mut want = {
+            let _reg = REGISTRY.lock();
+            // SAFETY: under the registry lock.
+            unsafe { me.meta().children }
+        };
+        loop {
+            let mut out: Vec<Group> = Vec::with_capacity(want);
+            {
+                let reg = REGISTRY.lock();
+                // SAFETY: under the registry lock.
+                let count = unsafe { me.meta().children };
+                if count <= out.capacity() {
+                    // The walk visits every online group: skipped for a leaf.
+                    if count == 0 {
+                        return out;
+                    }
+                    if let Some(names) = reg.names.as_ref() {
+                        for &id in names.iter() {
+                            let child = node(id);
+                            let mine = child
+                                .counter
+                                .parent()
+                                .is_some_and(|p| p.id == me.counter.id);
+                            // SAFETY: under the registry lock.
+                            if mine && unsafe { child.meta().state } == State::Online {
+                                // Within the capacity: no allocation.
+                                out.push(child.acquire());
+                            }
+                        }
+                    }
+                    return out;
+                }
+                want = count;
+            }
+            // `out` (empty) is dropped here, outside the lock.
+        }
+    }
+
     /// The parent group; `None` for the root.
     pub fn parent(&self) -> Option<Group> {
         self.node().counter.parent().map(|c| node_of(c).acquire())

@@ -1,0 +1,204 @@
+// Export: the Prometheus text exposition, parsed whole by prometheus-parse, against stat().
+
+include!("common.rs");
+
+use common::{exact, fresh, fresh_child};
+use memgroup::{export, Group, Stat};
+use prometheus_parse::{Scrape, Value};
+use std::hint::black_box;
+
+fn scrape() -> Scrape {
+    let mut out = String::new();
+    export::prometheus(&mut out);
+    Scrape::parse(out.lines().map(|l| Ok(l.to_string()))).expect("the exposition parses")
+}
+
+/// prometheus-parse 0.2 does not unescape label values (it returns the text between the
+/// quotes as written), so the tests undo the format's three escapes here.
+fn unescape(v: &str) -> String {
+    let mut out = String::new();
+    let mut chars = v.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('\\') => out.push('\\'),
+                Some('"') => out.push('"'),
+                Some('n') => out.push('\n'),
+                other => panic!("bad escape {other:?} in {v:?}"),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn value(s: &Scrape, metric: &str, group: &str, event: Option<&str>) -> Option<f64> {
+    let found: Vec<f64> = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == metric)
+        .filter(|x| x.labels.get("group").map(unescape).as_deref() == Some(group))
+        .filter(|x| event.is_none() || x.labels.get("event") == event)
+        .map(|x| match x.value {
+            Value::Gauge(v) | Value::Counter(v) => v,
+            ref v => panic!("{metric} is not typed: {v:?}"),
+        })
+        .collect();
+    assert!(
+        found.len() <= 1,
+        "{metric} for {group:?} appears {} times",
+        found.len()
+    );
+    found.first().copied()
+}
+
+fn has(s: &Scrape, group: &str) -> bool {
+    value(s, "memgroup_usage_bytes", group, None).is_some()
+}
+
+fn check(s: &Scrape, path: &str, st: &Stat) {
+    let v = |m: &str| value(s, m, path, None);
+    assert_eq!(v("memgroup_usage_bytes"), Some(st.usage as f64));
+    assert_eq!(v("memgroup_kmem_bytes"), Some(st.kmem as f64));
+    assert_eq!(v("memgroup_overhead_bytes"), Some(st.overhead as f64));
+    assert_eq!(v("memgroup_allocs_total"), Some(st.allocs as f64));
+    assert_eq!(v("memgroup_frees_total"), Some(st.frees as f64));
+    assert_eq!(v("memgroup_max_bytes"), st.max.map(|x| x as f64));
+    assert_eq!(v("memgroup_high_bytes"), st.high.map(|x| x as f64));
+    assert_eq!(v("memgroup_kmem_max_bytes"), st.kmem_max.map(|x| x as f64));
+    assert!(v("memgroup_peak_bytes").unwrap() >= st.usage as f64);
+    for e in ["high", "max", "fail"] {
+        assert!(value(s, "memgroup_events_total", path, Some(e)).is_some());
+    }
+}
+
+#[test]
+fn export_values_equal_stat_after_flush() {
+    let g = fresh("exp-val");
+    g.set_max(Some(64 << 20));
+    g.set_high(Some(48 << 20));
+    g.set_kmem_max(Some(8 << 20));
+    let held = g.run(|| black_box(vec![7u8; 100_000]));
+    let st = exact(&g);
+    let s = scrape();
+    check(&s, &g.name(), &st);
+    assert!(st.usage >= 100_000);
+    assert!(s
+        .samples
+        .iter()
+        .any(|x| x.metric == "memgroup_dying_groups" && x.labels.is_empty()));
+    assert!(s.docs.contains_key("memgroup_usage_bytes"));
+    drop(held);
+    g.remove().unwrap();
+}
+
+#[test]
+fn export_parent_includes_children() {
+    let p = fresh("exp-par");
+    let c = fresh_child(&p, "kid");
+    let held = c.run(|| black_box(vec![1u8; 50_000]));
+    let (sp, sc) = (exact(&p), exact(&c));
+    let s = scrape();
+    check(&s, &c.name(), &sc);
+    check(&s, &p.name(), &sp);
+    assert!(sp.usage >= sc.usage && sc.usage >= 50_000);
+    assert!(value(&s, "memgroup_usage_bytes", "/", None).unwrap() >= sp.usage as f64);
+    drop(held);
+    c.remove().unwrap();
+    p.remove().unwrap();
+}
+
+#[test]
+fn export_limits_absent_when_unlimited() {
+    let g = fresh("exp-lim");
+    let path = g.name();
+    let s = scrape();
+    for m in [
+        "memgroup_max_bytes",
+        "memgroup_high_bytes",
+        "memgroup_kmem_max_bytes",
+    ] {
+        assert_eq!(value(&s, m, &path, None), None, "{m}");
+    }
+    g.set_max(Some(1 << 30));
+    g.set_high(Some(1 << 29));
+    g.set_kmem_max(Some(1 << 28));
+    let s = scrape();
+    assert_eq!(
+        value(&s, "memgroup_max_bytes", &path, None),
+        Some((1u64 << 30) as f64)
+    );
+    assert_eq!(
+        value(&s, "memgroup_high_bytes", &path, None),
+        Some((1u64 << 29) as f64)
+    );
+    assert_eq!(
+        value(&s, "memgroup_kmem_max_bytes", &path, None),
+        Some((1u64 << 28) as f64)
+    );
+    g.set_max(None);
+    let s = scrape();
+    assert_eq!(value(&s, "memgroup_max_bytes", &path, None), None);
+    g.remove().unwrap();
+}
+
+#[test]
+fn export_escaped_names_round_trip() {
+    let q = fresh("exp-esc");
+    let a = q.child("a\"b\\c").unwrap();
+    let n = q.child("line\nbreak").unwrap();
+    let s = scrape();
+    let raw: Vec<&str> = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == "memgroup_usage_bytes")
+        .filter_map(|x| x.labels.get("group"))
+        .collect();
+    // As written on the wire (prometheus-parse hands the escaped text back as is).
+    let qn = q.name();
+    assert!(
+        raw.contains(&format!("{qn}/a\\\"b\\\\c").as_str()),
+        "{raw:?}"
+    );
+    assert!(
+        raw.contains(&format!("{qn}/line\\nbreak").as_str()),
+        "{raw:?}"
+    );
+    assert!(has(&s, &a.name()) && a.name() == format!("{qn}/a\"b\\c"));
+    assert!(has(&s, &n.name()) && n.name() == format!("{qn}/line\nbreak"));
+    a.remove().unwrap();
+    n.remove().unwrap();
+    q.remove().unwrap();
+}
+
+#[test]
+fn export_removed_group_absent() {
+    let g = fresh("exp-rm");
+    let path = g.name();
+    assert!(has(&scrape(), &path));
+    g.remove().unwrap();
+    assert!(!has(&scrape(), &path));
+}
+
+#[test]
+fn children_lists_live_children_only() {
+    let p = fresh("exp-kids");
+    let a = p.child("a").unwrap();
+    let b = p.child("b").unwrap();
+    let c = p.child("c").unwrap();
+    let _grand = a.child("g").unwrap();
+    let mut names: Vec<String> = p.children().iter().map(|g| g.name()).collect();
+    names.sort();
+    let pn = p.name();
+    assert_eq!(
+        names,
+        [format!("{pn}/a"), format!("{pn}/b"), format!("{pn}/c")]
+    );
+    b.remove().unwrap();
+    let kids = p.children();
+    assert_eq!(kids.len(), 2);
+    assert!(kids.contains(&a) && kids.contains(&c));
+    assert!(c.children().is_empty());
+    assert!(Group::root().children().contains(&p));
+}
