@@ -51,6 +51,7 @@ mod tag;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
+pub use future::{GroupFutureExt, Guarded, InGroup};
 pub use group::{dying_groups, stock_batch, Group, MAX_NAME};
 pub use pressure::{Level, Shrinker, ShrinkerHandle, Subscription};
 pub use scope::{current, fallible, kernel, nofail, Entered};

@@ -1,0 +1,5 @@
+//! Async tenants on tokio runtimes, under the arena design.
+#![cfg(feature = "arena")]
+#[global_allocator]
+static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
+include!("suite/async_tasks.rs");

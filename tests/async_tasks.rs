@@ -1,0 +1,4 @@
+//! Async tenants on tokio runtimes, under the tag design.
+#[global_allocator]
+static ALLOC: memgroup::TagAlloc = memgroup::TagAlloc::system();
+include!("suite/async_tasks.rs");
