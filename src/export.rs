@@ -43,16 +43,11 @@ use core::fmt::Write;
 /// flush: see the module docs.
 pub fn prometheus(out: &mut String) {
     Group::root().run(|| {
-        // The walk: (escaped path, figures), parents before their children.
-        let mut rows: Vec<(String, Stat)> = Vec::new();
-        let mut stack = vec![Group::root()];
-        while let Some(g) = stack.pop() {
+        let rows = walk(|path| {
             let mut label = String::new();
-            escape(&g.name(), &mut label);
-            rows.push((label, g.stat()));
-            stack.extend(g.children());
-        }
-        drop(stack);
+            escape(path, &mut label);
+            label
+        });
 
         let gauge = |out: &mut String, name: &str, help: &str, f: &dyn Fn(&Stat) -> Option<u64>| {
             header(out, name, help, "gauge");
@@ -105,6 +100,88 @@ pub fn prometheus(out: &mut String) {
             "gauge",
         );
         let _ = writeln!(out, "memgroup_dying_groups {}", dying_groups());
+    })
+}
+
+/// Every live group's (label made from its path, figures), parents before their children.
+/// Call in the root's scope.
+fn walk(label: impl Fn(&str) -> String) -> Vec<(String, Stat)> {
+    let mut rows: Vec<(String, Stat)> = Vec::new();
+    let mut stack = vec![Group::root()];
+    while let Some(g) = stack.pop() {
+        rows.push((label(&g.name()), g.stat()));
+        stack.extend(g.children());
+    }
+    rows
+}
+
+/// Records every live group's figures through the [`metrics`] facade (feature
+/// `metrics`), under the names and labels of [`prometheus`]: gauges for the bytes and limits
+/// (a limit that is unset is not recorded), absolute counters for the counts and events,
+/// described once with their units. Call it before each scrape, or on a timer; it runs in the
+/// root's scope and does not flush.
+#[cfg(feature = "metrics")]
+pub fn report() {
+    use ::metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
+    Group::root().run(|| {
+        static DESCRIBED: std::sync::Once = std::sync::Once::new();
+        DESCRIBED.call_once(|| {
+            for (name, help) in [
+                (
+                    "memgroup_usage_bytes",
+                    "Bytes charged, user and kernel, overhead included.",
+                ),
+                (
+                    "memgroup_kmem_bytes",
+                    "The part of usage charged as kernel memory.",
+                ),
+                (
+                    "memgroup_overhead_bytes",
+                    "The part of usage that is the allocator's own cost.",
+                ),
+                ("memgroup_peak_bytes", "The highest usage seen."),
+                ("memgroup_max_bytes", "The hard limit."),
+                ("memgroup_high_bytes", "The pressure threshold."),
+                ("memgroup_kmem_max_bytes", "The kernel-memory limit."),
+            ] {
+                describe_gauge!(name, Unit::Bytes, help);
+            }
+            describe_counter!("memgroup_allocs_total", Unit::Count, "Blocks allocated.");
+            describe_counter!("memgroup_frees_total", Unit::Count, "Blocks freed.");
+            describe_counter!("memgroup_events_total", Unit::Count, "Limit events.");
+            describe_gauge!(
+                "memgroup_dying_groups",
+                Unit::Count,
+                "Removed groups whose memory is not freed yet."
+            );
+        });
+        for (path, s) in walk(str::to_owned) {
+            let bytes = [
+                ("memgroup_usage_bytes", Some(s.usage)),
+                ("memgroup_kmem_bytes", Some(s.kmem)),
+                ("memgroup_overhead_bytes", Some(s.overhead)),
+                ("memgroup_peak_bytes", Some(s.peak)),
+                ("memgroup_max_bytes", s.max),
+                ("memgroup_high_bytes", s.high),
+                ("memgroup_kmem_max_bytes", s.kmem_max),
+            ];
+            for (name, v) in bytes {
+                if let Some(v) = v {
+                    gauge!(name, "group" => path.clone()).set(v as f64);
+                }
+            }
+            counter!("memgroup_allocs_total", "group" => path.clone()).absolute(s.allocs);
+            counter!("memgroup_frees_total", "group" => path.clone()).absolute(s.frees);
+            for (event, v) in [
+                ("high", s.events.high),
+                ("max", s.events.max),
+                ("fail", s.events.fail),
+            ] {
+                counter!("memgroup_events_total", "group" => path.clone(), "event" => event)
+                    .absolute(v);
+            }
+        }
+        gauge!("memgroup_dying_groups").set(dying_groups() as f64);
     })
 }
 

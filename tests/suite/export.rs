@@ -202,3 +202,50 @@ fn children_lists_live_children_only() {
     assert!(c.children().is_empty());
     assert!(Group::root().children().contains(&p));
 }
+
+#[cfg(feature = "metrics")]
+#[test]
+fn metrics_report_records_the_figures_of_stat() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let g = fresh("exp-metrics");
+    g.set_max(Some(64 << 20));
+    let held = g.run(|| black_box(vec![5u8; 200_000]));
+    let s = exact(&g);
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, memgroup::export::report);
+    let name = g.name();
+    let mut found = std::collections::HashMap::new();
+    for (key, unit, _help, value) in snapshotter.snapshot().into_vec() {
+        let k = key.key();
+        let labels: Vec<(String, String)> = k
+            .labels()
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        if labels.iter().any(|(k, v)| k == "group" && *v == name) {
+            let event = labels.iter().find(|(k, _)| k == "event").map(|(_, v)| v.clone());
+            found.insert((k.name().to_owned(), event), (unit, value));
+        }
+    }
+    let gauge = |n: &str| match found.get(&(n.to_owned(), None)) {
+        Some((_, DebugValue::Gauge(v))) => v.into_inner() as usize,
+        other => panic!("{n}: {other:?}"),
+    };
+    let counter = |n: &str, e: Option<&str>| match found.get(&(n.to_owned(), e.map(str::to_owned))) {
+        Some((_, DebugValue::Counter(v))) => *v,
+        other => panic!("{n} {e:?}: {other:?}"),
+    };
+    assert_eq!(gauge("memgroup_usage_bytes"), s.usage);
+    assert_eq!(gauge("memgroup_kmem_bytes"), s.kmem);
+    assert_eq!(gauge("memgroup_max_bytes"), 64 << 20);
+    assert!(!found.contains_key(&("memgroup_high_bytes".to_owned(), None)), "unset limit recorded");
+    assert_eq!(counter("memgroup_allocs_total", None), s.allocs);
+    assert_eq!(counter("memgroup_frees_total", None), s.frees);
+    assert_eq!(counter("memgroup_events_total", Some("fail")), s.events.fail);
+    assert_eq!(
+        found[&("memgroup_usage_bytes".to_owned(), None)].0,
+        Some(metrics::Unit::Bytes),
+        "described with its unit"
+    );
+    drop(held);
+}
