@@ -36,6 +36,45 @@
 use crate::{dying_groups, Group, Stat};
 use core::fmt::Write;
 
+/// The per-group gauges, in bytes: name, help, and the figure (`None`: not exported).
+/// A metric's name, its help text, and how a group's figure is read.
+type Metric<T> = (&'static str, &'static str, fn(&Stat) -> T);
+
+const GAUGES: [Metric<Option<usize>>; 7] = [
+    ("memgroup_usage_bytes", "Bytes charged to the group and its descendants, user and kernel, overhead included (memory.current).", |s| Some(s.usage)),
+    ("memgroup_kmem_bytes", "The part of usage charged as kernel memory.", |s| Some(s.kmem)),
+    ("memgroup_overhead_bytes", "The part of usage that is the allocator's own cost.", |s| Some(s.overhead)),
+    ("memgroup_peak_bytes", "The highest usage seen (memory.peak).", |s| Some(s.peak)),
+    ("memgroup_max_bytes", "The hard limit (memory.max); absent when unlimited.", |s| s.max),
+    ("memgroup_high_bytes", "The pressure threshold (memory.high); absent when unlimited.", |s| s.high),
+    ("memgroup_kmem_max_bytes", "The kernel-memory limit; absent when unlimited.", |s| s.kmem_max),
+];
+
+/// The per-group block counters: name, help, figure.
+const COUNTS: [Metric<u64>; 2] = [
+    ("memgroup_allocs_total", "Blocks allocated.", |s| s.allocs),
+    ("memgroup_frees_total", "Blocks freed.", |s| s.frees),
+];
+
+const EVENTS: (&str, &str) = (
+    "memgroup_events_total",
+    "Limit events (memory.events): high = usage went above high, max = a charge would have passed max or kmem_max, fail = a charge refused.",
+);
+
+const DYING: (&str, &str) = (
+    "memgroup_dying_groups",
+    "Removed groups whose memory is not freed yet.",
+);
+
+/// A group's limit events, by the `event` label.
+fn events(s: &Stat) -> [(&'static str, u64); 3] {
+    [
+        ("high", s.events.high),
+        ("max", s.events.max),
+        ("fail", s.events.fail),
+    ]
+}
+
 /// Appends the Prometheus text exposition (format 0.0.4) of every live group to `out`.
 ///
 /// Runs in the root's scope, so the growth of `out` and the walk's own allocations are charged
@@ -48,58 +87,30 @@ pub fn prometheus(out: &mut String) {
             escape(path, &mut label);
             label
         });
-
-        let gauge = |out: &mut String, name: &str, help: &str, f: &dyn Fn(&Stat) -> Option<u64>| {
+        for (name, help, f) in GAUGES {
             header(out, name, help, "gauge");
             for (label, s) in &rows {
                 if let Some(v) = f(s) {
                     let _ = writeln!(out, "{name}{{group=\"{label}\"}} {v}");
                 }
             }
-        };
-        let b = |v: usize| Some(v as u64);
-        let lim = |v: Option<usize>| v.map(|v| v as u64);
-        gauge(out, "memgroup_usage_bytes", "Bytes charged to the group and its descendants, user and kernel, overhead included (memory.current).", &|s| b(s.usage));
-        gauge(out, "memgroup_kmem_bytes", "The part of usage charged as kernel memory.", &|s| b(s.kmem));
-        gauge(out, "memgroup_overhead_bytes", "The part of usage that is the allocator's own cost.", &|s| b(s.overhead));
-        gauge(out, "memgroup_peak_bytes", "The highest usage seen (memory.peak).", &|s| b(s.peak));
-        gauge(out, "memgroup_max_bytes", "The hard limit (memory.max); absent when unlimited.", &|s| lim(s.max));
-        gauge(out, "memgroup_high_bytes", "The pressure threshold (memory.high); absent when unlimited.", &|s| lim(s.high));
-        gauge(out, "memgroup_kmem_max_bytes", "The kernel-memory limit; absent when unlimited.", &|s| lim(s.kmem_max));
-
-        header(out, "memgroup_allocs_total", "Blocks allocated.", "counter");
-        for (label, s) in &rows {
-            let _ = writeln!(out, "memgroup_allocs_total{{group=\"{label}\"}} {}", s.allocs);
         }
-        header(out, "memgroup_frees_total", "Blocks freed.", "counter");
-        for (label, s) in &rows {
-            let _ = writeln!(out, "memgroup_frees_total{{group=\"{label}\"}} {}", s.frees);
-        }
-        header(
-            out,
-            "memgroup_events_total",
-            "Limit events (memory.events): high = usage went above high, max = a charge would have passed max or kmem_max, fail = a charge refused.",
-            "counter",
-        );
-        for (label, s) in &rows {
-            for (event, v) in [
-                ("high", s.events.high),
-                ("max", s.events.max),
-                ("fail", s.events.fail),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "memgroup_events_total{{group=\"{label}\",event=\"{event}\"}} {v}"
-                );
+        for (name, help, f) in COUNTS {
+            header(out, name, help, "counter");
+            for (label, s) in &rows {
+                let _ = writeln!(out, "{name}{{group=\"{label}\"}} {}", f(s));
             }
         }
-        header(
-            out,
-            "memgroup_dying_groups",
-            "Removed groups whose memory is not freed yet.",
-            "gauge",
-        );
-        let _ = writeln!(out, "memgroup_dying_groups {}", dying_groups());
+        let (name, help) = EVENTS;
+        header(out, name, help, "counter");
+        for (label, s) in &rows {
+            for (event, v) in events(s) {
+                let _ = writeln!(out, "{name}{{group=\"{label}\",event=\"{event}\"}} {v}");
+            }
+        }
+        let (name, help) = DYING;
+        header(out, name, help, "gauge");
+        let _ = writeln!(out, "{name} {}", dying_groups());
     })
 }
 
@@ -115,8 +126,8 @@ fn walk(label: impl Fn(&str) -> String) -> Vec<(String, Stat)> {
     rows
 }
 
-/// Records every live group's figures through the [`metrics`] facade (feature
-/// `metrics`), under the names and labels of [`prometheus`]: gauges for the bytes and limits
+/// Records every live group's figures through the [`metrics`] facade (feature `metrics`),
+/// under the names, labels and help texts of [`prometheus`]: gauges for the bytes and limits
 /// (a limit that is unset is not recorded), absolute counters for the counts and events,
 /// described once with their units. Call it before each scrape, or on a timer; it runs in the
 /// root's scope and does not flush.
@@ -126,62 +137,29 @@ pub fn report() {
     Group::root().run(|| {
         static DESCRIBED: std::sync::Once = std::sync::Once::new();
         DESCRIBED.call_once(|| {
-            for (name, help) in [
-                (
-                    "memgroup_usage_bytes",
-                    "Bytes charged, user and kernel, overhead included.",
-                ),
-                (
-                    "memgroup_kmem_bytes",
-                    "The part of usage charged as kernel memory.",
-                ),
-                (
-                    "memgroup_overhead_bytes",
-                    "The part of usage that is the allocator's own cost.",
-                ),
-                ("memgroup_peak_bytes", "The highest usage seen."),
-                ("memgroup_max_bytes", "The hard limit."),
-                ("memgroup_high_bytes", "The pressure threshold."),
-                ("memgroup_kmem_max_bytes", "The kernel-memory limit."),
-            ] {
+            for (name, help, _) in GAUGES {
                 describe_gauge!(name, Unit::Bytes, help);
             }
-            describe_counter!("memgroup_allocs_total", Unit::Count, "Blocks allocated.");
-            describe_counter!("memgroup_frees_total", Unit::Count, "Blocks freed.");
-            describe_counter!("memgroup_events_total", Unit::Count, "Limit events.");
-            describe_gauge!(
-                "memgroup_dying_groups",
-                Unit::Count,
-                "Removed groups whose memory is not freed yet."
-            );
+            for (name, help, _) in COUNTS {
+                describe_counter!(name, Unit::Count, help);
+            }
+            describe_counter!(EVENTS.0, Unit::Count, EVENTS.1);
+            describe_gauge!(DYING.0, Unit::Count, DYING.1);
         });
         for (path, s) in walk(str::to_owned) {
-            let bytes = [
-                ("memgroup_usage_bytes", Some(s.usage)),
-                ("memgroup_kmem_bytes", Some(s.kmem)),
-                ("memgroup_overhead_bytes", Some(s.overhead)),
-                ("memgroup_peak_bytes", Some(s.peak)),
-                ("memgroup_max_bytes", s.max),
-                ("memgroup_high_bytes", s.high),
-                ("memgroup_kmem_max_bytes", s.kmem_max),
-            ];
-            for (name, v) in bytes {
-                if let Some(v) = v {
+            for (name, _, f) in GAUGES {
+                if let Some(v) = f(&s) {
                     gauge!(name, "group" => path.clone()).set(v as f64);
                 }
             }
-            counter!("memgroup_allocs_total", "group" => path.clone()).absolute(s.allocs);
-            counter!("memgroup_frees_total", "group" => path.clone()).absolute(s.frees);
-            for (event, v) in [
-                ("high", s.events.high),
-                ("max", s.events.max),
-                ("fail", s.events.fail),
-            ] {
-                counter!("memgroup_events_total", "group" => path.clone(), "event" => event)
-                    .absolute(v);
+            for (name, _, f) in COUNTS {
+                counter!(name, "group" => path.clone()).absolute(f(&s));
+            }
+            for (event, v) in events(&s) {
+                counter!(EVENTS.0, "group" => path.clone(), "event" => event).absolute(v);
             }
         }
-        gauge!("memgroup_dying_groups").set(dying_groups() as f64);
+        gauge!(DYING.0).set(dying_groups() as f64);
     })
 }
 

@@ -8,7 +8,6 @@
 use ::tokio::task::JoinHandle;
 use core::future::Future;
 
-use crate::future::InGroup;
 use crate::GroupFutureExt;
 
 /// `tokio::spawn` of `fut` in the group current here: every poll, and the drop of the task's
@@ -22,8 +21,7 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let task: InGroup<F> = fut.in_current_group();
-    ::tokio::spawn(task)
+    ::tokio::spawn(fut.in_current_group())
 }
 
 /// `tokio::task::spawn_blocking` of `f`, run in the group current here.

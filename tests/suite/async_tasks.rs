@@ -55,9 +55,10 @@ fn in_group_polls_and_drops_in_the_group() {
     let g = fresh("as-poll-drop");
     let seen = Arc::new(Mutex::new(None));
     let note = NoteDrop(seen.clone());
+    let g2 = g.clone();
     let fut = async move {
         let _note = note;
-        assert_eq!(memgroup::current(), memgroup::current());
+        assert_eq!(memgroup::current(), g2, "polled outside its group");
         std::future::pending::<()>().await
     }
     .in_group(&g);
