@@ -163,6 +163,84 @@ pub fn report() {
     })
 }
 
+/// A [`prometheus_client`] collector of every live group's figures (feature
+/// `prometheus-client`): register it once and each scrape of the registry encodes the figures
+/// of that moment, with no thread and nothing stored between scrapes.
+///
+/// ```no_run
+/// let mut registry = prometheus_client::registry::Registry::default();
+/// registry.register_collector(Box::new(memgroup::export::Collector));
+/// // in the /metrics handler:
+/// let mut body = String::new();
+/// prometheus_client::encoding::text::encode(&mut body, &registry).unwrap();
+/// ```
+///
+/// The metrics are [`prometheus`]'s: the same names, labels, help texts and units, from the same
+/// table. The byte gauges are described with the unit `bytes` (OpenMetrics' `# UNIT` line, the
+/// suffix of the name), the counters with the `counter` type, whose samples the encoder names
+/// with `_total`: `prometheus_client::encoding::text::encode` (OpenMetrics) writes
+/// `# TYPE memgroup_allocs counter` and `memgroup_allocs_total{group="/"} 42`, and
+/// `prometheus_client::encoding::prometheus_text::encode` (format 0.0.4) gives [`prometheus`]'s
+/// lines. A registry prefix (`Registry::with_prefix`) is put before every name.
+///
+/// Encoding runs in the root's scope (the encoder's buffers are charged to the root, not to the
+/// caller's group), holds no memgroup lock while it formats, and does not flush.
+#[cfg(feature = "prometheus-client")]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Collector;
+
+#[cfg(feature = "prometheus-client")]
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> core::fmt::Result {
+        use prometheus_client::encoding::NoLabelSet;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::registry::Unit;
+        Group::root().run(|| {
+            let rows = walk(str::to_owned);
+            for (name, help, f) in GAUGES {
+                let base = name.strip_suffix("_bytes").unwrap_or(name);
+                let mut metric =
+                    encoder.encode_descriptor(base, help, Some(&Unit::Bytes), MetricType::Gauge)?;
+                for (path, s) in &rows {
+                    if let Some(v) = f(s) {
+                        let labels = [("group", path.as_str())];
+                        metric.encode_family(&labels)?.encode_gauge(&v)?;
+                    }
+                }
+            }
+            for (name, help, f) in COUNTS {
+                let base = name.strip_suffix("_total").unwrap_or(name);
+                let mut metric =
+                    encoder.encode_descriptor(base, help, None, MetricType::Counter)?;
+                for (path, s) in &rows {
+                    let labels = [("group", path.as_str())];
+                    metric
+                        .encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, _, u64>(&f(s), None)?;
+                }
+            }
+            let (name, help) = EVENTS;
+            let base = name.strip_suffix("_total").unwrap_or(name);
+            let mut metric = encoder.encode_descriptor(base, help, None, MetricType::Counter)?;
+            for (path, s) in &rows {
+                for (event, v) in events(s) {
+                    let labels = [("group", path.as_str()), ("event", event)];
+                    metric
+                        .encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+                }
+            }
+            let (name, help) = DYING;
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&dying_groups())
+        })
+    }
+}
+
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");

@@ -56,6 +56,9 @@ pub use group::{dying_groups, stock_batch, Group, MAX_NAME};
 pub use pressure::{Level, Shrinker, ShrinkerHandle, Subscription};
 pub use scope::{current, fallible, kernel, nofail, Entered};
 pub use tag::{TagAlloc, TAG_SIZE};
+/// jemalloc, the inner allocator of [`TagAlloc::jemalloc`] (feature `jemalloc`).
+#[cfg(feature = "jemalloc")]
+pub use tikv_jemallocator::Jemalloc;
 
 #[cfg(feature = "arena")]
 pub use arena::ArenaAlloc;

@@ -43,6 +43,22 @@ impl TagAlloc<System> {
     }
 }
 
+#[cfg(feature = "jemalloc")]
+impl TagAlloc<tikv_jemallocator::Jemalloc> {
+    /// Over jemalloc (feature `jemalloc`, through `tikv-jemallocator`): the same as
+    /// `TagAlloc::new(tikv_jemallocator::Jemalloc)`.
+    ///
+    /// ```no_run
+    /// #[global_allocator]
+    /// static ALLOC: memgroup::TagAlloc<memgroup::Jemalloc> = memgroup::TagAlloc::jemalloc();
+    /// ```
+    pub const fn jemalloc() -> Self {
+        TagAlloc {
+            inner: tikv_jemallocator::Jemalloc,
+        }
+    }
+}
+
 impl<A> TagAlloc<A> {
     /// Over any inner allocator (mimalloc, jemalloc, ...).
     pub const fn new(inner: A) -> Self {
