@@ -249,3 +249,206 @@ fn metrics_report_records_the_figures_of_stat() {
     );
     drop(held);
 }
+
+/// The `prometheus_client` collector: the same figures, encoded by the registry at scrape time.
+#[cfg(feature = "prometheus-client")]
+mod collector {
+    use super::*;
+    use prometheus_client::encoding::{prometheus_text, text};
+    use prometheus_client::registry::Registry;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn registry() -> Registry {
+        let mut r = Registry::default();
+        r.register_collector(Box::new(export::Collector));
+        r
+    }
+
+    fn parse(out: &str) -> Scrape {
+        Scrape::parse(out.lines().map(|l| Ok(l.to_string()))).expect("the encoding parses")
+    }
+
+    /// The registry's OpenMetrics text, parsed. prometheus-parse 0.2 knows the 0.0.4 format,
+    /// where a counter's `# TYPE` names its samples (`x_total`); OpenMetrics names the family
+    /// (`# TYPE x counter`, samples `x_total`), so the parser leaves those samples untyped. Here
+    /// they get the type their family's `# TYPE` line gives, and no other sample may stay
+    /// untyped.
+    fn openmetrics() -> (String, Scrape) {
+        let mut out = String::new();
+        text::encode(&mut out, &registry()).expect("encoding");
+        assert!(out.ends_with("# EOF\n"), "{}", &out[out.len().saturating_sub(200)..]);
+        let mut s = parse(&out);
+        let counters: BTreeSet<String> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.strip_suffix(" counter"))
+            .map(|f| format!("{f}_total"))
+            .collect();
+        for x in &mut s.samples {
+            if let Value::Untyped(v) = x.value {
+                assert!(counters.contains(&x.metric), "{} untyped", x.metric);
+                x.value = Value::Counter(v);
+            }
+        }
+        (out, s)
+    }
+
+    /// The registry's Prometheus 0.0.4 text, parsed.
+    fn text004() -> Scrape {
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &registry()).expect("encoding");
+        parse(&out)
+    }
+
+    #[test]
+    fn collector_values_equal_stat_after_flush() {
+        let g = fresh("col-val");
+        g.set_max(Some(64 << 20));
+        g.set_high(Some(48 << 20));
+        g.set_kmem_max(Some(8 << 20));
+        let held = g.run(|| black_box(vec![7u8; 100_000]));
+        let st = exact(&g);
+        assert!(st.usage >= 100_000);
+        let (out, om) = openmetrics();
+        check(&om, &g.name(), &st);
+        check(&text004(), &g.name(), &st);
+        for m in ["memgroup_usage_bytes", "memgroup_kmem_max_bytes"] {
+            assert!(out.contains(&format!("\n# UNIT {m} bytes\n")), "{m} has no unit");
+        }
+        assert!(out.contains("\n# TYPE memgroup_allocs counter\n"));
+        assert!(om
+            .samples
+            .iter()
+            .any(|x| x.metric == "memgroup_dying_groups" && x.labels.is_empty()));
+        drop(held);
+        let st = exact(&g);
+        assert_eq!(st.usage, 0);
+        let path = g.name();
+        check(&openmetrics().1, &path, &st);
+        g.remove().unwrap();
+        assert!(!has(&openmetrics().1, &path), "a removed group is absent");
+    }
+
+    #[test]
+    fn collector_parent_includes_children() {
+        let p = fresh("col-par");
+        let c = fresh_child(&p, "kid");
+        let held = c.run(|| black_box(vec![1u8; 50_000]));
+        let (sp, sc) = (exact(&p), exact(&c));
+        let s = openmetrics().1;
+        check(&s, &c.name(), &sc);
+        check(&s, &p.name(), &sp);
+        assert!(sp.usage >= sc.usage && sc.usage >= 50_000);
+        assert!(value(&s, "memgroup_usage_bytes", "/", None).unwrap() >= sp.usage as f64);
+        drop(held);
+        c.remove().unwrap();
+        p.remove().unwrap();
+    }
+
+    #[test]
+    fn collector_escaped_names_round_trip() {
+        let q = fresh("col-esc");
+        let a = q.child("a\"b\\c").unwrap();
+        let n = q.child("line\nbreak").unwrap();
+        let qn = q.name();
+        for s in [openmetrics().1, text004()] {
+            let raw: Vec<&str> = s
+                .samples
+                .iter()
+                .filter(|x| x.metric == "memgroup_usage_bytes")
+                .filter_map(|x| x.labels.get("group"))
+                .collect();
+            assert!(
+                raw.contains(&format!("{qn}/a\\\"b\\\\c").as_str()),
+                "{raw:?}"
+            );
+            assert!(
+                raw.contains(&format!("{qn}/line\\nbreak").as_str()),
+                "{raw:?}"
+            );
+            assert!(has(&s, &a.name()) && has(&s, &n.name()));
+            check(&s, &a.name(), &exact(&a));
+        }
+        a.remove().unwrap();
+        n.remove().unwrap();
+        q.remove().unwrap();
+    }
+
+    /// Each sample's (metric, labels) and type, for the groups under `prefix`, and the
+    /// unlabelled ones.
+    fn shape(s: &Scrape, prefix: &str) -> BTreeMap<(String, Vec<(String, String)>), &'static str> {
+        s.samples
+            .iter()
+            .filter(|x| {
+                x.labels
+                    .get("group")
+                    .is_none_or(|g| unescape(g).starts_with(prefix))
+            })
+            .map(|x| {
+                let mut labels: Vec<(String, String)> = x
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                labels.sort();
+                let kind = match x.value {
+                    Value::Gauge(_) => "gauge",
+                    Value::Counter(_) => "counter",
+                    ref v => panic!("{}: {v:?}", x.metric),
+                };
+                ((x.metric.clone(), labels), kind)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn collector_has_the_metrics_of_the_text_exposition() {
+        let p = fresh("col-same");
+        let c = fresh_child(&p, "kid");
+        c.set_max(Some(1 << 30));
+        p.set_high(Some(1 << 29));
+        let prefix = p.name();
+        let ours = scrape();
+        let want = shape(&ours, &prefix);
+        // 2 groups: 2 x 4 byte gauges and the 2 limits set, 2 x 2 counts, 2 x 3 events, and
+        // dying_groups.
+        assert_eq!(want.len(), 10 + 4 + 6 + 1, "{want:?}");
+        let (_, om) = openmetrics();
+        let t = text004();
+        assert_eq!(shape(&om, &prefix), want, "OpenMetrics");
+        assert_eq!(shape(&t, &prefix), want, "0.0.4");
+        // The same help texts: 0.0.4 keys them by sample name, OpenMetrics by family name.
+        assert_eq!(t.docs, ours.docs);
+        for (name, help) in &ours.docs {
+            let family = name.strip_suffix("_total").unwrap_or(name);
+            assert_eq!(om.docs.get(family), Some(help), "{name}");
+        }
+        c.remove().unwrap();
+        p.remove().unwrap();
+    }
+
+    #[test]
+    fn collector_allocates_in_the_root_scope() {
+        let g = fresh("col-scope");
+        // Encode once first, so the registry's and the encoder's lazily made state exists.
+        let empty = Registry::default();
+        let full = registry();
+        let mut out = String::with_capacity(8 << 20);
+        let mut allocs = |r: &Registry| {
+            out.clear();
+            let before = exact(&g).allocs;
+            g.run(|| text::encode(&mut out, r)).unwrap();
+            exact(&g).allocs - before
+        };
+        let (bare, with) = (allocs(&empty), allocs(&full));
+        assert!(
+            !out.is_empty() && out.len() < out.capacity(),
+            "the output did not grow"
+        );
+        assert_eq!(
+            with, bare,
+            "the collector's own allocations were charged to the caller's group"
+        );
+        g.remove().unwrap();
+    }
+}
