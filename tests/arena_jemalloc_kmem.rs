@@ -1,0 +1,7 @@
+//! Kernel memory: kmem accounting, the three kmem_max configurations and MEMGROUP_KMEM=0, under the arena design over jemalloc.
+//! Features `arena` and `jemalloc`: blocks above the slab sizes (8 KiB) go to jemalloc, tagged.
+#![cfg(all(feature = "arena", feature = "jemalloc"))]
+#[global_allocator]
+static ALLOC: memgroup::ArenaAlloc<memgroup::Jemalloc> =
+    memgroup::ArenaAlloc::new(memgroup::Jemalloc);
+include!("suite/kmem.rs");

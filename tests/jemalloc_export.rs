@@ -1,0 +1,5 @@
+//! Export: the Prometheus exposition against stat(), under the tag design over jemalloc (feature `jemalloc`).
+#![cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: memgroup::TagAlloc<memgroup::Jemalloc> = memgroup::TagAlloc::jemalloc();
+include!("suite/export.rs");
