@@ -28,6 +28,7 @@
 //! ```text
 //! cargo bench --bench churn                      # full table (15-30 s on 2 cores)
 //! CHURN_QUICK=1 cargo bench --bench churn        # smoke check: 1 short repetition
+//! cargo bench --features jemalloc --bench churn  # with the jemalloc and tag-jemalloc rows
 //! cargo test --benches                           # the same smoke check (no `--bench` argument)
 //!
 //! # Instructions per alloc+free pair (1 thread, one allocator, one run of a fixed op count).
@@ -52,7 +53,8 @@
 //! `CHURN_OPS=n` fixed steps per thread per run, no calibration and no warm-up, 1 run unless
 //! `CHURN_RUNS` is set (the callgrind mode); `CHURN_ONLY=a,b` rows to run, among `system`,
 //! `cap`, `pad8`, `tag`, `tag-sub` (`tag` charging groups that have a pressure subscriber and a
-//! shrinker), `mimalloc`, `cap-mimalloc`, `tag-mimalloc`; `CHURN_THREADS=1|2` one scenario
+//! shrinker), `mimalloc`, `cap-mimalloc`, `tag-mimalloc`, and with feature `jemalloc`
+//! `jemalloc`, `tag-jemalloc`; `CHURN_THREADS=1|2` one scenario
 //! only; `CHURN_SLOTS=n` live blocks per thread (power of two, default 1024);
 //! `CHURN_REMOTE=r` 1 block in r freed by the other thread (default 8, 0 = none).
 
@@ -189,6 +191,10 @@ static PAD_SYSTEM: Pad8<System> = Pad8 { inner: System };
 static MIMALLOC: MiMalloc = MiMalloc;
 static CAP_MIMALLOC: Cap<MiMalloc> = Cap::new(MiMalloc, CAP_LIMIT);
 static TAG_MIMALLOC: TagAlloc<MiMalloc> = TagAlloc::new(MiMalloc);
+#[cfg(feature = "jemalloc")]
+static JEMALLOC: memgroup::Jemalloc = memgroup::Jemalloc;
+#[cfg(feature = "jemalloc")]
+static TAG_JEMALLOC: TagAlloc<memgroup::Jemalloc> = TagAlloc::jemalloc();
 
 /// A shrinker with nothing to give: its presence is what the `tag-sub` row measures.
 struct NoShrinker;
@@ -231,7 +237,8 @@ fn run_with<A: GlobalAlloc + Sync>(a: &A, p: &Params, threads: usize, set: usize
 }
 
 fn all_rows() -> Vec<Row> {
-    vec![
+    #[allow(unused_mut)] // without feature `jemalloc`
+    let mut rows = vec![
         Row {
             key: "system",
             base: "system",
@@ -288,7 +295,25 @@ fn all_rows() -> Vec<Row> {
             set: 0,
             run: |p, t, set| run_with(&TAG_MIMALLOC, p, t, set),
         },
-    ]
+    ];
+    #[cfg(feature = "jemalloc")]
+    rows.extend([
+        Row {
+            key: "jemalloc",
+            base: "jemalloc",
+            kind: Kind::Raw,
+            set: 0,
+            run: |p, t, set| run_with(&JEMALLOC, p, t, set),
+        },
+        Row {
+            key: "tag-jemalloc",
+            base: "jemalloc",
+            kind: Kind::Tag,
+            set: 0,
+            run: |p, t, set| run_with(&TAG_JEMALLOC, p, t, set),
+        },
+    ]);
+    rows
 }
 
 fn groups_of(p: &Params, threads: usize, set: usize) -> &[Group] {
