@@ -374,9 +374,11 @@ mod collector {
         q.remove().unwrap();
     }
 
-    /// Each sample's (metric, labels) and type, for the groups under `prefix`, and the
-    /// unlabelled ones.
-    fn shape(s: &Scrape, prefix: &str) -> BTreeMap<(String, Vec<(String, String)>), &'static str> {
+    /// A sample's metric name and its labels, sorted.
+    type Series = (String, Vec<(String, String)>);
+
+    /// Each sample's series and type, for the groups under `prefix`, and the unlabelled ones.
+    fn shape(s: &Scrape, prefix: &str) -> BTreeMap<Series, &'static str> {
         s.samples
             .iter()
             .filter(|x| {
