@@ -1,4 +1,7 @@
-//! Export of the groups' figures (Prometheus text exposition, format 0.0.4).
+//! Export of the groups' figures: the Prometheus text exposition (format 0.0.4, [`prometheus`]),
+//! a `prometheus_client` [`Collector`] (feature `prometheus-client`), and the `metrics` facade
+//! (`report`, feature `metrics`). All three take one table of metrics, below, and read the
+//! figures when called, with no thread of their own.
 //!
 //! [`prometheus`] appends one sample per live group (removed groups are absent), labelled
 //! `group="<path>"` with the path [`Group::name`] returns: `"/"` for the root,
