@@ -430,6 +430,26 @@ mod collector {
     }
 
     #[test]
+    fn collector_names_take_the_registry_prefix() {
+        let g = fresh("col-prefix");
+        let mut r = Registry::with_prefix("app");
+        r.register_collector(Box::new(export::Collector));
+        let mut out = String::new();
+        text::encode(&mut out, &r).expect("encoding");
+        let s = parse(&out);
+        let path = g.name();
+        let named = |m: &str| {
+            s.samples
+                .iter()
+                .any(|x| x.metric == m && x.labels.get("group") == Some(path.as_str()))
+        };
+        assert!(named("app_memgroup_usage_bytes") && named("app_memgroup_allocs_total"));
+        assert!(s.samples.iter().all(|x| x.metric.starts_with("app_memgroup_")));
+        assert!(out.contains("\n# UNIT app_memgroup_usage_bytes bytes\n"));
+        g.remove().unwrap();
+    }
+
+    #[test]
     fn collector_allocates_in_the_root_scope() {
         let g = fresh("col-scope");
         // Encode once first, so the registry's and the encoder's lazily made state exists.
