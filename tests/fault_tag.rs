@@ -1,0 +1,4 @@
+//! Fault injection under the tag design: an inner allocator failing every Nth call, at random and only for large requests; memgroup's own mappings failing.
+#[global_allocator]
+static ALLOC: memgroup::TagAlloc<faulty::Faulty> = memgroup::TagAlloc::new(faulty::Faulty);
+include!("suite/faults.rs");
