@@ -2,4 +2,5 @@
 #![cfg(feature = "arena")]
 #[global_allocator]
 static ALLOC: memgroup::ArenaAlloc<faulty::Faulty> = memgroup::ArenaAlloc::new(faulty::Faulty);
+const IS_ARENA: bool = true;
 include!("suite/faults.rs");
