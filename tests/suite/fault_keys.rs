@@ -49,14 +49,16 @@ fn memgroup_started_without_a_key() {
         NO_KEY_AT_START.load(std::sync::atomic::Ordering::Relaxed),
         "every key was taken when memgroup started"
     );
-    #[cfg(feature = "arena")]
     if IS_ARENA {
         // The arena could not hook thread exit: it is off, small blocks go to the inner
         // allocator (in the tag design's format).
-        let b = std::hint::black_box(Box::new(7u64));
-        // SAFETY: a live block of this binary's global allocator.
-        let slab = unsafe { memgroup::slab_of(&*b as *const u64 as *const u8) };
-        assert!(slab.is_none(), "no slab without the arena's thread-exit key");
+        #[cfg(feature = "arena")]
+        {
+            let b = std::hint::black_box(Box::new(7u64));
+            // SAFETY: a live block of this binary's global allocator.
+            let slab = unsafe { memgroup::slab_of(&*b as *const u64 as *const u8) };
+            assert!(slab.is_none(), "no slab without the arena's thread-exit key");
+        }
     }
 }
 

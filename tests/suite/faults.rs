@@ -759,13 +759,15 @@ fn maps_fail_inner() {
     let s = exact(&h);
     assert_eq!((s.usage, s.kmem, s.overhead, live(&s)), (0, 0, 0, 0), "{s:?}");
     assert_eq!(s.allocs, 20_001, "the blocks and their vector");
-    #[cfg(feature = "arena")]
     if IS_ARENA {
-        let b = h.run(|| Block::filled(64, 9));
-        // SAFETY: a live block of this binary's global allocator.
-        let slab = unsafe { memgroup::slab_of(b.ptr()) };
-        assert!(slab.is_some(), "small blocks come from slabs again");
-        println!("arena after the failures: {:?}", memgroup::arena_footprint());
+        #[cfg(feature = "arena")]
+        {
+            let b = h.run(|| Block::filled(64, 9));
+            // SAFETY: a live block of this binary's global allocator.
+            let slab = unsafe { memgroup::slab_of(b.ptr()) };
+            assert!(slab.is_some(), "small blocks come from slabs again");
+            println!("arena after the failures: {:?}", memgroup::arena_footprint());
+        }
     }
     println!("{failed} of memgroup's mappings failed");
 }
