@@ -174,15 +174,25 @@ pub(crate) fn env_size_in(name: &core::ffi::CStr, default: usize, max: usize) ->
 
 /// A switch variable: `0` or `1`; `default` when unset, or (with a warning) when it is neither.
 pub(crate) fn env_switch(name: &core::ffi::CStr, default: bool) -> bool {
-    match env(name) {
-        None => default,
-        Some(b"0") => false,
-        Some(b"1") => true,
-        Some(text) => {
-            bad_env(name, text, &[b"must be 0 or 1"], default as usize);
-            default
-        }
+    let Some(text) = env(name) else {
+        return default;
+    };
+    switch(text).unwrap_or_else(|| {
+        bad_switch(name, text, default);
+        default
+    })
+}
+
+fn switch(text: &[u8]) -> Option<bool> {
+    match text {
+        b"0" => Some(false),
+        b"1" => Some(true),
+        _ => None,
     }
+}
+
+fn bad_switch(name: &core::ffi::CStr, text: &[u8], default: bool) {
+    bad_env(name, text, &[b"must be 0 or 1"], default as usize);
 }
 
 /// Reads a variable from the environment without allocating.
@@ -393,7 +403,10 @@ pub(crate) fn membarrier_register() -> bool {
         OFF => return false,
         _ => {}
     }
-    let on = env_switch(c"MEMGROUP_MEMBARRIER", true)
+    const NAME: &core::ffi::CStr = c"MEMGROUP_MEMBARRIER";
+    let text = env(NAME);
+    let wanted = text.and_then(switch);
+    let on = wanted.unwrap_or(true)
         // SAFETY: membarrier with a command and zero flags has no memory arguments.
         && unsafe {
             libc::syscall(
@@ -402,14 +415,20 @@ pub(crate) fn membarrier_register() -> bool {
                 0,
             ) == 0
         };
-    // Two first callers may both decide (and warn); they decide alike.
+    // Two first callers (the pockets and the arena, on two threads) may both get here; they
+    // decide alike, and only the one that records the decision warns.
     match STATE.compare_exchange(
         0,
         if on { ON } else { OFF },
         Ordering::AcqRel,
         Ordering::Acquire,
     ) {
-        Ok(_) => on,
+        Ok(_) => {
+            if let (Some(text), None) = (text, wanted) {
+                bad_switch(NAME, text, true);
+            }
+            on
+        }
         Err(decided) => decided == ON,
     }
 }
