@@ -607,6 +607,38 @@ fn no_stocks_inner() {
     }
 }
 
+/// Without pockets (`MEMGROUP_POCKETS=0`) small blocks are charged to the CPU's stock directly;
+/// the same holds.
+#[test]
+fn failures_without_pockets() {
+    run_in_child_process("no_pockets_inner", &[("MEMGROUP_POCKETS", "0")]);
+}
+
+#[test]
+#[ignore = "run by failures_without_pockets with MEMGROUP_POCKETS=0"]
+fn no_pockets_inner() {
+    if in_child_process() {
+        workload(Schedule::Random { one_in: 3, seed: 31 }, 31, 2000);
+        workload(Schedule::Every(2), 32, 2000);
+    }
+}
+
+/// A small batch (4 KiB: the smallest pockets, so blocks past 4 KiB are charged to the
+/// counters directly and ask the inner allocator first).
+#[test]
+fn failures_with_a_small_batch() {
+    run_in_child_process("small_batch_inner", &[("MEMGROUP_BATCH", "4K")]);
+}
+
+#[test]
+#[ignore = "run by failures_with_a_small_batch with MEMGROUP_BATCH=4K"]
+fn small_batch_inner() {
+    if in_child_process() {
+        assert_eq!(stock_batch(), 4096);
+        workload(Schedule::Random { one_in: 3, seed: 33 }, 33, 2000);
+    }
+}
+
 /// Four threads allocate in two tenants' leaves at random failures, hand blocks to each other
 /// (so frees are remote), reallocate and free: every failure is null and every counter ends
 /// exactly at 0, the inner allocator's live blocks back where they were.
