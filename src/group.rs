@@ -248,27 +248,13 @@ fn init() -> *mut Node {
     if pool.is_null() {
         platform::corrupted(b"cannot map the group table");
     }
-    let batch = match platform::env_size(c"MEMGROUP_BATCH") {
-        None => 64 << 10,
-        Some(Ok(batch)) if batch <= MAX_BATCH => batch,
-        Some(Ok(_)) => {
-            platform::warn(&[b"memgroup: MEMGROUP_BATCH is over 8M; using 8M\n"]);
-            MAX_BATCH
-        }
-        Some(Err(())) => {
-            platform::warn(&[
-                b"memgroup: MEMGROUP_BATCH is not a size (like 65536 or 64K); using 64K\n",
-            ]);
-            64 << 10
-        }
-    };
-    STOCKS.set_batch(batch);
-    match platform::env(c"MEMGROUP_KMEM") {
-        None | Some(b"1") => {}
-        Some(b"0") => KMEM.store(false, Ordering::Relaxed),
-        Some(_) => platform::warn(&[
-            b"memgroup: MEMGROUP_KMEM must be 0 or 1; kernel accounting stays on\n",
-        ]),
+    STOCKS.set_batch(platform::env_size_in(
+        c"MEMGROUP_BATCH",
+        64 << 10,
+        MAX_BATCH,
+    ));
+    if !platform::env_switch(c"MEMGROUP_KMEM", true) {
+        KMEM.store(false, Ordering::Relaxed);
     }
     // SAFETY: the pool was just mapped, nothing else can see it yet, and ROOT_ID is in range.
     unsafe {

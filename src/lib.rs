@@ -58,6 +58,8 @@ pub mod tokio;
 
 pub use future::{GroupFutureExt, Guarded, InGroup};
 pub use group::{dying_groups, stock_batch, Group, MAX_NAME};
+#[doc(hidden)]
+pub use platform::fail_next_maps;
 pub use pressure::{Level, Shrinker, ShrinkerHandle, Subscription};
 pub use scope::{current, fallible, kernel, nofail, Entered};
 pub use tag::{TagAlloc, TAG_SIZE};

@@ -108,6 +108,9 @@ pub(crate) fn map(bytes: usize) -> *mut u8 {
 
 /// An anonymous private mapping of `bytes` with protection `prot`, or null.
 fn map_anonymous(bytes: usize, prot: libc::c_int) -> *mut u8 {
+    if injected_map_failure() {
+        return core::ptr::null_mut();
+    }
     // SAFETY: an anonymous private mapping at an address of the kernel's choosing has no
     // preconditions; failure is reported as MAP_FAILED and turned into null.
     let p = unsafe {
@@ -127,11 +130,69 @@ fn map_anonymous(bytes: usize, prot: libc::c_int) -> *mut u8 {
     }
 }
 
+// ---- the environment: every MEMGROUP_* variable is read here, once, at its first use --------
+//
+// A value that is not what the variable takes gives one warning, in one format, and the
+// variable's default (or, for a size over its range, the largest it takes):
+//
+//     memgroup: MEMGROUP_BATCH="64 K" is not a size (bytes, or a number with K, M or G); using 64K
+
 /// Reads a size from the environment: plain bytes, or with a `K`, `M` or `G` suffix (binary
-/// units). `None` when unset; `Some(Err(()))` when set but not a size.
+/// units). `None` when unset; `Some(Err(()))` when set but not a size (the caller warns: the
+/// arena's `MEMGROUP_ARENA_POOL`, until it moves to `env_size_in`).
+#[cfg(feature = "arena")]
 pub(crate) fn env_size(name: &core::ffi::CStr) -> Option<Result<usize, ()>> {
     let bytes = env(name)?;
-    Some(parse_size(bytes))
+    Some(parse_size(bytes).map_err(|_| ()))
+}
+
+/// A size variable: `default` when unset, at most `max`. A value that is not a size gives a
+/// warning and `default`; one over `max` (a number too large for 64 bits included) gives a
+/// warning and `max`.
+pub(crate) fn env_size_in(name: &core::ffi::CStr, default: usize, max: usize) -> usize {
+    let Some(text) = env(name) else {
+        return default;
+    };
+    match parse_size(text) {
+        Ok(n) if n <= max => n,
+        Ok(_) | Err(Size::TooLarge) => {
+            let mut buf = [0; SIZE_TEXT];
+            bad_env(name, text, &[b"is over ", size_text(max, &mut buf)], max);
+            max
+        }
+        Err(Size::NotASize) => {
+            bad_env(
+                name,
+                text,
+                &[b"is not a size (bytes, or a number with K, M or G)"],
+                default,
+            );
+            default
+        }
+    }
+}
+
+/// A switch variable: `0` or `1`; `default` when unset, or (with a warning) when it is neither.
+pub(crate) fn env_switch(name: &core::ffi::CStr, default: bool) -> bool {
+    let Some(text) = env(name) else {
+        return default;
+    };
+    switch(text).unwrap_or_else(|| {
+        bad_switch(name, text, default);
+        default
+    })
+}
+
+fn switch(text: &[u8]) -> Option<bool> {
+    match text {
+        b"0" => Some(false),
+        b"1" => Some(true),
+        _ => None,
+    }
+}
+
+fn bad_switch(name: &core::ffi::CStr, text: &[u8], default: bool) {
+    bad_env(name, text, &[b"must be 0 or 1"], default as usize);
 }
 
 /// Reads a variable from the environment without allocating.
@@ -147,27 +208,120 @@ pub(crate) fn env(name: &core::ffi::CStr) -> Option<&'static [u8]> {
     Some(unsafe { core::ffi::CStr::from_ptr(value) }.to_bytes())
 }
 
-fn parse_size(text: &[u8]) -> Result<usize, ()> {
+/// The one warning for a bad value: `memgroup: NAME="value" <why>; using <used>`, the value
+/// shown up to 64 bytes with anything but printable ASCII as `?`.
+fn bad_env(name: &core::ffi::CStr, text: &[u8], why: &[&[u8]], used: usize) {
+    const SHOWN: usize = 64;
+    let mut shown = [0u8; SHOWN];
+    for (out, &b) in shown.iter_mut().zip(text) {
+        *out = if b.is_ascii_graphic() || b == b' ' {
+            b
+        } else {
+            b'?'
+        };
+    }
+    let shown_len = text.len().min(SHOWN);
+    let more: &[u8] = if text.len() > SHOWN { b"...\"" } else { b"\"" };
+    let mut buf = [0; SIZE_TEXT];
+    let used = size_text(used, &mut buf);
+    let mut line = Line::new();
+    line.push(b"memgroup: ");
+    line.push(name.to_bytes());
+    line.push(b"=\"");
+    line.push(&shown[..shown_len]);
+    line.push(more);
+    line.push(b" ");
+    for part in why {
+        line.push(part);
+    }
+    line.push(b"; using ");
+    line.push(used);
+    line.push(b"\n");
+    warn(&[line.as_bytes()]);
+}
+
+/// A line of warning assembled on the stack, so it goes out in one `write` (whole, even with
+/// other threads writing to standard error); cut at its capacity.
+struct Line {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Line {
+    fn new() -> Line {
+        Line {
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Room for any `usize` in decimal and a unit.
+const SIZE_TEXT: usize = 24;
+
+/// `n` as the environment would write it: with the largest binary unit (`K`, `M`, `G`) that
+/// divides it, so 65536 reads `64K`; a 0 or 1 switch value reads as itself.
+fn size_text(n: usize, buf: &mut [u8; SIZE_TEXT]) -> &[u8] {
+    let (mut v, unit) = match n {
+        0 => (0, None),
+        _ if n % (1 << 30) == 0 => (n >> 30, Some(b'G')),
+        _ if n % (1 << 20) == 0 => (n >> 20, Some(b'M')),
+        _ if n % (1 << 10) == 0 => (n >> 10, Some(b'K')),
+        _ => (n, None),
+    };
+    let mut end = SIZE_TEXT;
+    if let Some(unit) = unit {
+        end -= 1;
+        buf[end] = unit;
+    }
+    let mut start = end;
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[start..]
+}
+
+/// Why a text is not a size.
+#[derive(Debug, PartialEq)]
+enum Size {
+    NotASize,
+    /// Digits (and a unit) for more than 64 bits hold.
+    TooLarge,
+}
+
+fn parse_size(text: &[u8]) -> Result<usize, Size> {
     let (digits, shift) = match text.last() {
         Some(b'k' | b'K') => (&text[..text.len() - 1], 10),
         Some(b'm' | b'M') => (&text[..text.len() - 1], 20),
         Some(b'g' | b'G') => (&text[..text.len() - 1], 30),
         _ => (text, 0),
     };
-    if digits.is_empty() {
-        return Err(());
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(Size::NotASize);
     }
     let mut n: usize = 0;
     for &d in digits {
-        if !d.is_ascii_digit() {
-            return Err(());
-        }
         n = n
             .checked_mul(10)
             .and_then(|n| n.checked_add((d - b'0') as usize))
-            .ok_or(())?;
+            .ok_or(Size::TooLarge)?;
     }
-    n.checked_mul(1 << shift).ok_or(())
+    n.checked_mul(1 << shift).ok_or(Size::TooLarge)
 }
 
 /// Writes a message to standard error without allocating.
@@ -236,15 +390,46 @@ pub(crate) fn futex_wake(word: &AtomicU32, n: i32) {
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
 const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
 
-/// Registers the process for `membarrier`; false if the kernel (or valgrind) cannot.
+/// Registers the process for `membarrier`; false if the kernel (or valgrind) cannot, or if
+/// `MEMGROUP_MEMBARRIER=0` says not to (then pockets are off and the arena's fast path uses an
+/// atomic swap: the fallback of a kernel without it, which the test suites run under).
+/// Decided once; later calls give the same answer.
 pub(crate) fn membarrier_register() -> bool {
-    // SAFETY: membarrier with a command and zero flags has no memory arguments.
-    unsafe {
-        libc::syscall(
-            libc::SYS_membarrier,
-            MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
-            0,
-        ) == 0
+    static STATE: AtomicU32 = AtomicU32::new(0);
+    const ON: u32 = 1;
+    const OFF: u32 = 2;
+    match STATE.load(Ordering::Acquire) {
+        ON => return true,
+        OFF => return false,
+        _ => {}
+    }
+    const NAME: &core::ffi::CStr = c"MEMGROUP_MEMBARRIER";
+    let text = env(NAME);
+    let wanted = text.and_then(switch);
+    let on = wanted.unwrap_or(true)
+        // SAFETY: membarrier with a command and zero flags has no memory arguments.
+        && unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+                0,
+            ) == 0
+        };
+    // Two first callers (the pockets and the arena, on two threads) may both get here; they
+    // decide alike, and only the one that records the decision warns.
+    match STATE.compare_exchange(
+        0,
+        if on { ON } else { OFF },
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(_) => {
+            if let (Some(text), None) = (text, wanted) {
+                bad_switch(NAME, text, true);
+            }
+            on
+        }
+        Err(decided) => decided == ON,
     }
 }
 
@@ -283,6 +468,9 @@ pub(crate) fn reserve(bytes: usize) -> *mut u8 {
 #[cfg(feature = "arena")]
 /// Makes reserved memory readable and writable (zeroed, backed lazily). False on failure.
 pub(crate) fn commit(p: *mut u8, bytes: usize) -> bool {
+    if injected_map_failure() {
+        return false;
+    }
     // SAFETY: the caller passes a page-aligned range of a mapping made by `reserve`, which
     // nothing else uses.
     unsafe { libc::mprotect(p.cast(), bytes, libc::PROT_READ | libc::PROT_WRITE) == 0 }
@@ -303,6 +491,28 @@ pub(crate) fn unmap(p: *mut u8, bytes: usize) {
     unsafe { libc::munmap(p.cast(), bytes) };
 }
 
+// ---- fault injection, for the test suites -----------------------------------------------------
+
+/// Mappings (`mmap`, and the arena's commits) still to fail on purpose.
+static FAIL_MAPS: AtomicU32 = AtomicU32::new(0);
+
+/// Makes the next `n` of memgroup's own mappings fail, as if the kernel refused them: every
+/// `mmap` it makes (the group table, pocket chunks, the arena's region, heaps and key tables)
+/// and every commit of an arena segment. Process-wide: for tests, in a process of their own.
+/// Returns how many of an earlier call's failures were still to come. Not a stable API.
+#[doc(hidden)]
+pub fn fail_next_maps(n: u32) -> u32 {
+    FAIL_MAPS.swap(n, Ordering::Relaxed)
+}
+
+/// Takes one of the failures `fail_next_maps` asked for, if any is left.
+fn injected_map_failure() -> bool {
+    FAIL_MAPS.load(Ordering::Relaxed) != 0
+        && FAIL_MAPS
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+}
+
 /// This process's id (never 0).
 pub(crate) fn process_id() -> u64 {
     // SAFETY: getpid has no preconditions and cannot fail.
@@ -317,19 +527,52 @@ pub(crate) fn yield_now() {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, size_text, Size, SIZE_TEXT};
 
     #[test]
     fn sizes() {
         assert_eq!(parse_size(b"65536"), Ok(65536));
         assert_eq!(parse_size(b"64K"), Ok(65536));
+        assert_eq!(parse_size(b"64k"), Ok(65536));
         assert_eq!(parse_size(b"2m"), Ok(2 << 20));
+        assert_eq!(parse_size(b"1G"), Ok(1 << 30));
         assert_eq!(parse_size(b"0"), Ok(0));
-        assert_eq!(parse_size(b""), Err(()));
-        assert_eq!(parse_size(b"K"), Err(()));
-        assert_eq!(parse_size(b"-1"), Err(()));
-        assert_eq!(parse_size(b"12x"), Err(()));
-        assert_eq!(parse_size(b"99999999999999999999999"), Err(()));
-        assert_eq!(parse_size(b"18446744073709551615G"), Err(()));
+        assert_eq!(parse_size(b"007"), Ok(7));
+        assert_eq!(parse_size(b"18446744073709551615"), Ok(usize::MAX));
+        assert_eq!(parse_size(b"17179869183G"), Ok(17179869183 << 30));
+        for bad in [
+            &b""[..],
+            b"K",
+            b"-1",
+            b"+1",
+            b"12x",
+            b" 1",
+            b"1 ",
+            b"1KB",
+            b"0x10",
+            b"1.5M",
+        ] {
+            assert_eq!(parse_size(bad), Err(Size::NotASize), "{:?}", bad);
+        }
+        for big in [
+            &b"18446744073709551616"[..],
+            b"99999999999999999999999",
+            b"17179869184G",
+            b"18446744073709551615K",
+        ] {
+            assert_eq!(parse_size(big), Err(Size::TooLarge), "{:?}", big);
+        }
+    }
+
+    #[test]
+    fn size_texts() {
+        let mut buf = [0; SIZE_TEXT];
+        assert_eq!(size_text(0, &mut buf), b"0");
+        assert_eq!(size_text(1, &mut buf), b"1");
+        assert_eq!(size_text(65536, &mut buf), b"64K");
+        assert_eq!(size_text(8 << 20, &mut buf), b"8M");
+        assert_eq!(size_text(3 << 30, &mut buf), b"3G");
+        assert_eq!(size_text(1025, &mut buf), b"1025");
+        assert_eq!(size_text(usize::MAX, &mut buf), b"18446744073709551615");
     }
 }

@@ -104,14 +104,7 @@ fn enabled() -> Option<bool> {
         Err(DECIDING) => return None,
         Err(s) => return Some(s == ON),
     }
-    let wanted = match platform::env(c"MEMGROUP_POCKETS") {
-        None | Some(b"1") => true,
-        Some(b"0") => false,
-        Some(_) => {
-            platform::warn(&[b"memgroup: MEMGROUP_POCKETS must be 0 or 1; pockets stay on\n"]);
-            true
-        }
-    };
+    let wanted = platform::env_switch(c"MEMGROUP_POCKETS", true);
     let on = wanted
         && group::stock_batch() / crate::core::stock::POCKET_SHARE >= MIN_POCKET
         && platform::membarrier_register()

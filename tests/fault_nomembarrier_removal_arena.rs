@@ -1,0 +1,23 @@
+//! The removal suite without membarrier(2) (MEMGROUP_MEMBARRIER=0, set before the first allocation): no pockets, the stocks' fallback, under the arena design (its fast path then raises its busy flag with an atomic swap).
+#![cfg(feature = "arena")]
+#[global_allocator]
+static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
+
+/// Sets MEMGROUP_MEMBARRIER=0 before `main`, so before memgroup reads it at its first
+/// allocation (no Rust code allocates in constructors); child processes inherit it.
+#[used]
+#[link_section = ".init_array"]
+static NO_MEMBARRIER: extern "C" fn() = {
+    extern "C" fn no_membarrier() {
+        // SAFETY: single-threaded (before main); both strings are NUL-terminated.
+        unsafe { libc::setenv(c"MEMGROUP_MEMBARRIER".as_ptr(), c"0".as_ptr(), 1) };
+    }
+    no_membarrier
+};
+
+#[test]
+fn membarrier_is_off() {
+    assert_eq!(std::env::var("MEMGROUP_MEMBARRIER").as_deref(), Ok("0"));
+}
+
+include!("suite/removal.rs");
