@@ -1,37 +1,27 @@
-//! This thread's pocket (see `core::pocket`): found through a thread local, given to the
-//! thread at its first small allocation, emptied and given up at its exit.
+//! This thread's pocket (see `core::pocket`): found through the thread's scope block (see
+//! `crate::scope`, which keeps the pointer beside the key to charge), given to the thread at
+//! its first small allocation, emptied and given up at its exit.
 //!
 //! Pockets need `membarrier(2)` (Linux 4.14) and a thread-exit hook; without them, in exact
 //! mode (`MEMGROUP_BATCH=0`), or with `MEMGROUP_POCKETS=0`, threads have none and charge the
 //! per-CPU stocks directly.
 
-use core::cell::Cell;
 use core::ptr::null;
 
 use crate::core::pocket::Pocket;
 use crate::fork::{self, Participant, Rank};
 use crate::group::{self, STOCKS};
 use crate::lock::SpinLock;
-use crate::platform;
 use crate::sync::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use crate::{platform, scope};
 
-thread_local! {
-    /// This thread's pocket, or `UNSET` (it never had its chance at one: its first slow path
-    /// gives it), or `NONE` (it has none: pockets are off, or it is exiting).
-    static POCKET: Cell<*const Pocket> = const { Cell::new(UNSET) };
-}
+// The thread's pocket pointer (`scope::pocket`) is this thread's pocket, or `UNSET` (it never
+// had its chance at one: its first slow path gives it), or `NONE` (it has none: pockets are
+// off, or it is exiting). Either of the last two sends the thread's small blocks to the slow
+// paths, which charge the per-CPU stocks directly (and give a pocket to an `UNSET` thread).
 
 const UNSET: *const Pocket = null();
 const NONE: *const Pocket = core::ptr::dangling();
-
-/// What charges this thread's small blocks.
-pub(crate) enum Mine {
-    Pocket(&'static Pocket),
-    /// The per-CPU stocks directly.
-    Stocks,
-    /// Not decided yet: take the slow path, which gives the thread its pocket.
-    Unset,
-}
 
 static STATE: AtomicU8 = AtomicU8::new(0);
 const DECIDING: u8 = 1;
@@ -44,33 +34,32 @@ const MIN_POCKET: usize = 512;
 /// Bytes mapped at a time for new pockets.
 const CHUNK_BYTES: usize = 64 << 10;
 
+/// The pocket a pointer read by `scope::pocket` (or `scope::key_and_pocket`) on this thread
+/// names, if it names one.
 #[inline(always)]
-pub(crate) fn mine() -> Mine {
-    match POCKET.with(Cell::get) {
-        UNSET => Mine::Unset,
-        NONE => Mine::Stocks,
+pub(crate) fn pocket_of(p: *const Pocket) -> Option<&'static Pocket> {
+    if p == UNSET || p == NONE {
+        None
+    } else {
         // SAFETY: any other value is this thread's pocket, and pockets are never freed.
-        p => Mine::Pocket(unsafe { &*p }),
+        Some(unsafe { &*p })
     }
 }
 
 /// This thread's pocket, if it has one.
 #[inline(always)]
 pub(crate) fn current() -> Option<&'static Pocket> {
-    match mine() {
-        Mine::Pocket(p) => Some(p),
-        _ => None,
-    }
+    pocket_of(scope::pocket())
 }
 
 /// This thread's pocket, given to it now if it never had one.
 #[cold]
 pub(crate) fn get() -> Option<&'static Pocket> {
-    if let Mine::Pocket(p) = mine() {
+    if let Some(p) = current() {
         return Some(p);
     }
     // Set first: allocations nested in what follows charge the stocks directly.
-    if POCKET.with(|c| c.replace(NONE)) != UNSET {
+    if scope::replace_pocket(NONE) != UNSET {
         return None;
     }
     match enabled() {
@@ -78,7 +67,7 @@ pub(crate) fn get() -> Option<&'static Pocket> {
         Some(false) => return None,
         None => {
             // Another thread is deciding: try again at a later slow path.
-            POCKET.with(|c| c.set(UNSET));
+            scope::replace_pocket(UNSET);
             return None;
         }
     }
@@ -92,7 +81,7 @@ pub(crate) fn get() -> Option<&'static Pocket> {
         STOCKS.pockets().abandon(p);
         return None;
     }
-    POCKET.with(|c| c.set(p));
+    scope::replace_pocket(p);
     Some(p)
 }
 
@@ -174,7 +163,7 @@ fn fresh() -> Option<&'static Pocket> {
 /// The thread-exit hook: empties the thread's pocket and gives it up for reuse. Allocations
 /// after it (other exit hooks) charge the stocks directly.
 unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
-    POCKET.with(|c| c.set(NONE));
+    scope::replace_pocket(NONE);
     // SAFETY: `arg` is the pocket `get` registered for this thread; it is never freed.
     let p = unsafe { &*(arg as *const Pocket) };
     STOCKS.retire_pocket(p);
@@ -215,5 +204,5 @@ fn fork_child() {
     CHUNK.raw_unlock();
     // A decision another thread was making is made again.
     let _ = STATE.compare_exchange(DECIDING, 0, Ordering::Relaxed, Ordering::Relaxed);
-    STOCKS.reset_in_child(POCKET.with(Cell::get));
+    STOCKS.reset_in_child(scope::pocket());
 }

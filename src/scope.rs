@@ -1,12 +1,15 @@
 //! The thread's current group and its scopes (`kernel`, `fallible`, `nofail`).
 //!
 //! One `const`-initialized thread local with no destructor, so it is usable from the first
-//! allocation of a thread to its last, thread-local destructors included. The allocation fast
-//! path reads it once: the key of the current group and the scope bits.
+//! allocation of a thread to its last, thread-local destructors included. It also holds the
+//! thread's pocket pointer (for `crate::pocket`), beside the key, so the allocation fast path
+//! reads one thread-local block: the key to charge (its kernel bit already set by the scope)
+//! and the pocket.
 
 use core::cell::Cell;
 use core::marker::PhantomData;
 
+use crate::core::pocket::Pocket;
 use crate::core::stock::{key, Key, Mode};
 use crate::group::{kmem_enabled, Group, Node, ROOT_ID};
 
@@ -19,10 +22,14 @@ const RECLAIMING: u8 = 8;
 const ROOT_KEY: Key = key(ROOT_ID, false);
 
 struct Local {
+    /// The key a new allocation is charged to: the entered group's, of the kind the scope
+    /// bits say (the kernel bit is kept equal to `ctx & KERNEL` by every change of either).
+    key: Cell<Key>,
+    /// The thread's pocket, as `crate::pocket` keeps it (read with the key on every
+    /// allocation, so on the same line).
+    pocket: Cell<*const Pocket>,
     /// The entered group's record, holding a reference; null for the root.
     node: Cell<*const Node>,
-    /// Its stock key (user kind).
-    key: Cell<Key>,
     /// Scope bits.
     ctx: Cell<u8>,
     /// Guards alive on this thread: they must be dropped in reverse order.
@@ -32,8 +39,9 @@ struct Local {
 thread_local! {
     static LOCAL: Local = const {
         Local {
-            node: Cell::new(core::ptr::null()),
             key: Cell::new(ROOT_KEY),
+            pocket: Cell::new(core::ptr::null()),
+            node: Cell::new(core::ptr::null()),
             ctx: Cell::new(0),
             depth: Cell::new(0),
         }
@@ -41,9 +49,34 @@ thread_local! {
 }
 
 /// The key to charge a new allocation to.
+#[cfg_attr(not(feature = "arena"), allow(dead_code))]
 #[inline(always)]
 pub(crate) fn current_key() -> Key {
-    LOCAL.with(|l| l.key.get() | (l.ctx.get() & KERNEL) as Key)
+    LOCAL.with(|l| l.key.get())
+}
+
+/// The key to charge a new allocation to, and the thread's pocket pointer: one thread-local
+/// access.
+#[inline(always)]
+pub(crate) fn key_and_pocket() -> (Key, *const Pocket) {
+    LOCAL.with(|l| (l.key.get(), l.pocket.get()))
+}
+
+/// The thread's pocket pointer (`crate::pocket` gives it its meaning).
+#[inline(always)]
+pub(crate) fn pocket() -> *const Pocket {
+    LOCAL.with(|l| l.pocket.get())
+}
+
+/// Replaces the thread's pocket pointer, returning the previous one.
+pub(crate) fn replace_pocket(p: *const Pocket) -> *const Pocket {
+    LOCAL.with(|l| l.pocket.replace(p))
+}
+
+/// `k` (a key of either kind) of the kind that scope bits `ctx` say.
+#[inline(always)]
+fn of_kind(k: Key, ctx: u8) -> Key {
+    k & !1 | (ctx & KERNEL) as Key
 }
 
 /// The limit mode of this thread's current scope.
@@ -98,7 +131,7 @@ fn enter(group: &Group) -> Entered {
         l.depth.set(depth);
         Entered {
             prev_node: l.node.replace(node),
-            prev_key: l.key.replace(key),
+            prev_key: l.key.replace(of_kind(key, l.ctx.get())),
             depth,
             _not_send: PhantomData,
         }
@@ -114,7 +147,8 @@ impl Drop for Entered {
         } else {
             LOCAL.with(|l| {
                 l.depth.set(self.depth - 1);
-                l.key.set(self.prev_key);
+                // Of the kind the scope is of now (a guard may outlive a `kernel` scope).
+                l.key.set(of_kind(self.prev_key, l.ctx.get()));
                 l.node.replace(self.prev_node)
             })
         };
@@ -147,12 +181,17 @@ fn with_ctx<R>(set: impl FnOnce(u8) -> u8, f: impl FnOnce() -> R) -> R {
     struct Restore(u8);
     impl Drop for Restore {
         fn drop(&mut self) {
-            LOCAL.with(|l| l.ctx.set(self.0));
+            LOCAL.with(|l| {
+                l.ctx.set(self.0);
+                l.key.set(of_kind(l.key.get(), self.0));
+            });
         }
     }
     let _restore = LOCAL.with(|l| {
         let prev = l.ctx.get();
-        l.ctx.set(set(prev));
+        let ctx = set(prev);
+        l.ctx.set(ctx);
+        l.key.set(of_kind(l.key.get(), ctx));
         Restore(prev)
     });
     f()
@@ -188,6 +227,7 @@ pub(crate) fn as_root<R>(f: impl FnOnce() -> R) -> R {
     let r = with_ctx(|ctx| ctx & RECLAIMING, f);
     LOCAL.with(|l| {
         l.node.set(prev_node);
+        // `with_ctx` has restored the scope bits `prev_key`'s kind was set from.
         l.key.set(prev_key);
     });
     r

@@ -15,7 +15,7 @@ use std::alloc::System;
 
 use crate::core::stock::{key_id, Key};
 use crate::group::{self, STOCKS};
-use crate::pocket::{self, Mine};
+use crate::pocket;
 use crate::{platform, scope};
 
 /// Bytes of the tag every block carries in the tag design (a 16-aligned block's header is
@@ -149,8 +149,10 @@ pub(crate) fn uncharge(key: Key, bytes: usize, objects: u64) {
     }
 }
 
-/// An uncharge of a block that the thread's pocket could not take: it goes to the CPU's stock,
-/// and a pocket that holds the key (so it was full) is brought back to half.
+/// An uncharge of a block that the thread's pocket could not take (or of a thread without
+/// one): it goes to the CPU's stock, and a pocket that holds the key (so it was full) is
+/// brought back to half.
+#[cold]
 #[inline(never)]
 fn free_slow(key: Key, bytes: usize, pad: usize) {
     // Before the bytes go: they keep a removed group's record alive.
@@ -171,15 +173,13 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let Some(at) = place(layout) else {
             return core::ptr::null_mut();
         };
-        let key = scope::current_key();
+        let (key, p) = scope::key_and_pocket();
         let bytes = at.inner.size();
-        let charged = match pocket::mine() {
-            Mine::Pocket(p) => STOCKS.pocket_charge(p, key, bytes, at.pad),
-            Mine::Stocks if STOCKS.charge(platform::cpu(), key, bytes, 1) => {
-                pad_overhead(key, at.pad as isize);
-                true
-            }
-            _ => false,
+        // A thread without a pocket (none yet, or pockets off) takes the slow path, which
+        // charges the CPU's stock.
+        let charged = match pocket::pocket_of(p) {
+            Some(p) => STOCKS.pocket_charge(p, key, bytes, at.pad),
+            None => false,
         };
         if !charged {
             // SAFETY: forwarded caller contract.
@@ -189,7 +189,8 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         unsafe { self.alloc_charged(at, key, zeroed) }
     }
 
-    /// A charge the thread's pocket could not serve. A small one is charged to the CPU's
+    /// A charge the thread's pocket could not serve (or a charge of a thread without one). A
+    /// small one is charged to the CPU's
     /// stock (refilling it from the counters if it is short), then the pocket is filled for
     /// the next ones; a large one (over a batch, charged to the counters directly) asks the
     /// inner allocator first, so a request it cannot meet leaves every counter as it was.
@@ -364,8 +365,8 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
             (base, key, at)
         };
         let bytes = at.inner.size();
-        match pocket::mine() {
-            Mine::Pocket(p) if STOCKS.pocket_uncharge(p, key, bytes, at.pad) => {}
+        match pocket::current() {
+            Some(p) if STOCKS.pocket_uncharge(p, key, bytes, at.pad) => {}
             _ => free_slow(key, bytes, at.pad),
         }
         // SAFETY: `base` is the inner allocation made with `at.inner`.
