@@ -21,10 +21,33 @@ const RECLAIMING: u8 = 8;
 
 const ROOT_KEY: Key = key(ROOT_ID, false);
 
+/// The upper half of a sealed key is the key xor this.
+pub(crate) const SEAL: u32 = 0x9e37_79b9;
+
+/// A key with a check half: `key | (key ^ SEAL) << 32`. The tag design stores this with
+/// every block (so a damaged tag is seen), and the thread keeps its key in this form, so a new
+/// block's tag is one thread-local load.
+#[inline(always)]
+pub(crate) const fn sealed(key: Key) -> u64 {
+    key as u64 | ((key ^ SEAL) as u64) << 32
+}
+
+/// The key of a sealed key, if the seal holds.
+#[inline(always)]
+pub(crate) const fn unseal(word: u64) -> Option<Key> {
+    let key = word as Key;
+    if (word >> 32) as u32 == key ^ SEAL {
+        Some(key)
+    } else {
+        None
+    }
+}
+
 struct Local {
-    /// The key a new allocation is charged to: the entered group's, of the kind the scope
-    /// bits say (the kernel bit is kept equal to `ctx & KERNEL` by every change of either).
-    key: Cell<Key>,
+    /// The key a new allocation is charged to, sealed: the entered group's, of the kind the
+    /// scope bits say (the kernel bit is kept equal to `ctx & KERNEL` by every change of
+    /// either).
+    key: Cell<u64>,
     /// The thread's pocket, as `crate::pocket` keeps it (read with the key on every
     /// allocation, so on the same line).
     pocket: Cell<*const Pocket>,
@@ -39,7 +62,7 @@ struct Local {
 thread_local! {
     static LOCAL: Local = const {
         Local {
-            key: Cell::new(ROOT_KEY),
+            key: Cell::new(sealed(ROOT_KEY)),
             pocket: Cell::new(core::ptr::null()),
             node: Cell::new(core::ptr::null()),
             ctx: Cell::new(0),
@@ -52,13 +75,13 @@ thread_local! {
 #[cfg_attr(not(feature = "arena"), allow(dead_code))]
 #[inline(always)]
 pub(crate) fn current_key() -> Key {
-    LOCAL.with(|l| l.key.get())
+    LOCAL.with(|l| l.key.get() as Key)
 }
 
-/// The key to charge a new allocation to, and the thread's pocket pointer: one thread-local
-/// access.
+/// The key to charge a new allocation to, sealed, and the thread's pocket pointer: one
+/// thread-local access.
 #[inline(always)]
-pub(crate) fn key_and_pocket() -> (Key, *const Pocket) {
+pub(crate) fn sealed_key_and_pocket() -> (u64, *const Pocket) {
     LOCAL.with(|l| (l.key.get(), l.pocket.get()))
 }
 
@@ -73,10 +96,10 @@ pub(crate) fn replace_pocket(p: *const Pocket) -> *const Pocket {
     LOCAL.with(|l| l.pocket.replace(p))
 }
 
-/// `k` (a key of either kind) of the kind that scope bits `ctx` say.
+/// `k` (a key of either kind) of the kind that scope bits `ctx` say, sealed.
 #[inline(always)]
-fn of_kind(k: Key, ctx: u8) -> Key {
-    k & !1 | (ctx & KERNEL) as Key
+fn of_kind(k: Key, ctx: u8) -> u64 {
+    sealed(k & !1 | (ctx & KERNEL) as Key)
 }
 
 /// The limit mode of this thread's current scope.
@@ -131,7 +154,7 @@ fn enter(group: &Group) -> Entered {
         l.depth.set(depth);
         Entered {
             prev_node: l.node.replace(node),
-            prev_key: l.key.replace(of_kind(key, l.ctx.get())),
+            prev_key: l.key.replace(of_kind(key, l.ctx.get())) as Key,
             depth,
             _not_send: PhantomData,
         }
@@ -183,7 +206,7 @@ fn with_ctx<R>(set: impl FnOnce(u8) -> u8, f: impl FnOnce() -> R) -> R {
         fn drop(&mut self) {
             LOCAL.with(|l| {
                 l.ctx.set(self.0);
-                l.key.set(of_kind(l.key.get(), self.0));
+                l.key.set(of_kind(l.key.get() as Key, self.0));
             });
         }
     }
@@ -191,7 +214,7 @@ fn with_ctx<R>(set: impl FnOnce(u8) -> u8, f: impl FnOnce() -> R) -> R {
         let prev = l.ctx.get();
         let ctx = set(prev);
         l.ctx.set(ctx);
-        l.key.set(of_kind(l.key.get(), ctx));
+        l.key.set(of_kind(l.key.get() as Key, ctx));
         Restore(prev)
     });
     f()
@@ -222,8 +245,12 @@ pub fn nofail<R>(f: impl FnOnce() -> R) -> R {
 /// Runs `f` charging the root, outside any scope: for memgroup's own calls into code that may
 /// allocate on its behalf (registering fork handlers), which must not land on a tenant.
 pub(crate) fn as_root<R>(f: impl FnOnce() -> R) -> R {
-    let (prev_node, prev_key) =
-        LOCAL.with(|l| (l.node.replace(core::ptr::null()), l.key.replace(ROOT_KEY)));
+    let (prev_node, prev_key) = LOCAL.with(|l| {
+        (
+            l.node.replace(core::ptr::null()),
+            l.key.replace(sealed(ROOT_KEY)),
+        )
+    });
     let r = with_ctx(|ctx| ctx & RECLAIMING, f);
     LOCAL.with(|l| {
         l.node.set(prev_node);

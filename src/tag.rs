@@ -22,9 +22,6 @@ use crate::{platform, scope};
 /// twice that: the tag and 8 unused bytes, all reported in `overhead`).
 pub const TAG_SIZE: usize = 8;
 
-/// Guards the tag against stray writes and foreign pointers: its upper half repeats the key.
-const CHECK: u32 = 0x9e37_79b9;
-
 /// The tag design: a [`GlobalAlloc`] that charges every block to the current group and stores
 /// the owner with the block.
 ///
@@ -110,22 +107,26 @@ fn pad_overhead(key: Key, delta: isize) {
     }
 }
 
-#[inline(always)]
-fn tag_word(key: Key) -> u64 {
-    key as u64 | ((key ^ CHECK) as u64) << 32
-}
-
-/// Writes the tag of a fresh inner block and returns the block.
+/// Writes the tag of a fresh inner block (`key` sealed, so a stray write or a foreign pointer
+/// is seen at the free) and returns the block.
 ///
 /// # Safety
 /// `base` is an inner allocation of `at.inner`.
 #[inline(always)]
 unsafe fn tagged(base: *mut u8, at: Placement, key: Key) -> *mut u8 {
+    // SAFETY: forwarded.
+    unsafe { tagged_sealed(base, at, scope::sealed(key)) }
+}
+
+/// `tagged` with the key already sealed.
+///
+/// # Safety
+/// `base` is an inner allocation of `at.inner`.
+#[inline(always)]
+unsafe fn tagged_sealed(base: *mut u8, at: Placement, sealed: u64) -> *mut u8 {
     // SAFETY: the tag's 8 bytes and the block lie inside the inner allocation (see `place`).
     unsafe {
-        base.add(at.tag)
-            .cast::<u64>()
-            .write_unaligned(tag_word(key));
+        base.add(at.tag).cast::<u64>().write_unaligned(sealed);
         base.add(at.block)
     }
 }
@@ -173,7 +174,8 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let Some(at) = place(layout) else {
             return core::ptr::null_mut();
         };
-        let (key, p) = scope::key_and_pocket();
+        let (sealed, p) = scope::sealed_key_and_pocket();
+        let key = sealed as Key;
         let bytes = at.inner.size();
         // A thread without a pocket (none yet, or pockets off) takes the slow path, which
         // charges the CPU's stock.
@@ -186,7 +188,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
             return unsafe { self.alloc_slow(layout, key, zeroed) };
         }
         // SAFETY: `at` came from `place`.
-        unsafe { self.alloc_charged(at, key, zeroed) }
+        unsafe { self.alloc_charged(at, sealed, zeroed) }
     }
 
     /// A charge the thread's pocket could not serve (or a charge of a thread without one). A
@@ -219,7 +221,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
                         }
                     }
                     // SAFETY: forwarded.
-                    unsafe { self.alloc_charged(at, charged, zeroed) }
+                    unsafe { self.alloc_charged(at, scope::sealed(charged), zeroed) }
                 }
                 None => core::ptr::null_mut(),
             };
@@ -289,18 +291,18 @@ impl<A: GlobalAlloc> TagAlloc<A> {
     }
 
     /// # Safety
-    /// `at` came from `place`; `key` has been charged for it.
+    /// `at` came from `place`; the key `sealed` seals has been charged for it.
     #[inline(always)]
-    unsafe fn alloc_charged(&self, at: Placement, key: Key, zeroed: bool) -> *mut u8 {
+    unsafe fn alloc_charged(&self, at: Placement, sealed: u64, zeroed: bool) -> *mut u8 {
         // SAFETY: forwarded.
         let base = unsafe { self.inner_alloc(at, zeroed) };
         if base.is_null() {
             // Counted as an allocation and a free, so allocs - frees still counts live blocks.
-            free_slow(key, at.inner.size(), at.pad);
+            free_slow(sealed as Key, at.inner.size(), at.pad);
             return base;
         }
         // SAFETY: `base` is a fresh inner block placed as `at`.
-        unsafe { tagged(base, at, key) }
+        unsafe { tagged_sealed(base, at, sealed) }
     }
 
     /// # Safety
@@ -329,10 +331,9 @@ impl<A: GlobalAlloc> TagAlloc<A> {
             let base = ptr.sub(at.block);
             (base, base.add(at.tag).cast::<u64>().read_unaligned())
         };
-        let key = tag as Key;
-        if (tag >> 32) as u32 != key ^ CHECK {
+        let Some(key) = scope::unseal(tag) else {
             platform::corrupted(b"a block's owner tag is damaged (heap corruption, or a pointer this allocator did not return)");
-        }
+        };
         (base, key)
     }
 }
