@@ -2,9 +2,10 @@
 //!
 //! One `const`-initialized thread local with no destructor, so it is usable from the first
 //! allocation of a thread to its last, thread-local destructors included. It also holds the
-//! thread's pocket pointer (for `crate::pocket`), beside the key, so the allocation fast path
-//! reads one thread-local block: the key to charge (its kernel bit already set by the scope)
-//! and the pocket.
+//! thread's pocket itself (for `crate::pocket`), beside the key, so the allocation fast path
+//! touches one thread-local block, on one cache line, with no pointer to load: the key to
+//! charge (its kernel bit already set by the scope, sealed as the tag stores it) and the
+//! pocket.
 
 use core::cell::Cell;
 use core::marker::PhantomData;
@@ -43,14 +44,16 @@ pub(crate) const fn unseal(word: u64) -> Option<Key> {
     }
 }
 
+#[repr(C, align(64))]
 struct Local {
+    /// The thread's pocket (on the pockets' list only while `pocket_state` says so).
+    pocket: Pocket,
     /// The key a new allocation is charged to, sealed: the entered group's, of the kind the
     /// scope bits say (the kernel bit is kept equal to `ctx & KERNEL` by every change of
     /// either).
     key: Cell<u64>,
-    /// The thread's pocket, as `crate::pocket` keeps it (read with the key on every
-    /// allocation, so on the same line).
-    pocket: Cell<*const Pocket>,
+    /// What `crate::pocket` says of `pocket`.
+    pocket_state: Cell<u8>,
     /// The entered group's record, holding a reference; null for the root.
     node: Cell<*const Node>,
     /// Scope bits.
@@ -62,8 +65,9 @@ struct Local {
 thread_local! {
     static LOCAL: Local = const {
         Local {
+            pocket: Pocket::new(),
             key: Cell::new(sealed(ROOT_KEY)),
-            pocket: Cell::new(core::ptr::null()),
+            pocket_state: Cell::new(0),
             node: Cell::new(core::ptr::null()),
             ctx: Cell::new(0),
             depth: Cell::new(0),
@@ -78,22 +82,38 @@ pub(crate) fn current_key() -> Key {
     LOCAL.with(|l| l.key.get() as Key)
 }
 
-/// The key to charge a new allocation to, sealed, and the thread's pocket pointer: one
-/// thread-local access.
+/// The key to charge a new allocation to, sealed, and the thread's pocket: one thread-local
+/// block.
 #[inline(always)]
-pub(crate) fn sealed_key_and_pocket() -> (u64, *const Pocket) {
-    LOCAL.with(|l| (l.key.get(), l.pocket.get()))
+pub(crate) fn sealed_key_and_pocket() -> (u64, &'static Pocket) {
+    LOCAL.with(|l| (l.key.get(), own(&l.pocket)))
 }
 
-/// The thread's pocket pointer (`crate::pocket` gives it its meaning).
+/// The thread's pocket (whether it is on the list: `pocket_state`).
 #[inline(always)]
-pub(crate) fn pocket() -> *const Pocket {
-    LOCAL.with(|l| l.pocket.get())
+pub(crate) fn pocket() -> &'static Pocket {
+    LOCAL.with(|l| own(&l.pocket))
 }
 
-/// Replaces the thread's pocket pointer, returning the previous one.
-pub(crate) fn replace_pocket(p: *const Pocket) -> *const Pocket {
-    LOCAL.with(|l| l.pocket.replace(p))
+/// The thread's pocket as a reference that outlives the `with` closure.
+#[inline(always)]
+fn own(p: &Pocket) -> &'static Pocket {
+    // SAFETY: the thread-local block lives as long as the thread, and it has no destructor.
+    // The reference is used by this thread, and by other threads only through the pockets'
+    // list, whose protocol (`Pockets::abandon`, run by the thread's exit hook) ends every
+    // such use before the thread goes.
+    unsafe { &*(p as *const Pocket) }
+}
+
+/// What `crate::pocket` says of the thread's pocket.
+#[inline(always)]
+pub(crate) fn pocket_state() -> u8 {
+    LOCAL.with(|l| l.pocket_state.get())
+}
+
+/// Replaces `pocket_state`, returning the previous one.
+pub(crate) fn replace_pocket_state(state: u8) -> u8 {
+    LOCAL.with(|l| l.pocket_state.replace(state))
 }
 
 /// `k` (a key of either kind) of the kind that scope bits `ctx` say, sealed.

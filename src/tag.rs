@@ -177,13 +177,9 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let (sealed, p) = scope::sealed_key_and_pocket();
         let key = sealed as Key;
         let bytes = at.inner.size();
-        // A thread without a pocket (none yet, or pockets off) takes the slow path, which
-        // charges the CPU's stock.
-        let charged = match pocket::pocket_of(p) {
-            Some(p) => STOCKS.pocket_charge(p, key, bytes, at.pad),
-            None => false,
-        };
-        if !charged {
+        // A thread without a pocket on the list (none yet, or pockets off) fails here (its
+        // pocket holds nothing) and takes the slow path, which charges the CPU's stock.
+        if !STOCKS.pocket_charge(p, key, bytes, at.pad) {
             // SAFETY: forwarded caller contract.
             return unsafe { self.alloc_slow(layout, key, zeroed) };
         }
@@ -366,9 +362,8 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
             (base, key, at)
         };
         let bytes = at.inner.size();
-        match pocket::current() {
-            Some(p) if STOCKS.pocket_uncharge(p, key, bytes, at.pad) => {}
-            _ => free_slow(key, bytes, at.pad),
+        if !STOCKS.pocket_uncharge(scope::pocket(), key, bytes, at.pad) {
+            free_slow(key, bytes, at.pad);
         }
         // SAFETY: `base` is the inner allocation made with `at.inner`.
         unsafe { self.inner.dealloc(base, at.inner) }
