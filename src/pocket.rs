@@ -40,6 +40,13 @@ pub(crate) fn current() -> Option<&'static Pocket> {
     (scope::pocket_state() == MINE).then(scope::pocket)
 }
 
+/// Whether this thread has no pocket and will have none (pockets are off, or it is exiting):
+/// it charges the per-CPU stocks directly.
+#[inline(always)]
+pub(crate) fn none() -> bool {
+    scope::pocket_state() == NONE
+}
+
 /// This thread's pocket, given to it now if it never had one.
 #[cold]
 pub(crate) fn get() -> Option<&'static Pocket> {

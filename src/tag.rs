@@ -177,9 +177,15 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let (sealed, p) = scope::sealed_key_and_pocket();
         let key = sealed as Key;
         let bytes = at.inner.size();
-        // A thread without a pocket on the list (none yet, or pockets off) fails here (its
-        // pocket holds nothing) and takes the slow path, which charges the CPU's stock.
-        if !STOCKS.pocket_charge(p, key, bytes, at.pad) {
+        // A thread without a pocket on the list fails here (its pocket holds nothing): one
+        // that has none (pockets off) charges the CPU's stock, one that never had its chance
+        // takes the slow path, which gives it its pocket.
+        let charged = STOCKS.pocket_charge(p, key, bytes, at.pad)
+            || pocket::none() && STOCKS.charge(platform::cpu(), key, bytes, 1) && {
+                pad_overhead(key, at.pad as isize);
+                true
+            };
+        if !charged {
             // SAFETY: forwarded caller contract.
             return unsafe { self.alloc_slow(layout, key, zeroed) };
         }
@@ -362,7 +368,16 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
             (base, key, at)
         };
         let bytes = at.inner.size();
-        if !STOCKS.pocket_uncharge(scope::pocket(), key, bytes, at.pad) {
+        let uncharged = STOCKS.pocket_uncharge(scope::pocket(), key, bytes, at.pad)
+            || pocket::none() && {
+                // Before the bytes go: they keep a removed group's record alive.
+                pad_overhead(key, -(at.pad as isize));
+                if !STOCKS.uncharge(platform::cpu(), key, bytes, 1) {
+                    STOCKS.uncharge_slow(platform::cpu(), key, bytes, 1);
+                }
+                true
+            };
+        if !uncharged {
             free_slow(key, bytes, at.pad);
         }
         // SAFETY: `base` is the inner allocation made with `at.inner`.
