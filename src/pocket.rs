@@ -1,37 +1,27 @@
-//! This thread's pocket (see `core::pocket`): found through a thread local, given to the
-//! thread at its first small allocation, emptied and given up at its exit.
+//! This thread's pocket (see `core::pocket`): kept in the thread's scope block (see
+//! `crate::scope`, which keeps it beside the key to charge), put on the pockets' list at the
+//! thread's first small allocation, emptied and taken off at its exit.
 //!
 //! Pockets need `membarrier(2)` (Linux 4.14) and a thread-exit hook; without them, in exact
 //! mode (`MEMGROUP_BATCH=0`), or with `MEMGROUP_POCKETS=0`, threads have none and charge the
 //! per-CPU stocks directly.
 
-use core::cell::Cell;
-use core::ptr::null;
-
-use crate::core::pocket::Pocket;
+use crate::core::pocket::{Place, Pocket};
 use crate::fork::{self, Participant, Rank};
 use crate::group::{self, STOCKS};
 use crate::lock::SpinLock;
-use crate::platform;
 use crate::sync::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use crate::{platform, scope};
 
-thread_local! {
-    /// This thread's pocket, or `UNSET` (it never had its chance at one: its first slow path
-    /// gives it), or `NONE` (it has none: pockets are off, or it is exiting).
-    static POCKET: Cell<*const Pocket> = const { Cell::new(UNSET) };
-}
+// The thread's pocket state (`scope::pocket_state`): `MINE` (its pocket is on the list), or
+// `UNSET` (it never had its chance: its first slow path puts it there), or `NONE` (it has
+// none: pockets are off, or it is exiting). A pocket off the list holds nothing, so the fast
+// paths fail on it, and the slow paths charge the per-CPU stocks directly (and give an
+// `UNSET` thread its pocket).
 
-const UNSET: *const Pocket = null();
-const NONE: *const Pocket = core::ptr::dangling();
-
-/// What charges this thread's small blocks.
-pub(crate) enum Mine {
-    Pocket(&'static Pocket),
-    /// The per-CPU stocks directly.
-    Stocks,
-    /// Not decided yet: take the slow path, which gives the thread its pocket.
-    Unset,
-}
+const UNSET: u8 = 0;
+const MINE: u8 = 1;
+const NONE: u8 = 2;
 
 static STATE: AtomicU8 = AtomicU8::new(0);
 const DECIDING: u8 = 1;
@@ -41,36 +31,30 @@ static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
 
 /// Pockets smaller than this (a small `MEMGROUP_BATCH`) would serve too few blocks to pay.
 const MIN_POCKET: usize = 512;
-/// Bytes mapped at a time for new pockets.
+/// Bytes mapped at a time for new places on the pockets' list.
 const CHUNK_BYTES: usize = 64 << 10;
 
-#[inline(always)]
-pub(crate) fn mine() -> Mine {
-    match POCKET.with(Cell::get) {
-        UNSET => Mine::Unset,
-        NONE => Mine::Stocks,
-        // SAFETY: any other value is this thread's pocket, and pockets are never freed.
-        p => Mine::Pocket(unsafe { &*p }),
-    }
-}
-
-/// This thread's pocket, if it has one.
+/// This thread's pocket, if it is on the list.
 #[inline(always)]
 pub(crate) fn current() -> Option<&'static Pocket> {
-    match mine() {
-        Mine::Pocket(p) => Some(p),
-        _ => None,
-    }
+    (scope::pocket_state() == MINE).then(scope::pocket)
+}
+
+/// Whether this thread has no pocket and will have none (pockets are off, or it is exiting):
+/// it charges the per-CPU stocks directly.
+#[inline(always)]
+pub(crate) fn none() -> bool {
+    scope::pocket_state() == NONE
 }
 
 /// This thread's pocket, given to it now if it never had one.
 #[cold]
 pub(crate) fn get() -> Option<&'static Pocket> {
-    if let Mine::Pocket(p) = mine() {
+    if let Some(p) = current() {
         return Some(p);
     }
     // Set first: allocations nested in what follows charge the stocks directly.
-    if POCKET.with(|c| c.replace(NONE)) != UNSET {
+    if scope::replace_pocket_state(NONE) != UNSET {
         return None;
     }
     match enabled() {
@@ -78,11 +62,14 @@ pub(crate) fn get() -> Option<&'static Pocket> {
         Some(false) => return None,
         None => {
             // Another thread is deciding: try again at a later slow path.
-            POCKET.with(|c| c.set(UNSET));
+            scope::replace_pocket_state(UNSET);
             return None;
         }
     }
-    let p = STOCKS.pockets().adopt(fresh)?;
+    let p = scope::pocket();
+    if !STOCKS.pockets().adopt(p, fresh) {
+        return None;
+    }
     // The hook is what gives the pocket up at the thread's exit: without it, none.
     let hooked = platform::set_thread_exit_value(
         EXIT_KEY.load(Ordering::Relaxed),
@@ -92,7 +79,7 @@ pub(crate) fn get() -> Option<&'static Pocket> {
         STOCKS.pockets().abandon(p);
         return None;
     }
-    POCKET.with(|c| c.set(p));
+    scope::replace_pocket_state(MINE);
     Some(p)
 }
 
@@ -123,10 +110,10 @@ fn enabled() -> Option<bool> {
     Some(on)
 }
 
-/// What `fresh` carves new pockets from.
+/// What `fresh` carves new places on the pockets' list from.
 struct Chunk {
-    next: *mut Pocket,
-    end: *mut Pocket,
+    next: *mut Place,
+    end: *mut Place,
 }
 
 // SAFETY: the chunk's pointers are only used under its lock.
@@ -142,33 +129,35 @@ static CHUNK: SpinLock<Chunk> = SpinLock::new(Chunk {
 /// may be turned on between the prepare and parent handlers).
 static FROZE: AtomicBool = AtomicBool::new(false);
 
-/// A new pocket, carved from memory mapped for pockets (never freed).
-fn fresh() -> Option<&'static Pocket> {
+/// A new place on the pockets' list, carved from memory mapped for them (never freed).
+fn fresh() -> Option<&'static Place> {
     let mut chunk = CHUNK.lock();
     if chunk.next == chunk.end {
-        let base = platform::map(CHUNK_BYTES).cast::<Pocket>();
+        let base = platform::map(CHUNK_BYTES).cast::<Place>();
         if base.is_null() {
             return None;
         }
         chunk.next = base;
-        // SAFETY: the mapping holds CHUNK_BYTES bytes, a whole number of pockets.
-        chunk.end = unsafe { base.add(CHUNK_BYTES / size_of::<Pocket>()) };
+        // SAFETY: the mapping holds CHUNK_BYTES bytes, a whole number of places.
+        chunk.end = unsafe { base.add(CHUNK_BYTES / size_of::<Place>()) };
     }
     let p = chunk.next;
     // SAFETY: `p` is inside the mapping (checked above), page-aligned mappings keep the
-    // pocket's alignment, and nothing else has this slot; it lives as long as the process.
+    // place's alignment, and nothing else has this slot; it lives as long as the process.
     unsafe {
         chunk.next = p.add(1);
-        p.write(Pocket::new());
+        p.write(Place::new());
         Some(&*p)
     }
 }
 
-/// The thread-exit hook: empties the thread's pocket and gives it up for reuse. Allocations
-/// after it (other exit hooks) charge the stocks directly.
+/// The thread-exit hook: empties the thread's pocket and takes it off the list (waiting for
+/// any walk that may still reach it). Allocations after it (other exit hooks) charge the
+/// stocks directly.
 unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
-    POCKET.with(|c| c.set(NONE));
-    // SAFETY: `arg` is the pocket `get` registered for this thread; it is never freed.
+    scope::replace_pocket_state(NONE);
+    // SAFETY: `arg` is the pocket `get` registered for this thread: its own, in its
+    // thread-local block, alive while the thread is.
     let p = unsafe { &*(arg as *const Pocket) };
     STOCKS.retire_pocket(p);
 }
@@ -208,5 +197,9 @@ fn fork_child() {
     CHUNK.raw_unlock();
     // A decision another thread was making is made again.
     let _ = STATE.compare_exchange(DECIDING, 0, Ordering::Relaxed, Ordering::Relaxed);
-    STOCKS.reset_in_child(POCKET.with(Cell::get));
+    let own = match current() {
+        Some(p) => p as *const Pocket,
+        None => core::ptr::null(),
+    };
+    STOCKS.reset_in_child(own);
 }

@@ -1,12 +1,16 @@
 //! The thread's current group and its scopes (`kernel`, `fallible`, `nofail`).
 //!
 //! One `const`-initialized thread local with no destructor, so it is usable from the first
-//! allocation of a thread to its last, thread-local destructors included. The allocation fast
-//! path reads it once: the key of the current group and the scope bits.
+//! allocation of a thread to its last, thread-local destructors included. It also holds the
+//! thread's pocket itself (for `crate::pocket`), beside the key, so the allocation fast path
+//! touches one thread-local block, on one cache line, with no pointer to load: the key to
+//! charge (its kernel bit already set by the scope, sealed as the tag stores it) and the
+//! pocket.
 
 use core::cell::Cell;
 use core::marker::PhantomData;
 
+use crate::core::pocket::Pocket;
 use crate::core::stock::{key, Key, Mode};
 use crate::group::{kmem_enabled, Group, Node, ROOT_ID};
 
@@ -18,11 +22,40 @@ const RECLAIMING: u8 = 8;
 
 const ROOT_KEY: Key = key(ROOT_ID, false);
 
+/// The upper half of a sealed key is the key xor this.
+pub(crate) const SEAL: u32 = 0x9e37_79b9;
+
+/// A key with a check half: `key | (key ^ SEAL) << 32`. The tag design stores this with
+/// every block (so a damaged tag is seen), and the thread keeps its key in this form, so a new
+/// block's tag is one thread-local load.
+#[inline(always)]
+pub(crate) const fn sealed(key: Key) -> u64 {
+    key as u64 | ((key ^ SEAL) as u64) << 32
+}
+
+/// The key of a sealed key, if the seal holds.
+#[inline(always)]
+pub(crate) const fn unseal(word: u64) -> Option<Key> {
+    let key = word as Key;
+    if (word >> 32) as u32 == key ^ SEAL {
+        Some(key)
+    } else {
+        None
+    }
+}
+
+#[repr(C, align(64))]
 struct Local {
+    /// The thread's pocket (on the pockets' list only while `pocket_state` says so).
+    pocket: Pocket,
+    /// The key a new allocation is charged to, sealed: the entered group's, of the kind the
+    /// scope bits say (the kernel bit is kept equal to `ctx & KERNEL` by every change of
+    /// either).
+    key: Cell<u64>,
+    /// What `crate::pocket` says of `pocket`.
+    pocket_state: Cell<u8>,
     /// The entered group's record, holding a reference; null for the root.
     node: Cell<*const Node>,
-    /// Its stock key (user kind).
-    key: Cell<Key>,
     /// Scope bits.
     ctx: Cell<u8>,
     /// Guards alive on this thread: they must be dropped in reverse order.
@@ -32,8 +65,10 @@ struct Local {
 thread_local! {
     static LOCAL: Local = const {
         Local {
+            pocket: Pocket::new(),
+            key: Cell::new(sealed(ROOT_KEY)),
+            pocket_state: Cell::new(0),
             node: Cell::new(core::ptr::null()),
-            key: Cell::new(ROOT_KEY),
             ctx: Cell::new(0),
             depth: Cell::new(0),
         }
@@ -41,9 +76,50 @@ thread_local! {
 }
 
 /// The key to charge a new allocation to.
+#[cfg_attr(not(feature = "arena"), allow(dead_code))]
 #[inline(always)]
 pub(crate) fn current_key() -> Key {
-    LOCAL.with(|l| l.key.get() | (l.ctx.get() & KERNEL) as Key)
+    LOCAL.with(|l| l.key.get() as Key)
+}
+
+/// The key to charge a new allocation to, sealed, and the thread's pocket: one thread-local
+/// block.
+#[inline(always)]
+pub(crate) fn sealed_key_and_pocket() -> (u64, &'static Pocket) {
+    LOCAL.with(|l| (l.key.get(), own(&l.pocket)))
+}
+
+/// The thread's pocket (whether it is on the list: `pocket_state`).
+#[inline(always)]
+pub(crate) fn pocket() -> &'static Pocket {
+    LOCAL.with(|l| own(&l.pocket))
+}
+
+/// The thread's pocket as a reference that outlives the `with` closure.
+#[inline(always)]
+fn own(p: &Pocket) -> &'static Pocket {
+    // SAFETY: the thread-local block lives as long as the thread, and it has no destructor.
+    // The reference is used by this thread, and by other threads only through the pockets'
+    // list, whose protocol (`Pockets::abandon`, run by the thread's exit hook) ends every
+    // such use before the thread goes.
+    unsafe { &*(p as *const Pocket) }
+}
+
+/// What `crate::pocket` says of the thread's pocket.
+#[inline(always)]
+pub(crate) fn pocket_state() -> u8 {
+    LOCAL.with(|l| l.pocket_state.get())
+}
+
+/// Replaces `pocket_state`, returning the previous one.
+pub(crate) fn replace_pocket_state(state: u8) -> u8 {
+    LOCAL.with(|l| l.pocket_state.replace(state))
+}
+
+/// `k` (a key of either kind) of the kind that scope bits `ctx` say, sealed.
+#[inline(always)]
+fn of_kind(k: Key, ctx: u8) -> u64 {
+    sealed(k & !1 | (ctx & KERNEL) as Key)
 }
 
 /// The limit mode of this thread's current scope.
@@ -98,7 +174,7 @@ fn enter(group: &Group) -> Entered {
         l.depth.set(depth);
         Entered {
             prev_node: l.node.replace(node),
-            prev_key: l.key.replace(key),
+            prev_key: l.key.replace(of_kind(key, l.ctx.get())) as Key,
             depth,
             _not_send: PhantomData,
         }
@@ -114,7 +190,8 @@ impl Drop for Entered {
         } else {
             LOCAL.with(|l| {
                 l.depth.set(self.depth - 1);
-                l.key.set(self.prev_key);
+                // Of the kind the scope is of now (a guard may outlive a `kernel` scope).
+                l.key.set(of_kind(self.prev_key, l.ctx.get()));
                 l.node.replace(self.prev_node)
             })
         };
@@ -147,12 +224,17 @@ fn with_ctx<R>(set: impl FnOnce(u8) -> u8, f: impl FnOnce() -> R) -> R {
     struct Restore(u8);
     impl Drop for Restore {
         fn drop(&mut self) {
-            LOCAL.with(|l| l.ctx.set(self.0));
+            LOCAL.with(|l| {
+                l.ctx.set(self.0);
+                l.key.set(of_kind(l.key.get() as Key, self.0));
+            });
         }
     }
     let _restore = LOCAL.with(|l| {
         let prev = l.ctx.get();
-        l.ctx.set(set(prev));
+        let ctx = set(prev);
+        l.ctx.set(ctx);
+        l.key.set(of_kind(l.key.get() as Key, ctx));
         Restore(prev)
     });
     f()
@@ -183,11 +265,16 @@ pub fn nofail<R>(f: impl FnOnce() -> R) -> R {
 /// Runs `f` charging the root, outside any scope: for memgroup's own calls into code that may
 /// allocate on its behalf (registering fork handlers), which must not land on a tenant.
 pub(crate) fn as_root<R>(f: impl FnOnce() -> R) -> R {
-    let (prev_node, prev_key) =
-        LOCAL.with(|l| (l.node.replace(core::ptr::null()), l.key.replace(ROOT_KEY)));
+    let (prev_node, prev_key) = LOCAL.with(|l| {
+        (
+            l.node.replace(core::ptr::null()),
+            l.key.replace(sealed(ROOT_KEY)),
+        )
+    });
     let r = with_ctx(|ctx| ctx & RECLAIMING, f);
     LOCAL.with(|l| {
         l.node.set(prev_node);
+        // `with_ctx` has restored the scope bits `prev_key`'s kind was set from.
         l.key.set(prev_key);
     });
     r

@@ -15,15 +15,12 @@ use std::alloc::System;
 
 use crate::core::stock::{key_id, Key};
 use crate::group::{self, STOCKS};
-use crate::pocket::{self, Mine};
+use crate::pocket;
 use crate::{platform, scope};
 
 /// Bytes of the tag every block carries in the tag design (a 16-aligned block's header is
 /// twice that: the tag and 8 unused bytes, all reported in `overhead`).
 pub const TAG_SIZE: usize = 8;
-
-/// Guards the tag against stray writes and foreign pointers: its upper half repeats the key.
-const CHECK: u32 = 0x9e37_79b9;
 
 /// The tag design: a [`GlobalAlloc`] that charges every block to the current group and stores
 /// the owner with the block.
@@ -126,22 +123,26 @@ fn pad_overhead(key: Key, delta: isize) {
     }
 }
 
-#[inline(always)]
-fn tag_word(key: Key) -> u64 {
-    key as u64 | ((key ^ CHECK) as u64) << 32
-}
-
-/// Writes the tag of a fresh inner block and returns the block.
+/// Writes the tag of a fresh inner block (`key` sealed, so a stray write or a foreign pointer
+/// is seen at the free) and returns the block.
 ///
 /// # Safety
 /// `base` is an inner allocation of `at.inner`.
 #[inline(always)]
 unsafe fn tagged(base: *mut u8, at: Placement, key: Key) -> *mut u8 {
+    // SAFETY: forwarded.
+    unsafe { tagged_sealed(base, at, scope::sealed(key)) }
+}
+
+/// `tagged` with the key already sealed.
+///
+/// # Safety
+/// `base` is an inner allocation of `at.inner`.
+#[inline(always)]
+unsafe fn tagged_sealed(base: *mut u8, at: Placement, sealed: u64) -> *mut u8 {
     // SAFETY: the tag's 8 bytes and the block lie inside the inner allocation (see `place`).
     unsafe {
-        base.add(at.tag)
-            .cast::<u64>()
-            .write_unaligned(tag_word(key));
+        base.add(at.tag).cast::<u64>().write_unaligned(sealed);
         base.add(at.block)
     }
 }
@@ -165,8 +166,10 @@ pub(crate) fn uncharge(key: Key, bytes: usize, objects: u64) {
     }
 }
 
-/// An uncharge of a block that the thread's pocket could not take: it goes to the CPU's stock,
-/// and a pocket that holds the key (so it was full) is brought back to half.
+/// An uncharge of a block that the thread's pocket could not take (or of a thread without
+/// one): it goes to the CPU's stock, and a pocket that holds the key (so it was full) is
+/// brought back to half.
+#[cold]
 #[inline(never)]
 fn free_slow(key: Key, bytes: usize, pad: usize) {
     // Before the bytes go: they keep a removed group's record alive.
@@ -187,25 +190,27 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let Some(at) = place(layout) else {
             return core::ptr::null_mut();
         };
-        let key = scope::current_key();
+        let (sealed, p) = scope::sealed_key_and_pocket();
+        let key = sealed as Key;
         let bytes = at.inner.size();
-        let charged = match pocket::mine() {
-            Mine::Pocket(p) => STOCKS.pocket_charge(p, key, bytes, at.pad),
-            Mine::Stocks if STOCKS.charge(platform::cpu(), key, bytes, 1) => {
+        // A thread without a pocket on the list fails here (its pocket holds nothing): one
+        // that has none (pockets off) charges the CPU's stock, one that never had its chance
+        // takes the slow path, which gives it its pocket.
+        let charged = STOCKS.pocket_charge(p, key, bytes, at.pad)
+            || pocket::none() && STOCKS.charge(platform::cpu(), key, bytes, 1) && {
                 pad_overhead(key, at.pad as isize);
                 true
-            }
-            _ => false,
-        };
+            };
         if !charged {
             // SAFETY: forwarded caller contract.
             return unsafe { self.alloc_slow(layout, key, zeroed) };
         }
         // SAFETY: `at` came from `place`.
-        unsafe { self.alloc_charged(at, key, zeroed) }
+        unsafe { self.alloc_charged(at, sealed, zeroed) }
     }
 
-    /// A charge the thread's pocket could not serve. A small one is charged to the CPU's
+    /// A charge the thread's pocket could not serve (or a charge of a thread without one). A
+    /// small one is charged to the CPU's
     /// stock (refilling it from the counters if it is short), then the pocket is filled for
     /// the next ones; a large one (over a batch, charged to the counters directly) asks the
     /// inner allocator first, so a request it cannot meet leaves every counter as it was.
@@ -234,7 +239,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
                         }
                     }
                     // SAFETY: forwarded.
-                    unsafe { self.alloc_charged(at, charged, zeroed) }
+                    unsafe { self.alloc_charged(at, scope::sealed(charged), zeroed) }
                 }
                 None => core::ptr::null_mut(),
             };
@@ -304,18 +309,18 @@ impl<A: GlobalAlloc> TagAlloc<A> {
     }
 
     /// # Safety
-    /// `at` came from `place`; `key` has been charged for it.
+    /// `at` came from `place`; the key `sealed` seals has been charged for it.
     #[inline(always)]
-    unsafe fn alloc_charged(&self, at: Placement, key: Key, zeroed: bool) -> *mut u8 {
+    unsafe fn alloc_charged(&self, at: Placement, sealed: u64, zeroed: bool) -> *mut u8 {
         // SAFETY: forwarded.
         let base = unsafe { self.inner_alloc(at, zeroed) };
         if base.is_null() {
             // Counted as an allocation and a free, so allocs - frees still counts live blocks.
-            free_slow(key, at.inner.size(), at.pad);
+            free_slow(sealed as Key, at.inner.size(), at.pad);
             return base;
         }
         // SAFETY: `base` is a fresh inner block placed as `at`.
-        unsafe { tagged(base, at, key) }
+        unsafe { tagged_sealed(base, at, sealed) }
     }
 
     /// # Safety
@@ -344,10 +349,9 @@ impl<A: GlobalAlloc> TagAlloc<A> {
             let base = ptr.sub(at.block);
             (base, base.add(at.tag).cast::<u64>().read_unaligned())
         };
-        let key = tag as Key;
-        if (tag >> 32) as u32 != key ^ CHECK {
+        let Some(key) = scope::unseal(tag) else {
             platform::corrupted(b"a block's owner tag is damaged (heap corruption, or a pointer this allocator did not return)");
-        }
+        };
         (base, key)
     }
 }
@@ -380,9 +384,17 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
             (base, key, at)
         };
         let bytes = at.inner.size();
-        match pocket::mine() {
-            Mine::Pocket(p) if STOCKS.pocket_uncharge(p, key, bytes, at.pad) => {}
-            _ => free_slow(key, bytes, at.pad),
+        let uncharged = STOCKS.pocket_uncharge(scope::pocket(), key, bytes, at.pad)
+            || pocket::none() && {
+                // Before the bytes go: they keep a removed group's record alive.
+                pad_overhead(key, -(at.pad as isize));
+                if !STOCKS.uncharge(platform::cpu(), key, bytes, 1) {
+                    STOCKS.uncharge_slow(platform::cpu(), key, bytes, 1);
+                }
+                true
+            };
+        if !uncharged {
+            free_slow(key, bytes, at.pad);
         }
         // SAFETY: `base` is the inner allocation made with `at.inner`.
         unsafe { self.inner.dealloc(base, at.inner) }

@@ -29,7 +29,7 @@ use harness::*;
 #[cfg(test)]
 mod harness {
     use crate::core::counter::{Counter, Snapshot};
-    use crate::core::pocket::Pocket;
+    use crate::core::pocket::{Place, Pocket};
     use crate::core::stock::{key, key_id, Groups, Key, Mode, Stocks};
     use crate::sync::{AtomicUsize, Ordering};
 
@@ -189,11 +189,17 @@ mod harness {
             }
         }
 
-        /// A pocket for a new thread, as `src/pocket.rs` gives one: a free one from the list,
-        /// else a new one, published. Leaked, like the real ones (which are never freed).
+        /// A pocket for a new thread, put on the list as `src/pocket.rs` puts a thread's own:
+        /// in a free place, else in a new one, published. Leaked (a real one lives in its
+        /// thread's thread-local block; places are never freed).
         pub(crate) fn pocket(&self) -> &'static Pocket {
-            let fresh = || Some(&*Box::leak(Box::new(Pocket::new())));
-            self.stocks.pockets().adopt(fresh).expect("a fresh pocket")
+            let p = &*Box::leak(Box::new(Pocket::new()));
+            let fresh = || Some(&*Box::leak(Box::new(Place::new())));
+            assert!(
+                self.stocks.pockets().adopt(p, fresh),
+                "a place for the pocket"
+            );
+            p
         }
 
         /// An allocation of `bytes` (one block) by the owner of pocket `p`, in group `id`,
@@ -294,6 +300,12 @@ mod harness {
         let mut builder = loom::model::Builder::new();
         if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
             builder.preemption_bound = Some(preemptions);
+        }
+        // The longest paths (a charge refused at a limit draining three times, each drain's
+        // counted walk of the pockets and its stop, while another thread is inside a fill)
+        // pass loom's default of 1,000 branches; `LOOM_MAX_BRANCHES` overrides this.
+        if std::env::var_os("LOOM_MAX_BRANCHES").is_none() {
+            builder.max_branches = 4_000;
         }
         let log = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("LOOM_LOG"))

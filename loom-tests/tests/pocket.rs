@@ -22,6 +22,7 @@
 //! live blocks' pads), and no drain stays counted in.
 
 use crate::core::counter::Snapshot;
+use crate::core::pocket::Pocket;
 use crate::core::stock::{key, Key};
 use crate::{model, under, World, ROOT};
 
@@ -564,8 +565,16 @@ mod retire {
             let b = loom::thread::spawn(move || w.stocks.drain(|_| true));
             a.join().unwrap();
             b.join().unwrap();
-            assert!(!p.is_live(), "a retired pocket is free for the next thread");
-            assert!(std::ptr::eq(w.pocket(), p), "the next thread adopts it");
+            assert!(!p.is_live(), "a retired pocket is off the list");
+            let q = w.pocket();
+            assert!(
+                w.stocks
+                    .pockets()
+                    .iter()
+                    .map(|r| r as *const Pocket)
+                    .eq([q as *const Pocket]),
+                "the next thread's pocket takes the freed place"
+            );
             w.flush();
 
             let c = Expect {
@@ -589,5 +598,48 @@ mod retire {
     #[test]
     fn retire_races_drain_extra_applied_once() {
         retire_races_drain(PAD);
+    }
+}
+
+// ---- 5. A thread going while another walks the pockets ------------------------------------
+
+mod abandon {
+    use super::*;
+    use loom::sync::atomic::{AtomicBool, Ordering};
+
+    /// A pocket lives in its thread's thread-local block, which goes with the thread once its
+    /// exit hook has taken the pocket off the list (`retire_pocket`, then `abandon`). Thread
+    /// A is that hook, and marks the pocket gone once it returns; thread B walks the pockets
+    /// (a counted walk, as a drain's look is) and touches each one it reaches. B must never
+    /// reach a pocket already gone: `abandon` clears the pocket's place, then waits for every
+    /// walk counted before it looked. Without the wait, B can load the place before it is
+    /// cleared and touch the pocket after A is done.
+    #[test]
+    fn no_walk_reaches_a_pocket_whose_thread_went() {
+        model(3, || {
+            let w = World::new(&[ROOT], BATCH);
+            let p = w.pocket();
+            let gone: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+            let a = loom::thread::spawn(move || {
+                w.stocks.retire_pocket(p);
+                gone.store(true, Ordering::SeqCst);
+            });
+            let b = loom::thread::spawn(move || {
+                w.stocks.pockets().any_pocket(|q| {
+                    let live = q.is_live();
+                    assert!(!gone.load(Ordering::SeqCst), "a walk reached a gone pocket");
+                    let _ = live;
+                    false
+                })
+            });
+            a.join().unwrap();
+            b.join().unwrap();
+            assert!(!p.is_live());
+            assert_eq!(
+                w.stocks.pockets().iter().count(),
+                0,
+                "no pocket on the list"
+            );
+        });
     }
 }

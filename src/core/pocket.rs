@@ -17,42 +17,61 @@
 //! the owner's path has no locked instruction and no fence, and a pocket's word is written
 //! either by its owner (while no taker runs) or by takers (with atomic read-modify-writes).
 //!
-//! Pockets are never freed: the embedding keeps them on one list that only grows, and a
-//! pocket whose thread exited is emptied and reused by the next new thread. So a taker walks
-//! the list with no lock.
+//! A pocket lives in its owner's thread-local block (so the owner reaches it with no pointer
+//! to load), and is named on a list of places that only grows and whose places are never
+//! freed: a thread that exits empties its pocket and frees its place for the next new
+//! thread. Takers walk the list with no lock; what keeps a pocket they reach from going away
+//! with its thread is the walk's count: every walk is counted (in `walkers`, or in `stop` for
+//! a taker), and an exiting thread, having cleared its place, waits until no walk is counted,
+//! so no walker can still hold a pointer into its thread-local block (both sides sequentially
+//! consistent: either the walker's count is seen, or the cleared place is).
 
-use crate::sync::{light_fence, spin_hint, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use crate::sync::{
+    fence, light_fence, spin_hint, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering,
+};
 
-/// One thread's pocket, on its own cache line (only its owner writes it, except for takers).
-#[repr(C, align(64))]
+// `Pocket::new` is `const` for the thread-local block it lives in; loom's atomics are not.
+
+/// One thread's pocket, in its thread-local block (only its owner writes it, except for
+/// takers).
+#[repr(C)]
 pub(crate) struct Pocket {
     /// Raised by the owner around each access to `word`.
     busy: AtomicU32,
-    /// Owned by a thread; false: free for the next new thread.
+    /// On the list (between `adopt` and `abandon`).
     live: AtomicBool,
-    /// The content: a stock slot word (see `super::stock`), 0 when unclaimed.
+    /// The content: a stock slot word (see `super::stock`), 0 when unclaimed (always, for a
+    /// pocket not on the list: its owner's fast paths then fail, and its slow paths decide).
     pub(super) word: AtomicU64,
     /// Overhead bytes the blocks counted in `word` add to the tag formula (wrapping: the sum
     /// of +pad per allocation and -pad per free), due to the group of `word` with it. Changed
     /// only with counts in `word`, so a word without content has none.
     pub(super) extra: AtomicU64,
-    /// The next pocket on the list; set before the pocket is published, then fixed.
-    next: AtomicPtr<Pocket>,
 }
 
 impl Pocket {
-    /// A pocket for a new thread (made at run time only, so one `new` serves loom too).
-    pub(crate) fn new() -> Pocket {
+    /// A thread's pocket, off the list.
+    #[cfg(not(memgroup_loom))]
+    pub(crate) const fn new() -> Pocket {
         Pocket {
             busy: AtomicU32::new(0),
-            live: AtomicBool::new(true),
+            live: AtomicBool::new(false),
             word: AtomicU64::new(0),
             extra: AtomicU64::new(0),
-            next: AtomicPtr::new(core::ptr::null_mut()),
         }
     }
 
-    /// Whether a thread owns it.
+    #[cfg(memgroup_loom)]
+    pub(crate) fn new() -> Pocket {
+        Pocket {
+            busy: AtomicU32::new(0),
+            live: AtomicBool::new(false),
+            word: AtomicU64::new(0),
+            extra: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether it is on the list.
     pub(crate) fn is_live(&self) -> bool {
         self.live.load(Ordering::Acquire)
     }
@@ -107,11 +126,40 @@ impl Pocket {
     }
 }
 
-/// Every pocket, and the count of takers at work.
+/// A place on the list of pockets: never freed; free (null) for the next new thread once its
+/// pocket's thread is gone.
+pub(crate) struct Place {
+    pocket: AtomicPtr<Pocket>,
+    /// The next place on the list; set before the place is published, then fixed.
+    next: AtomicPtr<Place>,
+}
+
+impl Place {
+    #[cfg(not(memgroup_loom))]
+    pub(crate) const fn new() -> Place {
+        Place {
+            pocket: AtomicPtr::new(core::ptr::null_mut()),
+            next: AtomicPtr::new(core::ptr::null_mut()),
+        }
+    }
+
+    #[cfg(memgroup_loom)]
+    pub(crate) fn new() -> Place {
+        Place {
+            pocket: AtomicPtr::new(core::ptr::null_mut()),
+            next: AtomicPtr::new(core::ptr::null_mut()),
+        }
+    }
+}
+
+/// Every pocket, the count of takers at work, and the count of other walks.
 pub(crate) struct Pockets {
-    head: AtomicPtr<Pocket>,
+    head: AtomicPtr<Place>,
     /// Takers at work (and a `fork()` in progress): owners keep out of their words meanwhile.
+    /// A taker's walk is counted here.
     pub(super) stop: AtomicU32,
+    /// Walks that are not a taker's (`any`).
+    walkers: AtomicU32,
 }
 
 impl Pockets {
@@ -120,6 +168,7 @@ impl Pockets {
         Pockets {
             head: AtomicPtr::new(core::ptr::null_mut()),
             stop: AtomicU32::new(0),
+            walkers: AtomicU32::new(0),
         }
     }
 
@@ -128,65 +177,124 @@ impl Pockets {
         Pockets {
             head: AtomicPtr::new(core::ptr::null_mut()),
             stop: AtomicU32::new(0),
+            walkers: AtomicU32::new(0),
         }
     }
 
-    /// A pocket for a new thread: a free one from the list, else `fresh` (a new, zeroed,
-    /// never-freed pocket, or `None` if none can be had), which is published.
-    pub(crate) fn adopt(
-        &self,
-        fresh: impl FnOnce() -> Option<&'static Pocket>,
-    ) -> Option<&'static Pocket> {
-        for p in self.iter() {
-            if !p.live.load(Ordering::Relaxed)
-                && p.live
-                    .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+    /// Puts a thread's pocket on the list: in a free place, else in `fresh` (a new, never
+    /// freed place, or `None` if none can be had: then the pocket stays off the list and
+    /// this returns false), which is published. The pocket must hold nothing, and stay where
+    /// it is until `abandon`.
+    pub(crate) fn adopt(&self, p: &Pocket, fresh: impl FnOnce() -> Option<&'static Place>) -> bool {
+        let ptr = p as *const Pocket as *mut Pocket;
+        p.live.store(true, Ordering::Relaxed);
+        for place in self.places() {
+            if place.pocket.load(Ordering::Relaxed).is_null()
+                && place
+                    .pocket
+                    .compare_exchange(
+                        core::ptr::null_mut(),
+                        ptr,
+                        Ordering::SeqCst,
+                        Ordering::Relaxed,
+                    )
                     .is_ok()
             {
-                return Some(p);
+                return true;
             }
         }
-        let p = fresh()?;
+        let Some(place) = fresh() else {
+            p.live.store(false, Ordering::Relaxed);
+            return false;
+        };
+        place.pocket.store(ptr, Ordering::Relaxed);
         let mut head = self.head.load(Ordering::Relaxed);
         loop {
-            p.next.store(head, Ordering::Relaxed);
+            place.next.store(head, Ordering::Relaxed);
             match self.head.compare_exchange_weak(
                 head,
-                p as *const Pocket as *mut Pocket,
-                Ordering::Release,
+                place as *const Place as *mut Place,
+                Ordering::SeqCst,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Some(p),
+                Ok(_) => return true,
                 Err(now) => head = now,
             }
         }
     }
 
-    /// Gives a pocket up for reuse, once its owner took its word out.
+    /// Takes a pocket off the list, once its owner took its word out, and waits until no
+    /// walk can still reach it: then its thread may go, and its thread-local block with it.
     pub(crate) fn abandon(&self, p: &Pocket) {
+        let ptr = p as *const Pocket as *mut Pocket;
+        for place in self.places() {
+            if place.pocket.load(Ordering::Relaxed) == ptr {
+                place.pocket.store(core::ptr::null_mut(), Ordering::SeqCst);
+            }
+        }
         p.live.store(false, Ordering::Release);
+        // A walk counted after these loads starts after the store above, so it cannot see
+        // the pocket; one counted before them is waited for. (The fences pair the store and
+        // these loads with a walk's count and its loads of the places: sequentially
+        // consistent accesses alone do not order a store before a later load in loom's
+        // model.) Walks are short (a taker's is a drain), and `fork()` holds one only across
+        // the fork.
+        fence(Ordering::SeqCst);
+        let mut spins = 0u32;
+        while self.stop.load(Ordering::SeqCst) != 0 || self.walkers.load(Ordering::SeqCst) != 0 {
+            spins = spins.wrapping_add(1);
+            if spins & 63 == 0 && !cfg!(memgroup_loom) {
+                std::thread::yield_now();
+            } else {
+                spin_hint();
+            }
+        }
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &'static Pocket> {
-        let mut p = self.head.load(Ordering::Acquire);
+    fn places(&self) -> impl Iterator<Item = &'static Place> {
+        let mut place = self.head.load(Ordering::SeqCst);
         core::iter::from_fn(move || {
-            // SAFETY: pockets on the list are never freed, and `next` was set before the
-            // pocket was published (Release/Acquire on `head`).
-            let this: &'static Pocket = unsafe { p.as_ref()? };
-            p = this.next.load(Ordering::Relaxed);
+            // SAFETY: places on the list are never freed, and `next` was set before the place
+            // was published (on `head`, sequentially consistent).
+            let this: &'static Place = unsafe { place.as_ref()? };
+            place = this.next.load(Ordering::Relaxed);
             Some(this)
         })
+    }
+
+    /// The pockets on the list. Only for a walk counted in `stop` (between `stop` and
+    /// `resume`), for a `fork()` child (whose only thread is the caller), or for the owners'
+    /// own pockets: a pocket reached otherwise may be gone with its thread.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Pocket> {
+        self.places().filter_map(|place| {
+            // SAFETY: a pocket on the list stays in place until `abandon`, which waits for the
+            // walks counted in `stop` or `walkers` (the caller's walk is one of them, or no
+            // other thread runs) before its thread may go.
+            unsafe { place.pocket.load(Ordering::SeqCst).as_ref() }
+        })
+    }
+
+    /// Whether any pocket satisfies `pred`: a walk counted in `walkers`, so that no pocket
+    /// it reaches goes away meanwhile.
+    pub(crate) fn any_pocket(&self, pred: impl Fn(&Pocket) -> bool) -> bool {
+        self.walkers.fetch_add(1, Ordering::SeqCst);
+        // Before the places are read (see `abandon`).
+        fence(Ordering::SeqCst);
+        let found = self.iter().any(pred);
+        self.walkers.fetch_sub(1, Ordering::SeqCst);
+        found
     }
 
     /// Whether any pocket's word satisfies `pred` (a racy look, to skip a stop that would find
     /// nothing).
     pub(super) fn any(&self, pred: impl Fn(u64) -> bool) -> bool {
-        self.iter().any(|p| pred(p.word.load(Ordering::SeqCst)))
+        self.any_pocket(|p| pred(p.word.load(Ordering::SeqCst)))
     }
 
     /// Keeps every owner out of its word until `resume`: raises `stop`, runs `barrier` (after
     /// which every owner's `busy` store is visible, or its `stop` load sees ours), and waits
-    /// for the owners in their words to leave.
+    /// for the owners in their words to leave. The caller's walk of the pockets, until
+    /// `resume`, is counted in `stop` (see `abandon`).
     pub(super) fn stop(&self, barrier: impl FnOnce()) {
         self.stop.fetch_add(1, Ordering::SeqCst);
         barrier();
@@ -219,6 +327,7 @@ impl Pockets {
                 p.extra.store(0, Ordering::Relaxed);
             }
         }
+        self.walkers.store(0, Ordering::SeqCst);
         self.stop.store(0, Ordering::SeqCst);
     }
 }

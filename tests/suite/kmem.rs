@@ -206,6 +206,46 @@ fn small_kernel_allocations_are_exact_after_flush() {
     assert_eq!(exact(&other).usage, 0);
 }
 
+/// The kind of a new block follows the innermost scope, however `kernel` and `enter` nest: a
+/// group entered inside `kernel` charges kernel memory until the scope ends, then user memory
+/// (the guard outliving it), and the group left inside `kernel` charges kernel memory again.
+#[test]
+fn kind_follows_kernel_scope_across_enter() {
+    let g = fresh("kmem-nest");
+    let h = fresh_child(&g, "inner");
+    // Whether a block of `size` made by `make` raised `grp`'s usage and its kmem.
+    let kind = |grp: &Group, make: &dyn Fn() -> Block| -> (bool, bool) {
+        let before = exact(grp);
+        let b = make();
+        let after = exact(grp);
+        drop(std::hint::black_box(b));
+        (
+            after.usage >= before.usage + 700,
+            after.kmem >= before.kmem + 700,
+        )
+    };
+    let block = || Block::new(700, 1);
+    // Entered inside kernel(..), the guard outliving the scope.
+    g.run(|| {
+        let guard = kernel(|| h.enter());
+        assert_eq!(kind(&h, &block), (true, false), "after the kernel scope: user");
+        assert_eq!(kind(&h, &|| kernel(block)), (true, true), "in kernel(..) again");
+        drop(guard);
+        assert_eq!(kind(&g, &block), (true, false), "g again, user");
+    });
+    // A guard made and dropped inside kernel(..): the group left is charged kernel memory.
+    g.run(|| {
+        kernel(|| {
+            let e = h.enter();
+            assert_eq!(kind(&h, &block), (true, true), "h, entered in kernel(..)");
+            drop(e);
+            assert_eq!(kind(&g, &block), (true, true), "g, h left in kernel(..)");
+            assert_eq!(kind(&h, &block), (false, false), "h left");
+        });
+        assert_eq!(kind(&g, &block), (true, false), "g, after kernel(..)");
+    });
+}
+
 /// A kernel block stays kernel memory through realloc, wherever the realloc happens.
 #[test]
 fn realloc_keeps_the_kind() {

@@ -588,6 +588,49 @@ fn pockets_of_exited_threads_are_emptied_and_reused() {
     h.remove().expect("remove");
 }
 
+/// Short threads exit, their pockets holding content, while another thread drains over and
+/// over (each drain walks the pockets, reaching into their threads' thread-local blocks): an
+/// exiting thread's pocket leaves the list before its thread goes, and no walk still holds
+/// it. 32 threads at a time: their 2 MiB stacks (thread-local blocks included) overflow
+/// glibc's 40 MiB stack cache, so some are unmapped at exit, and a walk reaching a gone
+/// thread's block would touch unmapped memory. The figures end exact.
+#[test]
+fn threads_exit_while_drains_walk_their_pockets() {
+    let _s = serial();
+    assert_pockets_on_by_default();
+    let g = fresh("pk-exit-drained");
+    let stop = Arc::new(AtomicBool::new(false));
+    let drainer = start_drainer(std::slice::from_ref(&g), &stop);
+    let (rounds, width) = (20usize, 32usize);
+    for round in 0..rounds {
+        let threads: Vec<_> = (0..width)
+            .map(|t| {
+                let g = g.clone();
+                std::thread::spawn(move || {
+                    let mut held = Vec::with_capacity(10);
+                    g.run(|| {
+                        for k in 0..10usize {
+                            held.push(Block::new((round * 5 + t * 3 + k) % 200 + 1, 1));
+                        }
+                        held.truncate(3);
+                    });
+                    held
+                })
+            })
+            .collect();
+        for t in threads {
+            drop(t.join().expect("short thread"));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (drains, _) = drainer.join().expect("drainer");
+    assert!(drains > 0, "the drainer ran");
+    let s = exact(&g);
+    let n = (rounds * width * 10) as u64;
+    assert_eq!((s.usage, s.overhead, s.allocs, s.frees), (0, 0, n, n), "{s:?}");
+    g.remove().expect("remove");
+}
+
 // ---- 5. removal while a parked thread's pocket holds the group's bytes --------------------------
 
 /// A helper inside a child group keeps blocks and frees others into its pocket, and waits,
