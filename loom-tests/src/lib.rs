@@ -284,7 +284,8 @@ mod harness {
     }
 
     /// Runs `f` under loom, exploring every interleaving with at most `preemptions`
-    /// preemptions (`LOOM_MAX_PREEMPTIONS`, if set, overrides it). `LOOM_LOG=trace` (with
+    /// preemptions (`LOOM_MAX_PREEMPTIONS`, if set, overrides it) and executions of at most
+    /// 10,000 branches (`LOOM_MAX_BRANCHES` overrides it). `LOOM_LOG=trace` (with
     /// `LOOM_LOCATION=1` for source locations) logs every execution's operations; the last one
     /// logged before a failure is the failing interleaving.
     pub(crate) fn model<F>(preemptions: usize, f: F)
@@ -294,6 +295,12 @@ mod harness {
         let mut builder = loom::model::Builder::new();
         if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
             builder.preemption_bound = Some(preemptions);
+        }
+        // The scans of the per-CPU counts (`Stocks::quiescent`, the wait before a refused
+        // charge drains) and the backoff's rounds make longer executions than loom's default
+        // of 1,000 branches allows.
+        if std::env::var_os("LOOM_MAX_BRANCHES").is_none() {
+            builder.max_branches = 10_000;
         }
         let log = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("LOOM_LOG"))

@@ -21,7 +21,7 @@
 //! pocket whose thread exited is emptied and reused by the next new thread. So a taker walks
 //! the list with no lock.
 
-use crate::sync::{light_fence, spin_hint, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use crate::sync::{light_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Backoff, Ordering};
 
 /// One thread's pocket, on its own cache line (only its owner writes it, except for takers).
 #[repr(C, align(64))]
@@ -191,15 +191,11 @@ impl Pockets {
         self.stop.fetch_add(1, Ordering::SeqCst);
         barrier();
         for p in self.iter() {
-            let mut spins = 0u32;
+            let mut backoff = Backoff::new();
             while p.busy.load(Ordering::Acquire) != 0 {
-                // An owner is a few instructions from leaving, unless it was preempted there.
-                spins = spins.wrapping_add(1);
-                if spins & 63 == 0 && !cfg!(memgroup_loom) {
-                    std::thread::yield_now();
-                } else {
-                    spin_hint();
-                }
+                // An owner is a few instructions from leaving, unless it was preempted there
+                // (perhaps on this CPU, by this thread): the backoff lets it run.
+                backoff.wait();
             }
         }
     }
