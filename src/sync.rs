@@ -36,17 +36,6 @@ pub(crate) fn light_fence() {
     loom::sync::atomic::fence(Ordering::SeqCst);
 }
 
-/// Spin-wait hint: a real `spin_loop` hint in the allocator, a yield to the scheduler under loom
-/// (loom needs to see the waiting thread give way, or the model never terminates). For a loop
-/// that waits for another thread, use `Backoff`, which moves on to yielding and sleeping.
-#[inline]
-pub(crate) fn spin_hint() {
-    #[cfg(not(memgroup_loom))]
-    core::hint::spin_loop();
-    #[cfg(memgroup_loom)]
-    loom::thread::yield_now();
-}
-
 /// The one way memgroup waits for another thread (a lock holder, a pocket's owner, a refill in
 /// flight): a few rounds of spinning, for the common case of a holder running on another CPU a
 /// few instructions from done; then yields of the CPU (`sched_yield`), so that a holder

@@ -964,10 +964,22 @@ const CHILD_PANIC: i32 = 128;
 const CHILD_BITS: &str =
     "churned a 1, churned b 2, pre 4, new group 8, thread 16, limit 32, pockets 64, panic 128";
 
-/// Forks `count` children that run `child` (its result is the exit status; a panic is
-/// `CHILD_PANIC`) and `_exit`; each must exit in time, with status 0.
+/// `n`, or a few under `MEMGROUP_TEST_QUICK=1`: what `.ci/run` sets when it runs this suite
+/// under valgrind, where each forked child costs about a second (valgrind's own work at the
+/// fork and the leak check at the child's exit; a child's own checks take milliseconds).
+fn quick_or(n: usize, quick: usize) -> usize {
+    if std::env::var_os("MEMGROUP_TEST_QUICK").is_some_and(|v| v != "0") {
+        n.min(quick)
+    } else {
+        n
+    }
+}
+
+/// Forks `count` children (a few under `MEMGROUP_TEST_QUICK`, see `quick_or`) that run `child`
+/// (its result is the exit status; a panic is `CHILD_PANIC`) and `_exit`; each must exit in
+/// time, with status 0.
 fn fork_children(count: usize, limit: Duration, child: impl Fn(usize) -> i32) {
-    for i in 0..count {
+    for i in 0..quick_or(count, 4) {
         // SAFETY: the child allocates (which the allocator supports after fork), may start a
         // thread, and leaves with _exit, never returning into the test harness.
         let pid = unsafe { libc::fork() };
@@ -1330,7 +1342,8 @@ fn waits_progress_on_one_cpu() {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
-        let failed = std::panic::catch_unwind(|| one_cpu_child(1500)).unwrap_or(128);
+        let rounds = quick_or(1500, 150);
+        let failed = std::panic::catch_unwind(|| one_cpu_child(rounds)).unwrap_or(128);
         // SAFETY: _exit is async-signal-safe and skips atexit handlers and destructors.
         unsafe { libc::_exit(failed) };
     }
