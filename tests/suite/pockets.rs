@@ -964,21 +964,31 @@ const CHILD_PANIC: i32 = 128;
 const CHILD_BITS: &str =
     "churned a 1, churned b 2, pre 4, new group 8, thread 16, limit 32, pockets 64, panic 128";
 
-/// `n`, or a few under `MEMGROUP_TEST_QUICK=1`: what `.ci/run` sets when it runs this suite
-/// under valgrind, where each forked child costs about a second (valgrind's own work at the
-/// fork and the leak check at the child's exit; a child's own checks take milliseconds).
-fn quick_or(n: usize, quick: usize) -> usize {
-    if std::env::var_os("MEMGROUP_TEST_QUICK").is_some_and(|v| v != "0") {
-        n.min(quick)
+/// Whether `MEMGROUP_TEST_QUICK=1`: what `.ci/run` sets when it runs this suite under
+/// valgrind, where each forked child costs a second or more (valgrind's own work at the fork
+/// and its leak check at the child's exit; a child's own checks take milliseconds).
+fn quick() -> bool {
+    std::env::var_os("MEMGROUP_TEST_QUICK").is_some_and(|v| v != "0")
+}
+
+/// `n`, or `few` if `quick()`.
+fn quick_or(n: usize, few: usize) -> usize {
+    if quick() {
+        n.min(few)
     } else {
         n
     }
 }
 
-/// Forks `count` children (a few under `MEMGROUP_TEST_QUICK`, see `quick_or`) that run `child`
-/// (its result is the exit status; a panic is `CHILD_PANIC`) and `_exit`; each must exit in
-/// time, with status 0.
+/// Forks `count` children (4 if `quick()`) that run `child` (its result is the exit status; a
+/// panic is `CHILD_PANIC`) and `_exit`; each must exit within `limit` (60 s if `quick()`), with
+/// status 0.
 fn fork_children(count: usize, limit: Duration, child: impl Fn(usize) -> i32) {
+    let limit = if quick() {
+        limit.max(Duration::from_secs(60))
+    } else {
+        limit
+    };
     for i in 0..quick_or(count, 4) {
         // SAFETY: the child allocates (which the allocator supports after fork), may start a
         // thread, and leaves with _exit, never returning into the test harness.
