@@ -239,8 +239,9 @@ fn init() -> *mut Node {
         .compare_exchange(0, 1, Ordering::Acquire, Ordering::Acquire)
         .is_err()
     {
+        let mut backoff = crate::sync::Backoff::new();
         while INIT.load(Ordering::Acquire) != 2 {
-            core::hint::spin_loop();
+            backoff.wait();
         }
         return POOL.load(Ordering::Acquire);
     }

@@ -4,9 +4,9 @@
 use core::cell::UnsafeCell;
 
 use crate::platform;
-use crate::sync::{AtomicBool, AtomicU32, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, Backoff, Ordering};
 
-/// A spin lock (spinning, then yielding): usable inside `dealloc` without allocating, and
+/// A spin lock (waiting with `Backoff`: spinning, then yielding, then sleeping): usable inside `dealloc` without allocating, and
 /// lockable in a `fork()` prepare handler and unlockable in the child, which std's `Mutex` is
 /// not. For short, bounded critical sections that never call user code.
 pub(crate) struct SpinLock<T> {
@@ -33,13 +33,11 @@ impl<T> SpinLock<T> {
     }
 
     pub(crate) fn raw_lock(&self) {
-        let mut spins = 0u32;
+        let mut backoff = Backoff::new();
         while self.locked.swap(true, Ordering::Acquire) {
-            spins += 1;
-            if spins < 64 {
-                core::hint::spin_loop();
-            } else {
-                platform::yield_now();
+            // Wait for it to look free before swapping again (no line bouncing meanwhile).
+            while self.locked.load(Ordering::Relaxed) {
+                backoff.wait();
             }
         }
     }

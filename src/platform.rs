@@ -519,12 +519,6 @@ pub(crate) fn process_id() -> u64 {
     unsafe { libc::getpid() as u64 }
 }
 
-/// Gives up the CPU, for a lock holder that may be descheduled.
-pub(crate) fn yield_now() {
-    // SAFETY: sched_yield has no preconditions.
-    unsafe { libc::sched_yield() };
-}
-
 #[cfg(test)]
 mod tests {
     use super::{parse_size, size_text, Size, SIZE_TEXT};

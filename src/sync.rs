@@ -36,12 +36,49 @@ pub(crate) fn light_fence() {
     loom::sync::atomic::fence(Ordering::SeqCst);
 }
 
-/// Spin-wait hint: a real `spin_loop` hint in the allocator, a yield to the scheduler under loom
-/// (loom needs to see the waiting thread give way, or the model never terminates).
-#[inline]
-pub(crate) fn spin_hint() {
-    #[cfg(not(memgroup_loom))]
-    core::hint::spin_loop();
-    #[cfg(memgroup_loom)]
-    loom::thread::yield_now();
+/// The one way memgroup waits for another thread (a lock holder, a pocket's owner, a refill in
+/// flight): a few rounds of spinning, for the common case of a holder running on another CPU a
+/// few instructions from done; then yields of the CPU (`sched_yield`), so that a holder
+/// preempted on this CPU runs; then short sleeps, so that it runs even when yielding does not
+/// let it (a waiter of higher real-time priority, which `sched_yield` would pick again).
+/// Nothing here allocates. Under loom every round is a yield to the model's scheduler.
+pub(crate) struct Backoff {
+    rounds: u32,
+}
+
+impl Backoff {
+    /// Rounds of spinning before the first yield.
+    pub(crate) const YIELDS_FROM: u32 = 64;
+    /// Rounds (spins and yields) before the first sleep.
+    pub(crate) const SLEEPS_FROM: u32 = 128;
+    /// Each sleep, in microseconds: long enough for a preempted holder to finish, short next
+    /// to a scheduler tick.
+    const SLEEP_US: u64 = 20;
+
+    pub(crate) const fn new() -> Backoff {
+        Backoff { rounds: 0 }
+    }
+
+    /// The rounds waited so far (saturating: the loops it serves may be unbounded).
+    pub(crate) fn rounds(&self) -> u32 {
+        self.rounds
+    }
+
+    /// One round of waiting.
+    #[inline]
+    pub(crate) fn wait(&mut self) {
+        self.rounds = self.rounds.saturating_add(1);
+        #[cfg(memgroup_loom)]
+        loom::thread::yield_now();
+        #[cfg(not(memgroup_loom))]
+        if self.rounds <= Self::YIELDS_FROM {
+            core::hint::spin_loop();
+        } else if self.rounds <= Self::SLEEPS_FROM {
+            // sched_yield(2); allocates nothing.
+            std::thread::yield_now();
+        } else {
+            // nanosleep(2); allocates nothing.
+            std::thread::sleep(core::time::Duration::from_micros(Self::SLEEP_US));
+        }
+    }
 }

@@ -290,7 +290,8 @@ mod harness {
     }
 
     /// Runs `f` under loom, exploring every interleaving with at most `preemptions`
-    /// preemptions (`LOOM_MAX_PREEMPTIONS`, if set, overrides it). `LOOM_LOG=trace` (with
+    /// preemptions (`LOOM_MAX_PREEMPTIONS`, if set, overrides it) and executions of at most
+    /// 10,000 branches (`LOOM_MAX_BRANCHES` overrides it). `LOOM_LOG=trace` (with
     /// `LOOM_LOCATION=1` for source locations) logs every execution's operations; the last one
     /// logged before a failure is the failing interleaving.
     pub(crate) fn model<F>(preemptions: usize, f: F)
@@ -301,11 +302,11 @@ mod harness {
         if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
             builder.preemption_bound = Some(preemptions);
         }
-        // The longest paths (a charge refused at a limit draining three times, each drain's
-        // counted walk of the pockets and its stop, while another thread is inside a fill)
-        // pass loom's default of 1,000 branches; `LOOM_MAX_BRANCHES` overrides this.
+        // The scans of the per-CPU counts (`Stocks::quiescent`, the wait before a refused
+        // charge drains) and the backoff's rounds make longer executions than loom's default
+        // of 1,000 branches allows.
         if std::env::var_os("LOOM_MAX_BRANCHES").is_none() {
-            builder.max_branches = 4_000;
+            builder.max_branches = 10_000;
         }
         let log = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("LOOM_LOG"))

@@ -40,7 +40,7 @@ use crate::core::counter::Counter;
 use crate::core::stock::{key, key_id, key_is_kernel, Key};
 use crate::fork::{self, Participant, Rank};
 use crate::sync::{
-    compiler_fence, fence, spin_hint, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize,
+    compiler_fence, fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Backoff,
     Ordering,
 };
 use crate::{group, platform, tag, TAG_SIZE};
@@ -162,10 +162,11 @@ pub(crate) enum Slow {
 /// thread-exit hook. Allocates nothing. False if the arena cannot work here.
 #[cold]
 pub(crate) fn init() -> bool {
+    let mut backoff = Backoff::new();
     loop {
         match STATE.compare_exchange(0, 1, Ordering::Acquire, Ordering::Acquire) {
             Ok(_) => break,
-            Err(1) => spin_hint(),
+            Err(1) => backoff.wait(),
             Err(s) => return s == READY,
         }
     }
@@ -277,21 +278,10 @@ unsafe fn wait_out(th: *mut ThreadHeap) {
     if ASYM.load(Ordering::Relaxed) && !platform::membarrier() {
         platform::corrupted(b"membarrier failed after registration");
     }
-    let mut spins = 0u32;
+    let mut backoff = Backoff::new();
     // SAFETY: heaps are never unmapped.
     while unsafe { (*th).busy.load(Ordering::SeqCst) } != 0 {
-        backoff(&mut spins);
-    }
-}
-
-/// One wait in a spin loop: a spin hint for the first rounds, then yields. `spins` counts the
-/// rounds (saturating: the loops it serves are unbounded).
-fn backoff(spins: &mut u32) {
-    *spins = spins.saturating_add(1);
-    if *spins < 64 {
-        spin_hint();
-    } else {
-        platform::yield_now();
+        backoff.wait();
     }
 }
 
@@ -535,6 +525,7 @@ unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
     // SAFETY: slab metadata, group heaps and heaps are never unmapped; ownership is re-checked
     // with the owner's heap stopped, when it cannot change.
     unsafe {
+        let mut backoff = Backoff::new();
         loop {
             if (*s).remote.load(Ordering::Acquire) & ORPHAN != 0 {
                 let done = orphan_free(s, size, counted);
@@ -545,12 +536,12 @@ unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
             }
             let gh = (*s).owner.load(Ordering::Acquire);
             if gh.is_null() {
-                spin_hint();
+                backoff.wait();
                 continue;
             }
             let th = (*gh).heap.load(Ordering::Relaxed);
             if th.is_null() {
-                spin_hint();
+                backoff.wait();
                 continue;
             }
             stop(th);
@@ -650,9 +641,9 @@ unsafe fn release(s: *mut Slab) {
         // A notifier (see `notify`) may still hold `NOTIFYING` after its object was freed
         // (through the delayed list) and the slab emptied: let it clear the bit before the slab
         // can be reused, or its late clear would clear a later notifier's.
-        let mut spins = 0u32;
+        let mut backoff = Backoff::new();
         while (*s).remote.load(Ordering::Acquire) & NOTIFYING != 0 {
-            backoff(&mut spins);
+            backoff.wait();
         }
         let key = (*s).key.load(Ordering::Relaxed);
         let c = (*s).class as usize;
@@ -1181,12 +1172,13 @@ unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released
     // SAFETY: per the caller.
     unsafe {
         let r = &(*s).remote;
+        let mut backoff = Backoff::new();
         loop {
             collect(gh, s);
             let w = r.load(Ordering::Acquire);
             if w & NOTIFYING != 0 {
                 // A remote free is handing an object to `gh`: let it finish.
-                spin_hint();
+                backoff.wait();
                 continue;
             }
             if w & PTR_MASK != 0 {

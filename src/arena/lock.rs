@@ -1,8 +1,7 @@
 //! The arena's spin lock: it must work inside `alloc` and `dealloc` without allocating, and is
 //! only held for short, bounded work that never calls user code or the global allocator.
 
-use crate::platform;
-use crate::sync::{spin_hint, AtomicU32, Ordering};
+use crate::sync::{AtomicU32, Backoff, Ordering};
 use core::cell::UnsafeCell;
 
 pub(crate) struct Spin(AtomicU32);
@@ -13,15 +12,10 @@ impl Spin {
     }
 
     pub(crate) fn lock(&self) {
-        let mut spins = 0u32;
+        let mut backoff = Backoff::new();
         while self.0.swap(1, Ordering::Acquire) != 0 {
             while self.0.load(Ordering::Relaxed) != 0 {
-                spins = spins.saturating_add(1);
-                if spins < 64 {
-                    spin_hint();
-                } else {
-                    platform::yield_now();
-                }
+                backoff.wait();
             }
         }
     }

@@ -438,10 +438,14 @@ fn parent_ptr(parent: Option<&Counter>) -> *mut Counter {
 
 /// Adds `bytes` to `field` unless the result would pass `limit`; returns the new value.
 fn add_within(field: &AtomicUsize, bytes: usize, limit: usize) -> Option<usize> {
-    let mut cur = field.load(Ordering::Relaxed);
+    // Acquire, also when the limit refuses: the refusing thread then happens after every charge
+    // whose bytes it saw, and so after the count that a refill raised before charging its
+    // batch (`Stocks::holding`): the wait of a refused charge for refills in flight
+    // (`Stocks::settle_refills`) sees each one whose batch is in the usage that refused it.
+    let mut cur = field.load(Ordering::Acquire);
     loop {
         let new = cur.checked_add(bytes).filter(|&n| n <= limit)?;
-        match field.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
+        match field.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => return Some(new),
             Err(now) => cur = now,
         }

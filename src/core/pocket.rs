@@ -27,7 +27,7 @@
 //! consistent: either the walker's count is seen, or the cleared place is).
 
 use crate::sync::{
-    fence, light_fence, spin_hint, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering,
+    fence, light_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Backoff, Ordering,
 };
 
 // `Pocket::new` is `const` for the thread-local block it lives in; loom's atomics are not.
@@ -240,14 +240,9 @@ impl Pockets {
         // model.) Walks are short (a taker's is a drain), and `fork()` holds one only across
         // the fork.
         fence(Ordering::SeqCst);
-        let mut spins = 0u32;
+        let mut backoff = Backoff::new();
         while self.stop.load(Ordering::SeqCst) != 0 || self.walkers.load(Ordering::SeqCst) != 0 {
-            spins = spins.wrapping_add(1);
-            if spins & 63 == 0 && !cfg!(memgroup_loom) {
-                std::thread::yield_now();
-            } else {
-                spin_hint();
-            }
+            backoff.wait();
         }
     }
 
@@ -299,15 +294,11 @@ impl Pockets {
         self.stop.fetch_add(1, Ordering::SeqCst);
         barrier();
         for p in self.iter() {
-            let mut spins = 0u32;
+            let mut backoff = Backoff::new();
             while p.busy.load(Ordering::Acquire) != 0 {
-                // An owner is a few instructions from leaving, unless it was preempted there.
-                spins = spins.wrapping_add(1);
-                if spins & 63 == 0 && !cfg!(memgroup_loom) {
-                    std::thread::yield_now();
-                } else {
-                    spin_hint();
-                }
+                // An owner is a few instructions from leaving, unless it was preempted there
+                // (perhaps on this CPU, by this thread): the backoff lets it run.
+                backoff.wait();
             }
         }
     }

@@ -21,16 +21,20 @@
 //! Pockets are filled from and emptied into this CPU's slots, and drains take their content as
 //! they take the slots'.
 //!
-//! Every operation that holds bytes or counts outside a slot (a drain, an eviction, a refill
-//! between charging its batch and depositing it) counts itself in `in_hand`. Two things rest
-//! on it: the group table reuses a freed record only after seeing `in_hand == 0`, so no word
-//! naming it is still in someone's hands (see `Stocks::quiescent`); and a charge about to be
-//! refused at a limit waits for `in_hand == 0` before it drains, so bytes in flight are back
-//! in slots where the drain can take them.
+//! Every operation that holds bytes or counts outside a slot counts itself in, for as long
+//! as it holds them: a refill between charging its batch and depositing it, a pocket fill, an
+//! eviction, in the `in_hand` count of the CPU whose slots it works on (a line that CPU's
+//! slow paths write anyway); a drain, a retired pocket, in `draining`, one count for the whole
+//! process (drains already visit every CPU's line). Two things rest on these counts: the
+//! group table reuses a freed record only after seeing every count at 0, so no word naming it
+//! is still in someone's hands (see `Stocks::quiescent`); and a charge about to be refused at
+//! a limit waits for the counts to drop before it drains, so bytes in flight are back in slots
+//! where the drain can take them. A single count for every CPU would be written twice per
+//! refill by every CPU, bouncing its line between them: what the stocks exist to avoid.
 
 use super::counter::{Counter, Event, CRITICAL};
 use super::pocket::{Pocket, Pockets};
-use crate::sync::{fence, spin_hint, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{fence, AtomicU32, AtomicU64, AtomicUsize, Backoff, Ordering};
 
 /// Slots per CPU. Loom models use two, to stay small.
 pub(crate) const SLOTS: usize = if cfg!(memgroup_loom) { 2 } else { 7 };
@@ -39,6 +43,15 @@ pub(crate) const SLOTS: usize = if cfg!(memgroup_loom) { 2 } else { 7 };
 /// the refusal stands (the kernel retries reclaim up to 16 times; a drain is cheaper to repeat
 /// but rarely finds more than a concurrent refill or two).
 const DRAINS: u32 = 3;
+
+/// How long `settle_refills` waits, in `Backoff` rounds: through the spins and the yields
+/// and a few sleeps, time for a preempted holder to be run again. Loom yields at every round,
+/// so a few are enough there and many would only slow it.
+const SETTLE_ROUNDS: u32 = if cfg!(memgroup_loom) {
+    4
+} else {
+    Backoff::SLEEPS_FROM + 4
+};
 
 /// The largest batch: a slot never holds more bytes than a batch.
 pub(crate) const MAX_BATCH: usize = 1 << 23;
@@ -162,12 +175,15 @@ const fn word_frees(w: u64) -> u64 {
     COUNT_MAX - ((w >> FREES_SHIFT) & COUNT_MAX)
 }
 
-/// One CPU's slots, on their own cache line.
+/// One CPU's slots, on their own cache line (64 bytes: seven slots and two counts).
 #[repr(C, align(64))]
 pub(crate) struct CpuStock {
     slots: [AtomicU64; SLOTS],
     /// Round-robin eviction cursor; a hint, so racy updates are fine.
-    victim: AtomicU64,
+    victim: AtomicU32,
+    /// Slow paths working on these slots that hold bytes or counts outside any slot (see
+    /// `Stocks::holding`).
+    in_hand: AtomicU32,
 }
 
 impl CpuStock {
@@ -175,7 +191,8 @@ impl CpuStock {
     pub(crate) const fn new() -> CpuStock {
         CpuStock {
             slots: [const { AtomicU64::new(0) }; SLOTS],
-            victim: AtomicU64::new(0),
+            victim: AtomicU32::new(0),
+            in_hand: AtomicU32::new(0),
         }
     }
 
@@ -183,7 +200,8 @@ impl CpuStock {
     pub(crate) fn new() -> CpuStock {
         CpuStock {
             slots: core::array::from_fn(|_| AtomicU64::new(0)),
-            victim: AtomicU64::new(0),
+            victim: AtomicU32::new(0),
+            in_hand: AtomicU32::new(0),
         }
     }
 }
@@ -191,12 +209,13 @@ impl CpuStock {
 /// The stocks of all CPUs, and the charge and uncharge paths through them.
 pub(crate) struct Stocks<G: Groups, const N: usize> {
     cpus: [CpuStock; N],
-    /// One more than the highest CPU index that ever held a slot: drains look no further.
+    /// One more than the highest CPU index whose slots or `in_hand` were ever used: drains and
+    /// the scans of the counts look no further. Written at most once per CPU.
     span: AtomicUsize,
     batch: AtomicUsize,
-    /// Operations holding bytes or counts outside any slot: drains, evictions, and the slow
-    /// paths between taking a slot's content (or charging a batch) and putting it back.
-    in_hand: AtomicUsize,
+    /// Drains (and retired pockets) holding words taken out of slots or pockets, not yet
+    /// applied. On a line of its own: the one above is read by every fast path.
+    draining: Draining,
     pockets: Pockets,
     groups: G,
 }
@@ -210,7 +229,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             cpus: [const { CpuStock::new() }; N],
             span: AtomicUsize::new(0),
             batch: AtomicUsize::new(batch),
-            in_hand: AtomicUsize::new(0),
+            draining: Draining(AtomicU32::new(0)),
             pockets: Pockets::new(),
             groups,
         }
@@ -223,7 +242,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             cpus: core::array::from_fn(|_| CpuStock::new()),
             span: AtomicUsize::new(0),
             batch: AtomicUsize::new(batch),
-            in_hand: AtomicUsize::new(0),
+            draining: Draining(AtomicU32::new(0)),
             pockets: Pockets::new(),
             groups,
         }
@@ -321,7 +340,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     pub(crate) fn fill(&self, cpu: usize, p: &Pocket, key: Key) {
         let stop = &self.pockets.stop;
         let c = self.groups.counter(key_id(key));
-        self.holding(|| {
+        self.holding(cpu, || {
             let Some((held, extra)) = p.take_own(stop) else {
                 return;
             };
@@ -372,7 +391,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// the parent's other threads) into the counters, and frees it for the next new thread.
     /// Its owner must not use it any more.
     pub(crate) fn retire_pocket(&self, p: &Pocket) {
-        self.holding(|| {
+        self.holding_drain(|| {
             let w = p.word.swap(0, Ordering::SeqCst);
             // Whoever takes a word takes its extra (a drain may have taken both first).
             if w != 0 {
@@ -400,7 +419,10 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// thread held in its hands at the fork (a slot's content between take and deposit) is
     /// lost to the child, which can be off by that much.
     pub(crate) fn reset_in_child(&self, own: *const Pocket) {
-        self.in_hand.store(0, Ordering::SeqCst);
+        for stock in &self.cpus {
+            stock.in_hand.store(0, Ordering::SeqCst);
+        }
+        self.draining.0.store(0, Ordering::SeqCst);
         self.pockets.reset_in_child();
         for p in self.pockets.iter() {
             if !core::ptr::eq(p, own) && p.is_live() {
@@ -442,7 +464,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         }
         // Empty our slot into our hands, then put back what is left after this charge, with a
         // batch from the counters if it is short.
-        let refilled = self.holding(|| {
+        let refilled = self.holding(cpu, || {
             let held = self.take(cpu, key);
             c.count(word_allocs(held), word_frees(held));
             let have = word_bytes(held) as usize;
@@ -486,18 +508,67 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             c.count(0, objects);
             self.release(c, key_is_kernel(key), bytes);
         } else {
-            self.holding(|| self.deposit(cpu, key, c, bytes, 0, objects));
+            self.holding(cpu, || self.deposit(cpu, key, c, bytes, 0, objects));
             self.recheck(c);
         }
     }
 
-    /// Runs `f`, which may hold bytes or counts taken out of a slot (or a batch charged to the
-    /// counters and not yet in a slot), counted in `in_hand` meanwhile.
-    fn holding<R>(&self, f: impl FnOnce() -> R) -> R {
-        self.in_hand.fetch_add(1, Ordering::SeqCst);
+    /// Runs `f`, which may hold bytes or counts taken out of a slot of `cpu` (or a batch
+    /// charged to the counters and not yet in a slot), counted in that CPU's `in_hand`
+    /// meanwhile: the count of the CPU the operation works on, not necessarily the one it runs
+    /// on (it may migrate), so it is raised and lowered on the same line.
+    ///
+    /// Orderings: `span` is raised (if it must be) before the count, and the scans
+    /// (`quiescent`, `settle_refills`) load `span` before the counts, all sequentially
+    /// consistent. So a scan that loads `span` after this raise, in that single order, sees
+    /// this CPU in its range, and its load of the count, later still, sees the count raised
+    /// until `f` is done: a holder that raised its count before a scan began is never missed.
+    fn holding<R>(&self, cpu: usize, f: impl FnOnce() -> R) -> R {
+        let i = cpu & (N - 1);
+        // A sequentially consistent load (not a relaxed one): when it sees another thread's
+        // raise, that raise precedes this count's in the single order too.
+        if self.span.load(Ordering::SeqCst) <= i {
+            self.span.fetch_max(i + 1, Ordering::SeqCst);
+        }
+        let count = &self.cpus[i].in_hand;
+        count.fetch_add(1, Ordering::SeqCst);
         let r = f();
-        self.in_hand.fetch_sub(1, Ordering::SeqCst);
+        count.fetch_sub(1, Ordering::SeqCst);
         r
+    }
+
+    /// Runs `f` (a drain, or the retire of a pocket), which may hold words taken out of slots
+    /// or pockets of any CPU, counted in `draining` meanwhile.
+    fn holding_drain<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.draining.0.fetch_add(1, Ordering::SeqCst);
+        let r = f();
+        self.draining.0.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    /// Whether some operation holds bytes or counts outside any slot: a look at `draining`,
+    /// then at each CPU's `in_hand` up to `span`; with `wait`, each count is waited for (for a
+    /// bounded time, with `backoff`) before the next is looked at. Every holder that counted
+    /// itself in before this call began and is still holding when its count is looked at is
+    /// seen (see `holding`).
+    fn in_hand(&self, backoff: Option<&mut Backoff>) -> bool {
+        let span = self.span.load(Ordering::SeqCst).min(N);
+        let counts = core::iter::once(&self.draining.0)
+            .chain(self.cpus[..span].iter().map(|stock| &stock.in_hand));
+        match backoff {
+            None => counts.into_iter().any(|n| n.load(Ordering::SeqCst) != 0),
+            Some(b) => {
+                for n in counts {
+                    while n.load(Ordering::SeqCst) != 0 {
+                        if b.rounds() >= SETTLE_ROUNDS {
+                            return true;
+                        }
+                        b.wait();
+                    }
+                }
+                false
+            }
+        }
     }
 
     /// After a slow path filled a slot for `c`, which was online when it looked: if `c` has
@@ -568,18 +639,14 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         true
     }
 
-    /// Waits (briefly: these are a few hundred instructions) for the slow paths and drains
-    /// elsewhere that hold bytes outside any slot, where a drain cannot take them: a refill's
-    /// batch charged but not yet deposited, a slot's content taken but not yet released.
+    /// Waits (briefly: these are a few hundred instructions, unless their thread is not
+    /// running) for the slow paths and drains elsewhere that hold bytes outside any slot,
+    /// where a drain cannot take them: a refill's batch charged but not yet deposited, a
+    /// slot's content taken but not yet released. The wait backs off to yielding and then to
+    /// sleeping, so that a holder preempted on this very CPU gets to finish; it is bounded
+    /// (`SETTLE_ROUNDS`), as a holder may be stopped (by a signal or a debugger).
     fn settle_refills(&self) {
-        // Loom yields at each spin, so a few are enough there and many would only slow it.
-        let spins = if cfg!(memgroup_loom) { 4 } else { 1024 };
-        for _ in 0..spins {
-            if self.in_hand.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            spin_hint();
-        }
+        self.in_hand(Some(&mut Backoff::new()));
     }
 
     /// Empties every slot, on every CPU, whose group satisfies `pred`: the bytes go back to the
@@ -604,7 +671,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// Pockets too: if any pocket's word looks takeable, every owner is kept out of its pocket
     /// meanwhile (see `super::pocket`).
     fn empty_slots(&self, take: impl Fn(u64) -> bool) {
-        self.holding(|| {
+        self.holding_drain(|| {
             let span = self.span.load(Ordering::SeqCst).min(N);
             for slot in self.cpus[..span].iter().flat_map(|stock| &stock.slots) {
                 self.empty_word(slot, &take);
@@ -663,10 +730,12 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         }
     }
 
-    /// Whether no drain is running. A record freed (and purged) before a moment at which this
-    /// was true can no longer be named by a slot word any thread holds, so it may be reused.
+    /// Whether no operation holds words outside the slots (every count looked at read 0). A
+    /// record freed (and purged) before this call began can no longer be named by a slot
+    /// word any thread holds when it returns true, so it may be reused: each operation that
+    /// took such a word counted itself in before the purge ended, and was seen done.
     pub(crate) fn quiescent(&self) -> bool {
-        self.in_hand.load(Ordering::SeqCst) == 0
+        !self.in_hand(None)
     }
 
     /// Takes the content of this CPU's slot for `key`, leaving the slot claimed but empty.
@@ -730,6 +799,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     #[cold]
     fn claim(&self, cpu: usize, stock: &CpuStock, new: u64) {
         self.span.fetch_max((cpu & (N - 1)) + 1, Ordering::SeqCst);
+        let mut backoff = Backoff::new();
         loop {
             let empty = stock
                 .slots
@@ -747,17 +817,22 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                     return;
                 }
             } else {
-                self.in_hand.fetch_add(1, Ordering::SeqCst);
-                let evicted = slot.compare_exchange(w, new, Ordering::SeqCst, Ordering::Relaxed);
-                if evicted.is_ok() {
-                    self.apply(w);
-                }
-                self.in_hand.fetch_sub(1, Ordering::SeqCst);
-                if evicted.is_ok() {
+                // Counted in (again: the callers hold already) while the victim is in hand.
+                let evicted = self.holding(cpu, || {
+                    let evicted =
+                        slot.compare_exchange(w, new, Ordering::SeqCst, Ordering::Relaxed);
+                    if evicted.is_ok() {
+                        self.apply(w);
+                    }
+                    evicted.is_ok()
+                });
+                if evicted {
                     return;
                 }
             }
-            spin_hint();
+            // Another thread changed the slot between the look and the swap: not a wait for
+            // anyone, but it backs off the same way.
+            backoff.wait();
         }
     }
 
@@ -783,6 +858,10 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         }
     }
 }
+
+/// `Stocks::draining`, on a cache line of its own.
+#[repr(align(64))]
+struct Draining(AtomicU32);
 
 /// The step of a fast-path charge: takes `bytes` and counts `objects` (0 or 1) allocations
 /// from a slot or pocket word of `key`, if it has them.
