@@ -35,7 +35,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
-use std::sync::Barrier;
+use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 use memgroup::Group;
@@ -142,42 +142,42 @@ fn child() -> Sample {
     let groups: Vec<Group> = (0..threads)
         .map(|i| Group::new(&format!("real-{i}")).expect("group"))
         .collect();
-    let start = Barrier::new(threads);
+    let start = Arc::new(Barrier::new(threads));
     // Whatever std and the libraries allocate once per process (not per thread) is made here,
     // before the `cap` counter's starting point.
     switch::warm_threads();
     black_box(doc(0, rows));
     let cap_before = switch::cap_allocated();
-    let results: Vec<(Instant, Instant, u64)> = std::thread::scope(|s| {
-        let workers: Vec<_> = groups
-            .iter()
-            .enumerate()
-            .map(|(i, g)| {
-                let start = &start;
-                s.spawn(move || {
-                    // Outside the group: lazily made thread-locals stay the root's.
-                    black_box(doc(1_000 + i as u64, rows));
-                    let before = switch::counts(g);
-                    let mut sum = 0u64;
-                    start.wait();
-                    let t0 = Instant::now();
-                    {
-                        let _in = g.enter();
-                        for k in 0..iters as u64 {
-                            sum = sum.wrapping_add(doc(k * 64 + i as u64 % 2, rows));
-                        }
+    // Joined threads, not a scope: `join` returns once a thread has freed everything it
+    // allocated, so the `cap` check after it is exact.
+    let workers: Vec<_> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let (g, start) = (g.clone(), Arc::clone(&start));
+            std::thread::spawn(move || {
+                // Outside the group: lazily made thread-locals stay the root's.
+                black_box(doc(1_000 + i as u64, rows));
+                let before = switch::counts(&g);
+                let mut sum = 0u64;
+                start.wait();
+                let t0 = Instant::now();
+                {
+                    let _in = g.enter();
+                    for k in 0..iters as u64 {
+                        sum = sum.wrapping_add(doc(k * 64 + i as u64 % 2, rows));
                     }
-                    let t1 = Instant::now();
-                    switch::check_group(g, before);
-                    (t0, t1, sum)
-                })
+                }
+                let t1 = Instant::now();
+                switch::check_group(&g, before);
+                (t0, t1, sum)
             })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().expect("worker"))
-            .collect()
-    });
+        })
+        .collect();
+    let results: Vec<(Instant, Instant, u64)> = workers
+        .into_iter()
+        .map(|w| w.join().expect("worker"))
+        .collect();
     let first = results.iter().map(|r| r.0).min().expect("a thread");
     let last = results.iter().map(|r| r.1).max().expect("a thread");
     let check = results.iter().fold(0u64, |a, r| a.wrapping_add(r.2));
@@ -195,7 +195,7 @@ fn main() {
         switch::report_child(child());
         return;
     }
-    let cfg = Config::from_env("REAL", &[1, 2]);
+    let cfg = Config::from_env("REAL", "THREADS", &[1, 2]);
     let load = switch::load_average();
     let lines = switch::measure(&cfg);
     println!(

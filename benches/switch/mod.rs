@@ -355,11 +355,12 @@ pub fn check_group(g: &Group, before: (u64, u64)) {
 }
 
 /// Spawns and joins a thread, so what std allocates once, at a process's first spawn, is
-/// live before [`check_cap`]'s starting point is taken.
+/// live before [`check_cap`]'s starting point is taken. (`join`, not a scope: a scope returns
+/// once the closures are done, while their threads may still be freeing their handles.)
 pub fn warm_threads() {
-    std::thread::scope(|s| {
-        s.spawn(|| std::hint::black_box(vec![0u8; 64]));
-    });
+    std::thread::spawn(|| std::hint::black_box(vec![0u8; 64]))
+        .join()
+        .expect("warm-up thread");
 }
 
 /// Fails loudly if the `cap` row's counter is not back at `before` (it counts every live
@@ -394,7 +395,8 @@ fn env_list(name: &str) -> Option<Vec<String>> {
     })
 }
 
-/// The parent's configuration, from `<P>_QUICK`, `<P>_RUNS`, `<P>_ONLY`, `<P>_THREADS`.
+/// The parent's configuration, from `<P>_QUICK`, `<P>_RUNS`, `<P>_ONLY` and the scenarios
+/// `<P>_<S>` (`S` = `THREADS`, or `PAIRS`, ...).
 pub struct Config {
     pub prefix: &'static str,
     pub quick: bool,
@@ -404,7 +406,7 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn from_env(prefix: &'static str, default_threads: &[usize]) -> Config {
+    pub fn from_env(prefix: &'static str, scenarios: &str, default_threads: &[usize]) -> Config {
         // `cargo bench` passes `--bench`; `cargo test --benches` does not: then a smoke check.
         let under_cargo_bench = std::env::args().any(|a| a == "--bench");
         let quick =
@@ -424,9 +426,9 @@ impl Config {
                 })
                 .collect(),
         };
-        let threads = match env_list(&format!("{prefix}_THREADS")) {
+        let threads = match env_list(&format!("{prefix}_{scenarios}")) {
             None => default_threads.to_vec(),
-            Some(v) => v.iter().map(|t| t.parse().expect("thread count")).collect(),
+            Some(v) => v.iter().map(|t| t.parse().expect("a count")).collect(),
         };
         assert!(threads.iter().all(|t| *t >= 1));
         Config {
