@@ -32,7 +32,7 @@
 
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::hint::black_box;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use memgroup::Group;
 
@@ -142,6 +142,7 @@ fn child() -> Sample {
     }
 
     let mut check = 0u64;
+    let mut cpu = Duration::ZERO;
     let t0 = Instant::now();
     for r in 0..rounds {
         let handles: Vec<_> = bins
@@ -151,14 +152,16 @@ fn child() -> Sample {
                 let g = groups[(i + r) % threads].clone();
                 let seed = (r * 1_000 + i) as u64 + 1;
                 std::thread::spawn(move || {
+                    let c0 = switch::thread_cpu();
                     let bytes = g.run(|| turn_over(&mut bin, iters, seed));
-                    (bin, bytes)
+                    (bin, bytes, switch::thread_cpu() - c0)
                 })
             })
             .collect();
         for h in handles {
-            let (bin, bytes) = h.join().expect("larson thread");
+            let (bin, bytes, used) = h.join().expect("larson thread");
             bins.push(bin);
+            cpu += used;
             check = check.wrapping_add(bytes);
         }
     }
@@ -175,6 +178,7 @@ fn child() -> Sample {
     switch::check_cap(cap_before);
     Sample {
         ns: elapsed.as_secs_f64() * 1e9 / (rounds * iters) as f64,
+        cpu: cpu.as_secs_f64() * 1e9 / (rounds * iters * threads) as f64,
         check,
     }
 }

@@ -36,7 +36,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
 use std::sync::{Arc, Barrier};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use memgroup::Group;
 use regex::Regex;
@@ -162,30 +162,34 @@ fn child() -> Sample {
                 let mut sum = 0u64;
                 start.wait();
                 let t0 = Instant::now();
+                let c0 = switch::thread_cpu();
                 {
                     let _in = g.enter();
                     for k in 0..iters as u64 {
                         sum = sum.wrapping_add(doc(k * 64 + i as u64 % 2, rows));
                     }
                 }
+                let cpu = switch::thread_cpu() - c0;
                 let t1 = Instant::now();
                 switch::check_group(&g, before);
-                (t0, t1, sum)
+                (t0, t1, cpu, sum)
             })
         })
         .collect();
-    let results: Vec<(Instant, Instant, u64)> = workers
+    let results: Vec<(Instant, Instant, Duration, u64)> = workers
         .into_iter()
         .map(|w| w.join().expect("worker"))
         .collect();
     let first = results.iter().map(|r| r.0).min().expect("a thread");
     let last = results.iter().map(|r| r.1).max().expect("a thread");
-    let check = results.iter().fold(0u64, |a, r| a.wrapping_add(r.2));
+    let cpu: Duration = results.iter().map(|r| r.2).sum();
+    let check = results.iter().fold(0u64, |a, r| a.wrapping_add(r.3));
     drop(results);
     switch::check_cap(cap_before);
     Sample {
         // Per thread: every thread did `iters` docs in the wall time.
         ns: (last - first).as_secs_f64() * 1e9 / iters as f64,
+        cpu: cpu.as_secs_f64() * 1e9 / (threads * iters) as f64,
         check,
     }
 }

@@ -32,7 +32,7 @@
 use std::hint::black_box;
 use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Barrier};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use memgroup::Group;
 
@@ -121,14 +121,16 @@ fn child() -> Sample {
         producers.push(std::thread::spawn(move || {
             go.wait();
             let t0 = Instant::now();
+            let c0 = switch::thread_cpu();
             let bytes = g.run(|| produce(tx, iters, batch, i as u64 + 1));
-            (t0, bytes)
+            (t0, bytes, switch::thread_cpu() - c0)
         }));
         let go = Arc::clone(&start);
         consumers.push(std::thread::spawn(move || {
             go.wait();
+            let c0 = switch::thread_cpu();
             let sum = consume(rx);
-            (Instant::now(), sum)
+            (Instant::now(), sum, switch::thread_cpu() - c0)
         }));
     }
     start.wait();
@@ -136,13 +138,16 @@ fn child() -> Sample {
     let mut first = None::<Instant>;
     let mut last = None::<Instant>;
     let mut check = 0u64;
+    let mut cpu = Duration::ZERO;
     for p in producers {
-        let (t0, bytes) = p.join().expect("producer");
+        let (t0, bytes, used) = p.join().expect("producer");
+        cpu += used;
         first = Some(first.map_or(t0, |f| f.min(t0)));
         check = check.wrapping_add(bytes);
     }
     for c in consumers {
-        let (t1, sum) = c.join().expect("consumer");
+        let (t1, sum, used) = c.join().expect("consumer");
+        cpu += used;
         last = Some(last.map_or(t1, |l| l.max(t1)));
         assert_eq!(sum, iters as u64, "every block arrived once");
     }
@@ -154,6 +159,8 @@ fn child() -> Sample {
     switch::check_cap(cap_before);
     Sample {
         ns: elapsed.as_secs_f64() * 1e9 / iters as f64,
+        // Both threads of a pair: the CPU cost of moving one block from one to the other.
+        cpu: cpu.as_secs_f64() * 1e9 / (pairs * iters) as f64,
         check,
     }
 }

@@ -441,6 +441,18 @@ impl Config {
     }
 }
 
+/// The CPU time the calling thread has used so far.
+pub fn thread_cpu() -> std::time::Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write; the clock id is a constant Linux knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    assert_eq!(rc, 0, "clock_gettime");
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
 /// In a child: the scenario the parent gave it.
 pub fn child_threads() -> usize {
     env_usize(THREADS_ENV).expect("child without a scenario")
@@ -453,17 +465,21 @@ pub fn is_child() -> bool {
 
 // ---- results -------------------------------------------------------------------------------
 
-/// What a child measured: `ns` per unit of work per thread, and a value that every row must
-/// compute identically (the workload's checksum).
+/// What a child measured: `ns` wall time per unit of work per thread, `cpu` the CPU time its
+/// working threads spent per unit of work per thread (their `CLOCK_THREAD_CPUTIME_ID` time,
+/// summed: time the threads were preempted by other processes is not in it, so it is the
+/// steadier figure on a shared machine), and a value that every row must compute identically
+/// (the workload's checksum).
 #[derive(Clone, Copy)]
 pub struct Sample {
     pub ns: f64,
+    pub cpu: f64,
     pub check: u64,
 }
 
 /// Printed by the child as its last line.
 pub fn report_child(s: Sample) {
-    println!("{RESULT} ns={} check={}", s.ns, s.check);
+    println!("{RESULT} ns={} cpu={} check={}", s.ns, s.cpu, s.check);
 }
 
 fn run_child(row: Row, threads: usize) -> Sample {
@@ -495,6 +511,7 @@ fn run_child(row: Row, threads: usize) -> Sample {
     };
     Sample {
         ns: field("ns").parse().expect("ns"),
+        cpu: field("cpu").parse().expect("cpu"),
         check: field("check").parse().expect("check"),
     }
 }
@@ -570,13 +587,12 @@ pub fn load_average() -> String {
         .unwrap_or_else(|| "?".to_string())
 }
 
-/// Prints the table: per row, the median and min-max of ns per unit per thread, the ratio of
-/// the medians to the row's raw allocator, and the min-max of the per-repetition ratios
-/// (each run against its base's run in the same repetition); then, for each scenario past the
-/// first, the per-thread throughput against the first scenario's.
-/// `micros`: print microseconds rather than nanoseconds.
+/// Prints the tables, wall time then CPU time: per row, the median and min-max per unit per
+/// thread, the ratio of the medians to the row's raw allocator, and the min-max of the
+/// per-repetition ratios (each run against its base's run in the same repetition); then, for
+/// each scenario past the first, the per-thread throughput against the first scenario's.
+/// `micros`: microseconds rather than nanoseconds.
 pub fn print_table(cfg: &Config, lines: &[Line], unit: &str, scenario: &str, micros: bool) {
-    let (tu, div) = if micros { ("us", 1e3) } else { ("ns", 1.0) };
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "runs/row: {}{}, CPUs: {cpus}, memgroup stock batch: {} B, load average after: {}\n",
@@ -586,27 +602,45 @@ pub fn print_table(cfg: &Config, lines: &[Line], unit: &str, scenario: &str, mic
         load_average()
     );
     println!(
-        "{tu}/{unit} is per {scenario}: wall time x {scenario}s / {unit}s. ratio: to the raw inner \
-         allocator (base) measured in the same run; per-run ratios pair each run with its base's \
-         run of the same repetition.\n"
+        "Per {scenario}: time x {scenario}s / {unit}s. ratio: to the raw inner allocator (base) \
+         measured in the same run; per-run ratios pair each run with its base's run of the same \
+         repetition. CPU: the working threads' own CPU time (preemption by other processes \
+         excluded).\n"
     );
+    let metrics: [(&str, fn(&Sample) -> f64); 2] = [("wall", |s| s.ns), ("CPU", |s| s.cpu)];
+    for (name, metric) in metrics {
+        metric_table(cfg, lines, unit, scenario, micros, name, metric);
+    }
+}
+
+fn metric_table(
+    cfg: &Config,
+    lines: &[Line],
+    unit: &str,
+    scenario: &str,
+    micros: bool,
+    name: &str,
+    metric: fn(&Sample) -> f64,
+) {
+    let (tu, div) = if micros { ("us", 1e3) } else { ("ns", 1.0) };
+    let values = |l: &Line| -> Vec<f64> { l.samples.iter().map(metric).collect() };
     println!(
-        "| {scenario}s | allocator | median {tu}/{unit} | min-max {tu}/{unit} | base | ratio (medians) | per-run ratio min-max |"
+        "| {scenario}s | allocator | {name} median {tu}/{unit} | min-max | base | ratio (medians) | per-run ratio min-max |"
     );
     println!("|---:|---|---:|---:|---|---:|---:|");
     for l in lines {
-        let ns: Vec<f64> = l.samples.iter().map(|s| s.ns).collect();
-        let (lo, hi) = min_max(&ns);
+        let v = values(l);
+        let (lo, hi) = min_max(&v);
         let base = lines
             .iter()
             .find(|b| b.threads == l.threads && b.row == l.row.base());
         let (ratio, range, bkey) = match base {
             Some(b) if b.row != l.row => {
-                let bns: Vec<f64> = b.samples.iter().map(|s| s.ns).collect();
-                let per: Vec<f64> = ns.iter().zip(&bns).map(|(x, y)| x / y).collect();
+                let bv = values(b);
+                let per: Vec<f64> = v.iter().zip(&bv).map(|(x, y)| x / y).collect();
                 let (rlo, rhi) = min_max(&per);
                 (
-                    format!("{:.3}x", median(&ns) / median(&bns)),
+                    format!("{:.3}x", median(&v) / median(&bv)),
                     format!("{rlo:.3}-{rhi:.3}"),
                     b.row.key(),
                 )
@@ -617,7 +651,7 @@ pub fn print_table(cfg: &Config, lines: &[Line], unit: &str, scenario: &str, mic
             "| {} | {} | {:.1} | {:.1}-{:.1} | {bkey} | {ratio} | {range} |",
             l.threads,
             l.row.key(),
-            median(&ns) / div,
+            median(&v) / div,
             lo / div,
             hi / div
         );
@@ -632,14 +666,15 @@ pub fn print_table(cfg: &Config, lines: &[Line], unit: &str, scenario: &str, mic
                     lines
                         .iter()
                         .find(|l| l.threads == threads && l.row == r)
-                        .map(|l| median(&l.samples.iter().map(|s| s.ns).collect::<Vec<_>>()))
+                        .map(|l| median(&values(l)))
                 };
                 Some(format!("{} {:.0}%", r.key(), 100.0 * med(first)? / med(t)?))
             })
             .collect();
         println!(
-            "\nper-{scenario} throughput at {t} against {first} (median time per {unit} at {first} / at {t}): {}",
+            "\n{name}: per-{scenario} throughput at {t} against {first} (median per {unit} at {first} / at {t}): {}",
             parts.join(", ")
         );
     }
+    println!();
 }
