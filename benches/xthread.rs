@@ -14,7 +14,7 @@
 //! back to exactly 0 with as many frees as allocations.
 //!
 //! Rows (each a child process, see `benches/switch/mod.rs`): `system`, `cap`, `tag`, `arena`
-//! (with `--features arena`), `mimalloc`, `tag-mimalloc`; interleaved repetitions, ns per
+//! (with `--features arena`), `mimalloc`, `tag-mimalloc`, `jemalloc`, `tag-jemalloc`; interleaved repetitions, ns per
 //! block per pair (median, min-max) and ratios to the raw inner allocator.
 //!
 //! ```text

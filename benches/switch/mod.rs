@@ -20,6 +20,17 @@
 //! `cap` row's counter back to where it started. A failed check fails the child, and the
 //! parent with it: a benchmark never reports a broken allocator.
 //!
+//! A child reports its wall time per unit of work and its working threads' CPU time
+//! (`CLOCK_THREAD_CPUTIME_ID`, user and system, summed over the threads). On a machine that
+//! other work shares, wall times swing with the load while CPU times stay within a few
+//! percent: the tables give both. CPU time leaves out time a thread spends blocked (a
+//! consumer waiting on its channel, a lock), which wall time includes.
+//!
+//! Rows: `system` (glibc), `cap` (one global counter with a limit), `tag`
+//! (`TagAlloc<System>`), `arena` (`ArenaAlloc<System>`, with feature `arena`), `mimalloc`,
+//! `tag-mimalloc`, `jemalloc` (`tikv-jemallocator`, its prefixed symbols: glibc stays the
+//! `system` row), `tag-jemalloc`. Each `tag-*` row's ratio is to its own inner allocator.
+//!
 //! Pinning (`taskset -c 1 cargo bench ...`) is inherited by the children.
 
 #![allow(dead_code)] // each bench uses part of the harness
@@ -32,6 +43,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use memgroup::{Group, TagAlloc};
 use mimalloc::MiMalloc;
+use tikv_jemallocator::Jemalloc;
 
 /// The variable that tells a child which allocator to be.
 pub const ALLOC_ENV: &str = "MEMGROUP_BENCH_ALLOC";
@@ -60,6 +72,10 @@ pub enum Row {
     Mimalloc = 5,
     /// `TagAlloc<MiMalloc>`.
     TagMimalloc = 6,
+    /// jemalloc (`tikv-jemallocator`), raw.
+    Jemalloc = 7,
+    /// `TagAlloc<Jemalloc>`.
+    TagJemalloc = 8,
 }
 
 impl Row {
@@ -69,7 +85,12 @@ impl Row {
         if cfg!(feature = "arena") {
             v.push(Row::Arena);
         }
-        v.extend([Row::Mimalloc, Row::TagMimalloc]);
+        v.extend([
+            Row::Mimalloc,
+            Row::TagMimalloc,
+            Row::Jemalloc,
+            Row::TagJemalloc,
+        ]);
         v
     }
 
@@ -81,6 +102,8 @@ impl Row {
             Row::Arena => "arena",
             Row::Mimalloc => "mimalloc",
             Row::TagMimalloc => "tag-mimalloc",
+            Row::Jemalloc => "jemalloc",
+            Row::TagJemalloc => "tag-jemalloc",
         }
     }
 
@@ -92,23 +115,29 @@ impl Row {
             Row::Arena,
             Row::Mimalloc,
             Row::TagMimalloc,
+            Row::Jemalloc,
+            Row::TagJemalloc,
         ]
         .into_iter()
         .find(|r| r.key().as_bytes() == key)
     }
 
     /// The raw allocator the row's ratio is taken against: the inner allocator it wraps (for
-    /// `mimalloc` itself, `system`, so its line says what mimalloc alone gains).
+    /// `mimalloc` and `jemalloc` themselves, `system`, so their lines say what they alone gain).
     pub fn base(self) -> Row {
         match self {
             Row::TagMimalloc => Row::Mimalloc,
+            Row::TagJemalloc => Row::Jemalloc,
             _ => Row::System,
         }
     }
 
     /// Whether the row charges memgroup groups.
     pub fn charges(self) -> bool {
-        matches!(self, Row::Tag | Row::Arena | Row::TagMimalloc)
+        matches!(
+            self,
+            Row::Tag | Row::Arena | Row::TagMimalloc | Row::TagJemalloc
+        )
     }
 }
 
@@ -203,6 +232,8 @@ static TAG: TagAlloc = TagAlloc::system();
 static ARENA: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
 static MIMALLOC: MiMalloc = MiMalloc;
 static TAG_MIMALLOC: TagAlloc<MiMalloc> = TagAlloc::new(MiMalloc);
+static JEMALLOC: Jemalloc = Jemalloc;
+static TAG_JEMALLOC: TagAlloc<Jemalloc> = TagAlloc::new(Jemalloc);
 
 static CHOSEN: AtomicU8 = AtomicU8::new(0);
 
@@ -259,6 +290,8 @@ pub fn current_row() -> Row {
         4 => Row::Arena,
         5 => Row::Mimalloc,
         6 => Row::TagMimalloc,
+        7 => Row::Jemalloc,
+        8 => Row::TagJemalloc,
         _ => Row::System,
     }
 }
@@ -278,6 +311,8 @@ macro_rules! dispatch {
             4 => ARENA.$method($($arg),*),
             5 => MIMALLOC.$method($($arg),*),
             6 => TAG_MIMALLOC.$method($($arg),*),
+            7 => JEMALLOC.$method($($arg),*),
+            8 => TAG_JEMALLOC.$method($($arg),*),
             _ => die(b"allocator switch: bad row\n"),
         }
     };
