@@ -16,7 +16,8 @@
 //! exactly 0 with as many frees as allocations.
 //!
 //! Rows (each a child process, see `benches/switch/mod.rs`): `system`, `cap`, `tag`, `arena`
-//! (with `--features arena`), `mimalloc`, `tag-mimalloc`, `jemalloc`, `tag-jemalloc`; interleaved repetitions, ns per
+//! (with `--features arena`), `mimalloc`, `tag-mimalloc`, `jemalloc`, `tag-jemalloc`;
+//! interleaved repetitions, in wall time and in the threads' CPU time: ns per
 //! alloc+free pair per thread (median, min-max) and ratios to the raw inner allocator.
 //!
 //! ```text

@@ -12,12 +12,11 @@
 //! Rows, each a child process of this binary whose `#[global_allocator]` is that allocator
 //! (the harness in `benches/switch/mod.rs`): `system` (glibc), `cap` (a single global
 //! counter with a limit), `tag` (`TagAlloc<System>`), `arena` (`ArenaAlloc<System>`, with
-//! `--features arena`), `mimalloc`, `tag-mimalloc` (`TagAlloc<MiMalloc>`), `jemalloc`, `tag-jemalloc`
-//! (`TagAlloc<Jemalloc>`). Repetitions are
-//! interleaved and rotated; reported twice, in wall time and in the working threads' CPU time
-//! (the steadier figure on a shared machine): microseconds per doc per thread (median,
-//! min-max), the ratio of the medians to the raw inner allocator, and the spread of the
-//! per-repetition ratios. Each
+//! `--features arena`), `mimalloc`, `tag-mimalloc` (`TagAlloc<MiMalloc>`), `jemalloc`,
+//! `tag-jemalloc` (`TagAlloc<Jemalloc>`). Repetitions are interleaved and rotated; reported
+//! twice, in wall time and in the working threads' CPU time (the steadier figure on a shared
+//! machine): microseconds per doc per thread (median, min-max), the ratio of the medians to
+//! the raw inner allocator, and the spread of the per-repetition ratios. Each
 //! thread runs one doc outside its group first (thread-locals such as the `HashMap` seeds are
 //! then charged to no tenant), then `REAL_ITERS` timed docs in its group; afterwards every
 //! group is checked back to exactly 0 (and as many frees as allocations), the `cap` counter

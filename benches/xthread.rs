@@ -14,8 +14,9 @@
 //! back to exactly 0 with as many frees as allocations.
 //!
 //! Rows (each a child process, see `benches/switch/mod.rs`): `system`, `cap`, `tag`, `arena`
-//! (with `--features arena`), `mimalloc`, `tag-mimalloc`, `jemalloc`, `tag-jemalloc`; interleaved repetitions, ns per
-//! block per pair (median, min-max) and ratios to the raw inner allocator.
+//! (with `--features arena`), `mimalloc`, `tag-mimalloc`, `jemalloc`, `tag-jemalloc`;
+//! interleaved repetitions, in wall time and in the threads' CPU time (both threads of a pair
+//! summed): ns per block per pair (median, min-max) and ratios to the raw inner allocator.
 //!
 //! ```text
 //! taskset -c 0,1 cargo bench --features arena --bench xthread   # one pair on 2 CPUs
