@@ -172,14 +172,18 @@ fn child() -> Sample {
         free_block(b);
     }
     drop(bins);
+    // Allocations in the timed rounds: the fill's are not timed.
+    let mut allocs = 0u64;
     for (g, b) in groups.iter().zip(&before) {
-        switch::check_group(g, *b);
+        allocs += switch::check_group(g, *b);
     }
+    let allocs = allocs.saturating_sub((threads * nbins) as u64);
     drop(before);
     switch::check_cap(cap_before);
     Sample {
         ns: elapsed.as_secs_f64() * 1e9 / (rounds * iters) as f64,
         cpu: cpu.as_secs_f64() * 1e9 / (rounds * iters * threads) as f64,
+        allocs: allocs as f64 / (rounds * iters * threads) as f64,
         check,
     }
 }

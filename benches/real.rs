@@ -173,12 +173,12 @@ fn child() -> Sample {
                 }
                 let cpu = switch::thread_cpu() - c0;
                 let t1 = Instant::now();
-                switch::check_group(&g, before);
-                (t0, t1, cpu, sum)
+                let allocs = switch::check_group(&g, before);
+                (t0, t1, cpu, sum, allocs)
             })
         })
         .collect();
-    let results: Vec<(Instant, Instant, Duration, u64)> = workers
+    let results: Vec<(Instant, Instant, Duration, u64, u64)> = workers
         .into_iter()
         .map(|w| w.join().expect("worker"))
         .collect();
@@ -186,12 +186,14 @@ fn child() -> Sample {
     let last = results.iter().map(|r| r.1).max().expect("a thread");
     let cpu: Duration = results.iter().map(|r| r.2).sum();
     let check = results.iter().fold(0u64, |a, r| a.wrapping_add(r.3));
+    let allocs: u64 = results.iter().map(|r| r.4).sum();
     drop(results);
     switch::check_cap(cap_before);
     Sample {
         // Per thread: every thread did `iters` docs in the wall time.
         ns: (last - first).as_secs_f64() * 1e9 / iters as f64,
         cpu: cpu.as_secs_f64() * 1e9 / (threads * iters) as f64,
+        allocs: allocs as f64 / (threads * iters) as f64,
         check,
     }
 }

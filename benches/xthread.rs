@@ -153,8 +153,9 @@ fn child() -> Sample {
         assert_eq!(sum, iters as u64, "every block arrived once");
     }
     let elapsed = last.expect("a consumer") - first.expect("a producer");
+    let mut allocs = 0u64;
     for (g, b) in groups.iter().zip(&before) {
-        switch::check_group(g, *b);
+        allocs += switch::check_group(g, *b);
     }
     drop(before);
     switch::check_cap(cap_before);
@@ -162,6 +163,7 @@ fn child() -> Sample {
         ns: elapsed.as_secs_f64() * 1e9 / iters as f64,
         // Both threads of a pair: the CPU cost of moving one block from one to the other.
         cpu: cpu.as_secs_f64() * 1e9 / (pairs * iters) as f64,
+        allocs: allocs as f64 / (pairs * iters) as f64,
         check,
     }
 }

@@ -357,8 +357,9 @@ pub fn counts(g: &Group) -> (u64, u64) {
 }
 
 /// Fails loudly unless `g` holds nothing after `flush` and was charged as many frees as
-/// allocations since `before` (some if the row charges, none otherwise).
-pub fn check_group(g: &Group, before: (u64, u64)) {
+/// allocations since `before` (some if the row charges, none otherwise). Returns the
+/// allocations charged.
+pub fn check_group(g: &Group, before: (u64, u64)) -> u64 {
     let row = current_row();
     g.flush();
     let s = g.stat();
@@ -387,6 +388,7 @@ pub fn check_group(g: &Group, before: (u64, u64)) {
     } else {
         assert_eq!(allocs, 0, "{}: group {} was charged", row.key(), g.name());
     }
+    allocs
 }
 
 /// Spawns and joins a thread, so what std allocates once, at a process's first spawn, is
@@ -504,17 +506,22 @@ pub fn is_child() -> bool {
 /// working threads spent per unit of work per thread (their `CLOCK_THREAD_CPUTIME_ID` time,
 /// summed: time the threads were preempted by other processes is not in it, so it is the
 /// steadier figure on a shared machine), and a value that every row must compute identically
-/// (the workload's checksum).
+/// (the workload's checksum). `allocs`: the allocations the groups were charged per unit of
+/// work per thread (0 for the rows that charge nothing).
 #[derive(Clone, Copy)]
 pub struct Sample {
     pub ns: f64,
     pub cpu: f64,
+    pub allocs: f64,
     pub check: u64,
 }
 
 /// Printed by the child as its last line.
 pub fn report_child(s: Sample) {
-    println!("{RESULT} ns={} cpu={} check={}", s.ns, s.cpu, s.check);
+    println!(
+        "{RESULT} ns={} cpu={} allocs={} check={}",
+        s.ns, s.cpu, s.allocs, s.check
+    );
 }
 
 fn run_child(row: Row, threads: usize) -> Sample {
@@ -547,6 +554,7 @@ fn run_child(row: Row, threads: usize) -> Sample {
     Sample {
         ns: field("ns").parse().expect("ns"),
         cpu: field("cpu").parse().expect("cpu"),
+        allocs: field("allocs").parse().expect("allocs"),
         check: field("check").parse().expect("check"),
     }
 }
@@ -645,6 +653,42 @@ pub fn print_table(cfg: &Config, lines: &[Line], unit: &str, scenario: &str, mic
     let metrics: [(&str, fn(&Sample) -> f64); 2] = [("wall", |s| s.ns), ("CPU", |s| s.cpu)];
     for (name, metric) in metrics {
         metric_table(cfg, lines, unit, scenario, micros, name, metric);
+    }
+    per_allocation(cfg, lines, unit, scenario);
+}
+
+/// What each row adds to one allocation (and its free), in CPU time: the difference of the
+/// medians to the base, divided by the allocations per unit that the `tag` row's groups were
+/// charged (every row runs the same allocations).
+fn per_allocation(cfg: &Config, lines: &[Line], unit: &str, scenario: &str) {
+    let med = |l: &Line| median(&l.samples.iter().map(|s| s.cpu).collect::<Vec<_>>());
+    for &t in &cfg.threads {
+        let Some(counted) = lines
+            .iter()
+            .find(|l| l.threads == t && l.row.charges())
+            .map(|l| median(&l.samples.iter().map(|s| s.allocs).collect::<Vec<_>>()))
+        else {
+            continue;
+        };
+        let parts: Vec<String> = lines
+            .iter()
+            .filter(|l| l.threads == t && l.row.base() != l.row)
+            .filter_map(|l| {
+                let b = lines
+                    .iter()
+                    .find(|b| b.threads == t && b.row == l.row.base())?;
+                Some(format!(
+                    "{} {:+.1} ns",
+                    l.row.key(),
+                    (med(l) - med(b)) / counted
+                ))
+            })
+            .collect();
+        println!(
+            "{t} {scenario}(s): {counted:.2} allocations per {unit} (the groups' count); CPU time \
+             added per alloc+free over the base: {}",
+            parts.join(", ")
+        );
     }
 }
 
