@@ -15,10 +15,10 @@
 //! After the last round the remaining blocks are freed and every group is checked back to
 //! exactly 0 with as many frees as allocations.
 //!
-//! Rows (each a child process, see `benches/switch/mod.rs`): `system`, `cap`, `tag`, `arena`
-//! (with `--features arena`), `mimalloc`, `tag-mimalloc`, `jemalloc`, `tag-jemalloc`;
-//! interleaved repetitions, in wall time and in the threads' CPU time: ns per
-//! alloc+free pair per thread (median, min-max) and ratios to the raw inner allocator.
+//! Rows (each a child process, see `benches/switch/mod.rs`): `system`, `cap`, `pad8`, `tag`,
+//! `arena` (with `--features arena`), `mimalloc`, `tag-mimalloc`, `jemalloc`, `tag-jemalloc`;
+//! interleaved repetitions, in wall time and in the threads' CPU time: ns per alloc+free pair per
+//! thread (median, min-max) and ratios to the raw inner allocator.
 //!
 //! ```text
 //! taskset -c 1   cargo bench --features arena --bench larson   # 1 thread, pinned

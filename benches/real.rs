@@ -9,18 +9,18 @@
 //! `Vec<String>` of names, half of the map's entries removed again). Every thread works in its
 //! own group (a tenant); threads `REAL_THREADS` (default 1 and 2; any count works).
 //!
-//! Rows, each a child process of this binary whose `#[global_allocator]` is that allocator
-//! (the harness in `benches/switch/mod.rs`): `system` (glibc), `cap` (a single global
-//! counter with a limit), `tag` (`TagAlloc<System>`), `arena` (`ArenaAlloc<System>`, with
-//! `--features arena`), `mimalloc`, `tag-mimalloc` (`TagAlloc<MiMalloc>`), `jemalloc`,
-//! `tag-jemalloc` (`TagAlloc<Jemalloc>`). Repetitions are interleaved and rotated; reported
-//! twice, in wall time and in the working threads' CPU time (the steadier figure on a shared
-//! machine): microseconds per doc per thread (median, min-max), the ratio of the medians to
-//! the raw inner allocator, and the spread of the per-repetition ratios. Each
-//! thread runs one doc outside its group first (thread-locals such as the `HashMap` seeds are
-//! then charged to no tenant), then `REAL_ITERS` timed docs in its group; afterwards every
-//! group is checked back to exactly 0 (and as many frees as allocations), the `cap` counter
-//! back to its start, and every row must compute the same checksum.
+//! Rows, each a child process of this binary whose `#[global_allocator]` is that allocator (the
+//! harness in `benches/switch/mod.rs`): `system` (glibc), `cap` (a single global counter with a
+//! limit), `pad8` (the tag's header alone, no accounting), `tag` (`TagAlloc<System>`), `arena`
+//! (`ArenaAlloc<System>`, with `--features arena`), `mimalloc`, `tag-mimalloc`
+//! (`TagAlloc<MiMalloc>`), `jemalloc`, `tag-jemalloc` (`TagAlloc<Jemalloc>`). Repetitions are
+//! interleaved and rotated; reported twice, in wall time and in the working threads' CPU time (the
+//! steadier figure on a shared machine): microseconds per doc per thread (median, min-max), the
+//! ratio of the medians to the raw inner allocator, and the spread of the per-repetition ratios.
+//! Each thread runs one doc outside its group first (thread-locals such as the `HashMap` seeds are
+//! then charged to no tenant), then `REAL_ITERS` timed docs in its group; afterwards every group is
+//! checked back to exactly 0 (and as many frees as allocations), the `cap` counter back to its
+//! start, and every row must compute the same checksum.
 //!
 //! Issue 12's targets: `tag` / `system` <= 1.03x at 1 and 2 threads; `arena` <= 0.90x.
 //!

@@ -13,8 +13,8 @@
 //! 1; any count works), so 2 threads per pair. After the run the producers' groups are checked
 //! back to exactly 0 with as many frees as allocations.
 //!
-//! Rows (each a child process, see `benches/switch/mod.rs`): `system`, `cap`, `tag`, `arena`
-//! (with `--features arena`), `mimalloc`, `tag-mimalloc`, `jemalloc`, `tag-jemalloc`;
+//! Rows (each a child process, see `benches/switch/mod.rs`): `system`, `cap`, `pad8`, `tag`,
+//! `arena` (with `--features arena`), `mimalloc`, `tag-mimalloc`, `jemalloc`, `tag-jemalloc`;
 //! interleaved repetitions, in wall time and in the threads' CPU time (both threads of a pair
 //! summed): ns per block per pair (median, min-max) and ratios to the raw inner allocator.
 //!

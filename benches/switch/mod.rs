@@ -26,7 +26,8 @@
 //! percent: the tables give both. CPU time leaves out time a thread spends blocked (a
 //! consumer waiting on its channel, a lock), which wall time includes.
 //!
-//! Rows: `system` (glibc), `cap` (one global counter with a limit), `tag`
+//! Rows: `system` (glibc), `cap` (one global counter with a limit), `pad8` (the tag's header
+//! placed, written and checked, no accounting: what the tag design costs before it counts), `tag`
 //! (`TagAlloc<System>`), `arena` (`ArenaAlloc<System>`, with feature `arena`), `mimalloc`,
 //! `tag-mimalloc`, `jemalloc` (`tikv-jemallocator`, its prefixed symbols: glibc stays the
 //! `system` row), `tag-jemalloc`. Each `tag-*` row's ratio is to its own inner allocator.
@@ -76,12 +77,15 @@ pub enum Row {
     Jemalloc = 7,
     /// `TagAlloc<Jemalloc>`.
     TagJemalloc = 8,
+    /// An 8-byte word placed, written and checked where `TagAlloc` puts its tag, over
+    /// `System`, with no accounting: the cost of the tag's header alone.
+    Pad8 = 9,
 }
 
 impl Row {
     /// Every row this build has, in report order.
     pub fn all() -> Vec<Row> {
-        let mut v = vec![Row::System, Row::Cap, Row::Tag];
+        let mut v = vec![Row::System, Row::Cap, Row::Pad8, Row::Tag];
         if cfg!(feature = "arena") {
             v.push(Row::Arena);
         }
@@ -104,6 +108,7 @@ impl Row {
             Row::TagMimalloc => "tag-mimalloc",
             Row::Jemalloc => "jemalloc",
             Row::TagJemalloc => "tag-jemalloc",
+            Row::Pad8 => "pad8",
         }
     }
 
@@ -117,6 +122,7 @@ impl Row {
             Row::TagMimalloc,
             Row::Jemalloc,
             Row::TagJemalloc,
+            Row::Pad8,
         ]
         .into_iter()
         .find(|r| r.key().as_bytes() == key)
@@ -225,7 +231,120 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Cap<A> {
     }
 }
 
+/// An 8-byte word stored with every block exactly where `TagAlloc` puts its tag (a header of
+/// 8 bytes for alignments up to 8, 16 for 16-aligned blocks, right after the block above),
+/// written on allocation and checked on free, with no accounting: the floor of the inline-tag
+/// design (as `pad8` in `benches/churn.rs`, with a real `realloc`).
+pub struct Pad8<A> {
+    inner: A,
+}
+
+const PAD: usize = 8;
+const PAD_WORD: u64 = 0x6d65_6d67_726f_7570;
+
+/// The inner layout of a block, its offset in it, and the offset of the word.
+fn padded(layout: Layout) -> Option<(Layout, usize, usize)> {
+    let align = layout.align();
+    let (block, word, extra) = if align <= 2 * PAD {
+        let header = align.max(PAD);
+        (header, header - PAD, header - PAD)
+    } else {
+        (0, layout.size(), 0)
+    };
+    let size = layout.size().checked_add(PAD + extra)?;
+    Some((
+        Layout::from_size_align(size, align.max(PAD)).ok()?,
+        block,
+        word,
+    ))
+}
+
+impl<A: GlobalAlloc> Pad8<A> {
+    /// # Safety
+    ///
+    /// `zeroed` or not, the caller's contract for `GlobalAlloc::alloc`.
+    #[inline(always)]
+    unsafe fn alloc_padded(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        let Some((inner, block, word)) = padded(layout) else {
+            return null_mut();
+        };
+        // SAFETY: `inner` has a non-zero size.
+        let base = unsafe {
+            if zeroed {
+                self.inner.alloc_zeroed(inner)
+            } else {
+                self.inner.alloc(inner)
+            }
+        };
+        if base.is_null() {
+            return base;
+        }
+        // SAFETY: the word and the block lie inside the inner block.
+        unsafe {
+            base.add(word).cast::<u64>().write_unaligned(PAD_WORD);
+            base.add(block)
+        }
+    }
+}
+
+// SAFETY: every block is the inner allocator's block for `padded(layout).0`, offset by a header
+// of 8 or 16 bytes (which keeps alignments up to 8 or 16) or not at all (larger alignments),
+// with `layout.size()` usable bytes beside the word.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for Pad8<A> {
+    #[inline(always)]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.alloc_padded(layout, false) }
+    }
+
+    #[inline(always)]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.alloc_padded(layout, true) }
+    }
+
+    #[inline(always)]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let Some((inner, block, word)) = padded(layout) else {
+            die(b"pad8: a layout it could not have allocated\n")
+        };
+        // SAFETY: `ptr` came from `alloc(layout)`, so `ptr - block` is the inner block.
+        unsafe {
+            let base = ptr.sub(block);
+            if base.add(word).cast::<u64>().read_unaligned() != PAD_WORD {
+                die(b"pad8: damaged word\n");
+            }
+            self.inner.dealloc(base, inner);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let Some((old, block, _)) = padded(layout) else {
+            die(b"pad8: a layout it could not have allocated\n")
+        };
+        let Some((new, _, word)) = Layout::from_size_align(new_size, layout.align())
+            .ok()
+            .and_then(padded)
+        else {
+            return null_mut();
+        };
+        // SAFETY: `ptr - block` is the inner block of `old` (the caller's contract); the new
+        // size is non-zero and valid for the alignment (`padded` checked it). The header keeps
+        // its offset; a word after the block is written again at its new place.
+        unsafe {
+            let base = self.inner.realloc(ptr.sub(block), old, new.size());
+            if base.is_null() {
+                return base;
+            }
+            base.add(word).cast::<u64>().write_unaligned(PAD_WORD);
+            base.add(block)
+        }
+    }
+}
+
 static SYSTEM: System = System;
+static PAD8: Pad8<System> = Pad8 { inner: System };
 static CAP: Cap<System> = Cap::new(System, 1 << 40);
 static TAG: TagAlloc = TagAlloc::system();
 #[cfg(feature = "arena")]
@@ -292,6 +411,7 @@ pub fn current_row() -> Row {
         6 => Row::TagMimalloc,
         7 => Row::Jemalloc,
         8 => Row::TagJemalloc,
+        9 => Row::Pad8,
         _ => Row::System,
     }
 }
@@ -313,6 +433,7 @@ macro_rules! dispatch {
             6 => TAG_MIMALLOC.$method($($arg),*),
             7 => JEMALLOC.$method($($arg),*),
             8 => TAG_JEMALLOC.$method($($arg),*),
+            9 => PAD8.$method($($arg),*),
             _ => die(b"allocator switch: bad row\n"),
         }
     };
