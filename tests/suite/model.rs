@@ -57,6 +57,38 @@ const SLAB_MAX: usize = 32768;
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// What the cases exercised, summed over the run (printed at the end, so a run that never
+/// reaches a limit or never leaves a dying group shows it).
+mod tally {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    pub static STEPS: AtomicU64 = AtomicU64::new(0);
+    pub static BLOCKS: AtomicU64 = AtomicU64::new(0);
+    pub static REFUSED: AtomicU64 = AtomicU64::new(0);
+    pub static FORCED: AtomicU64 = AtomicU64::new(0);
+    pub static REALLOC_REFUSED: AtomicU64 = AtomicU64::new(0);
+    pub static CHILD_REFUSED: AtomicU64 = AtomicU64::new(0);
+    pub static REMOTE_FREES: AtomicU64 = AtomicU64::new(0);
+    pub static DYING_SEEN: AtomicU64 = AtomicU64::new(0);
+    pub fn add(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn report() -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "{} steps, {} blocks allocated, {} refused and {} forced over a limit, {} reallocs \
+             refused, {} child() refused, {} frees on another thread, {} steps with dying groups",
+            g(&STEPS),
+            g(&BLOCKS),
+            g(&REFUSED),
+            g(&FORCED),
+            g(&REALLOC_REFUSED),
+            g(&CHILD_REFUSED),
+            g(&REMOTE_FREES),
+            g(&DYING_SEEN)
+        )
+    }
+}
+
 /// The worker threads, started once for the whole binary and warmed up (their thread-locals
 /// made) so that a step charges only what it allocates.
 fn workers() -> &'static [mpsc::Sender<Job>] {
@@ -326,6 +358,8 @@ struct MGroup {
 
 struct MBlock {
     owner: usize,
+    /// The thread that allocated (or last moved) it.
+    thread: usize,
     align: usize,
     kind: bool,
     block: Block,
@@ -630,6 +664,10 @@ impl Model {
 
     fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
         self.steps += 1;
+        tally::add(&tally::STEPS);
+        if self.dying() != 0 {
+            tally::add(&tally::DYING_SEEN);
+        }
         let what = format!("step {} {op:?}", self.steps);
         let mut flushed = 0;
         match op {
@@ -663,7 +701,8 @@ impl Model {
                         });
                     }
                     Err(Error::OverLimit) => {
-                        ensure!(!fits, "{what}: child() refused, yet it fits: {levels:?}")
+                        ensure!(!fits, "{what}: child() refused, yet it fits: {levels:?}");
+                        tally::add(&tally::CHILD_REFUSED);
                     }
                     Err(e) => ensure!(false, "{what}: child() failed: {e}"),
                 }
@@ -790,6 +829,13 @@ impl Model {
                             },
                             ctx()
                         );
+                        if over.is_some() {
+                            tally::add(if refused {
+                                &tally::REFUSED
+                            } else {
+                                &tally::FORCED
+                            });
+                        }
                         if got.is_some() {
                             for l in &mut levels {
                                 l.1 += lo;
@@ -807,6 +853,7 @@ impl Model {
                         }
                         let sure_fit = self.first_over(&upper, 0, kind).is_none();
                         if got.is_none() {
+                            tally::add(&tally::REFUSED);
                             ensure!(
                                 !self.never_refused(g, mode) && !sure_fit,
                                 "refused, yet it fits or is forced; {}",
@@ -822,9 +869,11 @@ impl Model {
                         }
                     }
                     if let Some(block) = got {
+                        tally::add(&tally::BLOCKS);
                         self.groups[g].allocs += 1;
                         self.blocks.push(MBlock {
                             owner: g,
+                            thread: *thread,
                             align,
                             kind,
                             block,
@@ -900,11 +949,16 @@ impl Model {
                         self.no_overshoot(&what, &before, &after)?;
                     }
                 }
+                let r_ok = r.is_ok();
+                if !r_ok {
+                    tally::add(&tally::REALLOC_REFUSED);
+                }
                 let block = match r {
                     Ok(block) | Err(block) => block,
                 };
                 self.blocks.push(MBlock {
                     owner: b.owner,
+                    thread: if r_ok { *thread } else { b.thread },
                     align: b.align,
                     kind,
                     block,
@@ -922,6 +976,9 @@ impl Model {
                 let b = self.blocks.swap_remove(i);
                 let scope = scope.as_ref().map(|s| self.handle(self.pick_group(s)).clone());
                 let blk = b.block;
+                if *thread != b.thread {
+                    tally::add(&tally::REMOTE_FREES);
+                }
                 on(self.txs, *thread, move || {
                     scoped(scope.as_ref(), false, Mode::Policy, || drop(blk))
                 });
@@ -1051,6 +1108,7 @@ fn model_matches_random_operations() {
         }
         m.finish()
     });
+    eprintln!("model: {}", tally::report());
     if let Err(e) = result {
         panic!("{e}");
     }
