@@ -48,12 +48,32 @@ const MAX_GROUPS: usize = 24;
 const MAX_DEPTH: usize = 5;
 /// Most live blocks in a case.
 const MAX_BLOCKS: usize = 256;
-/// A new small block's cost bounds in the arena design: nothing (room in a slab) to the
-/// largest slab (eight pages); a fresh slab is at least a page.
-const ARENA_SMALL: usize = 8192;
-const ARENA_MAX_ALIGN: usize = 4096;
-const SLAB_MIN: usize = 4096;
-const SLAB_MAX: usize = 32768;
+/// The arena design's slab geometry, as src/arena/class.rs documents it: blocks of at most
+/// 8 KiB at alignments up to 4 KiB live in slabs of size classes (8, 16, 24, steps of 16 up to
+/// 128, then four per doubling up to 8 KiB); a block takes the first class at least its size
+/// (and its alignment) that is a multiple of its alignment; a class's slab is the smallest of
+/// one to eight pages holding at least 4 objects and wasting at most an eighth of itself.
+/// Returns the slab size charged when a block of this layout needs a new slab; None for a
+/// large block (the tag design's cost).
+fn arena_slab(size: usize, align: usize) -> Option<usize> {
+    if size > 8192 || align > 4096 {
+        return None;
+    }
+    let mut classes = vec![8, 16, 24, 32, 48, 64, 80, 96, 112, 128];
+    let mut base = 128;
+    while base < 8192 {
+        classes.extend((1..=4).map(|k| base + k * base / 4));
+        base *= 2;
+    }
+    let class = *classes
+        .iter()
+        .find(|&&c| c >= size.max(align) && c % align == 0)?;
+    let slab = (12..=15)
+        .map(|shift| 1usize << shift)
+        .find(|&slab| slab / class >= 4 && slab - slab / class * class <= slab / 8)
+        .unwrap_or(1 << 15);
+    Some(slab)
+}
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -325,13 +345,12 @@ fn tag_cost(size: usize, align: usize) -> usize {
     size + 8 + if align == 16 { 8 } else { 0 }
 }
 
-/// What a new block can cost in the installed design: (least when it needs a charge, most).
-fn cost_bounds(d: Design, size: usize, align: usize) -> (usize, usize) {
-    if d.exact || size > ARENA_SMALL || align > ARENA_MAX_ALIGN {
-        let c = tag_cost(size, align);
-        (c, c)
-    } else {
-        (SLAB_MIN, SLAB_MAX)
+/// What a new block costs in the installed design when it needs a charge (in the arena, a
+/// small block that finds room in a slab costs nothing).
+fn new_cost(d: Design, size: usize, align: usize) -> usize {
+    match (d.exact, arena_slab(size, align)) {
+        (false, Some(slab)) => slab,
+        _ => tag_cost(size, align),
     }
 }
 
@@ -802,7 +821,8 @@ impl Model {
                 let mut levels = before.clone();
                 let mut upper: Vec<_> = before.clone();
                 for (i, (got, &(size, align))) in got.into_iter().zip(blocks).enumerate() {
-                    let (lo, hi) = cost_bounds(self.d, size, align);
+                    let lo = new_cost(self.d, size, align);
+                    let hi = lo;
                     let ctx = || {
                         format!(
                             "{what}: block {i} ({size} at {align}), mode {mode:?}, levels \
@@ -900,7 +920,7 @@ impl Model {
                 let scope = scope.as_ref().map(|s| self.handle(self.pick_group(s)).clone());
                 let before = self.levels(owner);
                 let old = b.block.size();
-                let (old_cost, new_cost) = (tag_cost(old, b.align), tag_cost(size, b.align));
+                let (old_cost, new_tag_cost) = (tag_cost(old, b.align), tag_cost(size, b.align));
                 let kind = b.kind;
                 let r = on(self.txs, *thread, move || {
                     scoped(scope.as_ref(), false, mode, || b.block.realloc(size))
@@ -914,7 +934,7 @@ impl Model {
                     )
                 };
                 if self.d.exact {
-                    let grow = new_cost.saturating_sub(old_cost);
+                    let grow = new_tag_cost.saturating_sub(old_cost);
                     let over = (grow > 0)
                         .then(|| self.first_over(&before, grow, kind))
                         .flatten();
@@ -926,7 +946,8 @@ impl Model {
                         ctx()
                     );
                 } else {
-                    let (lo, hi) = cost_bounds(self.d, size, b.align);
+                    let lo = new_cost(self.d, size, b.align);
+                    let hi = lo;
                     let upper: Vec<_> = before
                         .iter()
                         .map(|&(g, u, k)| (g, u + hi, k + if kind { hi } else { 0 }))
