@@ -220,11 +220,13 @@ enum Op {
         kind: bool,
         mode: Mode,
     },
+    /// In a scope of any group and kind: the block keeps its owner and kind.
     Realloc {
         thread: usize,
         block: Index,
         size: usize,
         scope: Option<Index>,
+        kind: bool,
         mode: Mode,
     },
     Free {
@@ -293,13 +295,15 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             any::<Index>(),
             size_strategy(),
             proptest::option::of(any::<Index>()),
+            any::<bool>(),
             mode_strategy()
         )
-            .prop_map(|(thread, block, size, scope, mode)| Op::Realloc {
+            .prop_map(|(thread, block, size, scope, kind, mode)| Op::Realloc {
                 thread,
                 block,
                 size,
                 scope,
+                kind,
                 mode
             }),
         5 => (thread, any::<Index>(), proptest::option::of(any::<Index>()))
@@ -373,6 +377,12 @@ struct MGroup {
     /// Blocks allocated and freed by this group itself.
     allocs: u64,
     frees: u64,
+    /// Charges that passed a limit of this group (`events.max`) and, of those, the refused
+    /// (`events.fail`). In the arena design, whose charges the model cannot place on a level,
+    /// refusals count on the charged group and the real figure is at most the model's (equal
+    /// on the top group).
+    over: u64,
+    refused: u64,
 }
 
 struct MBlock {
@@ -396,6 +406,8 @@ struct Fig {
     records: usize,
     allocs: u64,
     frees: u64,
+    over: u64,
+    refused: u64,
 }
 
 struct Model {
@@ -431,6 +443,8 @@ impl Model {
                 fail: false,
                 allocs: 0,
                 frees: 0,
+                over: 0,
+                refused: 0,
             }],
             blocks: Vec::new(),
             dying_base: dying_groups(),
@@ -503,6 +517,8 @@ impl Model {
             for (level, g) in self.chain(c).into_iter().enumerate() {
                 f[g].allocs += mg.allocs;
                 f[g].frees += mg.frees;
+                f[g].over += mg.over;
+                f[g].refused += mg.refused;
                 if level > 0 && record {
                     f[g].records += 1;
                 }
@@ -546,6 +562,20 @@ impl Model {
                 "allocs/frees differ; {}",
                 ctx()
             );
+            ensure!(s.peak >= s.usage, "peak below usage; {}", ctx());
+            if self.d.exact {
+                ensure!(
+                    (s.events.max, s.events.fail) == (f.over, f.refused),
+                    "events.max/fail differ; {}",
+                    ctx()
+                );
+            } else {
+                ensure!(
+                    s.events.fail <= f.refused && (g != 0 || s.events.fail == f.refused),
+                    "events.fail differs; {}",
+                    ctx()
+                );
+            }
             ensure!(
                 s.usage >= s.overhead && s.usage - s.overhead == f.requested + f.records * rec,
                 "usage - overhead != requested + records; {}",
@@ -703,7 +733,8 @@ impl Model {
                 let levels = self.levels(p);
                 // A record is charged as kernel memory, in the fallible mode, whatever the
                 // policies.
-                let fits = self.first_over(&levels, self.d.record, true).is_none();
+                let over = self.first_over(&levels, self.d.record, true);
+                let fits = over.is_none();
                 let r = self.handle(p).child(&unique_name("m"));
                 match r {
                     Ok(h) => {
@@ -717,10 +748,15 @@ impl Model {
                             fail: false,
                             allocs: 0,
                             frees: 0,
+                            over: 0,
+                            refused: 0,
                         });
                     }
                     Err(Error::OverLimit) => {
                         ensure!(!fits, "{what}: child() refused, yet it fits: {levels:?}");
+                        let at = self.chain(p)[over.expect("over a limit")];
+                        self.groups[at].over += 1;
+                        self.groups[at].refused += 1;
                         tally::add(&tally::CHILD_REFUSED);
                     }
                     Err(e) => ensure!(false, "{what}: child() failed: {e}"),
@@ -849,7 +885,10 @@ impl Model {
                             },
                             ctx()
                         );
-                        if over.is_some() {
+                        if let Some(at) = over {
+                            let at = self.chain(g)[at];
+                            self.groups[at].over += 1;
+                            self.groups[at].refused += refused as u64;
                             tally::add(if refused {
                                 &tally::REFUSED
                             } else {
@@ -888,6 +927,9 @@ impl Model {
                             }
                         }
                     }
+                    if got.is_none() && !self.d.exact {
+                        self.groups[g].refused += 1;
+                    }
                     if let Some(block) = got {
                         tally::add(&tally::BLOCKS);
                         self.groups[g].allocs += 1;
@@ -909,21 +951,23 @@ impl Model {
                 block,
                 size,
                 scope,
+                kind: scope_kind,
                 mode,
             } => {
                 if self.blocks.is_empty() {
                     return self.check_all(&what);
                 }
                 let i = block.index(self.blocks.len());
+                // Before the block leaves the model: a removed owner's usage is the model's.
+                let before = self.levels(self.blocks[i].owner);
                 let b = self.blocks.swap_remove(i);
                 let (owner, mode, size) = (b.owner, *mode, *size);
                 let scope = scope.as_ref().map(|s| self.handle(self.pick_group(s)).clone());
-                let before = self.levels(owner);
                 let old = b.block.size();
                 let (old_cost, new_tag_cost) = (tag_cost(old, b.align), tag_cost(size, b.align));
-                let kind = b.kind;
+                let (kind, scope_kind) = (b.kind, *scope_kind);
                 let r = on(self.txs, *thread, move || {
-                    scoped(scope.as_ref(), false, mode, || b.block.realloc(size))
+                    scoped(scope.as_ref(), scope_kind, mode, || b.block.realloc(size))
                 });
                 self.handle(0).flush();
                 let after = self.levels(owner);
@@ -939,6 +983,11 @@ impl Model {
                         .then(|| self.first_over(&before, grow, kind))
                         .flatten();
                     let refused = over.is_some_and(|at| self.refused(owner, at, mode));
+                    if let Some(at) = over {
+                        let at = self.chain(owner)[at];
+                        self.groups[at].over += 1;
+                        self.groups[at].refused += refused as u64;
+                    }
                     ensure!(
                         r.is_ok() != refused,
                         "realloc {} at level {over:?}; {}",
@@ -971,6 +1020,9 @@ impl Model {
                     }
                 }
                 let r_ok = r.is_ok();
+                if !r_ok && !self.d.exact {
+                    self.groups[owner].refused += 1;
+                }
                 if !r_ok {
                     tally::add(&tally::REALLOC_REFUSED);
                 }
