@@ -319,6 +319,9 @@ struct Design {
     exact: bool,
     /// What a group's record costs its parent (kernel memory).
     record: usize,
+    /// Whether kernel memory is accounted (`MEMGROUP_KMEM`): else `kernel(..)` is user memory,
+    /// and so are records.
+    kmem: bool,
 }
 
 fn design() -> Design {
@@ -334,13 +337,22 @@ fn design() -> Design {
     probe.flush();
     let after = probe.stat();
     let record = after.usage - before.usage;
-    assert_eq!(after.kmem - before.kmem, record, "a record is kernel memory");
+    let kmem = memgroup::kmem_accounting();
+    assert_eq!(
+        after.kmem - before.kmem,
+        if kmem { record } else { 0 },
+        "a record is kernel memory"
+    );
     assert!(record > 0, "a record costs its parent");
     child.remove().expect("removing the probe child");
     probe.flush();
     assert_eq!(probe.stat().usage, 0, "the probe holds nothing");
     probe.remove().expect("removing the probe");
-    Design { exact, record }
+    Design {
+        exact,
+        record,
+        kmem,
+    }
 }
 
 /// The tag design's documented cost of a block: the size and an 8-byte tag, 16 bytes of
@@ -543,6 +555,8 @@ impl Model {
     /// for the groups under it).
     fn check(&self, flushed: usize, what: &str) -> Result<(), TestCaseError> {
         let rec = self.d.record;
+        // The records' part of kmem.
+        let rec_k = if self.d.kmem { rec } else { 0 };
         let mut stats = Vec::new();
         let figs = self.figs();
         for g in self.live() {
@@ -586,7 +600,7 @@ impl Model {
                     (s.usage, s.kmem, s.overhead)
                         == (
                             f.cost + f.records * rec,
-                            f.kernel_cost + f.records * rec,
+                            f.kernel_cost + f.records * rec_k,
                             f.cost - f.requested
                         ),
                     "usage/kmem/overhead differ; {}",
@@ -594,7 +608,7 @@ impl Model {
                 );
             } else {
                 ensure!(
-                    s.kmem >= f.kernel_requested + f.records * rec && s.kmem <= s.usage,
+                    s.kmem >= f.kernel_requested + f.records * rec_k && s.kmem <= s.usage,
                     "kmem out of bounds; {}",
                     ctx()
                 );
@@ -605,14 +619,14 @@ impl Model {
                 );
                 if f.blocks == 0 {
                     ensure!(
-                        (s.usage, s.kmem, s.overhead) == (f.records * rec, f.records * rec, 0),
+                        (s.usage, s.kmem, s.overhead) == (f.records * rec, f.records * rec_k, 0),
                         "a subtree without blocks holds only records; {}",
                         ctx()
                     );
                 }
                 if f.kernel_blocks == 0 {
                     ensure!(
-                        s.kmem == f.records * rec,
+                        s.kmem == f.records * rec_k,
                         "no kernel block: kmem is the records; {}",
                         ctx()
                     );
@@ -664,7 +678,8 @@ impl Model {
             None => {
                 let f = self.fig(g);
                 let rec = f.records * self.d.record;
-                (f.cost + rec, f.kernel_cost + rec)
+                let rec_k = if self.d.kmem { rec } else { 0 };
+                (f.cost + rec, f.kernel_cost + rec_k)
             }
         }
     }
@@ -733,7 +748,7 @@ impl Model {
                 let levels = self.levels(p);
                 // A record is charged as kernel memory, in the fallible mode, whatever the
                 // policies.
-                let over = self.first_over(&levels, self.d.record, true);
+                let over = self.first_over(&levels, self.d.record, self.d.kmem);
                 let fits = over.is_none();
                 let r = self.handle(p).child(&unique_name("m"));
                 match r {
@@ -853,6 +868,8 @@ impl Model {
                 });
                 self.handle(0).flush();
                 let after = self.levels(g);
+                // Without kernel accounting, kernel(..) is user memory.
+                let kind = kind && self.d.kmem;
                 // Replays the burst on the model, charge by charge.
                 let mut levels = before.clone();
                 let mut upper: Vec<_> = before.clone();
@@ -1152,8 +1169,9 @@ fn steps() -> usize {
         .unwrap_or(200)
 }
 
-#[test]
-fn model_matches_random_operations() {
+/// Runs the model for `PROPTEST_CASES` cases (default `cases`) of up to `MODEL_STEPS` steps
+/// (default 200).
+fn run_model(cases: u32) {
     let mut config = Config {
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
             "tests/",
@@ -1163,7 +1181,7 @@ fn model_matches_random_operations() {
         ..Config::default()
     };
     if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = 64;
+        config.cases = cases;
     }
     let d = design();
     let steps = steps();
@@ -1184,5 +1202,34 @@ fn model_matches_random_operations() {
     eprintln!("model: {}", tally::report());
     if let Err(e) = result {
         panic!("{e}");
+    }
+}
+
+/// The default configuration: 64 cases.
+#[test]
+fn model_matches_random_operations() {
+    run_model(64);
+}
+
+/// The same model in child processes, under the configurations the environment selects at
+/// start-up: kernel accounting off, stocks off (every charge on the counters), pockets off
+/// (every charge on the CPU stocks), a small batch. 16 cases each by default.
+#[test]
+fn model_under_other_configurations() {
+    for env in [
+        [("MEMGROUP_KMEM", "0")],
+        [("MEMGROUP_BATCH", "0")],
+        [("MEMGROUP_POCKETS", "0")],
+        [("MEMGROUP_BATCH", "4096")],
+    ] {
+        common::run_in_child_process("model_in_child", &env);
+    }
+}
+
+#[test]
+#[ignore = "run by model_under_other_configurations in a child process"]
+fn model_in_child() {
+    if common::in_child_process() {
+        run_model(16);
     }
 }
