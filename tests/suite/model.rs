@@ -56,6 +56,11 @@ const MAX_BLOCKS: usize = 256;
 /// Returns the slab size charged when a block of this layout needs a new slab; None for a
 /// large block (the tag design's cost).
 fn arena_slab(size: usize, align: usize) -> Option<usize> {
+    arena_class(size, align).map(|(_, slab)| slab)
+}
+
+/// The class (its object size) and slab size of a small block, as `arena_slab` says.
+fn arena_class(size: usize, align: usize) -> Option<(usize, usize)> {
     if size > 8192 || align > 4096 {
         return None;
     }
@@ -72,7 +77,7 @@ fn arena_slab(size: usize, align: usize) -> Option<usize> {
         .map(|shift| 1usize << shift)
         .find(|&slab| slab / class >= 4 && slab - slab / class * class <= slab / 8)
         .unwrap_or(1 << 15);
-    Some(slab)
+    Some((class, slab))
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -399,6 +404,10 @@ struct MGroup {
 
 struct MBlock {
     owner: usize,
+    /// Arena: the block's class and slab size, None for a block of the inner allocator (tagged).
+    /// A realloc keeps a block in its class when the new size fits it, and keeps a tagged block
+    /// tagged; a block of a removed group that must move is tagged.
+    class: Option<(usize, usize)>,
     /// The thread that allocated (or last moved) it.
     thread: usize,
     align: usize,
@@ -873,6 +882,8 @@ impl Model {
                 // Replays the burst on the model, charge by charge.
                 let mut levels = before.clone();
                 let mut upper: Vec<_> = before.clone();
+                // What each allocated block may have charged (arena): nothing or its slab.
+                let mut charges: Vec<Vec<usize>> = Vec::new();
                 for (i, (got, &(size, align))) in got.into_iter().zip(blocks).enumerate() {
                     let lo = new_cost(self.d, size, align);
                     let hi = lo;
@@ -947,11 +958,18 @@ impl Model {
                     if got.is_none() && !self.d.exact {
                         self.groups[g].refused += 1;
                     }
+                    if got.is_some() {
+                        charges.push(match arena_slab(size, align) {
+                            Some(slab) => vec![0, slab],
+                            None => vec![tag_cost(size, align)],
+                        });
+                    }
                     if let Some(block) = got {
                         tally::add(&tally::BLOCKS);
                         self.groups[g].allocs += 1;
                         self.blocks.push(MBlock {
                             owner: g,
+                            class: arena_class(size, align),
                             thread: *thread,
                             align,
                             kind,
@@ -959,8 +977,20 @@ impl Model {
                         });
                     }
                 }
-                if !self.d.exact && self.always_refused(g, mode) {
-                    self.no_overshoot(&what, &before, &after)?;
+                if !self.d.exact {
+                    if self.always_refused(g, mode) {
+                        self.no_overshoot(&what, &before, &after)?;
+                    }
+                    let sums = charges.iter().fold(vec![0usize], |sums, c| {
+                        sums.iter()
+                            .flat_map(|s| c.iter().map(move |c| s + c))
+                            .collect()
+                    });
+                    let records = self.records_of(&before);
+                    let records = (records.clone(), records);
+                    self.charged_as(&what, &before, &after, records, kind, |d| {
+                        d >= 0 && sums.contains(&(d as usize))
+                    })?;
                 }
             }
             Op::Realloc {
@@ -983,6 +1013,17 @@ impl Model {
                 let old = b.block.size();
                 let (old_cost, new_tag_cost) = (tag_cost(old, b.align), tag_cost(size, b.align));
                 let (kind, scope_kind) = (b.kind, *scope_kind);
+                // Arena: where the block goes. A tagged block stays with the inner allocator; a
+                // slab block stays in its class if it fits, else moves (to a slab or tagged).
+                // A removed owner takes no new slab: a moved block goes tagged.
+                let new_class = match b.class {
+                    None => None,
+                    Some(c) if arena_class(size, b.align).is_some_and(|n| n.0 == c.0) => Some(c),
+                    Some(_) if self.groups[owner].handle.is_none() => None,
+                    Some(_) => arena_class(size, b.align),
+                };
+                let old_class = b.class;
+                let records = self.records_of(&before);
                 let r = on(self.txs, *thread, move || {
                     scoped(scope.as_ref(), scope_kind, mode, || b.block.realloc(size))
                 });
@@ -1012,29 +1053,57 @@ impl Model {
                         ctx()
                     );
                 } else {
-                    let lo = new_cost(self.d, size, b.align);
-                    let hi = lo;
+                    // The charge it needs, if any (a new slab may also be found with room),
+                    // and the usage deltas it may leave (the old slab may empty).
+                    let moved = new_class != old_class || old_class.is_none();
+                    let need = match (old_class, new_class) {
+                        (None, _) => new_tag_cost.saturating_sub(old_cost),
+                        (Some(_), _) if !moved => 0,
+                        (Some(_), Some((_, slab))) => slab,
+                        (Some(_), None) => new_tag_cost,
+                    };
+                    let ups: Vec<i64> = match (old_class, new_class) {
+                        (None, _) => vec![new_tag_cost as i64 - old_cost as i64],
+                        (Some(_), _) if !moved => vec![0],
+                        (Some((_, old)), Some((_, new))) => vec![0, new as i64]
+                            .into_iter()
+                            .flat_map(|u| [u, u - old as i64])
+                            .collect(),
+                        (Some((_, old)), None) => {
+                            vec![new_tag_cost as i64, new_tag_cost as i64 - old as i64]
+                        }
+                    };
+                    let exact_need = old_class.is_none() || !moved || new_class.is_none();
                     let upper: Vec<_> = before
                         .iter()
-                        .map(|&(g, u, k)| (g, u + hi, k + if kind { hi } else { 0 }))
+                        .map(|&(g, u, k)| (g, u + need, k + if kind { need } else { 0 }))
                         .collect();
+                    let fits = need == 0 || self.first_over(&upper, 0, kind).is_none();
                     if r.is_err() {
                         ensure!(
-                            !self.never_refused(owner, mode)
-                                && self.first_over(&upper, 0, kind).is_some(),
-                            "realloc refused, yet it fits or is forced; {}",
+                            !self.never_refused(owner, mode) && !fits,
+                            "realloc refused, yet it fits or is forced (needs {need}); {}",
                             ctx()
                         );
-                        if self.always_refused(owner, mode) {
-                            ensure!(
-                                self.first_over(&before, lo, kind).is_some(),
-                                "realloc refused, yet a fresh slab fits; {}",
-                                ctx()
-                            );
-                        }
                     } else if self.always_refused(owner, mode) {
+                        // (A removed level's arena usage is unknown to the model.)
+                        let known = before.iter().all(|l| self.groups[l.0].handle.is_some());
+                        ensure!(
+                            !exact_need || !known || fits,
+                            "realloc over a refusing limit (needs {need}); {}",
+                            ctx()
+                        );
                         self.no_overshoot(&what, &before, &after)?;
                     }
+                    let ok = r.is_ok();
+                    let records = (records, self.records_of(&after));
+                    self.charged_as(&what, &before, &after, records, kind, |d| {
+                        if ok {
+                            ups.contains(&d)
+                        } else {
+                            d == 0
+                        }
+                    })?;
                 }
                 let r_ok = r.is_ok();
                 if !r_ok && !self.d.exact {
@@ -1048,6 +1117,7 @@ impl Model {
                 };
                 self.blocks.push(MBlock {
                     owner: b.owner,
+                    class: if r_ok { new_class } else { b.class },
                     thread: if r_ok { *thread } else { b.thread },
                     align: b.align,
                     kind,
@@ -1063,8 +1133,11 @@ impl Model {
                     return self.check_all(&what);
                 }
                 let i = block.index(self.blocks.len());
+                let before = self.levels(self.blocks[i].owner);
+                let records = self.records_of(&before);
                 let b = self.blocks.swap_remove(i);
                 let scope = scope.as_ref().map(|s| self.handle(self.pick_group(s)).clone());
+                let (size, align, class) = (b.block.size(), b.align, b.class);
                 let blk = b.block;
                 if *thread != b.thread {
                     tally::add(&tally::REMOTE_FREES);
@@ -1074,6 +1147,17 @@ impl Model {
                 });
                 // The free counts on the owner, removed or not (so on its ancestors).
                 self.groups[b.owner].frees += 1;
+                if !self.d.exact {
+                    // A small block gives back its slab or nothing, a large one its cost.
+                    self.handle(0).flush();
+                    let after = self.levels(b.owner);
+                    let slab = class.map(|(_, slab)| slab);
+                    let records = (records, self.records_of(&after));
+                    self.charged_as(&what, &before, &after, records, b.kind, |d| match slab {
+                        Some(slab) => d == 0 || d == -(slab as i64),
+                        None => d == -(tag_cost(size, align) as i64),
+                    })?;
+                }
             }
             Op::Flush { group } => {
                 let g = self.pick_group(group);
@@ -1085,6 +1169,44 @@ impl Model {
             self.check(flushed, &what)?;
         }
         self.check_all(&what)
+    }
+
+    /// The model's live records under each level of a chain.
+    fn records_of(&self, levels: &[(usize, usize, usize)]) -> Vec<usize> {
+        let figs = self.figs();
+        levels.iter().map(|&(g, _, _)| figs[g].records).collect()
+    }
+
+    /// Arena: every live level of a chain moved by the same usage delta, which `ok` accepts,
+    /// and its kmem by as much (a kernel block) or not at all.
+    fn charged_as(
+        &self,
+        what: &str,
+        before: &[(usize, usize, usize)],
+        after: &[(usize, usize, usize)],
+        records: (Vec<usize>, Vec<usize>),
+        kind: bool,
+        ok: impl Fn(i64) -> bool,
+    ) -> Result<(), TestCaseError> {
+        let rec = self.d.record as i64;
+        let rec_k = if self.d.kmem { rec } else { 0 };
+        for (level, (&(g, u0, k0), &(_, u1, k1))) in before.iter().zip(after).enumerate() {
+            if self.groups[g].handle.is_none() {
+                continue;
+            }
+            // Records freed with a removed group's last block are not the block's.
+            let gone = records.0[level] as i64 - records.1[level] as i64;
+            let (du, dk) = (
+                u1 as i64 - u0 as i64 + gone * rec,
+                k1 as i64 - k0 as i64 + gone * rec_k,
+            );
+            ensure!(
+                ok(du) && dk == if kind { du } else { 0 },
+                "{what}: group #{g} charged {du} (kmem {dk}), kernel {kind}: levels before \
+                 {before:?}, after {after:?}"
+            );
+        }
+        Ok(())
     }
 
     /// Under a mode that refuses every over-limit charge, no level ends above its limit unless
