@@ -664,6 +664,36 @@ impl Model {
     fn check_all(&self, what: &str) -> Result<(), TestCaseError> {
         self.handle(0).flush();
         self.check(0, what)?;
+        // The tree: each live group's parent and live children are the model's.
+        for g in self.live() {
+            let h = self.handle(g);
+            if let Some(p) = self.groups[g].parent {
+                ensure!(
+                    h.parent().as_ref() == Some(self.handle(p)),
+                    "{what}: group #{g}'s parent is not #{p}"
+                );
+            }
+            let mut kids: Vec<usize> = h
+                .children()
+                .iter()
+                .map(|c| {
+                    self.live()
+                        .into_iter()
+                        .find(|&m| self.handle(m) == c)
+                        .unwrap_or(usize::MAX)
+                })
+                .collect();
+            kids.sort_unstable();
+            let model: Vec<usize> = self
+                .live()
+                .into_iter()
+                .filter(|&c| self.groups[c].parent == Some(g))
+                .collect();
+            ensure!(
+                kids == model,
+                "{what}: group #{g}'s children are {kids:?}, the model says {model:?}"
+            );
+        }
         let dying = dying_groups();
         ensure!(
             dying == self.dying_base + self.dying(),
