@@ -8,28 +8,35 @@
 // is followed by a flush of the case's top group and a comparison of every live group's
 // figures with the model's:
 //
-// - allocs and frees, exactly, in both designs;
+// - allocs and frees, exactly, in both designs; the tree (`parent()`, `children()`);
 // - usage - overhead = the live requested bytes + the records of the group's sub-groups, exactly,
 //   in both designs (a record is charged to its parent as kernel memory while it lives);
 // - the tag design, whose cost per block is documented (`size + 8`, `size + 16` if 16-aligned):
-//   usage, kmem and overhead exactly; the arena design, whose slabs the model does not
-//   simulate: kmem at least the live kernel bytes, and both exactly the records when the
-//   subtree holds no block;
-// - a parent at least the sum of its live children (usage, kmem, allocs, frees);
+//   usage, kmem, overhead, `events.max` and `events.fail` exactly; the arena design, whose
+//   slabs the model does not place: every step moves each live level's usage by a delta the
+//   documented slab geometry allows (a new slab of the block's class or none; an emptied slab
+//   given back; a large block's tagged cost exactly), kmem by as much for kernel blocks and not
+//   at all for others, exactly the records when a subtree holds no block, and `events.fail`
+//   at most the model's (equal on the top group);
+// - a parent at least the sum of its live children (usage, kmem, allocs, frees); peak >= usage;
 // - `dying_groups()` equal to the removed groups whose subtree still holds memory, so back to
 //   the start once it is freed.
 //
 // At a limit (tag design, exact): a charge the model says fits always succeeds, and one it
 // says does not never succeeds where it is refused (inside `fallible`, or under `OnLimit::Fail`
-// as the rule below says); elsewhere it is forced. Arena design: the same with a slab's bounds
-// (a new small block costs 0 to 32 KiB), checked where the verdict does not depend on the
-// unknown cost.
+// as `Model::refused` says); elsewhere it is forced. Arena design: the same with the cost of
+// the block's new slab, where the verdict does not depend on whether a slab had room; under a
+// mode that refuses, no level ends above a limit it was under. A group's record (child()) is
+// predicted exactly in both.
 //
-// Short by default (64 cases of up to 200 steps per design). Longer runs and replays:
-//   PROPTEST_CASES=2000 MODEL_STEPS=400 PROPTEST_RNG_SEED=1 cargo test --release --test model
-// A failing case is shrunk and its seed saved in tests/<binary>.proptest-regressions, which
-// later runs replay first. MODEL_FAIL_RULE=doc checks the documented `OnLimit::Fail` rule (the
-// policy of any ancestor) instead of the code's (see `refused`).
+// Short by default: 64 cases of up to 200 steps per design, and 16 in child processes for
+// each of MEMGROUP_KMEM=0, MEMGROUP_BATCH=0, MEMGROUP_POCKETS=0, MEMGROUP_BATCH=4096. Longer
+// runs and replays (same seed, same cases):
+//   PROPTEST_CASES=10000 MODEL_STEPS=400 PROPTEST_RNG_SEED=2 \
+//     cargo test --release --test model model_matches -- --nocapture
+// (`--features arena --test arena_model` for the arena). A failing case is shrunk and saved in
+// tests/<binary>.proptest-regressions, which later runs replay first. MODEL_FAIL_RULE=doc
+// checks the README's `OnLimit::Fail` rule (the policy of any ancestor) instead of the code's.
 
 include!("common.rs");
 
