@@ -445,6 +445,8 @@ struct Model {
     blocks: Vec<MBlock>,
     dying_base: usize,
     steps: usize,
+    /// Each group's flushed usage and `events.high` at the last check.
+    last: std::cell::RefCell<Vec<(usize, u64)>>,
 }
 
 macro_rules! ensure {
@@ -477,6 +479,7 @@ impl Model {
             blocks: Vec::new(),
             dying_base: dying_groups(),
             steps: 0,
+            last: std::cell::RefCell::new(Vec::new()),
         }
     }
 
@@ -648,6 +651,26 @@ impl Model {
                     );
                 }
             }
+            // A step that took the flushed usage from at most `high` to above it crossed
+            // `high` (the counter, which the stocks' slack only raises, did too): counted.
+            let mut last = self.last.borrow_mut();
+            if last.len() < self.groups.len() {
+                last.resize(self.groups.len(), (0, 0));
+            }
+            if flushed == 0 {
+                let (u0, h0) = last[g];
+                ensure!(
+                    self.groups[g]
+                        .high
+                        .is_none_or(|high| u0 > high || s.usage <= high || s.events.high > h0),
+                    "events.high did not count a crossing of high {:?}: {u0} -> {}; {}",
+                    self.groups[g].high,
+                    s.usage,
+                    ctx()
+                );
+                last[g] = (s.usage, s.events.high);
+            }
+            drop(last);
             stats.push((g, s));
         }
         for &(g, ref s) in &stats {
