@@ -1,0 +1,5 @@
+//! Model-based stress test: random operations checked against a reference model, under the arena design.
+#![cfg(feature = "arena")]
+#[global_allocator]
+static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
+include!("suite/model.rs");
