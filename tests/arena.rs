@@ -526,13 +526,15 @@ fn fork_window_inner() {
     let dying0 = dying_groups();
     let p = fresh("fork-p");
     let c = fresh_child(&p, "c");
-    // Allocated by a thread that exits: its slab is an orphan, this block its only object.
+    // Allocated by a thread that exits: its slab stays with the exited thread's abandoned heap,
+    // this block its only object, until the group's removal makes it an orphan.
     let cc = c.clone();
     let b = std::thread::spawn(move || cc.run(|| Block::new(2000, 8)))
         .join()
         .unwrap();
-    assert!(slab(&b).orphan);
+    assert!(slab(&b).abandoned && !slab(&b).orphan);
     c.remove().unwrap();
+    assert!(slab(&b).orphan, "a removed group's slabs have no owner");
     assert_eq!(dying_groups(), dying0 + 1, "the block keeps the record");
     *fork_window::ARMED.lock().unwrap() = Some(b);
     assert_eq!(fork_window::fork_and_wait(), 0, "the child exited cleanly");

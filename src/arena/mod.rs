@@ -219,8 +219,11 @@ pub struct SlabInfo {
     pub group: Group,
     /// Whether the slab holds kernel memory.
     pub kernel: bool,
-    /// Whether the slab has no owner any more (its thread exited or its group was removed).
+    /// Whether the slab has no owner any more (its group was removed).
     pub orphan: bool,
+    /// Whether the slab's owner is the heap of a thread that exited, waiting for a new thread
+    /// to adopt it (with its slabs).
+    pub abandoned: bool,
 }
 
 /// The slab holding `ptr`; `None` for a block of the inner allocator.
@@ -245,6 +248,7 @@ pub unsafe fn slab_of(ptr: *const u8) -> Option<SlabInfo> {
             group: Group::from_held(group::node(key_id(key))),
             kernel: key_is_kernel(key),
             orphan: (*s).remote.load(crate::sync::Ordering::Acquire) & slab::ORPHAN != 0,
+            abandoned: heap::owner_abandoned(s),
         })
     }
 }
