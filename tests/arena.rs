@@ -550,3 +550,88 @@ fn fork_window_inner() {
     assert_eq!(exact(&p).usage, 0);
     p.remove().unwrap();
 }
+
+/// A thread that exits leaves its heap, slabs still holding objects included, for the next new
+/// thread: that thread allocates from those slabs instead of new ones, frees into an abandoned
+/// heap's slabs still release an emptied slab (and its group heap) without a flush, and the
+/// figures stay exact. In exact mode (`MEMGROUP_BATCH=0`) too.
+#[test]
+fn a_new_thread_adopts_an_exited_threads_slabs() {
+    run_in_child_process("adoption_inner", &[]);
+    run_in_child_process("adoption_inner", &[("MEMGROUP_BATCH", "0")]);
+}
+
+#[test]
+#[ignore = "run by a_new_thread_adopts_an_exited_threads_slabs in a child process"]
+fn adoption_inner() {
+    if !in_child_process() {
+        return;
+    }
+    let g = fresh("adopt");
+    // Thread A: ten blocks in one slab, still live when it exits. (The vectors are this
+    // thread's, so that only the blocks are in the exited threads' slabs.)
+    let ga = g.clone();
+    let mut v: Vec<Block> = Vec::with_capacity(40);
+    let mut blocks = std::thread::spawn(move || {
+        ga.run(|| v.extend((0..10).map(|_| Block::new(100, 8))));
+        v
+    })
+    .join()
+    .unwrap();
+    let first = slab(&blocks[0]);
+    assert!(blocks.iter().all(|b| slab(b).start == first.start));
+    assert!(
+        first.abandoned && !first.orphan,
+        "an exited thread's slab waits for adoption: {first:?}"
+    );
+    let s = exact(&g);
+    assert_eq!((s.usage, live(&s)), (first.len, 10), "{s:?}");
+    let segments = memgroup::arena_footprint().segments;
+    // Thread B (the next new thread) takes A's heap: its blocks come from A's slab, which is
+    // its own again while it runs.
+    let gb = g.clone();
+    let mut v: Vec<Block> = Vec::with_capacity(10);
+    let (more, owned) = std::thread::spawn(move || {
+        gb.run(|| v.extend((0..10).map(|_| Block::new(100, 8))));
+        let owned = v.iter().all(|b| {
+            let info = slab(b);
+            !info.abandoned && info.start == first.start
+        });
+        (v, owned)
+    })
+    .join()
+    .unwrap();
+    assert!(
+        owned,
+        "the new thread allocated from the exited thread's slab, as its owner"
+    );
+    assert_eq!(
+        memgroup::arena_footprint().segments,
+        segments,
+        "no new segment"
+    );
+    blocks.extend(more);
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, live(&s), s.allocs),
+        (first.len, 20, 20),
+        "one slab holds both threads' blocks: {s:?}"
+    );
+    assert!(slab(&blocks[0]).abandoned, "B exited too");
+    // Freed from this thread: the emptied slab goes back and the group heap is retired at the
+    // last free, without a flush.
+    let heaps = memgroup::arena_footprint().group_heaps;
+    drop(blocks);
+    assert_eq!(
+        memgroup::arena_footprint().group_heaps,
+        heaps - 1,
+        "the abandoned heap's group heap went with its last slab"
+    );
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, s.allocs, s.frees),
+        (0, 0, 0, 20, 20),
+        "{s:?}"
+    );
+    g.remove().unwrap();
+}
