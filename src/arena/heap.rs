@@ -920,13 +920,26 @@ unsafe fn refill(
 /// Parks an exhausted active slab on the full list, asking the next remote free to notify.
 /// False if remote frees arrived meanwhile: collect them instead.
 ///
+/// A notifier of the slab's previous stay on the full list may still hold `NOTIFYING` (its
+/// object already handed over and freed): `FULL` is set only once it is done. Setting it
+/// earlier would let a second notifier in while the first one still runs; the first one's
+/// clear of `NOTIFYING` would then leave the second unprotected, and a retire or release
+/// that waits for `NOTIFYING` could take the owner from under it (an object lost on a
+/// retired group heap's delayed list, or a null owner read).
+///
 /// # Safety
 /// The caller owns `gh` and `s`, its active slab.
 unsafe fn park_full(gh: *mut GroupHeap, s: *mut Slab) -> bool {
     // SAFETY: per the caller.
     unsafe {
         let r = &(*s).remote;
-        let w = r.load(Ordering::Acquire);
+        let mut spins = 0u32;
+        let mut w = r.load(Ordering::Acquire);
+        // Without `FULL` no new notifier can start: this wait ends with the current one.
+        while w & NOTIFYING != 0 {
+            backoff(&mut spins);
+            w = r.load(Ordering::Acquire);
+        }
         if w & PTR_MASK != 0 {
             return false;
         }
