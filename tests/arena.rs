@@ -432,7 +432,10 @@ fn pool_inner() {
     drop(blocks);
     assert_eq!(exact(&g).usage, 0, "every slab uncharged");
     let f = memgroup::arena_footprint();
-    assert!(f.pooled >= slabs, "the slabs are pooled: {slabs} {f:?}");
+    assert!(
+        f.pooled + f.free_segments >= slabs,
+        "the slabs are pooled, or went back with their whole segment: {slabs} {f:?}"
+    );
     // 1 MiB, and up to a batch of slabs per slab size waiting to be given back.
     let batches = 128 * ((4 + 8 + 16 + 32) << 10);
     assert!(
@@ -449,7 +452,7 @@ fn pool_inner() {
     let f2 = memgroup::arena_footprint();
     assert_eq!(
         f2.segments, f.segments,
-        "no new segment: pooled slabs were reused"
+        "no new segment: pooled slabs and free segments were reused"
     );
     drop(again);
     assert_eq!(exact(&h).usage, 0);
@@ -633,5 +636,60 @@ fn adoption_inner() {
         (0, 0, 0, 20, 20),
         "{s:?}"
     );
+    g.remove().unwrap();
+}
+
+/// A segment whose slabs are all empty goes back whole: its memory to the OS, the segment to a
+/// free list from which the next segment cut, for any slab size, is taken.
+#[test]
+fn empty_segments_go_back_and_serve_other_slab_sizes() {
+    run_in_child_process("segments_inner", &[]);
+}
+
+#[test]
+#[ignore = "run by empty_segments_go_back_and_serve_other_slab_sizes in a child process"]
+fn segments_inner() {
+    if !in_child_process() {
+        return;
+    }
+    let g = fresh("segments");
+    let f0 = memgroup::arena_footprint();
+    assert_eq!(f0.free_segments, 0, "{f0:?}");
+    // 64-byte blocks live in one-page slabs: 200,000 of them fill about three segments.
+    let mut small = Vec::with_capacity(200_000);
+    g.run(|| small.extend((0..200_000).map(|_| Block::filled(64, 1))));
+    let f1 = memgroup::arena_footprint();
+    assert!(
+        f1.segments >= f0.segments + (8 << 20),
+        "at least two segments cut: {f1:?}"
+    );
+    drop(small);
+    assert_eq!(exact(&g).usage, 0);
+    let f2 = memgroup::arena_footprint();
+    assert!(
+        f2.free_segments >= 8 << 20,
+        "the emptied segments (all but the one being cut) went back: {f2:?}"
+    );
+    assert_eq!(f2.segments, f1.segments);
+    // The pool's 4 MiB, and up to a batch of slabs per slab size waiting to be given back.
+    let batches = 128 * ((4 + 8 + 16 + 32) << 10);
+    assert!(
+        f2.pooled_resident <= (4 << 20) + batches,
+        "what stays pooled is within the pool's limit: {f2:?}"
+    );
+    // 8 KiB blocks live in eight-page slabs: another slab size, served from the free segments
+    // (no new address space) until they run out.
+    let per_segment = (4 << 20) / 8192;
+    let n = per_segment * (f2.free_segments >> 22) / 2;
+    let big: Vec<Block> = g.run(|| (0..n).map(|_| Block::filled(8192, 2)).collect());
+    let f3 = memgroup::arena_footprint();
+    assert_eq!(
+        f3.segments, f2.segments,
+        "no new segment while free ones remain: {f3:?}"
+    );
+    assert!(f3.free_segments < f2.free_segments, "{f3:?}");
+    drop(big);
+    let s = exact(&g);
+    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
     g.remove().unwrap();
 }

@@ -43,8 +43,11 @@ pub(crate) const COUNT_ONE: u64 = 1 << 48;
 pub(crate) const UNCOUNTED: u64 = 1 << 63;
 const SIZE_MASK: u64 = 0x3fff;
 
-/// Where a slab is, as its owner (or the pool) sees it.
+/// Where a slab is, as its owner (or the pool) sees it. In the pool: resident (`POOLED`),
+/// given back to the OS (`COLD`), or waiting in a batch to be given back (`DOOMED`).
 pub(crate) const POOLED: u8 = 0;
+pub(crate) const COLD: u8 = 6;
+pub(crate) const DOOMED: u8 = 7;
 pub(crate) const ACTIVE: u8 = 1;
 pub(crate) const PARTIAL: u8 = 2;
 pub(crate) const FULL_LIST: u8 = 3;
