@@ -27,11 +27,23 @@
 //! when it is empty and not its class's active slab (one empty slab per class is kept as a spare,
 //! charged), at `flush()` (every empty slab of the group), and when its group heap goes.
 //!
-//! A group heap goes when its thread exits or its group is removed. Its slabs that still hold
-//! objects become orphans: no owner, their `used` frozen, and every later free counts down in
-//! the `remote` word; the free that brings it to zero releases the slab. So a removed group's
-//! caches are gone at `remove()`, its slabs go with their last object, and its record (and
-//! with it `dying_groups()`) goes with its last byte. Orphans are not reused for allocation.
+//! A thread that exits leaves its heap for the next new thread (mimalloc's abandoned heaps):
+//! the exit hook sweeps every group heap (objects handed over freed, remote frees collected,
+//! empty slabs released, spares included, counts harvested), retires those left with no slab
+//! and marks the others `ABANDONED` in their `heap` word, slabs still holding objects and
+//! all. The next thread `create_heap` makes takes such a heap first and `adopt`s it: it
+//! allocates from the exited thread's partial slabs instead of new ones. Until then, frees into
+//! an abandoned heap's slabs are done as its owner would, under its lock (`free_abandoned`), so
+//! a slab emptied by other threads goes back to the pool at once; `flush()` and `remove()` work
+//! on abandoned heaps as on live ones, without waiting for an owner. In a forked child, the
+//! heaps of the parent's other threads are abandoned the same way.
+//!
+//! A group heap goes when its group is removed (or, abandoned, when it holds no slab). Its
+//! slabs that still hold objects become orphans: no owner, their `used` frozen, and every later
+//! free counts down in the `remote` word; the free that brings it to zero releases the slab. So
+//! a removed group's caches are gone at `remove()`, its slabs go with their last object, and
+//! its record (and with it `dying_groups()`) goes with its last byte. Orphans are not reused
+//! for allocation.
 
 use core::cell::Cell;
 use core::ptr::null_mut;
@@ -1130,8 +1142,8 @@ unsafe fn retire(gh: *mut GroupHeap) {
     });
 }
 
-/// Makes this thread's heap: a heap whose thread exited, or a new one. Null if the arena is
-/// unavailable or out of memory.
+/// Makes this thread's heap: a heap whose thread exited (adopted with its group heaps and
+/// their slabs), or a new one. Null if the arena is unavailable or out of memory.
 #[cold]
 fn create_heap() -> *mut ThreadHeap {
     if !ready() && !init() {
@@ -1179,9 +1191,9 @@ fn create_heap() -> *mut ThreadHeap {
     th
 }
 
-/// The thread-exit hook: retires every group heap of the exiting thread (orphaning its slabs
-/// that still hold objects) and frees its heap for the next thread. Small allocations the
-/// thread makes after this (in later destructors) go to the inner allocator.
+/// The thread-exit hook: abandons the exiting thread's heap (see `abandon`), slabs and all,
+/// for the next new thread to adopt. Small allocations the thread makes after this (in later
+/// destructors) go to the inner allocator.
 ///
 /// # Safety
 /// Called once per thread, by the platform's thread-exit mechanism on the exiting thread, with

@@ -31,7 +31,7 @@ pub(crate) const FULL: u64 = 1;
 /// A remote free is handing an object to the owner (between clearing `FULL` and publishing it
 /// on the owner's delayed list): the owner must not be retired meanwhile.
 pub(crate) const NOTIFYING: u64 = 2;
-/// No owner (its thread exited, or its group was removed): frees only count, and the free
+/// No owner (its group was removed): frees only count, and the free
 /// that makes the count reach `used` releases the slab.
 pub(crate) const ORPHAN: u64 = 4;
 /// An orphan whose last object was freed: the slab is being released.
