@@ -19,6 +19,19 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The process's resident memory in bytes (`/proc/self/statm`, second field).
+fn resident() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("reading /proc/self/statm");
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|f| f.parse().ok())
+        .expect("statm's resident field");
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    pages * page
+}
+
 /// Where a live block lives: `None` for the inner allocator's.
 fn slab_of(p: *const u8) -> Option<SlabInfo> {
     // SAFETY: every pointer given here is a live block of this binary's global allocator.
@@ -653,12 +666,14 @@ fn segments_inner() {
         return;
     }
     let g = fresh("segments");
+    let rss0 = resident();
     let f0 = memgroup::arena_footprint();
     assert_eq!(f0.free_segments, 0, "{f0:?}");
     // 64-byte blocks live in one-page slabs: 200,000 of them fill about three segments.
     let mut small = Vec::with_capacity(200_000);
     g.run(|| small.extend((0..200_000).map(|_| Block::filled(64, 1))));
     let f1 = memgroup::arena_footprint();
+    let rss1 = resident();
     assert!(
         f1.segments >= f0.segments + (8 << 20),
         "at least two segments cut: {f1:?}"
@@ -666,6 +681,20 @@ fn segments_inner() {
     drop(small);
     assert_eq!(exact(&g).usage, 0);
     let f2 = memgroup::arena_footprint();
+    let rss2 = resident();
+    eprintln!(
+        "segments: resident {} KiB, {} KiB with 200,000 blocks of 64 bytes, {} KiB once freed; \
+         {f2:?}",
+        rss0 >> 10,
+        rss1 >> 10,
+        rss2 >> 10
+    );
+    assert!(
+        rss1 - rss2 >= f2.free_segments / 2,
+        "the free segments' memory went back to the OS: {} KiB of {} KiB",
+        (rss1 - rss2) >> 10,
+        (rss1 - rss0) >> 10
+    );
     assert!(
         f2.free_segments >= 8 << 20,
         "the emptied segments (all but the one being cut) went back: {f2:?}"
