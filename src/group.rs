@@ -10,13 +10,14 @@
 //! it and, through the hierarchy, its parent, so the parent stays exact. This record is the
 //! kernel's `obj_cgroup`: small, and the only thing a removed group leaves behind.
 
-use crate::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use core::cell::UnsafeCell;
 use core::mem::size_of;
 use core::ptr::NonNull;
 
-use crate::core::counter::{Counter, UNLIMITED};
+use crate::core::counter::{Counter, MEDIUM, UNLIMITED};
 use crate::core::stock::{Groups, Mode, Stocks, MAX_BATCH, MAX_ID};
+use crate::fork::{self, Participant, Rank};
 use crate::lock::SpinLock;
 use crate::platform;
 use crate::{Error, OnLimit, Stat};
@@ -108,11 +109,13 @@ impl Groups for Table {
     }
 
     fn wake(&self) {
-        crate::pressure::wake();
+        if let Some(n) = notifier() {
+            (n.wake)();
+        }
     }
 
     fn reclaim(&self, at: &Counter, bytes: usize) -> bool {
-        crate::pressure::direct(at, bytes)
+        notifier().is_some_and(|n| (n.direct)(at, bytes))
     }
 
     fn barrier(&self) {
@@ -120,6 +123,61 @@ impl Groups for Table {
         if !platform::membarrier() {
             platform::corrupted(b"membarrier failed after registration");
         }
+    }
+}
+
+/// The notifier's entry points, which the charge path reaches through the table: registered by
+/// the pressure module when it starts a notifier (until then a raised level waits for one).
+pub(crate) struct Notifier {
+    /// Rings the notifier's doorbell (no allocation, no lock).
+    pub(crate) wake: fn(),
+    /// Direct reclaim before a charge at `at`'s limit fails or is forced: whether it waited.
+    pub(crate) direct: fn(at: &Counter, bytes: usize) -> bool,
+}
+
+/// A design's per-group caches, which `flush()` and `remove()` must reach (the kernel's
+/// `cgroup_subsys` callbacks): registered by the design when it makes its first cache.
+pub(crate) struct Caches {
+    /// Gives back what the caches of `under`'s groups hold; `leaf`: `under` has no child.
+    pub(crate) flush: fn(under: &Counter, leaf: bool),
+    /// Retires the caches of a group just taken offline.
+    pub(crate) remove: fn(id: u32),
+}
+
+static NOTIFIER: AtomicPtr<Notifier> = AtomicPtr::new(core::ptr::null_mut());
+static CACHES: AtomicPtr<Caches> = AtomicPtr::new(core::ptr::null_mut());
+
+pub(crate) fn register_notifier(n: &'static Notifier) {
+    NOTIFIER.store(n as *const Notifier as *mut Notifier, Ordering::Release);
+}
+
+#[cfg_attr(not(feature = "arena"), allow(dead_code))]
+pub(crate) fn register_caches(c: &'static Caches) {
+    CACHES.store(c as *const Caches as *mut Caches, Ordering::Release);
+}
+
+fn notifier() -> Option<&'static Notifier> {
+    // SAFETY: null or a `&'static Notifier` stored by `register_notifier`.
+    unsafe { NOTIFIER.load(Ordering::Acquire).as_ref() }
+}
+
+fn caches() -> Option<&'static Caches> {
+    // SAFETY: null or a `&'static Caches` stored by `register_caches`.
+    unsafe { CACHES.load(Ordering::Acquire).as_ref() }
+}
+
+/// A limit was lowered: reclaim toward it starts at once if the group is above it (as writing
+/// `memory.high` or `memory.max` does), without waiting for the next charge.
+fn limit_set(c: &Counter) {
+    let stat = c.snapshot();
+    let target = stat.high.min(stat.max);
+    if stat.usage <= target {
+        return;
+    }
+    // The fast figure includes stock slack: decide on the exact one.
+    flush_counter(c);
+    if c.snapshot().usage > target && c.signal(MEDIUM) {
+        Table.wake();
     }
 }
 
@@ -336,7 +394,7 @@ impl Group {
     /// [`Error::OverLimit`], whatever the policies say.
     pub fn child(&self, name: &str) -> Result<Group, Error> {
         validate(name)?;
-        register_fork_handlers();
+        fork_safe();
         let parent = self.node();
         if parent.counter.chain().count() > crate::core::counter::MAX_DEPTH {
             return Err(Error::TooDeep);
@@ -491,7 +549,7 @@ impl Group {
     /// group's shrinkers without waiting for the next charge.
     pub fn set_max(&self, bytes: Option<usize>) {
         self.node().counter.set_max(bytes);
-        crate::pressure::limit_set(&self.node().counter);
+        limit_set(&self.node().counter);
     }
 
     /// Sets the pressure threshold (`memory.high`); `None` removes it. Set below the group's
@@ -499,7 +557,7 @@ impl Group {
     /// [`Level::Medium`](crate::Level::Medium) and the notifier reclaims toward it.
     pub fn set_high(&self, bytes: Option<usize>) {
         self.node().counter.set_high(bytes);
-        crate::pressure::limit_set(&self.node().counter);
+        limit_set(&self.node().counter);
     }
 
     /// Sets the kernel-memory limit (`memory.kmem.limit_in_bytes`); `None` removes it.
@@ -541,29 +599,17 @@ impl Group {
     /// being charged concurrently.
     pub fn flush(&self) {
         let me = &self.node().counter;
-        // The arena's per-thread caches first: they hold counts and may release slabs.
-        #[cfg(feature = "arena")]
-        {
+        // A design's caches first (the arena's): they hold counts and may release slabs.
+        if let Some(caches) = caches() {
             // With no child (removed ones have no cache left), only the group's own caches.
             let leaf = {
                 let _reg = REGISTRY.lock();
                 // SAFETY: under the registry lock.
                 unsafe { self.node().meta().children == 0 }
             };
-            crate::arena::flush(me, leaf);
+            (caches.flush)(me, leaf);
         }
         STOCKS.drain(|c| c.is_under(me));
-    }
-
-    /// Makes this thread charge this group until the returned guard is dropped.
-    pub fn enter(&self) -> crate::Entered {
-        crate::scope::enter(self)
-    }
-
-    /// Runs `f` with this thread charging this group.
-    pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        let _entered = self.enter();
-        f()
     }
 
     /// Removes the group: it goes offline (it can no longer be charged; threads still inside
@@ -601,55 +647,12 @@ impl Group {
         DYING.fetch_add(1, Ordering::Relaxed);
         // From here no slot can be claimed for the group; empty the ones it has.
         STOCKS.purge(node.counter.id);
-        // And no arena cache made for it: retire the ones it has, orphaning its slabs.
-        #[cfg(feature = "arena")]
-        crate::arena::remove(node.counter.id);
+        // And no design's cache made for it: retire the ones it has, orphaning its slabs.
+        if let Some(caches) = caches() {
+            (caches.remove)(node.counter.id);
+        }
         drop(self);
         Ok(())
-    }
-
-    /// Calls `f` on a notifier thread when this group, or one below it, reaches a pressure
-    /// level: `Low` at 3/4 of the lower of its `high` and `max`, `Medium` above `high`,
-    /// `Critical` when a charge hits `max`. Edge-triggered (once per crossing) and coalesced
-    /// (crossings of one level before delivery are delivered once); none is lost. Dropping the
-    /// subscription unsubscribes.
-    pub fn on_pressure(
-        &self,
-        f: impl Fn(crate::Level) + Send + Sync + 'static,
-    ) -> crate::Subscription {
-        crate::pressure::subscribe(self, Box::new(f))
-    }
-
-    /// Registers a shrinker: memory of this group that can be given back on request. It is
-    /// asked (on the notifier thread) when the group goes above `high` (background reclaim,
-    /// toward `high`) and before a charge at a `max` above it is refused or forced (direct
-    /// reclaim). Dropping the handle unregisters it.
-    pub fn register_shrinker(&self, s: impl crate::Shrinker) -> crate::ShrinkerHandle {
-        crate::pressure::register(self, Box::new(s))
-    }
-
-    /// Asks the shrinkers of this group and its descendants to free at least `bytes`, each in
-    /// proportion to what it holds, on this thread. Returns the bytes they freed.
-    pub fn reclaim(&self, bytes: usize) -> usize {
-        crate::pressure::reclaim(&self.node().counter, bytes)
-    }
-
-    /// How long a task of this group should pause at a safe point, by the kernel's
-    /// `memory.high` curve: zero at or below `high`, growing with the square of the overage
-    /// (as a fraction of `high`), capped at 2 s. memgroup never sleeps inside an allocation;
-    /// throttling is the application's choice, see [`Group::throttle`].
-    pub fn throttle_delay(&self) -> core::time::Duration {
-        let stat = self.stat();
-        crate::pressure::throttle_delay(stat.usage, stat.high)
-    }
-
-    /// Sleeps for [`Group::throttle_delay`]: call it where a task of this group may wait
-    /// (between requests, not while holding locks).
-    pub fn throttle(&self) {
-        let delay = self.throttle_delay();
-        if !delay.is_zero() {
-            std::thread::sleep(delay);
-        }
     }
 
     /// Whether [`Group::remove`] was called on this group.
@@ -817,62 +820,14 @@ unsafe impl allocator_api2::alloc::Allocator for Malloc {
     }
 }
 
-/// Set while the fork handlers below hold the registry lock (see `fork_held`).
-static FORK_HELD: AtomicBool = AtomicBool::new(false);
-
-/// Whether the registry lock is held across a `fork()` in progress (by the forking thread).
-#[allow(dead_code)] // used by the arena design only
-pub(crate) fn fork_held() -> bool {
-    FORK_HELD.load(Ordering::Acquire)
-}
-
-/// Holds the registry lock (and the pressure registry's, taken first) across `fork()`, so
-/// that the child never inherits them locked, and keeps every thread out of its pocket.
-pub(crate) fn register_fork_handlers() {
-    /// 0, `DONE`, or the id of the process registering them (a child that inherited that
-    /// from a fork made while its parent was registering has no handlers: it registers).
-    static REGISTERED: AtomicU64 = AtomicU64::new(0);
-    const DONE: u64 = u64::MAX;
-    extern "C" fn prepare() {
-        crate::pressure::lock_for_fork();
-        crate::pocket::fork_prepare();
-        REGISTRY.raw_lock();
-        FORK_HELD.store(true, Ordering::Release);
-    }
-    extern "C" fn release() {
-        FORK_HELD.store(false, Ordering::Release);
-        REGISTRY.raw_unlock();
-        crate::pocket::fork_parent();
-        crate::pressure::unlock_after_fork();
-        // Slabs the arena parked during the fork, if its own handler ran before this one.
-        #[cfg(feature = "arena")]
-        crate::arena::drain_parked();
-    }
-    extern "C" fn child() {
-        FORK_HELD.store(false, Ordering::Release);
-        REGISTRY.raw_unlock();
-        crate::pressure::unlock_after_fork();
-        crate::lock::after_fork_in_child();
-        crate::pressure::after_fork_in_child();
-        crate::pocket::fork_child();
-        #[cfg(feature = "arena")]
-        crate::arena::drain_parked();
-    }
-    let mut seen = REGISTERED.load(Ordering::Acquire);
-    while seen != DONE {
-        let me = platform::process_id();
-        if seen == me {
-            // Another thread of this process is registering them.
-            return;
-        }
-        match REGISTERED.compare_exchange(seen, me, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => {
-                // glibc may allocate to record the handlers: memgroup's, not the tenant's.
-                crate::scope::as_root(|| platform::at_fork(prepare, release, child));
-                REGISTERED.store(DONE, Ordering::Release);
-                return;
-            }
-            Err(now) => seen = now,
-        }
-    }
+/// Holds the registry lock across `fork()`, so that the child never inherits it locked by a
+/// thread it does not have: joined by group creation and by every module whose fork handling
+/// takes the registry (emptying a gone thread's pocket may free a record).
+pub(crate) fn fork_safe() {
+    static GROUPS: Participant = Participant {
+        prepare: || REGISTRY.raw_lock(),
+        parent: || REGISTRY.raw_unlock(),
+        child: || REGISTRY.raw_unlock(),
+    };
+    fork::join(Rank::Groups, &GROUPS);
 }

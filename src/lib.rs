@@ -27,10 +27,14 @@
 //! one the features select. Groups report memory pressure ([`Group::on_pressure`]) and can be
 //! asked to give memory back through [`Shrinker`]s.
 //!
-//! Layers, bottom up: `sync` (the atomics facade, std or loom), `core` (counters, stocks, pockets
-//! and the notifier's doorbell, which know nothing of allocators), `group` (the group table and
-//! handles), `scope` (the thread's current group), `pocket` (the thread's pocket), `pressure` (notifier, subscriptions,
-//! shrinkers), `tag` and `arena` (the designs' `GlobalAlloc`s), `platform` (libc).
+//! Layers, bottom up: `sync` (the atomics facade, std or loom), `platform` (libc), `lock`,
+//! `fork` (the ordered table of `fork()` participants), `core` (counters, stocks, pockets and
+//! the notifier's doorbell, which know nothing of allocators), `group` (the group table and
+//! handles), `scope` (the thread's current group), `pocket` (the thread's pocket), `pressure`
+//! (notifier, subscriptions, shrinkers), `tag` and `arena` (the designs' `GlobalAlloc`s), then
+//! `future`, `tokio` and `export`. Each imports only layers below it; where a lower one must
+//! reach a higher one (the group table asking a design to flush, the charge path waking the
+//! notifier), the higher one registers its entry points when it starts.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
@@ -39,6 +43,7 @@
 mod arena;
 mod core;
 pub mod export;
+mod fork;
 mod future;
 mod group;
 mod lock;

@@ -9,6 +9,7 @@ use core::cell::Cell;
 use core::ptr::null;
 
 use crate::core::pocket::Pocket;
+use crate::fork::{self, Participant, Rank};
 use crate::group::{self, STOCKS};
 use crate::lock::SpinLock;
 use crate::platform;
@@ -123,7 +124,7 @@ fn enabled() -> Option<bool> {
         };
     if on {
         // A thread caught inside its pocket by a fork would leave it stuck in the child.
-        group::register_fork_handlers();
+        fork_safe();
     }
     STATE.store(if on { ON } else { OFF }, Ordering::Release);
     Some(on)
@@ -179,10 +180,20 @@ unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
     STOCKS.retire_pocket(p);
 }
 
-/// Fork handlers (called by the group registry's): before the fork, every thread is kept out
-/// of its pocket; in the child, the pockets of the threads it does not have are emptied and
-/// given up, and the stocks forget what those threads held.
-pub(crate) fn fork_prepare() {
+/// Across `fork()`: before it, every thread is kept out of its pocket; in the child, the
+/// pockets of the threads it does not have are emptied and given up (which may free a group's
+/// record: the group registry takes part too), and the stocks forget what those threads held.
+fn fork_safe() {
+    static POCKETS: Participant = Participant {
+        prepare: fork_prepare,
+        parent: fork_parent,
+        child: fork_child,
+    };
+    group::fork_safe();
+    fork::join(Rank::Pockets, &POCKETS);
+}
+
+fn fork_prepare() {
     CHUNK.raw_lock();
     if STATE.load(Ordering::Acquire) == ON {
         STOCKS.freeze_pockets();
@@ -190,7 +201,7 @@ pub(crate) fn fork_prepare() {
     }
 }
 
-pub(crate) fn fork_parent() {
+fn fork_parent() {
     if FROZE.swap(false, Ordering::Relaxed) {
         STOCKS.thaw_pockets();
     }
@@ -199,7 +210,7 @@ pub(crate) fn fork_parent() {
 
 /// In the child, after the registry locks are released (emptying a pocket may free a group's
 /// record).
-pub(crate) fn fork_child() {
+fn fork_child() {
     FROZE.store(false, Ordering::Relaxed);
     CHUNK.raw_unlock();
     // A decision another thread was making is made again.

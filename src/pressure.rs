@@ -19,8 +19,9 @@ use std::sync::Arc;
 
 use crate::core::counter::{Counter, CRITICAL, LOW, MEDIUM, RECLAIM};
 use crate::core::doorbell::Doorbell;
+use crate::fork::{self, Participant, Rank};
 use crate::group::{self, Group};
-use crate::lock::{CallLock, SpinGuard, SpinLock};
+use crate::lock::{self, CallLock, SpinGuard, SpinLock};
 use crate::sync::{AtomicU32, AtomicU8, Ordering};
 use crate::{platform, scope};
 
@@ -82,8 +83,8 @@ struct Registry {
 }
 
 /// Held only to push, remove or clone entries (which may allocate: no allocation path takes
-/// this lock), never across a callback; held across `fork()` by the fork handlers (see
-/// `group::register_fork_handlers`), which take it before the group registry's.
+/// this lock), never across a callback; held across `fork()` (see `fork_safe`), taken before
+/// the group registry's.
 static REGISTRY: SpinLock<Registry> = SpinLock::new(Registry {
     subs: Vec::new(),
     shrinkers: Vec::new(),
@@ -109,15 +110,21 @@ fn registry() -> SpinGuard<'static, Registry> {
     REGISTRY.lock()
 }
 
-/// For the fork handlers: holds the registry across `fork()`, so that the child never
-/// inherits it locked by a thread that does not exist there.
-pub(crate) fn lock_for_fork() {
-    REGISTRY.raw_lock();
-}
-
-/// For the fork handlers, in the parent and in the child.
-pub(crate) fn unlock_after_fork() {
-    REGISTRY.raw_unlock();
+/// Holds the registry across `fork()`, so that the child never inherits it locked by a thread
+/// it does not have; in the child, frees the call locks the parent's threads held and forgets
+/// the notifier, which does not survive the fork.
+fn fork_safe() {
+    static PRESSURE: Participant = Participant {
+        prepare: || REGISTRY.raw_lock(),
+        parent: || REGISTRY.raw_unlock(),
+        child: || {
+            REGISTRY.raw_unlock();
+            lock::after_fork_in_child();
+            after_fork_in_child();
+        },
+    };
+    group::fork_safe();
+    fork::join(Rank::Pressure, &PRESSURE);
 }
 
 impl<T: ?Sized> Slot<T> {
@@ -188,7 +195,8 @@ impl core::fmt::Debug for ShrinkerHandle {
     }
 }
 
-pub(crate) fn subscribe(group: &Group, f: Box<dyn Fn(Level) + Send + Sync>) -> Subscription {
+fn subscribe(group: &Group, f: Box<dyn Fn(Level) + Send + Sync>) -> Subscription {
+    fork_safe();
     let sub = scope::as_root(|| {
         let sub: Arc<Slot<Callback>> = Arc::new(Slot {
             group: group.clone(),
@@ -201,7 +209,8 @@ pub(crate) fn subscribe(group: &Group, f: Box<dyn Fn(Level) + Send + Sync>) -> S
     Subscription { sub }
 }
 
-pub(crate) fn register(group: &Group, s: Box<dyn Shrinker>) -> ShrinkerHandle {
+fn register(group: &Group, s: Box<dyn Shrinker>) -> ShrinkerHandle {
+    fork_safe();
     let entry = scope::as_root(|| {
         let entry: Arc<Slot<dyn Shrinker>> = Arc::new(Slot {
             group: group.clone(),
@@ -217,7 +226,7 @@ pub(crate) fn register(group: &Group, s: Box<dyn Shrinker>) -> ShrinkerHandle {
 
 /// Asks the shrinkers of `under`'s group and its descendants for at least `bytes`, each in
 /// proportion to what it holds (`count` x `chunk_size`). Returns the bytes they freed.
-pub(crate) fn reclaim(under: &Counter, bytes: usize) -> usize {
+fn reclaim(under: &Counter, bytes: usize) -> usize {
     if bytes == 0 {
         return 0;
     }
@@ -253,7 +262,7 @@ pub(crate) fn reclaim(under: &Counter, bytes: usize) -> usize {
 }
 
 /// The core's `Groups::wake`: rings the doorbell. No allocation, no lock.
-pub(crate) fn wake() {
+fn wake() {
     if NOTIFIER.load(Ordering::Acquire) == 0 {
         return;
     }
@@ -264,7 +273,7 @@ pub(crate) fn wake() {
 
 /// The core's `Groups::reclaim`: direct reclaim before a charge at `at`'s limit fails or is
 /// forced. Waits at most `DIRECT_WAIT`; no allocation, no lock.
-pub(crate) fn direct(at: &Counter, bytes: usize) -> bool {
+fn direct(at: &Counter, bytes: usize) -> bool {
     if !at.has_shrinkers() || NOTIFIER.load(Ordering::Acquire) != 2 || scope::is_reclaiming() {
         return false;
     }
@@ -291,19 +300,20 @@ pub(crate) fn direct(at: &Counter, bytes: usize) -> bool {
 /// The notifier thread does not survive `fork()`: in the child, the next subscription or
 /// shrinker starts a new one (for every subscription and shrinker, inherited ones included),
 /// and until then charges neither ring nor wait for it.
-pub(crate) fn after_fork_in_child() {
+fn after_fork_in_child() {
     NOTIFIER.store(0, Ordering::Release);
     BELL.awake();
 }
 
 fn start_notifier() {
+    static ENTRY: group::Notifier = group::Notifier { wake, direct };
+    group::register_notifier(&ENTRY);
     if NOTIFIER
         .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
         return;
     }
-    group::register_fork_handlers();
     scope::as_root(|| {
         // Levels raised before anyone listened are stale: drop them.
         group::for_each_counter(|c| {
@@ -375,28 +385,56 @@ fn background(c: &Counter) {
     }
 }
 
-/// A limit of `c` was just set (from user code, never inside an allocation). If the group's
-/// exact usage is already above it, raise `Medium` and start background reclaim now, as
-/// writing `memory.high` or `memory.max` below `memory.current` does in cgroup v2.
-pub(crate) fn limit_set(c: &Counter) {
-    let stat = c.snapshot();
-    let target = stat.high.min(stat.max);
-    if stat.usage <= target {
-        return;
-    }
-    // The fast figure includes stock slack: decide on the exact one.
-    group::flush_counter(c);
-    if c.snapshot().usage > target && c.signal(MEDIUM) {
-        wake();
-    }
-}
-
 /// The kernel's `memory.high` throttling curve: a delay growing with the square of the
 /// overage (as a fraction of `high`), capped at 2 s.
-pub(crate) fn throttle_delay(usage: usize, high: Option<usize>) -> Duration {
+fn throttle_delay(usage: usize, high: Option<usize>) -> Duration {
     let Some(high) = high.filter(|&h| usage > h && h > 0) else {
         return Duration::ZERO;
     };
     let over = (usage - high) as f64 / high as f64;
     Duration::from_secs_f64((over * over).min(2.0))
+}
+
+/// Pressure and reclaim of a group.
+impl Group {
+    /// Calls `f` on a notifier thread when this group, or one below it, reaches a pressure
+    /// level: `Low` at 3/4 of the lower of its `high` and `max`, `Medium` above `high`,
+    /// `Critical` when a charge hits `max`. Edge-triggered (once per crossing) and coalesced
+    /// (crossings of one level before delivery are delivered once); none is lost. Dropping the
+    /// subscription unsubscribes.
+    pub fn on_pressure(&self, f: impl Fn(Level) + Send + Sync + 'static) -> Subscription {
+        subscribe(self, Box::new(f))
+    }
+
+    /// Registers a shrinker: memory of this group that can be given back on request. It is
+    /// asked (on the notifier thread) when the group goes above `high` (background reclaim,
+    /// toward `high`) and before a charge at a `max` above it is refused or forced (direct
+    /// reclaim). Dropping the handle unregisters it.
+    pub fn register_shrinker(&self, s: impl Shrinker) -> ShrinkerHandle {
+        register(self, Box::new(s))
+    }
+
+    /// Asks the shrinkers of this group and its descendants to free at least `bytes`, each in
+    /// proportion to what it holds, on this thread. Returns the bytes they freed.
+    pub fn reclaim(&self, bytes: usize) -> usize {
+        reclaim(&self.node().counter, bytes)
+    }
+
+    /// How long a task of this group should pause at a safe point, by the kernel's
+    /// `memory.high` curve: zero at or below `high`, growing with the square of the overage
+    /// (as a fraction of `high`), capped at 2 s. memgroup never sleeps inside an allocation;
+    /// throttling is the application's choice, see [`Group::throttle`].
+    pub fn throttle_delay(&self) -> core::time::Duration {
+        let stat = self.stat();
+        throttle_delay(stat.usage, stat.high)
+    }
+
+    /// Sleeps for [`Group::throttle_delay`]: call it where a task of this group may wait
+    /// (between requests, not while holding locks).
+    pub fn throttle(&self) {
+        let delay = self.throttle_delay();
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+    }
 }

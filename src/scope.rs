@@ -73,7 +73,21 @@ pub struct Entered {
     _not_send: PhantomData<*const ()>,
 }
 
-pub(crate) fn enter(group: &Group) -> Entered {
+/// A thread's place in a group.
+impl Group {
+    /// Makes this thread charge this group until the returned guard is dropped.
+    pub fn enter(&self) -> Entered {
+        enter(self)
+    }
+
+    /// Runs `f` with this thread charging this group.
+    pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _entered = self.enter();
+        f()
+    }
+}
+
+fn enter(group: &Group) -> Entered {
     let (node, key) = if group.id() == ROOT_ID {
         (core::ptr::null(), ROOT_KEY)
     } else {

@@ -1,5 +1,5 @@
 //! Async tenants on tokio runtimes, under the arena design.
-#![cfg(feature = "arena")]
+#![cfg(all(feature = "arena", feature = "tokio"))]
 #[global_allocator]
 static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
 include!("suite/async_tasks.rs");

@@ -50,6 +50,7 @@ use core::ptr::null_mut;
 
 use crate::core::counter::Counter;
 use crate::core::stock::{key, key_id, key_is_kernel, Key};
+use crate::fork::{self, Participant, Rank};
 use crate::sync::{
     compiler_fence, fence, spin_hint, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize,
     Ordering,
@@ -1186,7 +1187,7 @@ fn create_heap() -> *mut ThreadHeap {
     // Both may allocate (glibc's key table, fork handler list): the heap is in place by now.
     platform::set_thread_exit_value(EXIT_KEY.load(Ordering::Relaxed), th.cast());
     if !FORK_HANDLERS.swap(true, Ordering::AcqRel) {
-        crate::scope::as_root(|| platform::at_fork(fork_prepare, fork_release, fork_child));
+        join_the_group_table();
     }
     th
 }
@@ -1520,9 +1521,29 @@ fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
 
 // ---- fork --------------------------------------------------------------------------------
 
+/// Registers the arena with the layers below it: its caches for `flush()` and `remove()`, and
+/// its part in `fork()` (heaps and locks held across it; parked slabs released after it, once
+/// the group registry is free too).
+fn join_the_group_table() {
+    static CACHES: group::Caches = group::Caches { flush, remove };
+    static HEAPS: Participant = Participant {
+        prepare: fork_prepare,
+        parent: fork_release,
+        child: fork_child,
+    };
+    static PARKED: Participant = Participant {
+        prepare: || {},
+        parent: drain_parked,
+        child: drain_parked,
+    };
+    group::register_caches(&CACHES);
+    fork::join(Rank::Arena, &HEAPS);
+    fork::join(Rank::ArenaParked, &PARKED);
+}
+
 /// Holds every heap stopped and every arena lock across `fork()`, so the child inherits
 /// consistent heaps (other threads' heaps simply have no thread there) and no lock held.
-extern "C" fn fork_prepare() {
+fn fork_prepare() {
     REGISTRY.spin.lock();
     for th in listed_heaps() {
         // SAFETY: listed heaps are never unmapped; this thread holds no heap's lock.
@@ -1535,7 +1556,7 @@ extern "C" fn fork_prepare() {
 
 /// In the child: the other threads' heaps have no thread here, so they are abandoned (left for
 /// the child's new threads to adopt, their slabs included) before the locks go.
-extern "C" fn fork_child() {
+fn fork_child() {
     let me = current();
     for th in listed_heaps() {
         // SAFETY: `fork_prepare` stopped every listed heap, and in the child no thread but this
@@ -1561,7 +1582,7 @@ extern "C" fn fork_child() {
     fork_release();
 }
 
-extern "C" fn fork_release() {
+fn fork_release() {
     FORKING.with(|f| f.set(false));
     segment::fork_locks(false);
     GROUP_HEAPS.spin.unlock();
@@ -1570,17 +1591,13 @@ extern "C" fn fork_release() {
         unsafe { resume(th) };
     }
     REGISTRY.spin.unlock();
-    drain_parked();
 }
 
 /// Releases the slabs `release` parked during a `fork()` on this thread, once nothing of the
-/// fork is held any more: the arena's locks (`FORKING` clear) and the group registry's lock
-/// (released by its own fork handler, which may run before or after ours: both call this, the
-/// last one does the work).
-pub(crate) fn drain_parked() {
-    if FORKING.with(Cell::get) || group::fork_held() {
-        return;
-    }
+/// fork is held any more: the arena's locks and the group registry's (the last of the fork
+/// table's handlers).
+fn drain_parked() {
+    debug_assert!(!FORKING.with(Cell::get));
     let mut s = PARKED.with(|p| p.replace(null_mut()));
     while !s.is_null() {
         // SAFETY: parked slabs were given up to `release` (empty, unlinked, claimed), and only

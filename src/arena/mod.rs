@@ -28,8 +28,6 @@ use std::alloc::System;
 use crate::core::stock::{key_id, key_is_kernel, Key};
 use crate::{group, scope, Group, TagAlloc};
 
-pub(crate) use heap::{drain_parked, flush, remove};
-
 /// The arena design: a [`GlobalAlloc`] that serves small blocks (up to 8 KiB, aligned up to
 /// 4 KiB) from per-group slabs it maps itself, charged a slab at a time, and large blocks
 /// from the inner allocator with a tag, as [`TagAlloc`] does.

@@ -546,7 +546,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                     }
                     at.event(Event::Max);
                     self.raised(at.signal(CRITICAL));
-                    let forced = if refuses(mode, c, at) {
+                    let forced = if refuses(mode, c) {
                         None
                     } else {
                         c.charge_force(bytes, kernel)
@@ -809,22 +809,13 @@ fn give(key: Key, bytes: usize, objects: u64, cap: usize) -> impl Fn(u64) -> Opt
     }
 }
 
-/// Whether an over-limit charge of `c`, refused at `at` (an ancestor of `c` or `c` itself),
-/// fails: inside `fallible`, or when `c` or any group up to `at` has `OnLimit::Fail`.
-fn refuses(mode: Mode, c: &Counter, at: &Counter) -> bool {
+/// Whether an over-limit charge of `c` fails, whichever level's limit it hit: inside
+/// `fallible`, or when `c` or any of its ancestors has `OnLimit::Fail` (a policy holds for the
+/// group's whole subtree).
+fn refuses(mode: Mode, c: &Counter) -> bool {
     match mode {
         Mode::NoFail => false,
         Mode::Fallible => true,
-        Mode::Policy => {
-            for g in c.chain() {
-                if g.fails() {
-                    return true;
-                }
-                if core::ptr::eq(g, at) {
-                    break;
-                }
-            }
-            false
-        }
+        Mode::Policy => c.chain().any(Counter::fails),
     }
 }

@@ -450,15 +450,25 @@ fn fail_policy_on_the_chain() {
     let s = exact(&q);
     assert_eq!((s.events.max, s.events.fail), (1, 1));
 
-    // Fail only above the group whose limit was hit: that limit's group forces.
+    // Fail above the group whose limit was hit: the policy holds for its whole subtree.
     let r = fresh("failchain-r");
     let e = fresh_child(&r, "e");
     r.set_on_limit(OnLimit::Fail);
     e.set_max(Some(100_000));
-    let v = e
-        .run(|| try_bytes(200_000))
-        .expect("Fail above the limit's group does not apply");
+    assert!(
+        e.run(|| try_bytes(200_000)).is_err(),
+        "an ancestor's Fail holds at a descendant's own limit"
+    );
     let s = exact(&e);
+    assert_eq!((s.usage, s.allocs), (0, 0));
+    assert_eq!((s.events.max, s.events.fail), (1, 1));
+
+    // No Fail anywhere on the chain: the charge is forced past the limit.
+    let t = fresh("failchain-t");
+    let f = fresh_child(&t, "f");
+    f.set_max(Some(100_000));
+    let v = f.run(|| try_bytes(200_000)).expect("Overcharge forces");
+    let s = exact(&f);
     assert_eq!(s.usage, 200_000 + s.overhead);
     assert_eq!((s.events.max, s.events.fail), (1, 0));
     drop(v);
