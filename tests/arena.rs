@@ -19,6 +19,19 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The process's resident memory in bytes (`/proc/self/statm`, second field).
+fn resident() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("reading /proc/self/statm");
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|f| f.parse().ok())
+        .expect("statm's resident field");
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    pages * page
+}
+
 /// Where a live block lives: `None` for the inner allocator's.
 fn slab_of(p: *const u8) -> Option<SlabInfo> {
     // SAFETY: every pointer given here is a live block of this binary's global allocator.
@@ -432,7 +445,10 @@ fn pool_inner() {
     drop(blocks);
     assert_eq!(exact(&g).usage, 0, "every slab uncharged");
     let f = memgroup::arena_footprint();
-    assert!(f.pooled >= slabs, "the slabs are pooled: {slabs} {f:?}");
+    assert!(
+        f.pooled + f.free_segments >= slabs,
+        "the slabs are pooled, or went back with their whole segment: {slabs} {f:?}"
+    );
     // 1 MiB, and up to a batch of slabs per slab size waiting to be given back.
     let batches = 128 * ((4 + 8 + 16 + 32) << 10);
     assert!(
@@ -449,7 +465,7 @@ fn pool_inner() {
     let f2 = memgroup::arena_footprint();
     assert_eq!(
         f2.segments, f.segments,
-        "no new segment: pooled slabs were reused"
+        "no new segment: pooled slabs and free segments were reused"
     );
     drop(again);
     assert_eq!(exact(&h).usage, 0);
@@ -526,13 +542,15 @@ fn fork_window_inner() {
     let dying0 = dying_groups();
     let p = fresh("fork-p");
     let c = fresh_child(&p, "c");
-    // Allocated by a thread that exits: its slab is an orphan, this block its only object.
+    // Allocated by a thread that exits: its slab stays with the exited thread's abandoned heap,
+    // this block its only object, until the group's removal makes it an orphan.
     let cc = c.clone();
     let b = std::thread::spawn(move || cc.run(|| Block::new(2000, 8)))
         .join()
         .unwrap();
-    assert!(slab(&b).orphan);
+    assert!(slab(&b).abandoned && !slab(&b).orphan);
     c.remove().unwrap();
+    assert!(slab(&b).orphan, "a removed group's slabs have no owner");
     assert_eq!(dying_groups(), dying0 + 1, "the block keeps the record");
     *fork_window::ARMED.lock().unwrap() = Some(b);
     assert_eq!(fork_window::fork_and_wait(), 0, "the child exited cleanly");
@@ -547,4 +565,160 @@ fn fork_window_inner() {
     );
     assert_eq!(exact(&p).usage, 0);
     p.remove().unwrap();
+}
+
+/// A thread that exits leaves its heap, slabs still holding objects included, for the next new
+/// thread: that thread allocates from those slabs instead of new ones, frees into an abandoned
+/// heap's slabs still release an emptied slab (and its group heap) without a flush, and the
+/// figures stay exact. In exact mode (`MEMGROUP_BATCH=0`) too.
+#[test]
+fn a_new_thread_adopts_an_exited_threads_slabs() {
+    run_in_child_process("adoption_inner", &[]);
+    run_in_child_process("adoption_inner", &[("MEMGROUP_BATCH", "0")]);
+}
+
+#[test]
+#[ignore = "run by a_new_thread_adopts_an_exited_threads_slabs in a child process"]
+fn adoption_inner() {
+    if !in_child_process() {
+        return;
+    }
+    let g = fresh("adopt");
+    // Thread A: ten blocks in one slab, still live when it exits. (The vectors are this
+    // thread's, so that only the blocks are in the exited threads' slabs.)
+    let ga = g.clone();
+    let mut v: Vec<Block> = Vec::with_capacity(40);
+    let mut blocks = std::thread::spawn(move || {
+        ga.run(|| v.extend((0..10).map(|_| Block::new(100, 8))));
+        v
+    })
+    .join()
+    .unwrap();
+    let first = slab(&blocks[0]);
+    assert!(blocks.iter().all(|b| slab(b).start == first.start));
+    assert!(
+        first.abandoned && !first.orphan,
+        "an exited thread's slab waits for adoption: {first:?}"
+    );
+    let s = exact(&g);
+    assert_eq!((s.usage, live(&s)), (first.len, 10), "{s:?}");
+    let segments = memgroup::arena_footprint().segments;
+    // Thread B (the next new thread) takes A's heap: its blocks come from A's slab, which is
+    // its own again while it runs.
+    let gb = g.clone();
+    let mut v: Vec<Block> = Vec::with_capacity(10);
+    let (more, owned) = std::thread::spawn(move || {
+        gb.run(|| v.extend((0..10).map(|_| Block::new(100, 8))));
+        let owned = v.iter().all(|b| {
+            let info = slab(b);
+            !info.abandoned && info.start == first.start
+        });
+        (v, owned)
+    })
+    .join()
+    .unwrap();
+    assert!(
+        owned,
+        "the new thread allocated from the exited thread's slab, as its owner"
+    );
+    assert_eq!(
+        memgroup::arena_footprint().segments,
+        segments,
+        "no new segment"
+    );
+    blocks.extend(more);
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, live(&s), s.allocs),
+        (first.len, 20, 20),
+        "one slab holds both threads' blocks: {s:?}"
+    );
+    assert!(slab(&blocks[0]).abandoned, "B exited too");
+    // Freed from this thread: the emptied slab goes back and the group heap is retired at the
+    // last free, without a flush.
+    let heaps = memgroup::arena_footprint().group_heaps;
+    drop(blocks);
+    assert_eq!(
+        memgroup::arena_footprint().group_heaps,
+        heaps - 1,
+        "the abandoned heap's group heap went with its last slab"
+    );
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, s.allocs, s.frees),
+        (0, 0, 0, 20, 20),
+        "{s:?}"
+    );
+    g.remove().unwrap();
+}
+
+/// A segment whose slabs are all empty goes back whole: its memory to the OS, the segment to a
+/// free list from which the next segment cut, for any slab size, is taken.
+#[test]
+fn empty_segments_go_back_and_serve_other_slab_sizes() {
+    run_in_child_process("segments_inner", &[]);
+}
+
+#[test]
+#[ignore = "run by empty_segments_go_back_and_serve_other_slab_sizes in a child process"]
+fn segments_inner() {
+    if !in_child_process() {
+        return;
+    }
+    let g = fresh("segments");
+    let rss0 = resident();
+    let f0 = memgroup::arena_footprint();
+    assert_eq!(f0.free_segments, 0, "{f0:?}");
+    // 64-byte blocks live in one-page slabs: 200,000 of them fill about three segments.
+    let mut small = Vec::with_capacity(200_000);
+    g.run(|| small.extend((0..200_000).map(|_| Block::filled(64, 1))));
+    let f1 = memgroup::arena_footprint();
+    let rss1 = resident();
+    assert!(
+        f1.segments >= f0.segments + (8 << 20),
+        "at least two segments cut: {f1:?}"
+    );
+    drop(small);
+    assert_eq!(exact(&g).usage, 0);
+    let f2 = memgroup::arena_footprint();
+    let rss2 = resident();
+    eprintln!(
+        "segments: resident {} KiB, {} KiB with 200,000 blocks of 64 bytes, {} KiB once freed; \
+         {f2:?}",
+        rss0 >> 10,
+        rss1 >> 10,
+        rss2 >> 10
+    );
+    assert!(
+        rss1 - rss2 >= f2.free_segments / 2,
+        "the free segments' memory went back to the OS: {} KiB of {} KiB",
+        (rss1 - rss2) >> 10,
+        (rss1 - rss0) >> 10
+    );
+    assert!(
+        f2.free_segments >= 8 << 20,
+        "the emptied segments (all but the one being cut) went back: {f2:?}"
+    );
+    assert_eq!(f2.segments, f1.segments);
+    // The pool's 4 MiB, and up to a batch of slabs per slab size waiting to be given back.
+    let batches = 128 * ((4 + 8 + 16 + 32) << 10);
+    assert!(
+        f2.pooled_resident <= (4 << 20) + batches,
+        "what stays pooled is within the pool's limit: {f2:?}"
+    );
+    // 8 KiB blocks live in eight-page slabs: another slab size, served from the free segments
+    // (no new address space) until they run out.
+    let per_segment = (4 << 20) / 8192;
+    let n = per_segment * (f2.free_segments >> 22) / 2;
+    let big: Vec<Block> = g.run(|| (0..n).map(|_| Block::filled(8192, 2)).collect());
+    let f3 = memgroup::arena_footprint();
+    assert_eq!(
+        f3.segments, f2.segments,
+        "no new segment while free ones remain: {f3:?}"
+    );
+    assert!(f3.free_segments < f2.free_segments, "{f3:?}");
+    drop(big);
+    let s = exact(&g);
+    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
+    g.remove().unwrap();
 }

@@ -27,11 +27,23 @@
 //! when it is empty and not its class's active slab (one empty slab per class is kept as a spare,
 //! charged), at `flush()` (every empty slab of the group), and when its group heap goes.
 //!
-//! A group heap goes when its thread exits or its group is removed. Its slabs that still hold
-//! objects become orphans: no owner, their `used` frozen, and every later free counts down in
-//! the `remote` word; the free that brings it to zero releases the slab. So a removed group's
-//! caches are gone at `remove()`, its slabs go with their last object, and its record (and
-//! with it `dying_groups()`) goes with its last byte. Orphans are not reused for allocation.
+//! A thread that exits leaves its heap for the next new thread (mimalloc's abandoned heaps):
+//! the exit hook sweeps every group heap (objects handed over freed, remote frees collected,
+//! empty slabs released, spares included, counts harvested), retires those left with no slab
+//! and marks the others `ABANDONED` in their `heap` word, slabs still holding objects and
+//! all. The next thread `create_heap` makes takes such a heap first and `adopt`s it: it
+//! allocates from the exited thread's partial slabs instead of new ones. Until then, frees into
+//! an abandoned heap's slabs are done as its owner would, under its lock (`free_abandoned`), so
+//! a slab emptied by other threads goes back to the pool at once; `flush()` and `remove()` work
+//! on abandoned heaps as on live ones, without waiting for an owner. In a forked child, the
+//! heaps of the parent's other threads are abandoned the same way.
+//!
+//! A group heap goes when its group is removed (or, abandoned, when it holds no slab). Its
+//! slabs that still hold objects become orphans: no owner, their `used` frozen, and every later
+//! free counts down in the `remote` word; the free that brings it to zero releases the slab. So
+//! a removed group's caches are gone at `remove()`, its slabs go with their last object, and
+//! its record (and with it `dying_groups()`) goes with its last byte. Orphans are not reused
+//! for allocation.
 
 use core::cell::Cell;
 use core::ptr::null_mut;
@@ -61,6 +73,21 @@ const TAG: i64 = TAG_SIZE as i64;
 const DEAD_HEAP: usize = 1;
 /// Bytes mapped at a time for heaps and group heaps.
 const CHUNK: usize = 256 << 10;
+/// The low bit of a group heap's `heap`: its thread exited and the heap waits to be adopted
+/// (see `abandon`). Heaps are 64-aligned, so the bit is free.
+const ABANDONED: usize = 1;
+
+/// Whether a group heap's `heap` word names an abandoned heap.
+#[inline(always)]
+fn abandoned(raw: *mut ThreadHeap) -> bool {
+    raw as usize & ABANDONED != 0
+}
+
+/// The heap a group heap's `heap` word names, abandoned or not.
+#[inline(always)]
+fn untagged(raw: *mut ThreadHeap) -> *mut ThreadHeap {
+    raw.map_addr(|a| a & !ABANDONED)
+}
 
 thread_local! {
     /// This thread's heap: null before its first small allocation, `DEAD_HEAP` after its exit.
@@ -122,8 +149,9 @@ pub(crate) struct GroupHeap {
     /// Bumped each time the group heap is retired, so a slow path that let go of the lock can
     /// tell its group heap is gone.
     gen: u32,
-    /// The owning heap. Atomic: a freeing thread reads it to tell whether it is the owner,
-    /// possibly while the group heap is being retired or reused (it then finds another heap).
+    /// The owning heap, with `ABANDONED` set while that heap has no thread. Atomic: a freeing
+    /// thread reads it to tell whether it is the owner, possibly while the group heap is being
+    /// retired or reused (it then finds another heap). Changed only under the heap's lock.
     heap: AtomicPtr<ThreadHeap>,
     /// Not yet added to the counter: allocations, frees, and the overhead change (see `harvest`).
     allocs: u64,
@@ -393,7 +421,8 @@ unsafe fn after_free(gh: *mut GroupHeap, s: *mut Slab) -> *mut Slab {
         if (*s).used != 0 {
             return null_mut();
         }
-        if EXACT.load(Ordering::Relaxed) {
+        // An abandoned heap keeps no spare: no thread would use it.
+        if EXACT.load(Ordering::Relaxed) || abandoned((*gh).heap.load(Ordering::Relaxed)) {
             if (*q).active == s {
                 (*q).active = slab::empty();
             } else {
@@ -426,6 +455,13 @@ unsafe fn free_remote(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
     }
     // SAFETY: slab metadata is never unmapped; `p` is ours to write until published.
     unsafe {
+        let gh = (*s).owner.load(Ordering::Acquire);
+        if !gh.is_null()
+            && abandoned((*gh).heap.load(Ordering::Relaxed))
+            && free_abandoned(gh, s, p, size, counted)
+        {
+            return;
+        }
         let r = &(*s).remote;
         let mut w = r.load(Ordering::Acquire);
         loop {
@@ -455,6 +491,54 @@ unsafe fn free_remote(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
                 Err(now) => w = now,
             }
         }
+    }
+}
+
+/// A free into a slab whose owner's thread exited (its heap abandoned, not adopted yet): done
+/// as the owner would, under the heap's lock, with the slab's other remote frees collected, so
+/// a slab emptied by other threads goes back to the pool at once, as an orphan's would, and a
+/// group heap left with no slab is retired. False (nothing done) if the lock is taken or the
+/// heap was adopted meanwhile: then free as to any other owner.
+///
+/// # Safety
+/// As for `free`; `gh` was read from `s`'s owner.
+#[cold]
+unsafe fn free_abandoned(
+    gh: *mut GroupHeap,
+    s: *mut Slab,
+    p: *mut u8,
+    size: usize,
+    counted: bool,
+) -> bool {
+    // SAFETY: heaps, group heaps and slab metadata are never unmapped. With the heap's lock
+    // held and its group heaps still marked abandoned, no thread owns the heap (adoption and
+    // every change of ownership happen under that lock), so it is ours as a stopped heap is.
+    unsafe {
+        let raw = (*gh).heap.load(Ordering::Relaxed);
+        let th = untagged(raw);
+        if !abandoned(raw) || !(*th).lock.try_lock() {
+            return false;
+        }
+        if (*gh).heap.load(Ordering::Relaxed) != raw
+            || (*s).owner.load(Ordering::Relaxed) != gh
+            || (*s).remote.load(Ordering::Acquire) & ORPHAN != 0
+        {
+            (*th).lock.unlock();
+            return false;
+        }
+        let mut rel = Released::new();
+        push_local(gh, s, p, size, counted);
+        collect(gh, s);
+        let done = after_free(gh, s);
+        if !done.is_null() {
+            rel.push(done);
+            if holds_nothing(gh) {
+                detach(th, gh, &mut rel);
+            }
+        }
+        (*th).lock.unlock();
+        rel.release_all();
+        true
     }
 }
 
@@ -539,25 +623,30 @@ unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
                 backoff.wait();
                 continue;
             }
-            let th = (*gh).heap.load(Ordering::Relaxed);
-            if th.is_null() {
+            let raw = (*gh).heap.load(Ordering::Relaxed);
+            if raw.is_null() {
                 backoff.wait();
                 continue;
             }
+            let th = untagged(raw);
             stop(th);
             let owned = (*s).owner.load(Ordering::Relaxed) == gh
-                && (*gh).heap.load(Ordering::Relaxed) == th
+                && (*gh).heap.load(Ordering::Relaxed) == raw
                 && (*s).remote.load(Ordering::Acquire) & ORPHAN == 0;
-            let mut done = null_mut();
+            let mut rel = Released::new();
             if owned {
                 push_local(gh, s, p, size, counted);
-                done = after_free(gh, s);
+                let done = after_free(gh, s);
+                if !done.is_null() {
+                    rel.push(done);
+                    if abandoned(raw) && holds_nothing(gh) {
+                        detach(th, gh, &mut rel);
+                    }
+                }
             }
             resume(th);
             if owned {
-                if !done.is_null() {
-                    release(done);
-                }
+                rel.release_all();
                 return;
             }
         }
@@ -835,13 +924,26 @@ unsafe fn refill(
 /// Parks an exhausted active slab on the full list, asking the next remote free to notify.
 /// False if remote frees arrived meanwhile: collect them instead.
 ///
+/// A notifier of the slab's previous stay on the full list may still hold `NOTIFYING` (its
+/// object already handed over and freed): `FULL` is set only once it is done. Setting it
+/// earlier would let a second notifier in while the first one still runs; the first one's
+/// clear of `NOTIFYING` would then leave the second unprotected, and a retire or release
+/// that waits for `NOTIFYING` could take the owner from under it (an object lost on a
+/// retired group heap's delayed list, or a null owner read).
+///
 /// # Safety
 /// The caller owns `gh` and `s`, its active slab.
 unsafe fn park_full(gh: *mut GroupHeap, s: *mut Slab) -> bool {
     // SAFETY: per the caller.
     unsafe {
         let r = &(*s).remote;
-        let w = r.load(Ordering::Acquire);
+        let mut backoff = Backoff::new();
+        let mut w = r.load(Ordering::Acquire);
+        // Without `FULL` no new notifier can start: this wait ends with the current one.
+        while w & NOTIFYING != 0 {
+            backoff.wait();
+            w = r.load(Ordering::Acquire);
+        }
         if w & PTR_MASK != 0 {
             return false;
         }
@@ -1032,8 +1134,8 @@ unsafe fn retire(gh: *mut GroupHeap) {
     });
 }
 
-/// Makes this thread's heap: a heap whose thread exited, or a new one. Null if the arena is
-/// unavailable or out of memory.
+/// Makes this thread's heap: a heap whose thread exited (adopted with its group heaps and
+/// their slabs), or a new one. Null if the arena is unavailable or out of memory.
 #[cold]
 fn create_heap() -> *mut ThreadHeap {
     if !ready() && !init() {
@@ -1070,6 +1172,8 @@ fn create_heap() -> *mut ThreadHeap {
     if th.is_null() {
         return th;
     }
+    // SAFETY: `th` is ours now (`live`); under its lock its group heaps are too.
+    unsafe { adopt(th) };
     HEAP.with(|h| h.set(th));
     // Both may allocate (glibc's key table, fork handler list): the heap is in place by now.
     platform::set_thread_exit_value(EXIT_KEY.load(Ordering::Relaxed), th.cast());
@@ -1079,9 +1183,9 @@ fn create_heap() -> *mut ThreadHeap {
     th
 }
 
-/// The thread-exit hook: retires every group heap of the exiting thread (orphaning its slabs
-/// that still hold objects) and frees its heap for the next thread. Small allocations the
-/// thread makes after this (in later destructors) go to the inner allocator.
+/// The thread-exit hook: abandons the exiting thread's heap (see `abandon`), slabs and all,
+/// for the next new thread to adopt. Small allocations the thread makes after this (in later
+/// destructors) go to the inner allocator.
 ///
 /// # Safety
 /// Called once per thread, by the platform's thread-exit mechanism on the exiting thread, with
@@ -1093,9 +1197,7 @@ unsafe extern "C" fn thread_exit(arg: *mut core::ffi::c_void) {
     // SAFETY: `arg` is this thread's heap (set by `create_heap`); locked, it is ours.
     unsafe {
         (*th).lock.lock();
-        detach_all(th, |_| true, &mut rel);
-        (*th).cached_key = 0;
-        (*th).cached = null_mut();
+        abandon(th, &mut rel);
         HEAP.with(|h| h.set(DEAD_HEAP as *mut ThreadHeap));
         (*th).lock.unlock();
         rel.release_all();
@@ -1103,19 +1205,88 @@ unsafe extern "C" fn thread_exit(arg: *mut core::ffi::c_void) {
     }
 }
 
-/// Retires every group heap of `th` whose key satisfies `pred`.
+/// Leaves `th` for the next new thread (mimalloc's abandoned heaps): every group heap is swept
+/// (objects handed over freed, remote frees collected, empty slabs spares included released,
+/// counts harvested); one left with no slab is retired, the others keep their slabs, objects
+/// and all, and are marked `ABANDONED`. Frees into their slabs from then on are done under the
+/// heap's lock (`free_abandoned`), so a slab emptied by other threads still goes back to the
+/// pool, and the next thread `create_heap` gives this heap to allocates from them again.
 ///
 /// # Safety
-/// The caller stopped `th`.
-unsafe fn detach_all(th: *mut ThreadHeap, pred: impl Fn(Key) -> bool, rel: &mut Released) {
+/// The caller holds `th`'s lock, and `th`'s thread is exiting (or, in a forked child, gone):
+/// no fast path runs on it any more.
+unsafe fn abandon(th: *mut ThreadHeap, rel: &mut Released) {
     // SAFETY: per the caller.
     unsafe {
         let t = &raw mut (*th).table;
         for i in 0..(*t).cap {
             let e = (*t).entries.add(i);
-            if (*e).key != 0 && (*e).key != TOMB && pred((*e).key) {
-                detach(th, (*e).gh, rel);
+            if (*e).key == 0 || (*e).key == TOMB {
+                continue;
             }
+            let gh = (*e).gh;
+            sweep(gh, rel);
+            if holds_nothing(gh) {
+                detach(th, gh, rel);
+            } else {
+                (*gh)
+                    .heap
+                    .store(th.map_addr(|a| a | ABANDONED), Ordering::Relaxed);
+            }
+        }
+        (*th).cached_key = 0;
+        (*th).cached = null_mut();
+    }
+}
+
+/// Takes over an abandoned heap for this thread: its group heaps, with their slabs, are its
+/// own again (a heap fresh or left with no group heap has none to take).
+///
+/// # Safety
+/// `th` was just given to this thread by `create_heap`, before it is set as `HEAP`.
+unsafe fn adopt(th: *mut ThreadHeap) {
+    // SAFETY: per the caller; under the lock, racing `free_abandoned`, `flush` and `remove`
+    // calls see the group heaps either all abandoned or all this thread's.
+    unsafe {
+        (*th).lock.lock();
+        let t = &raw mut (*th).table;
+        for i in 0..(*t).cap {
+            let e = (*t).entries.add(i);
+            if (*e).key != 0 && (*e).key != TOMB {
+                (*(*e).gh).heap.store(th, Ordering::Relaxed);
+            }
+        }
+        (*th).lock.unlock();
+    }
+}
+
+/// Whether `gh` owns no slab and has no object handed over.
+///
+/// # Safety
+/// The caller owns `gh`.
+unsafe fn holds_nothing(gh: *mut GroupHeap) -> bool {
+    // SAFETY: per the caller.
+    unsafe {
+        (*gh).full.is_null()
+            && (*gh).delayed.load(Ordering::Acquire).is_null()
+            && (*gh)
+                .classes
+                .iter()
+                .all(|q| q.active == slab::empty() && q.partial.is_null())
+    }
+}
+
+/// Completes the stop of `th`, locked by the caller and found holding `gh`, unless `th` is
+/// abandoned: then it has no thread to wait for (its group heaps are all marked, and a thread
+/// adopting it unmarks them under the lock before its first fast path).
+///
+/// # Safety
+/// The caller holds `th`'s lock; `gh` is one of `th`'s group heaps.
+unsafe fn settle(th: *mut ThreadHeap, gh: *mut GroupHeap) {
+    // SAFETY: per the caller.
+    unsafe {
+        if !abandoned((*gh).heap.load(Ordering::Relaxed)) {
+            wait_out(th);
         }
     }
 }
@@ -1243,34 +1414,49 @@ unsafe fn sweep(gh: *mut GroupHeap, rel: &mut Released) {
     }
 }
 
+/// Sweeps `gh`; an abandoned one left with no slab is retired.
+///
+/// # Safety
+/// The caller stopped `th` (or holds it abandoned), which holds `gh`.
+unsafe fn sweep_or_retire(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
+    // SAFETY: per the caller.
+    unsafe {
+        sweep(gh, rel);
+        if abandoned((*gh).heap.load(Ordering::Relaxed)) && holds_nothing(gh) {
+            detach(th, gh, rel);
+        }
+    }
+}
+
 /// `Group::flush` for the arena: every group heap, on every thread, of `g` and (unless it is a
 /// `leaf`, with no live child) the groups below it is swept (see `sweep`).
 pub(crate) fn flush(g: &Counter, leaf: bool) {
     let own = [key(g.id, false), key(g.id, true)];
     each_heap(|th, rel| {
-        // SAFETY: `each_heap` locked `th`; `wait_out` completes the stop before any change.
+        // SAFETY: `each_heap` locked `th`; `settle` completes the stop before any change.
         unsafe {
             let t = &raw mut (*th).table;
             if leaf {
                 let ghs = own.map(|k| (*t).find(k));
-                if ghs.iter().all(|gh| gh.is_null()) {
+                let Some(&any) = ghs.iter().find(|gh| !gh.is_null()) else {
                     return;
-                }
-                wait_out(th);
+                };
+                settle(th, any);
                 for gh in ghs.into_iter().filter(|gh| !gh.is_null()) {
-                    sweep(gh, rel);
+                    sweep_or_retire(th, gh, rel);
                 }
                 return;
             }
             let under = |k: Key| counter(k).is_under(g);
-            if !(*t).any(under) {
+            let any = (*t).first(under);
+            if any.is_null() {
                 return;
             }
-            wait_out(th);
+            settle(th, any);
             for i in 0..(*t).cap {
                 let e = (*t).entries.add(i);
                 if (*e).key != 0 && (*e).key != TOMB && under((*e).key) {
-                    sweep((*e).gh, rel);
+                    sweep_or_retire(th, (*e).gh, rel);
                 }
             }
         }
@@ -1285,10 +1471,10 @@ pub(crate) fn remove(id: u32) {
         // SAFETY: as in `flush`.
         unsafe {
             let ghs = keys.map(|k| (*th).table.find(k));
-            if ghs.iter().all(|gh| gh.is_null()) {
+            let Some(&any) = ghs.iter().find(|gh| !gh.is_null()) else {
                 return;
-            }
-            wait_out(th);
+            };
+            settle(th, any);
             for gh in ghs.into_iter().filter(|gh| !gh.is_null()) {
                 detach(th, gh, rel);
             }
@@ -1307,8 +1493,8 @@ fn listed_heaps() -> impl Iterator<Item = *mut ThreadHeap> {
     })
 }
 
-/// Runs `f` on every live heap, locked (the caller completes the stop with `wait_out` before
-/// touching it), then releases what `f` unlinked.
+/// Runs `f` on every heap, live or abandoned, locked (the caller completes the stop with
+/// `settle` before touching it), then releases what `f` unlinked.
 fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
     if !ready() {
         return;
@@ -1317,11 +1503,9 @@ fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
         let mut rel = Released::new();
         // SAFETY: listed heaps are never unmapped.
         unsafe {
-            if (*th).live.load(Ordering::Acquire) {
-                (*th).lock.lock();
-                f(th, &mut rel);
-                (*th).lock.unlock();
-            }
+            (*th).lock.lock();
+            f(th, &mut rel);
+            (*th).lock.unlock();
             rel.release_all();
         }
     }
@@ -1337,7 +1521,7 @@ fn join_the_group_table() {
     static HEAPS: Participant = Participant {
         prepare: fork_prepare,
         parent: fork_release,
-        child: fork_release,
+        child: fork_child,
     };
     static PARKED: Participant = Participant {
         prepare: || {},
@@ -1360,6 +1544,34 @@ fn fork_prepare() {
     GROUP_HEAPS.spin.lock();
     segment::fork_locks(true);
     FORKING.with(|f| f.set(true));
+}
+
+/// In the child: the other threads' heaps have no thread here, so they are abandoned (left for
+/// the child's new threads to adopt, their slabs included) before the locks go.
+fn fork_child() {
+    let me = current();
+    for th in listed_heaps() {
+        // SAFETY: `fork_prepare` stopped every listed heap, and in the child no thread but this
+        // one runs: the heaps of the others are ours to change. Their slabs are not swept here
+        // (releasing takes the pool locks, held until `fork_release`): `flush` sweeps them.
+        unsafe {
+            if th != me && (*th).live.load(Ordering::Relaxed) {
+                let t = &raw mut (*th).table;
+                for i in 0..(*t).cap {
+                    let e = (*t).entries.add(i);
+                    if (*e).key != 0 && (*e).key != TOMB {
+                        (*(*e).gh)
+                            .heap
+                            .store(th.map_addr(|a| a | ABANDONED), Ordering::Relaxed);
+                    }
+                }
+                (*th).cached_key = 0;
+                (*th).cached = null_mut();
+                (*th).live.store(false, Ordering::Release);
+            }
+        }
+    }
+    fork_release();
 }
 
 fn fork_release() {
@@ -1442,12 +1654,15 @@ impl Table {
         }
     }
 
-    fn any(&self, pred: impl Fn(Key) -> bool) -> bool {
-        (0..self.cap).any(|i| {
-            // SAFETY: `i < cap`.
-            let k = unsafe { (*self.entries.add(i)).key };
-            k != 0 && k != TOMB && pred(k)
-        })
+    /// The group heap of the first key satisfying `pred`, or null.
+    fn first(&self, pred: impl Fn(Key) -> bool) -> *mut GroupHeap {
+        (0..self.cap)
+            .find_map(|i| {
+                // SAFETY: `i < cap`.
+                let e = unsafe { &*self.entries.add(i) };
+                (e.key != 0 && e.key != TOMB && pred(e.key)).then_some(e.gh)
+            })
+            .unwrap_or(null_mut())
     }
 
     fn insert(&mut self, key: Key, gh: *mut GroupHeap) -> bool {
@@ -1585,4 +1800,16 @@ pub(crate) fn metadata() -> (usize, usize) {
     let heaps = REGISTRY.with(|c| c.mapped);
     let (ghs, live) = GROUP_HEAPS.with(|p| (p.chunks.mapped, p.live));
     (heaps + TABLE_BYTES.load(Ordering::Relaxed) + ghs, live)
+}
+
+/// Whether slab `s`'s owner is an abandoned heap, for diagnostics (a racy read).
+///
+/// # Safety
+/// `s` is the metadata of a slab handed out by the segment code.
+pub(crate) unsafe fn owner_abandoned(s: *const Slab) -> bool {
+    // SAFETY: slab metadata and group heaps are never unmapped.
+    unsafe {
+        let gh = (*s).owner.load(Ordering::Acquire);
+        !gh.is_null() && abandoned((*gh).heap.load(Ordering::Relaxed))
+    }
 }

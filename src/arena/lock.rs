@@ -20,6 +20,11 @@ impl Spin {
         }
     }
 
+    /// Takes the lock if it is free; never waits.
+    pub(crate) fn try_lock(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == 0 && self.0.swap(1, Ordering::Acquire) == 0
+    }
+
     pub(crate) fn unlock(&self) {
         self.0.store(0, Ordering::Release);
     }

@@ -5,10 +5,12 @@
 //!
 //! - `class`: size classes (up to 8 KiB) and slab sizes (one page to eight).
 //! - `segment`: the reserved region, its 4 MiB segments, finding a pointer's slab from its
-//!   address, and the pool of empty slabs (given back to the OS past a threshold).
+//!   address, the pool of empty slabs (given back to the OS past a threshold), and segments
+//!   given back whole once all their slabs are empty.
 //! - `slab`: a slab's metadata and its atomic remote-free word.
 //! - `heap`: per-thread heaps with a group heap per group key, the fast and slow paths,
-//!   `flush()` and `remove()` support, thread exit and `fork()`.
+//!   `flush()` and `remove()` support, thread exit (the heap left, slabs and all, for the next
+//!   thread to adopt) and `fork()`.
 //!
 //! Charging goes through the same core as the tag design (`tag::charge`, the stocks): a slab
 //! is one charge, so limits, `OnLimit`, `fallible`, `nofail` and kmem all behave as there, in
@@ -217,8 +219,11 @@ pub struct SlabInfo {
     pub group: Group,
     /// Whether the slab holds kernel memory.
     pub kernel: bool,
-    /// Whether the slab has no owner any more (its thread exited or its group was removed).
+    /// Whether the slab has no owner any more (its group was removed).
     pub orphan: bool,
+    /// Whether the slab's owner is the heap of a thread that exited, waiting for a new thread
+    /// to adopt it (with its slabs).
+    pub abandoned: bool,
 }
 
 /// The slab holding `ptr`; `None` for a block of the inner allocator.
@@ -243,6 +248,7 @@ pub unsafe fn slab_of(ptr: *const u8) -> Option<SlabInfo> {
             group: Group::from_held(group::node(key_id(key))),
             kernel: key_is_kernel(key),
             orphan: (*s).remote.load(crate::sync::Ordering::Acquire) & slab::ORPHAN != 0,
+            abandoned: heap::owner_abandoned(s),
         })
     }
 }
@@ -254,6 +260,10 @@ pub unsafe fn slab_of(ptr: *const u8) -> Option<SlabInfo> {
 pub struct Footprint {
     /// Address space cut into segments (backed only where touched).
     pub segments: usize,
+    /// The part of `segments` given back whole (every slab of theirs was empty: their memory
+    /// returned to the OS but for a header page each), waiting to be cut again for any slab
+    /// size.
+    pub free_segments: usize,
     /// Empty slabs in the pool.
     pub pooled: usize,
     /// The part of `pooled` still resident (not yet given back with `madvise`).
@@ -271,6 +281,7 @@ pub fn footprint() -> Footprint {
     let (metadata, group_heaps) = heap::metadata();
     Footprint {
         segments,
+        free_segments: segment::free_segments(),
         pooled,
         pooled_resident,
         metadata,

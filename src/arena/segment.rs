@@ -14,6 +14,14 @@
 //! (default 4 MiB) resident for quick reuse; slabs pooled beyond that give their memory back to
 //! the operating system (`madvise(MADV_DONTNEED)`, in batches of 128 slabs, so at most a batch
 //! per slab size stays resident on top) and read as zeros when reused.
+//!
+//! A segment whose slabs are all in the pool (every one cut from it, none in use) leaves the
+//! pool whole: its memory past the first page is given back (`madvise`), and it goes on a list
+//! of free segments that the next segment cut, for any slab size, takes first. So memory freed
+//! in slabs of one size serves slabs of another, and the region is not used up by a workload
+//! whose sizes move. A free segment stays mapped (readers of stale metadata read zeros or old
+//! values, never unmapped memory): nothing reads a slab's metadata without holding one of its
+//! objects or the slab itself, and no slab of a free segment is held.
 
 use core::mem::size_of;
 
@@ -28,6 +36,8 @@ pub(crate) const SEGMENT_SHIFT: u32 = 22;
 const SEGMENT: usize = 1 << SEGMENT_SHIFT;
 /// The segment header before the slab metadata.
 const HEADER: usize = 64;
+/// The page holding a segment's header, kept resident while the segment is free.
+const PAGE: usize = 1 << MIN_SLAB_SHIFT;
 
 /// Slabs given back to the OS in one go.
 const BATCH: usize = 128;
@@ -49,7 +59,18 @@ struct Header {
     /// Slab size of this segment, as a shift.
     shift: u32,
     slabs: u32,
+    /// The first slab after the header (slabs before it hold the metadata).
+    first: u32,
+    /// Slabs of this segment in the pool (warm, cold or in a batch), under the kind's lock.
+    pooled: u32,
+    /// The next free segment, while this one is free (see `FREE`).
+    next_free: usize,
 }
+
+/// Free segments (every slab of theirs was pooled, their memory given back), linked through
+/// their headers' `next_free`; 0 if none. And the bytes they span.
+static FREE: Locked<usize> = Locked::new(0);
+static FREE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// The pool and the segment being cut, for one slab size.
 struct Kind {
@@ -145,8 +166,8 @@ pub(crate) fn take(kind: usize) -> *mut Slab {
         if !s.is_null() {
             // SAFETY: pooled slabs are only reached under this lock.
             unsafe {
-                k.warm = (*s).next;
-                (*s).next = core::ptr::null_mut();
+                slab::unlink(&raw mut k.warm, s);
+                unpool(s);
             }
             WARM.fetch_sub(1 << shift, Ordering::Relaxed);
             k.pooled -= 1;
@@ -155,14 +176,17 @@ pub(crate) fn take(kind: usize) -> *mut Slab {
         if k.ndoomed > 0 {
             k.ndoomed -= 1;
             k.pooled -= 1;
-            return k.doomed[k.ndoomed];
+            let s = k.doomed[k.ndoomed];
+            // SAFETY: as above.
+            unsafe { unpool(s) };
+            return s;
         }
         let s = k.cold;
         if !s.is_null() {
             // SAFETY: as above.
             unsafe {
-                k.cold = (*s).next;
-                (*s).next = core::ptr::null_mut();
+                slab::unlink(&raw mut k.cold, s);
+                unpool(s);
             }
             k.pooled -= 1;
             return s;
@@ -176,34 +200,127 @@ pub(crate) fn take(kind: usize) -> *mut Slab {
         }
         let s = (k.segment + HEADER + k.fresh * size_of::<Slab>()) as *mut Slab;
         k.fresh += 1;
+        // SAFETY: the metadata of a slab never handed out since its segment was cut: fresh
+        // zeros, or whatever a previous cut of a free segment left there.
+        unsafe { s.write(Slab::empty()) };
         s
     })
+}
+
+/// A slab leaves the pool: one fewer pooled slab in its segment.
+///
+/// # Safety
+/// The caller holds the kind's lock and took `s` from its pool.
+unsafe fn unpool(s: *mut Slab) {
+    // SAFETY: per the caller; the header is the segment's first bytes.
+    unsafe { (*header(s)).pooled -= 1 };
+}
+
+/// The header of the segment holding slab metadata `s`.
+fn header(s: *const Slab) -> *mut Header {
+    (s as usize & !(SEGMENT - 1)) as *mut Header
 }
 
 /// Cuts a new segment of slabs of `1 << shift` bytes: returns it and its first slab index
 /// after the header.
 fn new_segment(shift: usize) -> Option<(usize, usize)> {
-    let size = SIZE.load(Ordering::Acquire);
-    let offset = CUT.fetch_add(SEGMENT, Ordering::Relaxed);
-    if offset.checked_add(SEGMENT)? > size {
-        CUT.fetch_sub(SEGMENT, Ordering::Relaxed);
-        return None;
-    }
-    let seg = BASE.load(Ordering::Relaxed) + offset;
-    if !platform::commit(seg as *mut u8, SEGMENT) {
-        // Leave the hole: the region is only an address range.
-        return None;
-    }
+    let seg = match FREE.with(|head| {
+        let seg = *head;
+        if seg != 0 {
+            // SAFETY: a free segment's header holds the link; only reached under this lock.
+            *head = unsafe { (*(seg as *const Header)).next_free };
+        }
+        seg
+    }) {
+        0 => {
+            let size = SIZE.load(Ordering::Acquire);
+            let offset = CUT.fetch_add(SEGMENT, Ordering::Relaxed);
+            if offset.checked_add(SEGMENT)? > size {
+                CUT.fetch_sub(SEGMENT, Ordering::Relaxed);
+                return None;
+            }
+            let seg = BASE.load(Ordering::Relaxed) + offset;
+            if !platform::commit(seg as *mut u8, SEGMENT) {
+                // Leave the hole: the region is only an address range.
+                return None;
+            }
+            seg
+        }
+        // Still committed: its memory was only given back, and reads as zeros.
+        seg => {
+            FREE_BYTES.fetch_sub(SEGMENT, Ordering::Relaxed);
+            seg
+        }
+    };
     let slabs = SEGMENT >> shift;
-    let header = HEADER + slabs * size_of::<Slab>();
-    // SAFETY: the segment was just committed and no one else knows it yet.
+    let first = (HEADER + slabs * size_of::<Slab>()).div_ceil(1 << shift);
+    // SAFETY: the segment is committed and no one else knows it (fresh, or free: none of its
+    // slabs is held).
     unsafe {
         (seg as *mut Header).write(Header {
             shift: shift as u32,
             slabs: slabs as u32,
+            first: first as u32,
+            pooled: 0,
+            next_free: 0,
         })
     };
-    Some((seg, header.div_ceil(1 << shift)))
+    Some((seg, first))
+}
+
+/// Called under the kind's lock after a slab of `seg` entered the pool: if every slab of
+/// `seg` is pooled now (and `seg` is not the segment being cut), takes them all out of the
+/// pool and returns true; the caller then gives the segment back with `free_segment`, outside
+/// the lock.
+///
+/// # Safety
+/// The caller holds `k`'s lock; `seg` is a segment of `k`'s slab size.
+unsafe fn drain_if_empty(k: &mut Kind, seg: usize, shift: usize) -> bool {
+    // SAFETY: per the caller; the pool's lists and the header's count are under the lock.
+    unsafe {
+        let h = seg as *mut Header;
+        if seg == k.segment || (*h).pooled != (*h).slabs - (*h).first {
+            return false;
+        }
+        let mut i = 0;
+        while i < k.ndoomed {
+            if k.doomed[i] as usize & !(SEGMENT - 1) == seg {
+                k.ndoomed -= 1;
+                k.doomed[i] = k.doomed[k.ndoomed];
+            } else {
+                i += 1;
+            }
+        }
+        let mut warm = 0;
+        for index in (*h).first..(*h).slabs {
+            let s = (seg + HEADER + index as usize * size_of::<Slab>()) as *mut Slab;
+            match (*s).state {
+                slab::POOLED => {
+                    slab::unlink(&raw mut k.warm, s);
+                    warm += 1usize << shift;
+                }
+                slab::COLD => slab::unlink(&raw mut k.cold, s),
+                _ => {}
+            }
+        }
+        WARM.fetch_sub(warm, Ordering::Relaxed);
+        k.pooled -= (*h).pooled as usize;
+        (*h).pooled = 0;
+        true
+    }
+}
+
+/// Gives a segment drained by `drain_if_empty` back: its memory past the header's first page
+/// to the OS, itself to the free list.
+fn free_segment(seg: usize) {
+    platform::decommit((seg + PAGE) as *mut u8, SEGMENT - PAGE);
+    FREE_BYTES.fetch_add(SEGMENT, Ordering::Relaxed);
+    FREE.with(|head| {
+        // SAFETY: the segment is ours (drained, no slab of it held); its header's first page
+        // stays resident.
+        unsafe { (*(seg as *mut Header)).next_free = *head };
+        *head = seg;
+    });
 }
 
 /// Returns an empty slab to the pool: with its memory resident if the pool holds less than its
@@ -219,24 +336,40 @@ pub(crate) unsafe fn put(s: *mut Slab, kind: usize) {
     if !warm {
         WARM.fetch_sub(bytes, Ordering::Relaxed);
     }
-    let batch = KIND[kind].with(|k| {
+    let shift = MIN_SLAB_SHIFT as usize + kind;
+    let seg = s as usize & !(SEGMENT - 1);
+    let (batch, empty) = KIND[kind].with(|k| {
         k.pooled += 1;
-        // SAFETY: the caller gave us `s`; the lists are only reached under this lock.
+        // SAFETY: the caller gave us `s`; the lists and the segment's count are only reached
+        // under this lock.
         unsafe {
-            (*s).state = slab::POOLED;
+            (*header(s)).pooled += 1;
             if warm {
-                (*s).next = k.warm;
-                k.warm = s;
-                return None;
+                (*s).state = slab::POOLED;
+                slab::push(&raw mut k.warm, s);
+                return (None, drain_if_empty(k, seg, shift));
             }
+            (*s).state = slab::DOOMED;
         }
         k.doomed[k.ndoomed] = s;
         k.ndoomed += 1;
-        (k.ndoomed == BATCH).then(|| {
-            k.ndoomed = 0;
-            k.doomed
-        })
+        if k.ndoomed < BATCH {
+            // SAFETY: as above.
+            return (None, unsafe { drain_if_empty(k, seg, shift) });
+        }
+        // The batch leaves the pool until it is given back (its slabs count as not pooled:
+        // their segments stay until they are back).
+        k.ndoomed = 0;
+        for &d in &k.doomed {
+            // SAFETY: as above.
+            unsafe { unpool(d) };
+        }
+        k.pooled -= BATCH;
+        (Some(k.doomed), false)
     });
+    if empty {
+        free_segment(seg);
+    }
     if let Some(mut batch) = batch {
         // Outside the lock: the batch's slabs are in no list, ours alone.
         batch.sort_unstable();
@@ -252,16 +385,33 @@ pub(crate) unsafe fn put(s: *mut Slab, kind: usize) {
             platform::decommit(first, (j - i) * bytes);
             i = j;
         }
+        let mut empty = [0usize; BATCH];
+        let mut nempty = 0;
         KIND[kind].with(|k| {
             for s in batch {
                 // SAFETY: as above; back under the lock.
                 unsafe {
-                    (*s).next = k.cold;
-                    k.cold = s;
+                    (*s).state = slab::COLD;
+                    slab::push(&raw mut k.cold, s);
+                    (*header(s)).pooled += 1;
+                    k.pooled += 1;
+                    let seg = s as usize & !(SEGMENT - 1);
+                    if drain_if_empty(k, seg, shift) {
+                        empty[nempty] = seg;
+                        nempty += 1;
+                    }
                 }
             }
         });
+        for &seg in &empty[..nempty] {
+            free_segment(seg);
+        }
     }
+}
+
+/// Bytes of the segments cut that are free (given back, waiting to be cut again).
+pub(crate) fn free_segments() -> usize {
+    FREE_BYTES.load(Ordering::Relaxed)
 }
 
 /// What the arena holds, in bytes: segments cut, slabs pooled, and pooled slabs still resident
@@ -289,5 +439,10 @@ pub(crate) fn fork_locks(lock: bool) {
         } else {
             k.spin.unlock();
         }
+    }
+    if lock {
+        FREE.spin.lock();
+    } else {
+        FREE.spin.unlock();
     }
 }

@@ -31,7 +31,7 @@ pub(crate) const FULL: u64 = 1;
 /// A remote free is handing an object to the owner (between clearing `FULL` and publishing it
 /// on the owner's delayed list): the owner must not be retired meanwhile.
 pub(crate) const NOTIFYING: u64 = 2;
-/// No owner (its thread exited, or its group was removed): frees only count, and the free
+/// No owner (its group was removed): frees only count, and the free
 /// that makes the count reach `used` releases the slab.
 pub(crate) const ORPHAN: u64 = 4;
 /// An orphan whose last object was freed: the slab is being released.
@@ -43,8 +43,11 @@ pub(crate) const COUNT_ONE: u64 = 1 << 48;
 pub(crate) const UNCOUNTED: u64 = 1 << 63;
 const SIZE_MASK: u64 = 0x3fff;
 
-/// Where a slab is, as its owner (or the pool) sees it.
+/// Where a slab is, as its owner (or the pool) sees it. In the pool: resident (`POOLED`),
+/// given back to the OS (`COLD`), or waiting in a batch to be given back (`DOOMED`).
 pub(crate) const POOLED: u8 = 0;
+pub(crate) const COLD: u8 = 6;
+pub(crate) const DOOMED: u8 = 7;
 pub(crate) const ACTIVE: u8 = 1;
 pub(crate) const PARTIAL: u8 = 2;
 pub(crate) const FULL_LIST: u8 = 3;
