@@ -81,48 +81,38 @@ fn decide() -> bool {
     !system
 }
 
+/// `$method` of the allocator this run uses.
+macro_rules! either {
+    ($method:ident($($arg:expr),*)) => {
+        // SAFETY: the caller's contract, passed on; a block given back (dealloc, realloc)
+        // came from this same allocator, since the choice never changes.
+        unsafe {
+            match memgroup_on() {
+                true => MEMGROUP.$method($($arg),*),
+                false => System.$method($($arg),*),
+            }
+        }
+    };
+}
+
 // SAFETY: every call goes to one of two allocators, the same one for the whole run (`MODE`
 // never changes once decided), so each block is freed and resized by the allocator that made
 // it; both uphold `GlobalAlloc`'s contract.
 unsafe impl GlobalAlloc for Switch {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract, passed on.
-        unsafe {
-            match memgroup_on() {
-                true => MEMGROUP.alloc(layout),
-                false => System.alloc(layout),
-            }
-        }
+        either!(alloc(layout))
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract, passed on.
-        unsafe {
-            match memgroup_on() {
-                true => MEMGROUP.alloc_zeroed(layout),
-                false => System.alloc_zeroed(layout),
-            }
-        }
+        either!(alloc_zeroed(layout))
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract; `ptr` came from the same allocator (see above).
-        unsafe {
-            match memgroup_on() {
-                true => MEMGROUP.dealloc(ptr, layout),
-                false => System.dealloc(ptr, layout),
-            }
-        }
+        either!(dealloc(ptr, layout))
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller's contract; `ptr` came from the same allocator (see above).
-        unsafe {
-            match memgroup_on() {
-                true => MEMGROUP.realloc(ptr, layout, new_size),
-                false => System.realloc(ptr, layout, new_size),
-            }
-        }
+        either!(realloc(ptr, layout, new_size))
     }
 }
 
@@ -519,8 +509,8 @@ async fn client(addr: SocketAddr, tenant: &'static str, load: Arc<Load>, env: En
         if !expected {
             load.errors.fetch_add(1, Relaxed);
         }
-        if status.is_ok() {
-            sender = Some(s);
+        if status.is_ok_and(|s| s != StatusCode::PAYLOAD_TOO_LARGE) {
+            sender = Some(s); // the server closes the connection after a 413
         }
     }
 }
@@ -611,7 +601,11 @@ async fn scrape(addr: SocketAddr, stop: Arc<AtomicBool>) -> bool {
         };
         let needle = "memgroup_usage_bytes{group=\"tenants/greedy\"}";
         ok &= text.await.is_some_and(|t| t.contains(needle));
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        for _ in 0..10 {
+            if !stop.load(Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
     ok
 }
@@ -662,15 +656,10 @@ async fn run(secs: u64, greedy: bool, interactive: bool) -> Report {
         Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
     };
     let addr = listener.local_addr().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
+    let (shut_down, until) = tokio::sync::oneshot::channel::<()>();
     let app = router(tenants.clone());
-    let server_stop = stop.clone();
     let server = tokio::spawn(async move {
-        let until = async move {
-            while !server_stop.load(Relaxed) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
+        let until = async { drop(until.await) };
         axum::serve(listener, app)
             .with_graceful_shutdown(until)
             .await
@@ -683,11 +672,34 @@ async fn run(secs: u64, greedy: bool, interactive: bool) -> Report {
         tenants,
         greedy,
     };
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = start_clients(&run, addr, &stop);
+    let scraper = tokio::spawn(scrape(addr, stop.clone()));
+    let start = Instant::now();
+    wait(&run, start, secs, interactive).await;
+    let secs = start.elapsed().as_secs_f64();
+    // The clients stop first, so that no request meets a server shutting down.
+    stop.store(true, Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let metrics_ok = scraper.await.unwrap();
+    shut_down.send(()).ok();
+    server.await.unwrap().unwrap();
+    report(&run, secs, metrics_ok)
+}
+
+/// Starts every client connection's loop (greedy's only if it is active).
+fn start_clients(
+    run: &Run,
+    addr: SocketAddr,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut clients = Vec::new();
-    let huge = Bytes::from(if greedy { huge_body() } else { Vec::new() });
+    let huge = Bytes::from(if run.greedy { huge_body() } else { Vec::new() });
     for (i, (name, ..)) in TENANTS.iter().enumerate() {
         let n = match i {
-            GREEDY if !greedy => 0,
+            GREEDY if !run.greedy => 0,
             GREEDY => GREEDY_CONNECTIONS,
             _ => CONNECTIONS,
         };
@@ -698,17 +710,7 @@ async fn run(secs: u64, greedy: bool, interactive: bool) -> Report {
             clients.push(tokio::spawn(client(addr, name, run.loads[i].clone(), env)));
         }
     }
-    let scraper = tokio::spawn(scrape(addr, stop.clone()));
-    let start = Instant::now();
-    wait(&run, start, secs, interactive).await;
-    let secs = start.elapsed().as_secs_f64();
-    stop.store(true, Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let metrics_ok = scraper.await.unwrap();
-    server.await.unwrap().unwrap();
-    report(&run, secs, metrics_ok)
+    clients
 }
 
 /// Waits `secs` (or for Ctrl-C), printing a progress line every 5 s when interactive.
