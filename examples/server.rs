@@ -614,11 +614,13 @@ async fn scrape(addr: SocketAddr, stop: Arc<AtomicBool>) -> bool {
 // One run: the server and its load, for a time or until Ctrl-C.
 
 /// A run's figures, printed as a table and passed from a child to its parent as JSON.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Report {
     memgroup: bool,
     greedy: bool,
     secs: f64,
+    /// CPU time of the server's threads (its runtime's workers, memgroup's notifier).
+    cpu_s: f64,
     rss_peak: usize,
     metrics_ok: bool,
     rows: Vec<Row>,
@@ -626,7 +628,7 @@ struct Report {
     residue: String,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Row {
     tenant: String,
     requests: u64,
@@ -648,17 +650,22 @@ struct Run {
     greedy: bool,
 }
 
-async fn run(secs: u64, greedy: bool, interactive: bool) -> Report {
+/// Serves on one runtime and loads it from another (so the server's CPU time is its own),
+/// for `secs` or until Ctrl-C.
+fn run(secs: u64, greedy: bool, interactive: bool) -> Report {
+    let (server_rt, load_rt) = (runtime("server"), runtime("load"));
     let tenants = Arc::new(tenants().expect("tenant groups"));
     let port = if interactive { 3000 } else { 0 };
-    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-        Ok(l) => l,
-        Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    };
+    let listener = server_rt.block_on(async {
+        match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => l,
+            Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        }
+    });
     let addr = listener.local_addr().unwrap();
     let (shut_down, until) = tokio::sync::oneshot::channel::<()>();
     let app = router(tenants.clone());
-    let server = tokio::spawn(async move {
+    let server = server_rt.spawn(async move {
         let until = async { drop(until.await) };
         axum::serve(listener, app)
             .with_graceful_shutdown(until)
@@ -672,21 +679,63 @@ async fn run(secs: u64, greedy: bool, interactive: bool) -> Report {
         tenants,
         greedy,
     };
+    let (secs, cpu_s, metrics_ok) = load_rt.block_on(drive(&run, addr, secs, interactive));
+    shut_down.send(()).ok();
+    server_rt.block_on(server).unwrap().unwrap();
+    report(&run, secs, cpu_s, metrics_ok)
+}
+
+/// Runs the clients and the scraper; returns the seconds they ran, the server's CPU seconds
+/// meanwhile, and whether every scrape of /metrics had greedy's usage.
+async fn drive(run: &Run, addr: SocketAddr, secs: u64, interactive: bool) -> (f64, f64, bool) {
     let stop = Arc::new(AtomicBool::new(false));
-    let clients = start_clients(&run, addr, &stop);
+    let (start, cpu) = (Instant::now(), server_cpu());
+    let clients = start_clients(run, addr, &stop);
     let scraper = tokio::spawn(scrape(addr, stop.clone()));
-    let start = Instant::now();
-    wait(&run, start, secs, interactive).await;
-    let secs = start.elapsed().as_secs_f64();
+    wait(run, start, secs, interactive).await;
     // The clients stop first, so that no request meets a server shutting down.
     stop.store(true, Relaxed);
     for c in clients {
         c.await.unwrap();
     }
-    let metrics_ok = scraper.await.unwrap();
-    shut_down.send(()).ok();
-    server.await.unwrap().unwrap();
-    report(&run, secs, metrics_ok)
+    let (secs, cpu) = (start.elapsed().as_secs_f64(), server_cpu() - cpu);
+    (secs, cpu, scraper.await.unwrap())
+}
+
+fn runtime(name: &str) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// CPU seconds of the server's threads: its runtime's workers (named `server`) and
+/// memgroup's notifier, which runs the shrinkers.
+fn server_cpu() -> f64 {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let read = |file| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
+        let comm = read("comm");
+        if !(comm.starts_with("server") || comm.starts_with("memgroup")) {
+            continue;
+        }
+        // Fields after the command's closing parenthesis, from the 3rd: utime is the 14th.
+        let stat = read("stat");
+        let fields = stat.rsplit_once(") ").map_or("", |(_, f)| f).split(' ');
+        ticks += fields
+            .skip(11)
+            .take(2)
+            .filter_map(|f| f.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// Starts every client connection's loop (greedy's only if it is active).
@@ -752,7 +801,7 @@ fn progress(run: &Run, elapsed: Duration) -> String {
 
 /// The run's figures. Then, with every cache emptied, each tenant's usage (what the server
 /// and runtime keep charged to a tenant whose caches are gone).
-fn report(run: &Run, secs: f64, metrics_ok: bool) -> Report {
+fn report(run: &Run, secs: f64, cpu_s: f64, metrics_ok: bool) -> Report {
     let mut rows = Vec::new();
     for (t, load) in run.tenants.iter().zip(&run.loads) {
         t.group.flush();
@@ -778,6 +827,7 @@ fn report(run: &Run, secs: f64, metrics_ok: bool) -> Report {
         memgroup: memgroup_on(),
         greedy: run.greedy,
         secs,
+        cpu_s,
         rss_peak: rss_peak(),
         metrics_ok,
         rows,
@@ -811,75 +861,103 @@ fn mib(bytes: usize) -> String {
     format!("{:.1} MiB", bytes as f64 / MIB as f64)
 }
 
-fn print_table(r: &Report) {
+fn name(r: &Report) -> String {
     let alloc = if r.memgroup { "memgroup" } else { "System" };
-    let greedy = if r.greedy { "active" } else { "idle" };
-    let rss = mib(r.rss_peak);
+    format!(
+        "{alloc}, greedy {}",
+        if r.greedy { "active" } else { "idle" }
+    )
+}
+
+fn print_table(r: &Report) {
+    let (secs, cpu, rss) = (r.secs, r.cpu_s, mib(r.rss_peak));
+    let per = cpu_per_request(r);
     println!(
-        "\n{alloc}, greedy {greedy}: {:.1} s, peak RSS {rss}",
-        r.secs
+        "\n{}: {secs:.1} s, server CPU {cpu:.1} s ({per:.0} us a request), peak RSS {rss}",
+        name(r)
     );
+    let head = [
+        "requests", "rps", "p50 ms", "p99 ms", "errors", "usage", "peak", "max",
+    ];
+    let [a, b, c, d, e, f, g, h] = head;
+    let more = ["refused", "cancelled", "evicted"];
+    let [i, j, k] = more;
     println!(
-        "{:<7} {:>9} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>8} {:>7} {:>9} {:>7}",
-        "tenant",
-        "requests",
-        "rps",
-        "p50 ms",
-        "p99 ms",
-        "errors",
-        "usage",
-        "peak",
-        "max",
-        "refused",
-        "cancelled",
-        "evicted"
+        "{:<7} {a:>9} {b:>7} {c:>7} {d:>7} {e:>6} {f:>9} {g:>9} {h:>8} {i:>7} {j:>9} {k:>7}",
+        "tenant"
     );
     for row in &r.rows {
         let (usage, peak) = match r.memgroup {
             true => (mib(row.usage), mib(row.peak)),
             false => ("-".into(), "-".into()),
         };
+        let Row {
+            tenant,
+            requests,
+            rps,
+            p50_ms,
+            p99_ms,
+            errors,
+            ..
+        } = row;
+        let (max, refused, cancelled, evicted) =
+            (mib(row.max), row.refused, row.cancelled, row.evicted);
         println!(
-            "{:<7} {:>9} {:>7.0} {:>7.2} {:>7.2} {:>6} {:>9} {:>9} {:>8} {:>7} {:>9} {:>7}",
-            row.tenant,
-            row.requests,
-            row.rps,
-            row.p50_ms,
-            row.p99_ms,
-            row.errors,
-            usage,
-            peak,
-            mib(row.max),
-            row.refused,
-            row.cancelled,
-            row.evicted
+            "{tenant:<7} {requests:>9} {rps:>7.0} {p50_ms:>7.2} {p99_ms:>7.2} {errors:>6} {usage:>9} {peak:>9} {max:>8} {refused:>7} {cancelled:>9} {evicted:>7}"
         );
     }
-    if r.memgroup {
-        println!("{}", r.residue);
-    } else {
-        println!("System: nothing is charged, so no limit binds (no 413 or 503 from memgroup)");
+    match r.memgroup {
+        true => println!("{}", r.residue),
+        false => {
+            println!("System: nothing is charged, so no limit binds (no 413 or 503 from memgroup)")
+        }
     }
 }
 
-/// Ratios of two runs, per well-behaved tenant: rps and p99.
-fn print_ratios(title: &str, a: &Report, b: &Report) {
-    println!("\n{title}");
-    for (x, y) in a.rows.iter().zip(&b.rows).take(GREEDY) {
-        let rps = x.rps / y.rps;
-        let p99 = x.p99_ms / y.p99_ms;
-        println!("  {:<6} rps {rps:.2}x  p99 {p99:.2}x", x.tenant);
-    }
-    let rss = a.rss_peak as f64 / b.rss_peak.max(1) as f64;
+fn cpu_per_request(r: &Report) -> f64 {
+    r.cpu_s * 1e6 / r.rows.iter().map(|row| row.requests).sum::<u64>().max(1) as f64
+}
+
+/// The well-behaved tenants together: their rps, their mean p99.
+fn well_behaved(r: &Report) -> (f64, f64) {
+    let rows = &r.rows[..GREEDY];
+    let rps = rows.iter().map(|row| row.rps).sum();
+    (
+        rps,
+        rows.iter().map(|row| row.p99_ms).sum::<f64>() / GREEDY as f64,
+    )
+}
+
+fn print_summary(reports: &[&Report]) {
+    println!("\nalpha, beta and gamma together (rps summed, p99 averaged):");
     println!(
-        "  peak RSS {} against {} ({rss:.2}x)",
-        mib(a.rss_peak),
-        mib(b.rss_peak)
+        "  {:<24} {:>8} {:>8} {:>14} {:>10}",
+        "", "rps", "p99 ms", "server us/req", "peak RSS"
+    );
+    for r in reports {
+        let ((rps, p99), per, rss) = (well_behaved(r), cpu_per_request(r), mib(r.rss_peak));
+        println!(
+            "  {:<24} {rps:>8.0} {p99:>8.2} {per:>14.0} {rss:>10}",
+            name(r)
+        );
+    }
+}
+
+fn print_ratio(what: &str, a: &Report, b: &Report) {
+    let ((rps_a, p99_a), (rps_b, p99_b)) = (well_behaved(a), well_behaved(b));
+    let cpu = cpu_per_request(a) / cpu_per_request(b);
+    let rss = a.rss_peak as f64 / b.rss_peak.max(1) as f64;
+    let (rps, p99) = (rps_a / rps_b, p99_a / p99_b);
+    println!(
+        "  {what:<40} rps {rps:.2}x  p99 {p99:.2}x  server CPU/req {cpu:.2}x  peak RSS {rss:.2}x"
     );
 }
 
 // ---------------------------------------------------------------------------------------------
-// The comparison: four children, their tables, ratios and checks.
+// The comparison: children in rounds, their tables, ratios and checks.
+
+/// The four configurations: (memgroup, greedy active).
+const CONFIGS: [(bool, bool); 4] = [(true, true), (false, true), (true, false), (false, false)];
 
 fn child(secs: u64, memgroup: bool, greedy: bool) -> Report {
     let exe = std::env::current_exe().expect("own path");
@@ -896,57 +974,84 @@ fn child(secs: u64, memgroup: bool, greedy: bool) -> Report {
     report.unwrap_or_else(|| panic!("child failed ({}): {text}", out.status))
 }
 
-/// Runs the four configurations, prints them, and returns what `--smoke` finds wrong.
-fn compare(secs: u64) -> Vec<String> {
-    println!("memgroup server example: 4 runs of {secs} s (memgroup and System allocators,");
-    println!("greedy active and idle), each a child process with its own server and load");
-    let [m_on, s_on, m_off, s_off] = [(true, true), (false, true), (true, false), (false, false)]
-        .map(|(m, g)| {
-            let r = child(secs, m, g);
-            print_table(&r);
-            r
-        });
-    print_ratios("memgroup / System, greedy idle:", &m_off, &s_off);
-    print_ratios("memgroup / System, greedy active:", &m_on, &s_on);
-    print_ratios(
-        "what greedy costs the others, memgroup (active / idle):",
-        &m_on,
-        &m_off,
+/// Runs each configuration `rounds` times for `secs`, interleaved (so a machine busy with
+/// something else weighs on all four alike), prints them, and returns what it finds wrong.
+fn compare(secs: u64, rounds: usize) -> Vec<String> {
+    println!("memgroup server example: memgroup against the system allocator, greedy active and");
+    println!(
+        "idle; {rounds} rounds of {secs} s each, every run a child process with its own server"
     );
-    print_ratios(
-        "what greedy costs the others, System (active / idle):",
-        &s_on,
-        &s_off,
-    );
-    let mut failures = Vec::new();
-    for r in [&m_on, &s_on, &m_off, &s_off] {
-        failures.extend(check_well_behaved(r));
+    let mut runs: [Vec<Report>; 4] = Default::default();
+    for round in 1..=rounds {
+        eprintln!("round {round} of {rounds}");
+        for ((memgroup, greedy), runs) in CONFIGS.into_iter().zip(&mut runs) {
+            runs.push(child(secs, memgroup, greedy));
+        }
     }
+    let [m_on, s_on, m_off, s_off] = runs.map(merge);
+    for r in [&m_on, &s_on, &m_off, &s_off] {
+        print_table(r);
+    }
+    print_summary(&[&m_off, &s_off, &m_on, &s_on]);
+    print_ratio("memgroup / System, greedy idle:", &m_off, &s_off);
+    print_ratio("memgroup / System, greedy active:", &m_on, &s_on);
+    print_ratio("greedy active / idle, memgroup:", &m_on, &m_off);
+    print_ratio("greedy active / idle, System:", &s_on, &s_off);
+    let mut failures: Vec<String> = [&m_on, &s_on, &m_off, &s_off]
+        .into_iter()
+        .flat_map(check_well_behaved)
+        .collect();
     failures.extend(check_greedy(&m_on.rows[GREEDY]));
     failures
 }
 
+/// One configuration's rounds as one report: counts summed, latency the median round's,
+/// usage and peak the highest.
+fn merge(rounds: Vec<Report>) -> Report {
+    let mut all = rounds[0].clone();
+    all.secs = rounds.iter().map(|r| r.secs).sum();
+    all.cpu_s = rounds.iter().map(|r| r.cpu_s).sum();
+    all.rss_peak = rounds.iter().map(|r| r.rss_peak).max().unwrap();
+    all.metrics_ok = rounds.iter().all(|r| r.metrics_ok);
+    all.residue = rounds.last().unwrap().residue.clone();
+    for (i, row) in all.rows.iter_mut().enumerate() {
+        let of = |f: fn(&Row) -> u64| rounds.iter().map(|r| f(&r.rows[i])).sum::<u64>();
+        let median = |f: fn(&Row) -> f64| {
+            let mut v: Vec<f64> = rounds.iter().map(|r| f(&r.rows[i])).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let highest = |f: fn(&Row) -> usize| rounds.iter().map(|r| f(&r.rows[i])).max().unwrap();
+        row.requests = of(|r| r.requests);
+        row.rps = row.requests as f64 / all.secs;
+        (row.p50_ms, row.p99_ms) = (median(|r| r.p50_ms), median(|r| r.p99_ms));
+        row.errors = of(|r| r.errors);
+        (row.refused, row.cancelled, row.evicted) =
+            (of(|r| r.refused), of(|r| r.cancelled), of(|r| r.evicted));
+        (row.usage, row.peak) = (highest(|r| r.usage), highest(|r| r.peak));
+    }
+    all
+}
+
 fn check_well_behaved(r: &Report) -> Vec<String> {
-    let run = format!(
-        "{} greedy={}",
-        if r.memgroup { "memgroup" } else { "System" },
-        r.greedy
-    );
     let mut failures = Vec::new();
     for row in &r.rows[..GREEDY] {
         if row.errors > 0 || row.requests == 0 {
             let n = (row.errors, row.requests);
             failures.push(format!(
-                "{run}: {} had {} errors in {} requests",
-                row.tenant, n.0, n.1
+                "{}: {} had {} errors in {} requests",
+                name(r),
+                row.tenant,
+                n.0,
+                n.1
             ));
         }
         if r.memgroup && row.peak > row.max {
-            failures.push(format!("{run}: {} peaked over its max", row.tenant));
+            failures.push(format!("{}: {} peaked over its max", name(r), row.tenant));
         }
     }
     if !r.metrics_ok {
-        failures.push(format!("{run}: /metrics lacked greedy's usage"));
+        failures.push(format!("{}: /metrics lacked greedy's usage", name(r)));
     }
     failures
 }
@@ -980,30 +1085,23 @@ fn main() {
     let arg = |i: usize| args.get(i).map(String::as_str);
     let number = |i: usize, default| arg(i).and_then(|a| a.parse().ok()).unwrap_or(default);
     match arg(0) {
-        Some("--smoke") => finish(compare(8)),
-        Some("--compare") => finish(compare(number(1, 30))),
+        Some("--smoke") => finish(compare(3, 3)),
+        Some("--compare") => finish(compare(number(1, 10), 3)),
         Some("--child") => {
             let greedy = std::env::var("SERVER_GREEDY").as_deref() != Ok("0");
-            let report = runtime().block_on(run(number(1, 8), greedy, false));
+            let report = run(number(1, 3), greedy, false);
             println!("REPORT {}", serde_json::to_string(&report).unwrap());
         }
         None | Some("--secs") => {
             let alloc = if memgroup_on() { "memgroup" } else { "System" };
             println!("memgroup server example ({alloc} allocator), greedy active");
-            let runtime = runtime();
-            let report = runtime.block_on(run(number(1, 600), true, true));
-            print_table(&report);
+            print_table(&run(number(1, 600), true, true));
         }
         Some(other) => {
             eprintln!("unknown argument {other}: use --smoke, --compare SECS or --secs SECS");
             std::process::exit(2);
         }
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all().build().expect("tokio runtime")
 }
 
 fn finish(failures: Vec<String>) {
