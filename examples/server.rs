@@ -468,11 +468,7 @@ type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 /// One connection's closed loop: send, wait for the whole answer, record, repeat, until
 /// `stop`. A connection the server closed (after a 413) is opened again.
 async fn client(addr: SocketAddr, tenant: &'static str, load: Arc<Load>, env: Env) {
-    let Env {
-        huge,
-        stop,
-        mut seed,
-    } = env;
+    let (huge, stop, mut seed) = (env.huge, env.stop, env.seed);
     let greedy = tenant == TENANTS[GREEDY].0;
     let mut sender: Option<Sender> = None;
     for n in 0u64.. {
@@ -673,6 +669,7 @@ fn run(secs: u64, greedy: bool, interactive: bool) -> Report {
     });
     if interactive {
         println!("serving on http://{addr} (try: curl http://{addr}/metrics); Ctrl-C stops");
+        println!("every 5 s: each tenant's rps, p99 latency and usage; greedy's 413s and 503s");
     }
     let run = Run {
         loads: TENANTS.iter().map(|_| Arc::new(Load::new())).collect(),
@@ -782,21 +779,22 @@ async fn wait(run: &Run, start: Instant, secs: u64, interactive: bool) {
     }
 }
 
+/// Every tenant's rps and p99 over the last 5 s, and its usage; greedy's 413s and 503s so far.
 fn progress(run: &Run, elapsed: Duration) -> String {
-    let mut line = format!("{:>5.0} s", elapsed.as_secs_f64());
+    let mut line = format!("{:>4.0} s", elapsed.as_secs_f64());
     for (t, load) in run.tenants.iter().zip(&run.loads) {
         let mut recent = load.recent.lock().unwrap();
-        let (n, p99) = (recent.len(), recent.value_at_quantile(0.99) as f64 / 1e3);
+        let (rps, p99) = (
+            recent.len() / 5,
+            recent.value_at_quantile(0.99) as f64 / 1e3,
+        );
         recent.reset();
         let usage = mib(t.group.stat().usage);
-        let rps = n as f64 / 5.0;
-        line += &format!(" | {} {rps:.0} rps p99 {p99:.1} ms {usage}", t.name);
-        if t.refused.load(Relaxed) + t.cancelled.load(Relaxed) > 0 {
-            let (r, c) = (t.refused.load(Relaxed), t.cancelled.load(Relaxed));
-            line += &format!(" 413:{r} 503:{c}");
-        }
+        line += &format!(" | {} {rps}/s {p99:.0} ms {usage}", t.name);
     }
-    line
+    let g = &run.tenants[GREEDY];
+    let (refused, cancelled) = (g.refused.load(Relaxed), g.cancelled.load(Relaxed));
+    line + &format!(", 413 x{refused}, 503 x{cancelled}")
 }
 
 /// The run's figures. Then, with every cache emptied, each tenant's usage (what the server
