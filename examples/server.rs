@@ -3,7 +3,7 @@
 //!
 //!     cargo run --release --example server              # until Ctrl-C (at most 10 min)
 //!     cargo run --release --example server -- --smoke   # the short comparison CI runs
-//!     cargo run --release --example server -- --compare 30   # 30 s per configuration
+//!     cargo run --release --example server -- --compare 10   # 3 rounds of 10 s
 //!
 //! A request names its tenant by path (`POST /t/alpha/items`) or by header (`POST /items` with
 //! `x-tenant: alpha`). Each tenant is a child of the `tenants` group with its own `max` and
@@ -852,231 +852,16 @@ fn rss_peak() -> usize {
     kib.unwrap_or(0) * KIB
 }
 
-// ---------------------------------------------------------------------------------------------
-// Printing.
-
 fn mib(bytes: usize) -> String {
     format!("{:.1} MiB", bytes as f64 / MIB as f64)
 }
 
-fn name(r: &Report) -> String {
-    let alloc = if r.memgroup { "memgroup" } else { "System" };
-    format!(
-        "{alloc}, greedy {}",
-        if r.greedy { "active" } else { "idle" }
-    )
-}
-
-fn print_table(r: &Report) {
-    let (secs, cpu, rss) = (r.secs, r.cpu_s, mib(r.rss_peak));
-    let per = cpu_per_request(r);
-    println!(
-        "\n{}: {secs:.1} s, server CPU {cpu:.1} s ({per:.0} us a request), peak RSS {rss}",
-        name(r)
-    );
-    let head = [
-        "requests", "rps", "p50 ms", "p99 ms", "errors", "usage", "peak", "max",
-    ];
-    let [a, b, c, d, e, f, g, h] = head;
-    let more = ["refused", "cancelled", "evicted"];
-    let [i, j, k] = more;
-    println!(
-        "{:<7} {a:>9} {b:>7} {c:>7} {d:>7} {e:>6} {f:>9} {g:>9} {h:>8} {i:>7} {j:>9} {k:>7}",
-        "tenant"
-    );
-    for row in &r.rows {
-        let (usage, peak) = match r.memgroup {
-            true => (mib(row.usage), mib(row.peak)),
-            false => ("-".into(), "-".into()),
-        };
-        let Row {
-            tenant,
-            requests,
-            rps,
-            p50_ms,
-            p99_ms,
-            errors,
-            ..
-        } = row;
-        let (max, refused, cancelled, evicted) =
-            (mib(row.max), row.refused, row.cancelled, row.evicted);
-        println!(
-            "{tenant:<7} {requests:>9} {rps:>7.0} {p50_ms:>7.2} {p99_ms:>7.2} {errors:>6} {usage:>9} {peak:>9} {max:>8} {refused:>7} {cancelled:>9} {evicted:>7}"
-        );
-    }
-    match r.memgroup {
-        true => println!("{}", r.residue),
-        false => {
-            println!("System: nothing is charged, so no limit binds (no 413 or 503 from memgroup)")
-        }
-    }
-}
-
-fn cpu_per_request(r: &Report) -> f64 {
-    r.cpu_s * 1e6 / r.rows.iter().map(|row| row.requests).sum::<u64>().max(1) as f64
-}
-
-/// The well-behaved tenants together: their rps, their mean p99.
-fn well_behaved(r: &Report) -> (f64, f64) {
-    let rows = &r.rows[..GREEDY];
-    let rps = rows.iter().map(|row| row.rps).sum();
-    (
-        rps,
-        rows.iter().map(|row| row.p99_ms).sum::<f64>() / GREEDY as f64,
-    )
-}
-
-fn print_summary(reports: &[&Report]) {
-    println!("\nalpha, beta and gamma together (rps summed, p99 averaged):");
-    println!(
-        "  {:<24} {:>8} {:>8} {:>14} {:>10}",
-        "", "rps", "p99 ms", "server us/req", "peak RSS"
-    );
-    for r in reports {
-        let ((rps, p99), per, rss) = (well_behaved(r), cpu_per_request(r), mib(r.rss_peak));
-        println!(
-            "  {:<24} {rps:>8.0} {p99:>8.2} {per:>14.0} {rss:>10}",
-            name(r)
-        );
-    }
-}
-
-fn print_ratio(what: &str, a: &Report, b: &Report) {
-    let ((rps_a, p99_a), (rps_b, p99_b)) = (well_behaved(a), well_behaved(b));
-    let cpu = cpu_per_request(a) / cpu_per_request(b);
-    let rss = a.rss_peak as f64 / b.rss_peak.max(1) as f64;
-    let (rps, p99) = (rps_a / rps_b, p99_a / p99_b);
-    println!(
-        "  {what:<40} rps {rps:.2}x  p99 {p99:.2}x  server CPU/req {cpu:.2}x  peak RSS {rss:.2}x"
-    );
-}
-
 // ---------------------------------------------------------------------------------------------
-// The comparison: children in rounds, their tables, ratios and checks.
 
-/// The four configurations: (memgroup, greedy active).
-const CONFIGS: [(bool, bool); 4] = [(true, true), (false, true), (true, false), (false, false)];
-
-fn child(secs: u64, memgroup: bool, greedy: bool) -> Report {
-    let exe = std::env::current_exe().expect("own path");
-    let out = std::process::Command::new(exe)
-        .args(["--child", &secs.to_string()])
-        .env("SERVER_ALLOC", if memgroup { "memgroup" } else { "system" })
-        .env("SERVER_GREEDY", if greedy { "1" } else { "0" })
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("run a child");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find_map(|l| l.strip_prefix("REPORT "));
-    let report = line.and_then(|l| serde_json::from_str(l).ok());
-    report.unwrap_or_else(|| panic!("child failed ({}): {text}", out.status))
-}
-
-/// Runs each configuration `rounds` times for `secs`, interleaved (so a machine busy with
-/// something else weighs on all four alike), prints them, and returns what it finds wrong.
-fn compare(secs: u64, rounds: usize) -> Vec<String> {
-    println!("memgroup server example: memgroup against the system allocator, greedy active and");
-    println!(
-        "idle; {rounds} rounds of {secs} s each, every run a child process with its own server"
-    );
-    let mut runs: [Vec<Report>; 4] = Default::default();
-    for round in 1..=rounds {
-        eprintln!("round {round} of {rounds}");
-        for ((memgroup, greedy), runs) in CONFIGS.into_iter().zip(&mut runs) {
-            runs.push(child(secs, memgroup, greedy));
-        }
-    }
-    let [m_on, s_on, m_off, s_off] = runs.map(merge);
-    for r in [&m_on, &s_on, &m_off, &s_off] {
-        print_table(r);
-    }
-    print_summary(&[&m_off, &s_off, &m_on, &s_on]);
-    print_ratio("memgroup / System, greedy idle:", &m_off, &s_off);
-    print_ratio("memgroup / System, greedy active:", &m_on, &s_on);
-    print_ratio("greedy active / idle, memgroup:", &m_on, &m_off);
-    print_ratio("greedy active / idle, System:", &s_on, &s_off);
-    let mut failures: Vec<String> = [&m_on, &s_on, &m_off, &s_off]
-        .into_iter()
-        .flat_map(check_well_behaved)
-        .collect();
-    failures.extend(check_greedy(&m_on.rows[GREEDY]));
-    failures
-}
-
-/// One configuration's rounds as one report: counts summed, latency the median round's,
-/// usage and peak the highest.
-fn merge(rounds: Vec<Report>) -> Report {
-    let mut all = rounds[0].clone();
-    all.secs = rounds.iter().map(|r| r.secs).sum();
-    all.cpu_s = rounds.iter().map(|r| r.cpu_s).sum();
-    all.rss_peak = rounds.iter().map(|r| r.rss_peak).max().unwrap();
-    all.metrics_ok = rounds.iter().all(|r| r.metrics_ok);
-    all.residue = rounds.last().unwrap().residue.clone();
-    for (i, row) in all.rows.iter_mut().enumerate() {
-        let of = |f: fn(&Row) -> u64| rounds.iter().map(|r| f(&r.rows[i])).sum::<u64>();
-        let median = |f: fn(&Row) -> f64| {
-            let mut v: Vec<f64> = rounds.iter().map(|r| f(&r.rows[i])).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let highest = |f: fn(&Row) -> usize| rounds.iter().map(|r| f(&r.rows[i])).max().unwrap();
-        row.requests = of(|r| r.requests);
-        row.rps = row.requests as f64 / all.secs;
-        (row.p50_ms, row.p99_ms) = (median(|r| r.p50_ms), median(|r| r.p99_ms));
-        row.errors = of(|r| r.errors);
-        (row.refused, row.cancelled, row.evicted) =
-            (of(|r| r.refused), of(|r| r.cancelled), of(|r| r.evicted));
-        (row.usage, row.peak) = (highest(|r| r.usage), highest(|r| r.peak));
-    }
-    all
-}
-
-fn check_well_behaved(r: &Report) -> Vec<String> {
-    let mut failures = Vec::new();
-    for row in &r.rows[..GREEDY] {
-        if row.errors > 0 || row.requests == 0 {
-            let n = (row.errors, row.requests);
-            failures.push(format!(
-                "{}: {} had {} errors in {} requests",
-                name(r),
-                row.tenant,
-                n.0,
-                n.1
-            ));
-        }
-        if r.memgroup && row.peak > row.max {
-            failures.push(format!("{}: {} peaked over its max", name(r), row.tenant));
-        }
-    }
-    if !r.metrics_ok {
-        failures.push(format!("{}: /metrics lacked greedy's usage", name(r)));
-    }
-    failures
-}
-
-fn check_greedy(g: &Row) -> Vec<String> {
-    let mut failures = Vec::new();
-    if g.peak > g.max + PEAK_SLACK {
-        failures.push(format!(
-            "greedy peaked at {}, max {}",
-            mib(g.peak),
-            mib(g.max)
-        ));
-    }
-    if g.usage > g.max {
-        failures.push(format!("greedy ended at {} over its max", mib(g.usage)));
-    }
-    if g.refused == 0 || g.cancelled == 0 {
-        let n = (g.refused, g.cancelled);
-        failures.push(format!(
-            "greedy: {} refused, {} cancelled (want both > 0)",
-            n.0, n.1
-        ));
-    }
-    failures
-}
-
-// ---------------------------------------------------------------------------------------------
+/// The tables, and the comparison of four runs in child processes.
+#[path = "server/compare.rs"]
+mod compare;
+use compare::{compare, print_table};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
