@@ -312,11 +312,15 @@ async fn items(Extension(t): Extension<Arc<Tenant>>, headers: HeaderMap, body: B
     let body = match read_body(&headers, body).await {
         Ok(body) => body,
         Err(status) => {
-            if status == StatusCode::PAYLOAD_TOO_LARGE {
-                t.refused.fetch_add(1, Relaxed);
-            }
+            let refused = status == StatusCode::PAYLOAD_TOO_LARGE;
+            t.refused.fetch_add(u64::from(refused), Relaxed);
+            let why = if refused {
+                "over the tenant's memory limit\n"
+            } else {
+                "bad body\n"
+            };
             let close = [(header::CONNECTION, "close")]; // the rest of the body is not read
-            return (status, close, "over the tenant's memory limit\n").into_response();
+            return (status, close, why).into_response();
         }
     };
     let item: Item = match serde_json::from_slice(&body) {
@@ -495,11 +499,12 @@ async fn client(addr: SocketAddr, tenant: &'static str, load: Arc<Load>, env: En
         let start = Instant::now();
         let status = send(&mut s, request(tenant, &ask, &huge, &mut seed)).await;
         load.record(start.elapsed());
-        let expected = match (&ask, status) {
-            (_, Ok(StatusCode::OK)) => true,
-            (Ask::Huge, Ok(StatusCode::PAYLOAD_TOO_LARGE)) => true,
-            (Ask::Huge, Err(_)) => true, // closed while still sending: refused all the same
-            (Ask::Work(RUNAWAY_KIB), Ok(StatusCode::SERVICE_UNAVAILABLE)) => true,
+        // greedy's bodies are refused and its work cancelled (a refused body may close the
+        // connection while it is still being sent); anything but 200 is an error for the others.
+        let expected = match (status, greedy) {
+            (Ok(StatusCode::OK), _) => true,
+            (Ok(StatusCode::PAYLOAD_TOO_LARGE | StatusCode::SERVICE_UNAVAILABLE), true) => true,
+            (Err(_), true) => matches!(ask, Ask::Huge),
             _ => false,
         };
         if !expected {
