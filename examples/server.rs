@@ -1,9 +1,9 @@
 //! A multi-tenant HTTP server (tokio, axum) where each tenant is a memgroup group, and a load
 //! generator on loopback with one tenant misbehaving.
 //!
-//!     cargo run --release --example server              # until Ctrl-C (at most 10 min)
+//!     cargo run --release --example server              # until Ctrl-C (or --secs N, 600)
 //!     cargo run --release --example server -- --smoke   # the short comparison CI runs
-//!     cargo run --release --example server -- --compare 10   # 3 rounds of 10 s
+//!     cargo run --release --example server -- --compare 10   # the same, runs of 10 s
 //!
 //! A request names its tenant by path (`POST /t/alpha/items`) or by header (`POST /items` with
 //! `x-tenant: alpha`). Each tenant is a child of the `tenants` group with its own `max` and
@@ -20,13 +20,15 @@
 //! table per tenant: client-side requests, rps and p50/p99 latency, the group's usage and peak,
 //! and how many requests the server refused (413) and cancelled (503).
 //!
-//! `--smoke` and `--compare` run the binary four more times, as children: with memgroup's
-//! allocator and with the plain system allocator (the `#[global_allocator]` below switches on
-//! the `SERVER_ALLOC` variable, read once before the first allocation), each with greedy
-//! active and with greedy idle, and print the four tables and their ratios: what memgroup
-//! costs, and what a greedy tenant costs the others with and without it. Under the system
-//! allocator nothing is charged, so no limit can bind. `--smoke` exits non-zero if greedy was
-//! not held at its limit or a well-behaved tenant saw an error.
+//! `--smoke` (3 s runs) and `--compare SECS` run the binary again as child processes, four
+//! ways: with memgroup's allocator and with the plain system allocator (the
+//! `#[global_allocator]` below chooses on `SERVER_ALLOC` at the first allocation), each with
+//! greedy active and idle; 3 interleaved rounds, so a machine busy with other work weighs on
+//! all four alike. They print the four tables, a summary and its ratios: what memgroup costs,
+//! and what a greedy tenant costs the others with and without it, in rps, p99, the server's
+//! CPU time per request (its threads' own, whatever CPU the process got) and peak RSS. Under
+//! the system allocator nothing is charged, so no limit can bind. Both exit non-zero if greedy
+//! was not held at its limit or a well-behaved tenant saw an error.
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Query, Request};
@@ -183,16 +185,19 @@ impl Cache {
         self.inner.lock().unwrap().map.get(key).cloned()
     }
 
+    /// Allocates under the lock only while the map and queue grow (up to `CACHE_ENTRIES`): a
+    /// charge at `max` then waits for direct reclaim, whose shrinker needs this lock, 10 ms at
+    /// most (see the README's "Direct reclaim").
     fn insert(&self, key: String, value: Bytes) {
+        let (queued, len) = (key.clone(), key.len() + value.len());
         let mut e = self.inner.lock().unwrap();
         if e.map.len() >= CACHE_ENTRIES {
             e.evict(1);
         }
-        e.bytes += key.len() + value.len();
-        if let Some(old) = e.map.insert(key.clone(), value) {
-            e.bytes -= key.len() + old.len();
-        } else {
-            e.order.push_back(key);
+        e.bytes += len;
+        match e.map.insert(key, value) {
+            Some(old) => e.bytes -= queued.len() + old.len(),
+            None => e.order.push_back(queued),
         }
     }
 
