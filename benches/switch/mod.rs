@@ -771,7 +771,7 @@ pub fn print_table(cfg: &Config, lines: &[Line], unit: &str, scenario: &str, mic
          repetition. CPU: the working threads' own CPU time (preemption by other processes \
          excluded).\n"
     );
-    let metrics: [(&str, fn(&Sample) -> f64); 2] = [("wall", |s| s.ns), ("CPU", |s| s.cpu)];
+    let metrics: [(&str, Metric); 2] = [("wall", |s| s.ns), ("CPU", |s| s.cpu)];
     for (name, metric) in metrics {
         metric_table(cfg, lines, unit, scenario, micros, name, metric);
     }
@@ -813,6 +813,9 @@ fn per_allocation(cfg: &Config, lines: &[Line], unit: &str, scenario: &str) {
     }
 }
 
+/// Which figure of a sample a table shows.
+type Metric = fn(&Sample) -> f64;
+
 fn metric_table(
     cfg: &Config,
     lines: &[Line],
@@ -820,7 +823,7 @@ fn metric_table(
     scenario: &str,
     micros: bool,
     name: &str,
-    metric: fn(&Sample) -> f64,
+    metric: Metric,
 ) {
     let (tu, div) = if micros { ("us", 1e3) } else { ("ns", 1.0) };
     let values = |l: &Line| -> Vec<f64> { l.samples.iter().map(metric).collect() };
