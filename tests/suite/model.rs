@@ -35,8 +35,8 @@
 //   PROPTEST_CASES=10000 MODEL_STEPS=400 PROPTEST_RNG_SEED=2 \
 //     cargo test --release --test model model_matches -- --nocapture
 // (`--features arena --test arena_model` for the arena). A failing case is shrunk and saved in
-// tests/<binary>.proptest-regressions, which later runs replay first. MODEL_FAIL_RULE=doc
-// checks the README's `OnLimit::Fail` rule (the policy of any ancestor) instead of the code's.
+// tests/<binary>.proptest-regressions, which later runs replay first. `OnLimit::Fail`
+// is checked as documented: the policy of the charged group or any ancestor.
 
 include!("common.rs");
 
@@ -382,13 +382,6 @@ fn new_cost(d: Design, size: usize, align: usize) -> usize {
     }
 }
 
-/// The policy rule checked: the code refuses an over-limit charge under `OnLimit::Fail` only
-/// when a group from the charged one up to the one whose limit refused has the policy
-/// (src/core/stock.rs `refuses`); README and `set_on_limit`'s docs say the policy covers the
-/// group's descendants, any ancestor of the charged group (`MODEL_FAIL_RULE=doc`).
-fn doc_fail_rule() -> bool {
-    std::env::var("MODEL_FAIL_RULE").is_ok_and(|v| v == "doc")
-}
 
 struct MGroup {
     parent: Option<usize>,
@@ -763,14 +756,14 @@ impl Model {
         })
     }
 
-    /// Whether a charge of `owner` refused at level `at` of its chain fails in `mode`.
-    fn refused(&self, owner: usize, at: usize, mode: Mode) -> bool {
-        let chain = self.chain(owner);
+    /// Whether an over-limit charge of `owner` fails in `mode`, whichever level of its chain
+    /// refused it: inside `fallible`, or under `OnLimit::Fail` on the charged group or any
+    /// ancestor (the policy holds for a group's whole subtree, README and `set_on_limit`).
+    fn refused(&self, owner: usize, _at: usize, mode: Mode) -> bool {
         match mode {
             Mode::NoFail => false,
             Mode::Fallible => true,
-            Mode::Policy if doc_fail_rule() => chain.iter().any(|&g| self.groups[g].fail),
-            Mode::Policy => chain[..=at].iter().any(|&g| self.groups[g].fail),
+            Mode::Policy => self.chain(owner).iter().any(|&g| self.groups[g].fail),
         }
     }
 
@@ -781,8 +774,7 @@ impl Model {
 
     /// Whether no over-limit charge of `owner` fails in `mode`.
     fn never_refused(&self, owner: usize, mode: Mode) -> bool {
-        let n = self.chain(owner).len();
-        !self.refused(owner, n - 1, mode)
+        !self.refused(owner, 0, mode)
     }
 
     fn levels(&self, owner: usize) -> Vec<(usize, usize, usize)> {
@@ -1355,8 +1347,7 @@ fn steps() -> usize {
 /// (default 200).
 fn run_model(cases: u32) {
     let mut config = Config::default();
-    // Failures of the documented rule's runs are not saved for the default runs to replay.
-    if std::env::var_os("PROPTEST_DISABLE_FAILURE_PERSISTENCE").is_none() && !doc_fail_rule() {
+    if std::env::var_os("PROPTEST_DISABLE_FAILURE_PERSISTENCE").is_none() {
         config.failure_persistence = Some(Box::new(FileFailurePersistence::Direct(concat!(
             "tests/",
             module_path!(),
