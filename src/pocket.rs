@@ -31,8 +31,8 @@ static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
 
 /// Pockets smaller than this (a small `MEMGROUP_BATCH`) would serve too few blocks to pay.
 const MIN_POCKET: usize = 512;
-/// Bytes mapped at a time for new places on the pockets' list.
-const CHUNK_BYTES: usize = 64 << 10;
+/// Bytes mapped at a time for new places on the pockets' list (1,024 places of 16 bytes).
+const CHUNK_BYTES: usize = 16 << 10;
 
 /// This thread's pocket, if it is on the list.
 #[inline(always)]

@@ -739,8 +739,8 @@ fn maps_fail_inner() {
     let g = fresh("maps");
     let base = exact(&g);
     assert_eq!(memgroup::fail_next_maps(ASKED), 0);
-    // More threads alive at once than a pocket chunk (64 KiB of 64-byte pockets) holds, each
-    // with a heap of its own in the arena.
+    // More threads alive at once than a chunk of pocket places (16 KiB of 16-byte places)
+    // holds, each with a heap of its own in the arena.
     let threads = 1100;
     let sizes = [8, 100, 1000, 5000, 100_000];
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads + 1));
