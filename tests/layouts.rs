@@ -20,10 +20,11 @@ fn a_damaged_tag_aborts_at_free() {
             // SAFETY: a non-zero layout; the 8 bytes at `at` are the block's tag, inside the
             // inner allocation; the child exits without returning into the test harness.
             unsafe {
-                let p = alloc(layout);
+                // Both through black_box: an optimized build may otherwise drop the pair.
+                let p = black_box(alloc(layout));
                 let tag = p.offset(at).cast::<u64>();
                 tag.write_unaligned(black_box(tag.read_unaligned() ^ (1 << 40)));
-                dealloc(p, layout);
+                dealloc(black_box(p), layout);
                 libc::_exit(0);
             }
         }
