@@ -190,7 +190,7 @@ pub(crate) enum Slow {
 /// thread-exit hook. Allocates nothing. False if the arena cannot work here.
 #[cold]
 pub(crate) fn init() -> bool {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::yielding();
     loop {
         match STATE.compare_exchange(0, 1, Ordering::Acquire, Ordering::Acquire) {
             Ok(_) => break,
@@ -306,7 +306,7 @@ unsafe fn wait_out(th: *mut ThreadHeap) {
     if ASYM.load(Ordering::Relaxed) && !platform::membarrier() {
         platform::corrupted(b"membarrier failed after registration");
     }
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::yielding();
     // SAFETY: heaps are never unmapped.
     while unsafe { (*th).busy.load(Ordering::SeqCst) } != 0 {
         backoff.wait();
@@ -609,7 +609,7 @@ unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
     // SAFETY: slab metadata, group heaps and heaps are never unmapped; ownership is re-checked
     // with the owner's heap stopped, when it cannot change.
     unsafe {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::yielding();
         loop {
             if (*s).remote.load(Ordering::Acquire) & ORPHAN != 0 {
                 let done = orphan_free(s, size, counted);
@@ -730,7 +730,7 @@ unsafe fn release(s: *mut Slab) {
         // A notifier (see `notify`) may still hold `NOTIFYING` after its object was freed
         // (through the delayed list) and the slab emptied: let it clear the bit before the slab
         // can be reused, or its late clear would clear a later notifier's.
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::yielding();
         while (*s).remote.load(Ordering::Acquire) & NOTIFYING != 0 {
             backoff.wait();
         }
@@ -937,7 +937,7 @@ unsafe fn park_full(gh: *mut GroupHeap, s: *mut Slab) -> bool {
     // SAFETY: per the caller.
     unsafe {
         let r = &(*s).remote;
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::yielding();
         let mut w = r.load(Ordering::Acquire);
         // Without `FULL` no new notifier can start: this wait ends with the current one.
         while w & NOTIFYING != 0 {
@@ -1343,7 +1343,7 @@ unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released
     // SAFETY: per the caller.
     unsafe {
         let r = &(*s).remote;
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::yielding();
         loop {
             collect(gh, s);
             let w = r.load(Ordering::Acquire);
