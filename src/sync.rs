@@ -69,7 +69,7 @@ impl Backoff {
     /// sleeps, in none of 16 without; see issue 14's note). Progress against a preempted holder on
     /// the same CPU still comes from the yields, except against a waiter of higher real-time
     /// priority.
-    #[cfg_attr(not(feature = "arena"), allow(dead_code))]
+    #[allow(dead_code)] // used by the arena design only
     pub(crate) const fn yielding() -> Backoff {
         Backoff {
             rounds: 0,
