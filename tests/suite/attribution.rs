@@ -5,8 +5,8 @@ include!("common.rs");
 
 use common::{
     drop_one, send_one,
-    block_cost, churn_threads, exact, fresh, fresh_child, in_child_process, live,
-    run_in_child_process, Block, Cost, Rng, Tenants,
+    block_cost, churn_threads, exact, fresh, fresh_child, live,
+    Block, Cost, Rng, Tenants,
 };
 use memgroup::{current, kernel, stock_batch, Group};
 use std::collections::HashMap;
@@ -404,93 +404,77 @@ fn churn_across_threads_and_groups_returns_to_zero() {
     tenants.check_back_to_zero();
 }
 
-/// MEMGROUP_BATCH=0 turns the stocks off: stat() is exact without flush().
-#[test]
-fn no_stocks_stat_is_exact_without_flush() {
-    run_in_child_process("no_stocks_inner", &[("MEMGROUP_BATCH", "0")]);
-}
-
-#[test]
-#[ignore = "run by no_stocks_stat_is_exact_without_flush with MEMGROUP_BATCH=0"]
-fn no_stocks_inner() {
-    if !in_child_process() {
-        return;
-    }
-    assert_eq!(stock_batch(), 0);
-    let g = fresh("nostock");
-    let mut held = Vec::with_capacity(300);
-    let mut requested = 0;
-    for i in 1..=300usize {
-        held.push(g.run(|| Block::new(i * 11, 1)));
-        requested += i * 11;
-        let s = g.stat();
-        assert_eq!(
-            s.usage,
-            requested + s.overhead,
-            "exact without flush after {i} blocks"
-        );
-        assert_eq!(s.allocs, i as u64);
-    }
-    let other = fresh("nostock-other");
-    let t = std::thread::spawn(move || other.run(|| drop(held)));
-    t.join().unwrap();
-    let s = g.stat();
-    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0));
-    // Exact limits without stocks: floor(max / cost) small blocks fit (charged one unit at a
-    // time: a block in the tag design, a slab in the arena design; see `Cost`).
-    let cost = {
-        let b = g.run(|| Block::new(100, 1));
-        let c = g.stat().usage;
-        drop(b);
-        c
-    };
-    let model = Cost::of_size(100);
-    assert_eq!(
-        model.unit, cost,
-        "stat() without flush agrees with the flushed probe"
-    );
-    let max = 10 * cost + cost / 2;
-    g.set_max(Some(max));
-    let expect = model.fit(max);
-    let mut fit = Vec::with_capacity(expect + 1);
-    memgroup::fallible(|| {
-        g.run(|| {
-            while let Some(b) = Block::try_new(100, 1) {
-                fit.push(b);
-                if fit.len() > expect {
-                    break;
-                }
-            }
-        })
-    });
-    assert_eq!(fit.len(), expect);
-    assert_eq!(g.stat().usage, 10 * cost);
-}
-
-/// A custom batch: stocks exist, and flush() still makes everything exact.
-#[test]
-fn custom_batch_is_used_and_flush_is_exact() {
-    run_in_child_process("custom_batch_inner", &[("MEMGROUP_BATCH", "4096")]);
-}
-
-#[test]
-#[ignore = "run by custom_batch_is_used_and_flush_is_exact with MEMGROUP_BATCH=4096"]
-fn custom_batch_inner() {
-    if !in_child_process() {
-        return;
-    }
-    assert_eq!(stock_batch(), 4096);
-    let g = fresh("batch4k");
-    let mut held = Vec::with_capacity(400);
-    g.run(|| {
-        for i in 1..=400usize {
-            held.push(Block::new(i * 29 % 9000 + 1, 1));
+child_test! {
+    /// MEMGROUP_BATCH=0 turns the stocks off: stat() is exact without flush().
+    fn no_stocks_stat_is_exact_without_flush => no_stocks_inner("MEMGROUP_BATCH" = "0") {
+        assert_eq!(stock_batch(), 0);
+        let g = fresh("nostock");
+        let mut held = Vec::with_capacity(300);
+        let mut requested = 0;
+        for i in 1..=300usize {
+            held.push(g.run(|| Block::new(i * 11, 1)));
+            requested += i * 11;
+            let s = g.stat();
+            assert_eq!(
+                s.usage,
+                requested + s.overhead,
+                "exact without flush after {i} blocks"
+            );
+            assert_eq!(s.allocs, i as u64);
         }
-    });
-    let requested: usize = held.iter().map(Block::size).sum();
-    let s = exact(&g);
-    assert_eq!(s.usage, requested + s.overhead);
-    drop(held);
-    let s = exact(&g);
-    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0));
+        let other = fresh("nostock-other");
+        let t = std::thread::spawn(move || other.run(|| drop(held)));
+        t.join().unwrap();
+        let s = g.stat();
+        assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0));
+        // Exact limits without stocks: floor(max / cost) small blocks fit (charged one unit at a
+        // time: a block in the tag design, a slab in the arena design; see `Cost`).
+        let cost = {
+            let b = g.run(|| Block::new(100, 1));
+            let c = g.stat().usage;
+            drop(b);
+            c
+        };
+        let model = Cost::of_size(100);
+        assert_eq!(
+            model.unit, cost,
+            "stat() without flush agrees with the flushed probe"
+        );
+        let max = 10 * cost + cost / 2;
+        g.set_max(Some(max));
+        let expect = model.fit(max);
+        let mut fit = Vec::with_capacity(expect + 1);
+        memgroup::fallible(|| {
+            g.run(|| {
+                while let Some(b) = Block::try_new(100, 1) {
+                    fit.push(b);
+                    if fit.len() > expect {
+                        break;
+                    }
+                }
+            })
+        });
+        assert_eq!(fit.len(), expect);
+        assert_eq!(g.stat().usage, 10 * cost);
+    }
+}
+
+child_test! {
+    /// A custom batch: stocks exist, and flush() still makes everything exact.
+    fn custom_batch_is_used_and_flush_is_exact => custom_batch_inner("MEMGROUP_BATCH" = "4096") {
+        assert_eq!(stock_batch(), 4096);
+        let g = fresh("batch4k");
+        let mut held = Vec::with_capacity(400);
+        g.run(|| {
+            for i in 1..=400usize {
+                held.push(Block::new(i * 29 % 9000 + 1, 1));
+            }
+        });
+        let requested: usize = held.iter().map(Block::size).sum();
+        let s = exact(&g);
+        assert_eq!(s.usage, requested + s.overhead);
+        drop(held);
+        let s = exact(&g);
+        assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0));
+    }
 }

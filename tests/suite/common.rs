@@ -1,3 +1,30 @@
+// A test whose body runs alone in a fresh child process of this test binary, with the given
+// environment (variables the allocator reads at its first allocation):
+//
+//     child_test! {
+//         /// What it shows.
+//         fn outer_name => inner_name("MEMGROUP_BATCH" = "0") { body }
+//     }
+//
+// `outer_name` is the test the harness runs: it re-executes the binary to run `inner_name`
+// alone (`#[ignore]`d, so it never runs in the parent), and asserts that it ran and passed.
+#[allow(unused_macros)]
+macro_rules! child_test {
+    ($(#[$doc:meta])* fn $outer:ident => $inner:ident($($var:literal = $val:literal),* $(,)?) $body:block) => {
+        $(#[$doc])*
+        #[test]
+        fn $outer() {
+            common::run_in_child_process(stringify!($inner), &[$(($var, $val)),*]);
+        }
+
+        #[test]
+        #[ignore = concat!("run in a child process by ", stringify!($outer))]
+        fn $inner() {
+            if common::in_child_process() $body
+        }
+    };
+}
+
 // Helpers shared by the test bodies. Included once per test binary by the body (`include!`), so
 // it must not use inner attributes; every item is `allow(dead_code)` because no binary uses all.
 #[allow(dead_code)]

@@ -20,7 +20,7 @@
 include!("common.rs");
 
 use common::{
-    churn_threads, exact, fresh, fresh_child, in_child_process, live, run_in_child_process, Block,
+    churn_threads, exact, fresh, fresh_child, live, Block,
     Rng, Tenants,
 };
 use faulty::Schedule;
@@ -531,275 +531,210 @@ fn workload(schedule: Schedule, seed: u64, steps: usize) -> Seen {
     seen
 }
 
-#[test]
-fn every_third_inner_call_fails() {
-    run_in_child_process("every_third_inner", &[]);
-}
-
-#[test]
-#[ignore = "run by every_third_inner_call_fails, in a child process"]
-fn every_third_inner() {
-    if in_child_process() {
+child_test! {
+    fn every_third_inner_call_fails => every_third_inner() {
         for seed in 1..=3 {
             workload(Schedule::Every(3), seed, 2000);
         }
     }
 }
 
-#[test]
-fn every_inner_call_fails() {
-    run_in_child_process("every_inner", &[]);
-}
-
-#[test]
-#[ignore = "run by every_inner_call_fails, in a child process"]
-fn every_inner() {
-    if in_child_process() {
+child_test! {
+    fn every_inner_call_fails => every_inner() {
         let seen = workload(Schedule::Every(1), 4, 1000);
         // Only small blocks of the arena design reach no inner allocator.
         assert!(seen.injected > 100, "{seen:?}");
     }
 }
 
-#[test]
-fn random_inner_calls_fail() {
-    run_in_child_process("random_inner", &[]);
-}
-
-#[test]
-#[ignore = "run by random_inner_calls_fail, in a child process"]
-fn random_inner() {
-    if in_child_process() {
+child_test! {
+    fn random_inner_calls_fail => random_inner() {
         for seed in 10..=14 {
             workload(Schedule::Random { one_in: 4, seed }, seed, 2000);
         }
     }
 }
 
-#[test]
-fn large_inner_calls_fail() {
-    run_in_child_process("large_inner", &[]);
-}
-
-#[test]
-#[ignore = "run by large_inner_calls_fail, in a child process"]
-fn large_inner() {
-    if in_child_process() {
+child_test! {
+    fn large_inner_calls_fail => large_inner() {
         for (seed, min) in [(20, 16 << 10), (21, 64 << 10), (22, 200 << 10)] {
             workload(Schedule::Large { min }, seed, 2000);
         }
     }
 }
 
-/// With stocks off (`MEMGROUP_BATCH=0`) every block asks the inner allocator first, so no
-/// failed attempt counts anything.
-#[test]
-fn failures_without_stocks() {
-    run_in_child_process("no_stocks_inner", &[("MEMGROUP_BATCH", "0")]);
-}
-
-#[test]
-#[ignore = "run by failures_without_stocks with MEMGROUP_BATCH=0"]
-fn no_stocks_inner() {
-    if in_child_process() {
+child_test! {
+    /// With stocks off (`MEMGROUP_BATCH=0`) every block asks the inner allocator first, so no
+    /// failed attempt counts anything.
+    fn failures_without_stocks => no_stocks_inner("MEMGROUP_BATCH" = "0") {
         assert_eq!(stock_batch(), 0);
         workload(Schedule::Random { one_in: 3, seed: 30 }, 30, 2000);
     }
 }
 
-/// Without pockets (`MEMGROUP_POCKETS=0`) small blocks are charged to the CPU's stock directly;
-/// the same holds.
-#[test]
-fn failures_without_pockets() {
-    run_in_child_process("no_pockets_inner", &[("MEMGROUP_POCKETS", "0")]);
-}
-
-#[test]
-#[ignore = "run by failures_without_pockets with MEMGROUP_POCKETS=0"]
-fn no_pockets_inner() {
-    if in_child_process() {
+child_test! {
+    /// Without pockets (`MEMGROUP_POCKETS=0`) small blocks are charged to the CPU's stock directly;
+    /// the same holds.
+    fn failures_without_pockets => no_pockets_inner("MEMGROUP_POCKETS" = "0") {
         workload(Schedule::Random { one_in: 3, seed: 31 }, 31, 2000);
         workload(Schedule::Every(2), 32, 2000);
     }
 }
 
-/// A small batch (4 KiB: the smallest pockets, so blocks past 4 KiB are charged to the
-/// counters directly and ask the inner allocator first).
-#[test]
-fn failures_with_a_small_batch() {
-    run_in_child_process("small_batch_inner", &[("MEMGROUP_BATCH", "4K")]);
-}
-
-#[test]
-#[ignore = "run by failures_with_a_small_batch with MEMGROUP_BATCH=4K"]
-fn small_batch_inner() {
-    if in_child_process() {
+child_test! {
+    /// A small batch (4 KiB: the smallest pockets, so blocks past 4 KiB are charged to the
+    /// counters directly and ask the inner allocator first).
+    fn failures_with_a_small_batch => small_batch_inner("MEMGROUP_BATCH" = "4K") {
         assert_eq!(stock_batch(), 4096);
         workload(Schedule::Random { one_in: 3, seed: 33 }, 33, 2000);
     }
 }
 
-/// Four threads allocate in two tenants' leaves at random failures, hand blocks to each other
-/// (so frees are remote), reallocate and free: every failure is null and every counter ends
-/// exactly at 0, the inner allocator's live blocks back where they were.
-#[test]
-fn threads_churn_under_random_failures() {
-    run_in_child_process("threads_churn_inner", &[]);
-}
-
-#[test]
-#[ignore = "run by threads_churn_under_random_failures, in a child process"]
-fn threads_churn_inner() {
-    if !in_child_process() {
-        return;
-    }
-    static INJECTED: AtomicU64 = AtomicU64::new(0);
-    static SUCCEEDED: AtomicU64 = AtomicU64::new(0);
-    let inner_before = faulty::live();
-    let tenants = Tenants::new("fault-churn");
-    let leaves = tenants.leaves.clone();
-    churn_threads(4, 3000, 64, 40, move |rng, held: &mut Vec<Raw>, to, rx| {
-        if held.capacity() == 0 {
-            // The first step of the thread: its own schedule, seeded from its generator.
-            faulty::arm(Schedule::Random {
-                one_in: 5,
-                seed: rng.next(),
-            });
-            held.reserve(128);
-        }
-        while let Ok(r) = rx.try_recv() {
-            held.push(r);
-        }
-        let g = &leaves[rng.range(0, leaves.len() - 1)];
-        match rng.range(0, 9) {
-            0..=4 => {
-                let size = pick_size(rng);
-                let layout = Layout::from_size_align(size, ALIGNS[rng.range(0, 4)]).unwrap();
-                let kern = rng.one_in(4);
-                // SAFETY: a non-zero size.
-                let raw = || unsafe { std::alloc::alloc(layout) };
-                let (p, fails) = g.run(|| faulty::during(|| if kern { kernel(raw) } else { raw() }));
-                let p = std::hint::black_box(p);
-                assert_eq!(p.is_null(), fails > 0, "null exactly when a failure was injected");
-                if p.is_null() {
-                    INJECTED.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    SUCCEEDED.fetch_add(1, Ordering::Relaxed);
-                    held.push(Raw::new(p, layout, size as u8));
-                }
-            }
-            5..=6 if !held.is_empty() => {
-                let i = rng.range(0, held.len() - 1);
-                let old = &mut held[i];
-                let new_size = pick_size(rng);
-                let (p, fails) = faulty::during(|| {
-                    // SAFETY: a live block of ours with its layout; a non-zero new size.
-                    unsafe { std::alloc::realloc(old.ptr, old.layout, new_size) }
+child_test! {
+    /// Four threads allocate in two tenants' leaves at random failures, hand blocks to each other
+    /// (so frees are remote), reallocate and free: every failure is null and every counter ends
+    /// exactly at 0, the inner allocator's live blocks back where they were.
+    fn threads_churn_under_random_failures => threads_churn_inner() {
+        static INJECTED: AtomicU64 = AtomicU64::new(0);
+        static SUCCEEDED: AtomicU64 = AtomicU64::new(0);
+        let inner_before = faulty::live();
+        let tenants = Tenants::new("fault-churn");
+        let leaves = tenants.leaves.clone();
+        churn_threads(4, 3000, 64, 40, move |rng, held: &mut Vec<Raw>, to, rx| {
+            if held.capacity() == 0 {
+                // The first step of the thread: its own schedule, seeded from its generator.
+                faulty::arm(Schedule::Random {
+                    one_in: 5,
+                    seed: rng.next(),
                 });
-                assert_eq!(p.is_null(), fails > 0, "null exactly when a failure was injected");
-                if p.is_null() {
-                    INJECTED.fetch_add(1, Ordering::Relaxed);
-                    old.check("after a failed realloc");
-                } else {
-                    old.ptr = p;
-                    old.layout = Layout::from_size_align(new_size, old.layout.align()).unwrap();
-                    // SAFETY: the block is live and `new_size` bytes long.
-                    unsafe { std::ptr::write_bytes(p, old.fill, new_size) };
-                }
+                held.reserve(128);
             }
-            7 => common::send_one(rng, g, held, to),
-            _ => common::drop_one(rng, g, held),
-        }
-    });
-    tenants.check_back_to_zero();
-    assert_eq!(faulty::live(), inner_before, "the inner allocator's live blocks and bytes are back");
-    let (injected, succeeded) = (INJECTED.load(Ordering::Relaxed), SUCCEEDED.load(Ordering::Relaxed));
-    assert!(injected > 100 && succeeded > 100, "{injected} injected, {succeeded} succeeded");
-    println!("churn: {injected} injected failures, {succeeded} allocations");
+            while let Ok(r) = rx.try_recv() {
+                held.push(r);
+            }
+            let g = &leaves[rng.range(0, leaves.len() - 1)];
+            match rng.range(0, 9) {
+                0..=4 => {
+                    let size = pick_size(rng);
+                    let layout = Layout::from_size_align(size, ALIGNS[rng.range(0, 4)]).unwrap();
+                    let kern = rng.one_in(4);
+                    // SAFETY: a non-zero size.
+                    let raw = || unsafe { std::alloc::alloc(layout) };
+                    let (p, fails) = g.run(|| faulty::during(|| if kern { kernel(raw) } else { raw() }));
+                    let p = std::hint::black_box(p);
+                    assert_eq!(p.is_null(), fails > 0, "null exactly when a failure was injected");
+                    if p.is_null() {
+                        INJECTED.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        SUCCEEDED.fetch_add(1, Ordering::Relaxed);
+                        held.push(Raw::new(p, layout, size as u8));
+                    }
+                }
+                5..=6 if !held.is_empty() => {
+                    let i = rng.range(0, held.len() - 1);
+                    let old = &mut held[i];
+                    let new_size = pick_size(rng);
+                    let (p, fails) = faulty::during(|| {
+                        // SAFETY: a live block of ours with its layout; a non-zero new size.
+                        unsafe { std::alloc::realloc(old.ptr, old.layout, new_size) }
+                    });
+                    assert_eq!(p.is_null(), fails > 0, "null exactly when a failure was injected");
+                    if p.is_null() {
+                        INJECTED.fetch_add(1, Ordering::Relaxed);
+                        old.check("after a failed realloc");
+                    } else {
+                        old.ptr = p;
+                        old.layout = Layout::from_size_align(new_size, old.layout.align()).unwrap();
+                        // SAFETY: the block is live and `new_size` bytes long.
+                        unsafe { std::ptr::write_bytes(p, old.fill, new_size) };
+                    }
+                }
+                7 => common::send_one(rng, g, held, to),
+                _ => common::drop_one(rng, g, held),
+            }
+        });
+        tenants.check_back_to_zero();
+        assert_eq!(faulty::live(), inner_before, "the inner allocator's live blocks and bytes are back");
+        let (injected, succeeded) = (INJECTED.load(Ordering::Relaxed), SUCCEEDED.load(Ordering::Relaxed));
+        assert!(injected > 100 && succeeded > 100, "{injected} injected, {succeeded} succeeded");
+        println!("churn: {injected} injected failures, {succeeded} allocations");
+    }
 }
 
 // ---- memgroup's own mappings failing -----------------------------------------------------------
 
-/// While memgroup's mappings fail (new pocket chunks in the tag design; the arena's thread
-/// heaps, group heaps, key tables and segments), allocation still works (the arena hands
-/// what it cannot serve to the inner allocator, a thread without a pocket charges the stocks)
-/// and every counter stays exact; once mappings work again, so does everything else.
-#[test]
-fn memgroup_mappings_fail() {
-    run_in_child_process("maps_fail_inner", &[]);
-}
-
-#[test]
-#[ignore = "run by memgroup_mappings_fail, in a child process"]
-fn maps_fail_inner() {
-    if !in_child_process() {
-        return;
-    }
-    const ASKED: u32 = 1 << 30;
-    let g = fresh("maps");
-    let base = exact(&g);
-    assert_eq!(memgroup::fail_next_maps(ASKED), 0);
-    // More threads alive at once than a chunk of pocket places (16 KiB of 16-byte places)
-    // holds, each with a heap of its own in the arena.
-    let threads = 1100;
-    let sizes = [8, 100, 1000, 5000, 100_000];
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads + 1));
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<Block>>();
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let (g, barrier, tx) = (g.clone(), barrier.clone(), tx.clone());
-            std::thread::Builder::new()
-                .stack_size(64 << 10)
-                .spawn(move || {
-                    let blocks: Vec<Block> =
-                        g.run(|| sizes.iter().map(|&s| Block::filled(s, 3)).collect());
-                    barrier.wait();
-                    tx.send(blocks).unwrap();
-                })
-                .expect("spawning a thread")
-        })
-        .collect();
-    barrier.wait();
-    drop(tx);
-    // Past a segment of one slab size: the arena needs new segments.
-    let mine: Vec<Block> = g.run(|| (0..100_000).map(|_| Block::filled(64, 5)).collect());
-    let theirs: Vec<Vec<Block>> = rx.iter().collect();
-    for h in handles {
-        h.join().unwrap();
-    }
-    let failed = ASKED - memgroup::fail_next_maps(0);
-    assert!(failed > 0, "some mapping was attempted and failed");
-    let s = exact(&g);
-    assert_eq!(
-        live(&s) - live(&base),
-        (threads * (sizes.len() + 1) + mine.len() + 1) as u64,
-        "every block (and the vectors holding them) counted: {s:?}"
-    );
-    drop(mine);
-    drop(theirs);
-    let s = exact(&g);
-    assert_eq!((s.usage, s.kmem, s.overhead, live(&s)), (0, 0, 0, 0), "back to 0: {s:?}");
-    // Mappings work again: a fresh thread and group allocate as before.
-    let h = fresh("maps-after");
-    let g2 = h.clone();
-    std::thread::spawn(move || {
-        let blocks: Vec<Block> = g2.run(|| (0..20_000).map(|i| Block::filled(8 + i % 900, 1)).collect());
-        drop(blocks);
-    })
-    .join()
-    .unwrap();
-    let s = exact(&h);
-    assert_eq!((s.usage, s.kmem, s.overhead, live(&s)), (0, 0, 0, 0), "{s:?}");
-    assert_eq!(s.allocs, 20_001, "the blocks and their vector");
-    if IS_ARENA {
-        #[cfg(feature = "arena")]
-        {
-            let b = h.run(|| Block::filled(64, 9));
-            // SAFETY: a live block of this binary's global allocator.
-            let slab = unsafe { memgroup::slab_of(b.ptr()) };
-            assert!(slab.is_some(), "small blocks come from slabs again");
-            println!("arena after the failures: {:?}", memgroup::arena_footprint());
+child_test! {
+    /// While memgroup's mappings fail (new pocket chunks in the tag design; the arena's thread
+    /// heaps, group heaps, key tables and segments), allocation still works (the arena hands
+    /// what it cannot serve to the inner allocator, a thread without a pocket charges the stocks)
+    /// and every counter stays exact; once mappings work again, so does everything else.
+    fn memgroup_mappings_fail => maps_fail_inner() {
+        const ASKED: u32 = 1 << 30;
+        let g = fresh("maps");
+        let base = exact(&g);
+        assert_eq!(memgroup::fail_next_maps(ASKED), 0);
+        // More threads alive at once than a chunk of pocket places (16 KiB of 16-byte places)
+        // holds, each with a heap of its own in the arena.
+        let threads = 1100;
+        let sizes = [8, 100, 1000, 5000, 100_000];
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads + 1));
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<Block>>();
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (g, barrier, tx) = (g.clone(), barrier.clone(), tx.clone());
+                std::thread::Builder::new()
+                    .stack_size(64 << 10)
+                    .spawn(move || {
+                        let blocks: Vec<Block> =
+                            g.run(|| sizes.iter().map(|&s| Block::filled(s, 3)).collect());
+                        barrier.wait();
+                        tx.send(blocks).unwrap();
+                    })
+                    .expect("spawning a thread")
+            })
+            .collect();
+        barrier.wait();
+        drop(tx);
+        // Past a segment of one slab size: the arena needs new segments.
+        let mine: Vec<Block> = g.run(|| (0..100_000).map(|_| Block::filled(64, 5)).collect());
+        let theirs: Vec<Vec<Block>> = rx.iter().collect();
+        for h in handles {
+            h.join().unwrap();
         }
+        let failed = ASKED - memgroup::fail_next_maps(0);
+        assert!(failed > 0, "some mapping was attempted and failed");
+        let s = exact(&g);
+        assert_eq!(
+            live(&s) - live(&base),
+            (threads * (sizes.len() + 1) + mine.len() + 1) as u64,
+            "every block (and the vectors holding them) counted: {s:?}"
+        );
+        drop(mine);
+        drop(theirs);
+        let s = exact(&g);
+        assert_eq!((s.usage, s.kmem, s.overhead, live(&s)), (0, 0, 0, 0), "back to 0: {s:?}");
+        // Mappings work again: a fresh thread and group allocate as before.
+        let h = fresh("maps-after");
+        let g2 = h.clone();
+        std::thread::spawn(move || {
+            let blocks: Vec<Block> = g2.run(|| (0..20_000).map(|i| Block::filled(8 + i % 900, 1)).collect());
+            drop(blocks);
+        })
+        .join()
+        .unwrap();
+        let s = exact(&h);
+        assert_eq!((s.usage, s.kmem, s.overhead, live(&s)), (0, 0, 0, 0), "{s:?}");
+        assert_eq!(s.allocs, 20_001, "the blocks and their vector");
+        if IS_ARENA {
+            #[cfg(feature = "arena")]
+            {
+                let b = h.run(|| Block::filled(64, 9));
+                // SAFETY: a live block of this binary's global allocator.
+                let slab = unsafe { memgroup::slab_of(b.ptr()) };
+                assert!(slab.is_some(), "small blocks come from slabs again");
+                println!("arena after the failures: {:?}", memgroup::arena_footprint());
+            }
+        }
+        println!("{failed} of memgroup's mappings failed");
     }
-    println!("{failed} of memgroup's mappings failed");
 }

@@ -3,7 +3,7 @@
 include!("common.rs");
 
 use common::{
-    exact, fresh, fresh_child, in_child_process, live, room, run_in_child_process, size_for_cost,
+    exact, fresh, fresh_child, live, room, size_for_cost,
     Block,
 };
 use memgroup::{fallible, kernel, kmem_accounting, Group};
@@ -273,54 +273,46 @@ fn realloc_keeps_the_kind() {
     assert_eq!(exact(&other).usage, 0);
 }
 
-/// MEMGROUP_KMEM=0: kernel allocations are charged as user memory and kmem stays 0.
-#[test]
-fn kmem_accounting_off_by_env() {
-    run_in_child_process("kmem_off_inner", &[("MEMGROUP_KMEM", "0")]);
-}
-
-#[test]
-#[ignore = "run by kmem_accounting_off_by_env with MEMGROUP_KMEM=0"]
-fn kmem_off_inner() {
-    if !in_child_process() {
-        return;
-    }
-    assert!(!kmem_accounting());
-    let p = fresh("nokmem-p");
-    let c = fresh_child(&p, "c");
-    let ps = exact(&p);
-    assert!(ps.usage > 0, "bookkeeping is still charged");
-    assert_eq!(ps.kmem, 0, "bookkeeping is charged as user memory");
-    c.set_kmem_max(Some(1000));
-    let k = c
-        .run(|| kernel(|| try_block(100_000)))
-        .expect("kmem_max does not apply");
-    let mut small = Vec::with_capacity(100);
-    c.run(|| kernel(|| (1..100).for_each(|i| small.push(Block::new(i * 13, 1)))));
-    let s = exact(&c);
-    let requested = 100_000 + (1..100).map(|i| i * 13).sum::<usize>();
-    assert_eq!(s.usage, requested + s.overhead);
-    assert_eq!(live(&s), 100);
-    assert_eq!(s.kmem, 0);
-    assert_eq!(exact(&p).kmem, 0);
-    // max still applies to kernel allocations: once the room already charged is used up (none
-    // in the tag design; free objects of a slab in the arena design), the next is refused.
-    let free = room(&c, 100);
-    c.set_max(Some(s.usage + 10));
-    let mut extra = Vec::with_capacity(free);
-    for _ in 0..free {
-        extra.push(
-            c.run(|| kernel(|| try_block(100)))
-                .expect("room already charged"),
+child_test! {
+    /// MEMGROUP_KMEM=0: kernel allocations are charged as user memory and kmem stays 0.
+    fn kmem_accounting_off_by_env => kmem_off_inner("MEMGROUP_KMEM" = "0") {
+        assert!(!kmem_accounting());
+        let p = fresh("nokmem-p");
+        let c = fresh_child(&p, "c");
+        let ps = exact(&p);
+        assert!(ps.usage > 0, "bookkeeping is still charged");
+        assert_eq!(ps.kmem, 0, "bookkeeping is charged as user memory");
+        c.set_kmem_max(Some(1000));
+        let k = c
+            .run(|| kernel(|| try_block(100_000)))
+            .expect("kmem_max does not apply");
+        let mut small = Vec::with_capacity(100);
+        c.run(|| kernel(|| (1..100).for_each(|i| small.push(Block::new(i * 13, 1)))));
+        let s = exact(&c);
+        let requested = 100_000 + (1..100).map(|i| i * 13).sum::<usize>();
+        assert_eq!(s.usage, requested + s.overhead);
+        assert_eq!(live(&s), 100);
+        assert_eq!(s.kmem, 0);
+        assert_eq!(exact(&p).kmem, 0);
+        // max still applies to kernel allocations: once the room already charged is used up (none
+        // in the tag design; free objects of a slab in the arena design), the next is refused.
+        let free = room(&c, 100);
+        c.set_max(Some(s.usage + 10));
+        let mut extra = Vec::with_capacity(free);
+        for _ in 0..free {
+            extra.push(
+                c.run(|| kernel(|| try_block(100)))
+                    .expect("room already charged"),
+            );
+        }
+        assert!(c.run(|| kernel(|| try_block(100))).is_none());
+        drop((k, small, extra));
+        let s = exact(&c);
+        assert_eq!((s.usage, s.kmem, s.overhead), (0, 0, 0));
+        assert_eq!(
+            Group::root().stat().kmem,
+            0,
+            "nothing in the process is kmem"
         );
     }
-    assert!(c.run(|| kernel(|| try_block(100))).is_none());
-    drop((k, small, extra));
-    let s = exact(&c);
-    assert_eq!((s.usage, s.kmem, s.overhead), (0, 0, 0));
-    assert_eq!(
-        Group::root().stat().kmem,
-        0,
-        "nothing in the process is kmem"
-    );
 }

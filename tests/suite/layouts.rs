@@ -3,7 +3,7 @@
 
 include!("common.rs");
 
-use common::{exact, fresh, in_child_process, live, run_in_child_process};
+use common::{exact, fresh, live};
 use memgroup::Group;
 use std::alloc::{alloc, alloc_zeroed, dealloc, realloc, Layout};
 // The optimizer may drop an allocation whose result is only compared with null, and assume it
@@ -122,60 +122,52 @@ fn huge_sizes_leave_allocs_peak_and_events_alone() {
     drop(small);
 }
 
-/// Impossible sizes requested from several threads at once: each is refused without the
-/// counters ever holding a wrapped sum (two near-isize::MAX charges pass usize::MAX together).
-#[test]
-fn concurrent_huge_requests_do_not_wrap_counters() {
-    run_in_child_process("concurrent_huge_inner", &[]);
-}
-
-#[test]
-#[ignore = "run by concurrent_huge_requests_do_not_wrap_counters in a child process"]
-fn concurrent_huge_inner() {
-    if !in_child_process() {
-        return;
-    }
-    let imax = isize::MAX as usize;
-    let groups: Vec<Group> = (0..3).map(|_| fresh("huge-race")).collect();
-    let parent_of_all = Group::root();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watcher = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            // The root's usage is the process's heap: never near usize::MAX, never wrapped.
-            let mut worst = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                worst = worst.max(parent_of_all.stat().usage);
-            }
-            worst
-        })
-    };
-    let handles: Vec<_> = groups
-        .iter()
-        .cloned()
-        .map(|g| {
+child_test! {
+    /// Impossible sizes requested from several threads at once: each is refused without the
+    /// counters ever holding a wrapped sum (two near-isize::MAX charges pass usize::MAX together).
+    fn concurrent_huge_requests_do_not_wrap_counters => concurrent_huge_inner() {
+        let imax = isize::MAX as usize;
+        let groups: Vec<Group> = (0..3).map(|_| fresh("huge-race")).collect();
+        let parent_of_all = Group::root();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let stop = stop.clone();
             std::thread::spawn(move || {
-                for i in 0..3000usize {
-                    let size = imax - 4096 - (i % 64) * 8;
-                    let layout = Layout::from_size_align(size, 8).unwrap();
-                    // SAFETY: non-zero size; the null result is checked.
-                    let p = g.run(|| unsafe { black_box(alloc(layout)) });
-                    assert!(p.is_null());
+                // The root's usage is the process's heap: never near usize::MAX, never wrapped.
+                let mut worst = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    worst = worst.max(parent_of_all.stat().usage);
                 }
-                counters(&g)
+                worst
             })
-        })
-        .collect();
-    for h in handles {
-        let (usage, kmem, overhead, live) = h.join().expect("no panic in the allocator");
-        assert_eq!((usage, kmem, overhead, live), (0, 0, 0, 0));
+        };
+        let handles: Vec<_> = groups
+            .iter()
+            .cloned()
+            .map(|g| {
+                std::thread::spawn(move || {
+                    for i in 0..3000usize {
+                        let size = imax - 4096 - (i % 64) * 8;
+                        let layout = Layout::from_size_align(size, 8).unwrap();
+                        // SAFETY: non-zero size; the null result is checked.
+                        let p = g.run(|| unsafe { black_box(alloc(layout)) });
+                        assert!(p.is_null());
+                    }
+                    counters(&g)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (usage, kmem, overhead, live) = h.join().expect("no panic in the allocator");
+            assert_eq!((usage, kmem, overhead, live), (0, 0, 0, 0));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let worst = watcher.join().unwrap();
+        assert!(
+            worst < 1 << 40,
+            "the root's usage read {worst:#x}: a huge charge was counted"
+        );
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let worst = watcher.join().unwrap();
-    assert!(
-        worst < 1 << 40,
-        "the root's usage read {worst:#x}: a huge charge was counted"
-    );
 }
 
 /// Sizes to sweep at every alignment: zero, one, odd, around a page, above the batch.

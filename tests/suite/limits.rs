@@ -3,7 +3,7 @@
 include!("common.rs");
 
 use common::{
-    block_cost, exact, fresh, fresh_child, in_child_process, live, run_in_child_process,
+    block_cost, exact, fresh, fresh_child, live,
     size_for_cost, Block, Cost,
 };
 use memgroup::{fallible, nofail, Group, OnLimit};
@@ -600,48 +600,40 @@ fn set_max_none_clears_the_limit() {
     drop(v);
 }
 
-/// The root's max is a process-wide limit: run alone in a child process so no other test sees it.
-#[test]
-fn root_max_is_a_process_limit() {
-    run_in_child_process("root_max_inner", &[]);
-}
+child_test! {
+    /// The root's max is a process-wide limit: run alone in a child process so no other test sees it.
+    fn root_max_is_a_process_limit => root_max_inner() {
+        let root = Group::root();
+        assert_eq!(root.name(), "/");
+        assert_eq!(root.parent(), None);
+        let mib = 1 << 20;
+        let s0 = exact(&root);
+        assert!(s0.usage > 0, "the root counts everything");
+        root.set_max(Some(s0.usage + mib));
+        assert_eq!(root.stat().max, Some(s0.usage + mib));
 
-#[test]
-#[ignore = "run by root_max_is_a_process_limit in a child process"]
-fn root_max_inner() {
-    if !in_child_process() {
-        return;
+        let r = fallible(|| try_bytes(2 * mib));
+        assert!(r.is_err(), "over the root's max inside fallible");
+        let s1 = exact(&root);
+        assert_eq!(s1.events.fail - s0.events.fail, 1);
+        assert_eq!(s1.events.max - s0.events.max, 1);
+        assert_eq!(s1.allocs, s0.allocs, "a failed charge changes no counter");
+        // Also refused when charged through a group below the root.
+        let g = fresh("under-root");
+        assert!(g.run(|| fallible(|| try_bytes(2 * mib))).is_err());
+        let gs = exact(&g);
+        assert_eq!((gs.usage, gs.events.max, gs.events.fail), (0, 0, 0));
+
+        let small = fallible(|| try_bytes(mib / 2)).expect("within the root's max");
+        // Default policy on the root: an infallible allocation is forced above max.
+        let big: Vec<u8> = std::hint::black_box(Vec::with_capacity(2 * mib));
+        let s2 = exact(&root);
+        assert!(s2.usage > s0.usage + mib, "forced above the root's max");
+        assert!(s2.events.max > s1.events.max);
+        drop(big);
+        root.set_max(None);
+        assert_eq!(root.stat().max, None);
+        let ok = fallible(|| try_bytes(2 * mib)).expect("the root's limit is gone");
+        drop((small, ok));
     }
-    let root = Group::root();
-    assert_eq!(root.name(), "/");
-    assert_eq!(root.parent(), None);
-    let mib = 1 << 20;
-    let s0 = exact(&root);
-    assert!(s0.usage > 0, "the root counts everything");
-    root.set_max(Some(s0.usage + mib));
-    assert_eq!(root.stat().max, Some(s0.usage + mib));
-
-    let r = fallible(|| try_bytes(2 * mib));
-    assert!(r.is_err(), "over the root's max inside fallible");
-    let s1 = exact(&root);
-    assert_eq!(s1.events.fail - s0.events.fail, 1);
-    assert_eq!(s1.events.max - s0.events.max, 1);
-    assert_eq!(s1.allocs, s0.allocs, "a failed charge changes no counter");
-    // Also refused when charged through a group below the root.
-    let g = fresh("under-root");
-    assert!(g.run(|| fallible(|| try_bytes(2 * mib))).is_err());
-    let gs = exact(&g);
-    assert_eq!((gs.usage, gs.events.max, gs.events.fail), (0, 0, 0));
-
-    let small = fallible(|| try_bytes(mib / 2)).expect("within the root's max");
-    // Default policy on the root: an infallible allocation is forced above max.
-    let big: Vec<u8> = std::hint::black_box(Vec::with_capacity(2 * mib));
-    let s2 = exact(&root);
-    assert!(s2.usage > s0.usage + mib, "forced above the root's max");
-    assert!(s2.events.max > s1.events.max);
-    drop(big);
-    root.set_max(None);
-    assert_eq!(root.stat().max, None);
-    let ok = fallible(|| try_bytes(2 * mib)).expect("the root's limit is gone");
-    drop((small, ok));
 }

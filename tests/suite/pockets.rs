@@ -13,7 +13,7 @@ include!("common.rs");
 
 use common::{
     drop_one, send_one,
-    block_cost, exact, fresh, fresh_child, in_child_process, live, run_in_child_process,
+    block_cost, exact, fresh, fresh_child, live,
     size_for_cost, wait_child, churn_threads, Block, Rng, Tenants,
 };
 use memgroup::{dying_groups, fallible, kernel, stock_batch, Group, OnLimit};
@@ -856,74 +856,39 @@ fn churn_with_pockets_returns_to_zero() {
     churn(1);
 }
 
-#[test]
-fn churn_without_pockets_returns_to_zero() {
-    run_in_child_process("churn_pockets_off_inner", &[("MEMGROUP_POCKETS", "0")]);
-}
-
-#[test]
-#[ignore = "run by churn_without_pockets_returns_to_zero with MEMGROUP_POCKETS=0"]
-fn churn_pockets_off_inner() {
-    if !in_child_process() {
-        return;
+child_test! {
+    fn churn_without_pockets_returns_to_zero => churn_pockets_off_inner("MEMGROUP_POCKETS" = "0") {
+        assert_eq!(stock_batch(), 64 << 10);
+        assert!(!pockets_on(), "MEMGROUP_POCKETS=0 turns pockets off");
+        churn(2);
     }
-    assert_eq!(stock_batch(), 64 << 10);
-    assert!(!pockets_on(), "MEMGROUP_POCKETS=0 turns pockets off");
-    churn(2);
 }
 
-/// A batch of 1 KiB gives pockets of 128 bytes: too small, so they are off.
-#[test]
-fn churn_with_a_batch_too_small_for_pockets_returns_to_zero() {
-    run_in_child_process("churn_small_batch_inner", &[("MEMGROUP_BATCH", "1024")]);
-}
-
-#[test]
-#[ignore = "run by churn_with_a_batch_too_small_for_pockets_returns_to_zero with MEMGROUP_BATCH=1024"]
-fn churn_small_batch_inner() {
-    if !in_child_process() {
-        return;
+child_test! {
+    /// A batch of 1 KiB gives pockets of 128 bytes: too small, so they are off.
+    fn churn_with_a_batch_too_small_for_pockets_returns_to_zero => churn_small_batch_inner("MEMGROUP_BATCH" = "1024") {
+        assert_eq!(stock_batch(), 1024);
+        assert!(!pockets_on(), "a 1 KiB batch leaves no room for pockets");
+        churn(3);
     }
-    assert_eq!(stock_batch(), 1024);
-    assert!(!pockets_on(), "a 1 KiB batch leaves no room for pockets");
-    churn(3);
 }
 
-/// A batch of 4 KiB, the smallest with pockets (512 bytes): they fill and overflow all the time.
-#[test]
-fn churn_with_the_smallest_pockets_returns_to_zero() {
-    run_in_child_process(
-        "churn_smallest_pockets_inner",
-        &[("MEMGROUP_BATCH", "4096")],
-    );
-}
-
-#[test]
-#[ignore = "run by churn_with_the_smallest_pockets_returns_to_zero with MEMGROUP_BATCH=4096"]
-fn churn_smallest_pockets_inner() {
-    if !in_child_process() {
-        return;
+child_test! {
+    /// A batch of 4 KiB, the smallest with pockets (512 bytes): they fill and overflow all the time.
+    fn churn_with_the_smallest_pockets_returns_to_zero => churn_smallest_pockets_inner("MEMGROUP_BATCH" = "4096") {
+        assert_eq!(stock_batch(), 4096);
+        assert!(pockets_on(), "a 4 KiB batch has pockets of 512 bytes");
+        churn(4);
     }
-    assert_eq!(stock_batch(), 4096);
-    assert!(pockets_on(), "a 4 KiB batch has pockets of 512 bytes");
-    churn(4);
 }
 
-/// The largest batch, 8 MiB: pockets of 1 MiB, which serve blocks of up to 512 KiB.
-#[test]
-fn churn_with_the_largest_pockets_returns_to_zero() {
-    run_in_child_process("churn_largest_pockets_inner", &[("MEMGROUP_BATCH", "8M")]);
-}
-
-#[test]
-#[ignore = "run by churn_with_the_largest_pockets_returns_to_zero with MEMGROUP_BATCH=8M"]
-fn churn_largest_pockets_inner() {
-    if !in_child_process() {
-        return;
+child_test! {
+    /// The largest batch, 8 MiB: pockets of 1 MiB, which serve blocks of up to 512 KiB.
+    fn churn_with_the_largest_pockets_returns_to_zero => churn_largest_pockets_inner("MEMGROUP_BATCH" = "8M") {
+        assert_eq!(stock_batch(), 8 << 20);
+        assert!(pockets_on());
+        churn(5);
     }
-    assert_eq!(stock_batch(), 8 << 20);
-    assert!(pockets_on());
-    churn(5);
 }
 
 // ---- 7. fork() while other threads churn through their pockets ----------------------------------
