@@ -73,40 +73,94 @@ fn check(s: &Scrape, path: &str, st: &Stat) {
     }
 }
 
-#[test]
-fn export_values_equal_stat_after_flush() {
-    let g = fresh("exp-val");
+/// A scrape: the text exposition, or (feature prometheus-client) a `Collector` encoding.
+type Scraper<'a> = &'a dyn Fn() -> Scrape;
+
+/// A group with every limit set holds 100,000 bytes: each scrape shows its flushed `stat()`
+/// exactly, and the process-wide `memgroup_dying_groups`. The group is returned still
+/// holding the bytes.
+fn limited_group_matches_stat(prefix: &str, scrapes: &[Scraper]) -> (Group, Vec<u8>) {
+    let g = fresh(prefix);
     g.set_max(Some(64 << 20));
     g.set_high(Some(48 << 20));
     g.set_kmem_max(Some(8 << 20));
     let held = g.run(|| black_box(vec![7u8; 100_000]));
     let st = exact(&g);
-    let s = scrape();
-    check(&s, &g.name(), &st);
     assert!(st.usage >= 100_000);
-    assert!(s
-        .samples
-        .iter()
-        .any(|x| x.metric == "memgroup_dying_groups" && x.labels.is_empty()));
-    assert!(s.docs.contains_key("memgroup_usage_bytes"));
+    for scrape in scrapes {
+        let s = scrape();
+        check(&s, &g.name(), &st);
+        assert!(s
+            .samples
+            .iter()
+            .any(|x| x.metric == "memgroup_dying_groups" && x.labels.is_empty()));
+    }
+    (g, held)
+}
+
+/// A parent's figures include its child's, and the root's include the parent's.
+fn parent_includes_children(prefix: &str, scrapes: &[Scraper]) {
+    let p = fresh(prefix);
+    let c = fresh_child(&p, "kid");
+    let held = c.run(|| black_box(vec![1u8; 50_000]));
+    let (sp, sc) = (exact(&p), exact(&c));
+    assert!(sp.usage >= sc.usage && sc.usage >= 50_000);
+    for scrape in scrapes {
+        let s = scrape();
+        check(&s, &c.name(), &sc);
+        check(&s, &p.name(), &sp);
+        assert!(value(&s, "memgroup_usage_bytes", "/", None).unwrap() >= sp.usage as f64);
+    }
+    drop(held);
+    c.remove().unwrap();
+    p.remove().unwrap();
+}
+
+/// Group names with a quote, a backslash and a newline are escaped on the wire as the format
+/// says, and come back whole.
+fn escaped_names_round_trip(prefix: &str, scrapes: &[Scraper]) {
+    let q = fresh(prefix);
+    let a = q.child("a\"b\\c").unwrap();
+    let n = q.child("line\nbreak").unwrap();
+    let qn = q.name();
+    assert_eq!(a.name(), format!("{qn}/a\"b\\c"));
+    assert_eq!(n.name(), format!("{qn}/line\nbreak"));
+    for scrape in scrapes {
+        let s = scrape();
+        let raw: Vec<&str> = s
+            .samples
+            .iter()
+            .filter(|x| x.metric == "memgroup_usage_bytes")
+            .filter_map(|x| x.labels.get("group"))
+            .collect();
+        // As written on the wire (prometheus-parse hands the escaped text back as is).
+        assert!(
+            raw.contains(&format!("{qn}/a\\\"b\\\\c").as_str()),
+            "{raw:?}"
+        );
+        assert!(
+            raw.contains(&format!("{qn}/line\\nbreak").as_str()),
+            "{raw:?}"
+        );
+        assert!(has(&s, &a.name()) && has(&s, &n.name()));
+        check(&s, &a.name(), &exact(&a));
+    }
+    a.remove().unwrap();
+    n.remove().unwrap();
+    q.remove().unwrap();
+}
+
+#[test]
+fn export_values_equal_stat_after_flush() {
+    let (g, held) = limited_group_matches_stat("exp-val", &[&scrape]);
+    assert!(scrape().docs.contains_key("memgroup_usage_bytes"));
     drop(held);
     g.remove().unwrap();
 }
 
 #[test]
 fn export_parent_includes_children() {
-    let p = fresh("exp-par");
-    let c = fresh_child(&p, "kid");
-    let held = c.run(|| black_box(vec![1u8; 50_000]));
-    let (sp, sc) = (exact(&p), exact(&c));
-    let s = scrape();
-    check(&s, &c.name(), &sc);
-    check(&s, &p.name(), &sp);
-    assert!(sp.usage >= sc.usage && sc.usage >= 50_000);
-    assert!(value(&s, "memgroup_usage_bytes", "/", None).unwrap() >= sp.usage as f64);
-    drop(held);
-    c.remove().unwrap();
-    p.remove().unwrap();
+    parent_includes_children("exp-par", &[&scrape]);
 }
 
 #[test]
@@ -145,31 +199,7 @@ fn export_limits_absent_when_unlimited() {
 
 #[test]
 fn export_escaped_names_round_trip() {
-    let q = fresh("exp-esc");
-    let a = q.child("a\"b\\c").unwrap();
-    let n = q.child("line\nbreak").unwrap();
-    let s = scrape();
-    let raw: Vec<&str> = s
-        .samples
-        .iter()
-        .filter(|x| x.metric == "memgroup_usage_bytes")
-        .filter_map(|x| x.labels.get("group"))
-        .collect();
-    // As written on the wire (prometheus-parse hands the escaped text back as is).
-    let qn = q.name();
-    assert!(
-        raw.contains(&format!("{qn}/a\\\"b\\\\c").as_str()),
-        "{raw:?}"
-    );
-    assert!(
-        raw.contains(&format!("{qn}/line\\nbreak").as_str()),
-        "{raw:?}"
-    );
-    assert!(has(&s, &a.name()) && a.name() == format!("{qn}/a\"b\\c"));
-    assert!(has(&s, &n.name()) && n.name() == format!("{qn}/line\nbreak"));
-    a.remove().unwrap();
-    n.remove().unwrap();
-    q.remove().unwrap();
+    escaped_names_round_trip("exp-esc", &[&scrape]);
 }
 
 #[test]
@@ -300,26 +330,17 @@ mod collector {
         parse(&out)
     }
 
+    /// Both encodings of the registry, parsed.
+    const ENCODINGS: &[Scraper] = &[&|| openmetrics().1, &text004];
+
     #[test]
     fn collector_values_equal_stat_after_flush() {
-        let g = fresh("col-val");
-        g.set_max(Some(64 << 20));
-        g.set_high(Some(48 << 20));
-        g.set_kmem_max(Some(8 << 20));
-        let held = g.run(|| black_box(vec![7u8; 100_000]));
-        let st = exact(&g);
-        assert!(st.usage >= 100_000);
-        let (out, om) = openmetrics();
-        check(&om, &g.name(), &st);
-        check(&text004(), &g.name(), &st);
+        let (g, held) = limited_group_matches_stat("col-val", ENCODINGS);
+        let (out, _) = openmetrics();
         for m in ["memgroup_usage_bytes", "memgroup_kmem_max_bytes"] {
             assert!(out.contains(&format!("\n# UNIT {m} bytes\n")), "{m} has no unit");
         }
         assert!(out.contains("\n# TYPE memgroup_allocs counter\n"));
-        assert!(om
-            .samples
-            .iter()
-            .any(|x| x.metric == "memgroup_dying_groups" && x.labels.is_empty()));
         drop(held);
         let st = exact(&g);
         assert_eq!(st.usage, 0);
@@ -331,47 +352,12 @@ mod collector {
 
     #[test]
     fn collector_parent_includes_children() {
-        let p = fresh("col-par");
-        let c = fresh_child(&p, "kid");
-        let held = c.run(|| black_box(vec![1u8; 50_000]));
-        let (sp, sc) = (exact(&p), exact(&c));
-        let s = openmetrics().1;
-        check(&s, &c.name(), &sc);
-        check(&s, &p.name(), &sp);
-        assert!(sp.usage >= sc.usage && sc.usage >= 50_000);
-        assert!(value(&s, "memgroup_usage_bytes", "/", None).unwrap() >= sp.usage as f64);
-        drop(held);
-        c.remove().unwrap();
-        p.remove().unwrap();
+        parent_includes_children("col-par", ENCODINGS);
     }
 
     #[test]
     fn collector_escaped_names_round_trip() {
-        let q = fresh("col-esc");
-        let a = q.child("a\"b\\c").unwrap();
-        let n = q.child("line\nbreak").unwrap();
-        let qn = q.name();
-        for s in [openmetrics().1, text004()] {
-            let raw: Vec<&str> = s
-                .samples
-                .iter()
-                .filter(|x| x.metric == "memgroup_usage_bytes")
-                .filter_map(|x| x.labels.get("group"))
-                .collect();
-            assert!(
-                raw.contains(&format!("{qn}/a\\\"b\\\\c").as_str()),
-                "{raw:?}"
-            );
-            assert!(
-                raw.contains(&format!("{qn}/line\\nbreak").as_str()),
-                "{raw:?}"
-            );
-            assert!(has(&s, &a.name()) && has(&s, &n.name()));
-            check(&s, &a.name(), &exact(&a));
-        }
-        a.remove().unwrap();
-        n.remove().unwrap();
-        q.remove().unwrap();
+        escaped_names_round_trip("col-esc", ENCODINGS);
     }
 
     /// A sample's metric name and its labels, sorted.
