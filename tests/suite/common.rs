@@ -60,6 +60,25 @@ mod common {
         g.stat()
     }
 
+    /// Whether a thread's freed bytes go back to the group when the thread exits (its pocket
+    /// takes them and is emptied into the counters at exit) rather than staying in a CPU
+    /// stock until a flush (no pocket). The probe group's max is half the batch, so no stock
+    /// is refilled for it and no other slack can hide the difference. Needs a batch (stocks
+    /// on), and no other thread draining meanwhile.
+    pub fn exit_empties_a_pocket() -> bool {
+        let g = fresh("pk-probe");
+        g.set_max(Some(memgroup::stock_batch() / 2));
+        let g2 = g.clone();
+        std::thread::spawn(move || g2.run(|| drop(Block::new(8, 1))))
+            .join()
+            .expect("probe thread");
+        let left = g.stat().usage;
+        let s = exact(&g);
+        assert_eq!((s.usage, s.allocs, s.frees), (0, 1, 1), "the probe group: {s:?}");
+        g.remove().expect("removing the probe group");
+        left == 0
+    }
+
     /// Live blocks of a group according to its counters.
     pub fn live(s: &Stat) -> u64 {
         s.allocs - s.frees

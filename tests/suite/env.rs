@@ -296,17 +296,7 @@ fn pockets_on() -> Option<bool> {
     if batch < PROBE_BATCH {
         return None;
     }
-    let g = fresh("pk-probe");
-    g.set_max(Some(batch / 2));
-    let g2 = g.clone();
-    std::thread::spawn(move || g2.run(|| drop(Block::new(8, 1))))
-        .join()
-        .expect("probe thread");
-    let left = g.stat().usage;
-    let s = exact(&g);
-    assert_eq!((s.usage, s.allocs, s.frees), (0, 1, 1), "the probe group: {s:?}");
-    g.remove().expect("removing the probe group");
-    Some(left == 0)
+    Some(common::exit_empties_a_pocket())
 }
 
 /// The smallest batch `pockets_on` can see pockets with.

@@ -291,6 +291,15 @@ fn assert_refused(before: Counts, after: Counts, what: &str) {
     assert_eq!(after.events.fail, before.events.fail + 1, "{what}: one refusal");
 }
 
+/// An attempt the inner allocator failed changes no counter of the group or its parent, but
+/// a block charged first (`counted` 1, see `charged_first`) counts one allocation and one free.
+fn assert_failed(before: [Counts; 2], after: [Counts; 2], counted: u64, what: &str) {
+    for (x, y) in before.into_iter().zip(after) {
+        let moved = Counts { allocs: x.allocs + counted, frees: x.frees + counted, ..x };
+        assert_eq!(y, moved, "{what}");
+    }
+}
+
 /// A block of `size` at `align` asks the inner allocator only after it was charged (so a
 /// failed attempt counts as an allocation and a free): the tag design's blocks of at most a
 /// batch (its size with the tag and, at align 16, the header's other 8 bytes).
@@ -368,16 +377,8 @@ fn workload(schedule: Schedule, seed: u64, steps: usize) -> Seen {
                     assert_eq!(fails, 1, "{what}: one inner call per allocation");
                     seen.injected += 1;
                     model_allocs[gi] += counted;
-                    if let Some([bg, bt]) = before {
-                        let [ag, at] = after();
-                        for (x, y) in [(bg, ag), (bt, at)] {
-                            let moved = Counts {
-                                allocs: x.allocs + counted,
-                                frees: x.frees + counted,
-                                ..x
-                            };
-                            assert_eq!(y, moved, "{what}: a failed alloc of {size} at {align}");
-                        }
+                    if let Some(before) = before {
+                        assert_failed(before, after(), counted, &format!("{what}: a failed alloc of {size} at {align}"));
                     }
                 } else if p.is_null() {
                     assert_eq!(gi, 1, "{what}: only b has a limit, yet {size} at {align} failed");
@@ -468,16 +469,8 @@ fn workload(schedule: Schedule, seed: u64, steps: usize) -> Seen {
                     assert!(r.is_err(), "{what}: an injected failure is an Err");
                     seen.injected += 1;
                     model_allocs[gi] += counted;
-                    if let Some([bg, bt]) = before {
-                        let [ag, at] = after();
-                        for (x, y) in [(bg, ag), (bt, at)] {
-                            let moved = Counts {
-                                allocs: x.allocs + counted,
-                                frees: x.frees + counted,
-                                ..x
-                            };
-                            assert_eq!(y, moved, "{what}: a failed try_reserve of {n}");
-                        }
+                    if let Some(before) = before {
+                        assert_failed(before, after(), counted, &format!("{what}: a failed try_reserve of {n}"));
                     }
                 } else if r.is_err() {
                     assert_eq!(gi, 1, "{what}: only b has a limit");
