@@ -60,6 +60,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 // The churn workload of benches/churn.rs (request tables, the measured loop `churn`, the
 // hand-off between threads, the runs), shared with it.
 #[cfg(feature = "arena")]
+#[path = "common/mod.rs"]
+mod common;
+#[cfg(feature = "arena")]
 #[path = "workload/mod.rs"]
 mod workload;
 

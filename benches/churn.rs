@@ -58,9 +58,8 @@
 //! only; `CHURN_SLOTS=n` live blocks per thread (power of two, default 1024);
 //! `CHURN_REMOTE=r` 1 block in r freed by the other thread (default 8, 0 = none).
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, System};
 use std::hint::black_box;
-use std::ptr::null_mut;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -69,8 +68,12 @@ use mimalloc::MiMalloc;
 
 // The workload (request tables, the measured loop `churn`, the hand-off between threads, the
 // runs), shared with benches/arena.rs.
+#[path = "common/mod.rs"]
+mod common;
 #[path = "workload/mod.rs"]
 mod workload;
+
+use common::{Cap, Pad8};
 
 use workload::{env_usize, load_average, make_table, median, min, run_one, run_two, RunOut};
 
@@ -80,114 +83,11 @@ static GLOBAL: System = System;
 /// The six groups: see `groups` in `main`.
 type Params = workload::Params<6>;
 
-/// A single global counter with a limit, as the `cap` crate does it: charge with one
-/// `fetch_add`, undo on failure, uncharge with one `fetch_sub`.
-struct Cap<A> {
-    inner: A,
-    allocated: AtomicUsize,
-    limit: AtomicUsize,
-}
-
-impl<A> Cap<A> {
-    const fn new(inner: A, limit: usize) -> Self {
-        Cap {
-            inner,
-            allocated: AtomicUsize::new(0),
-            limit: AtomicUsize::new(limit),
-        }
-    }
-}
-
-// SAFETY: forwards every call to `inner` with the caller's layout unchanged; only counts.
-unsafe impl<A: GlobalAlloc> GlobalAlloc for Cap<A> {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let size = layout.size();
-        let fits = self.allocated.fetch_add(size, Ordering::Relaxed) + size
-            <= self.limit.load(Ordering::Relaxed);
-        let ptr = if fits {
-            // SAFETY: the caller's contract for `alloc` is passed on unchanged.
-            unsafe { self.inner.alloc(layout) }
-        } else {
-            null_mut()
-        };
-        if ptr.is_null() {
-            self.allocated.fetch_sub(size, Ordering::Relaxed);
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `self.inner.alloc(layout)` (the caller's contract).
-        unsafe { self.inner.dealloc(ptr, layout) };
-        self.allocated.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-}
-
-/// An 8-byte word stored with every block exactly where `TagAlloc` puts its tag (a header for
-/// alignments up to 8, right after the block above), written on allocation and checked on
-/// free, with no accounting at all: the cost any inline-tag design pays before it counts
-/// anything.
-struct Pad8<A> {
-    inner: A,
-}
-
-const PAD: usize = 8;
-const PAD_WORD: u64 = 0x6d65_6d67_726f_7570;
-
-/// The inner layout of a block, its offset in it, and the offset of the word: placed as
-/// `TagAlloc` places its tag (a header of 8 bytes, 16 for 16-aligned blocks, a footer above).
-fn padded(layout: Layout) -> Option<(Layout, usize, usize)> {
-    let align = layout.align();
-    let (block, word, extra) = if align <= 2 * PAD {
-        let header = align.max(PAD);
-        (header, header - PAD, header - PAD)
-    } else {
-        (0, layout.size(), 0)
-    };
-    let size = layout.size().checked_add(PAD + extra)?;
-    Some((
-        Layout::from_size_align(size, align.max(PAD)).ok()?,
-        block,
-        word,
-    ))
-}
-
-// SAFETY: every block is the inner allocator's block for `padded(layout).0`, offset by a header
-// of 8 or 16 bytes (which keeps alignments up to 8 or 16) or not at all (larger alignments), with
-// `layout.size()` usable bytes beside the word.
-unsafe impl<A: GlobalAlloc> GlobalAlloc for Pad8<A> {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let Some((inner, block, word)) = padded(layout) else {
-            return null_mut();
-        };
-        // SAFETY: `inner` has a non-zero size.
-        let base = unsafe { self.inner.alloc(inner) };
-        if base.is_null() {
-            return base;
-        }
-        // SAFETY: the word and the block lie inside the inner block.
-        unsafe {
-            base.add(word).cast::<u64>().write_unaligned(PAD_WORD);
-            base.add(block)
-        }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let (inner, block, word) = padded(layout).expect("allocated with this layout");
-        // SAFETY: `ptr` came from `alloc(layout)`, so `ptr - block` is the inner block.
-        unsafe {
-            let base = ptr.sub(block);
-            assert_eq!(base.add(word).cast::<u64>().read_unaligned(), PAD_WORD);
-            self.inner.dealloc(base, inner);
-        }
-    }
-}
-
 const CAP_LIMIT: usize = 1 << 40;
 static SYSTEM: System = System;
 static CAP_SYSTEM: Cap<System> = Cap::new(System, CAP_LIMIT);
 static TAG_SYSTEM: TagAlloc = TagAlloc::system();
-static PAD_SYSTEM: Pad8<System> = Pad8 { inner: System };
+static PAD_SYSTEM: Pad8<System> = Pad8::new(System);
 static MIMALLOC: MiMalloc = MiMalloc;
 static CAP_MIMALLOC: Cap<MiMalloc> = Cap::new(MiMalloc, CAP_LIMIT);
 static TAG_MIMALLOC: TagAlloc<MiMalloc> = TagAlloc::new(MiMalloc);
@@ -249,7 +149,7 @@ fn all_rows() -> Vec<Row> {
         Row {
             key: "cap",
             base: "system",
-            kind: Kind::Cap(&CAP_SYSTEM.allocated),
+            kind: Kind::Cap(CAP_SYSTEM.allocated()),
             set: 0,
             run: |p, t, set| run_with(&CAP_SYSTEM, p, t, set),
         },
@@ -284,7 +184,7 @@ fn all_rows() -> Vec<Row> {
         Row {
             key: "cap-mimalloc",
             base: "mimalloc",
-            kind: Kind::Cap(&CAP_MIMALLOC.allocated),
+            kind: Kind::Cap(CAP_MIMALLOC.allocated()),
             set: 0,
             run: |p, t, set| run_with(&CAP_MIMALLOC, p, t, set),
         },

@@ -37,6 +37,8 @@ use std::time::{Duration, Instant};
 
 use memgroup::Group;
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "switch/mod.rs"]
 mod switch;
 

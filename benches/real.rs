@@ -44,6 +44,8 @@ use memgroup::Group;
 use regex::Regex;
 use serde_json::{json, Value};
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "switch/mod.rs"]
 mod switch;
 

@@ -36,11 +36,13 @@
 
 #![allow(dead_code)] // each bench uses part of the harness
 
+use crate::common::{die, Cap, Pad8};
+pub use crate::common::{env_usize, load_average, median};
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ffi::CStr;
 use std::process::Command;
-use std::ptr::null_mut;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use memgroup::{Group, TagAlloc};
 use mimalloc::MiMalloc;
@@ -149,202 +151,8 @@ impl Row {
 
 // ---- the switch ----------------------------------------------------------------------------
 
-/// A single global counter with a limit, as the `cap` crate does it: charge with one
-/// `fetch_add`, undo on failure, uncharge with one `fetch_sub`.
-pub struct Cap<A> {
-    inner: A,
-    allocated: AtomicUsize,
-    limit: usize,
-}
-
-impl<A> Cap<A> {
-    const fn new(inner: A, limit: usize) -> Self {
-        Cap {
-            inner,
-            allocated: AtomicUsize::new(0),
-            limit,
-        }
-    }
-
-    #[inline(always)]
-    fn charge(&self, size: usize) -> bool {
-        if self.allocated.fetch_add(size, Ordering::Relaxed) + size <= self.limit {
-            true
-        } else {
-            self.allocated.fetch_sub(size, Ordering::Relaxed);
-            false
-        }
-    }
-}
-
-// SAFETY: forwards every call to `inner` with the caller's layout unchanged; only counts.
-unsafe impl<A: GlobalAlloc> GlobalAlloc for Cap<A> {
-    #[inline(always)]
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !self.charge(layout.size()) {
-            return null_mut();
-        }
-        // SAFETY: the caller's contract for `alloc` is passed on unchanged.
-        let ptr = unsafe { self.inner.alloc(layout) };
-        if ptr.is_null() {
-            self.allocated.fetch_sub(layout.size(), Ordering::Relaxed);
-        }
-        ptr
-    }
-
-    #[inline(always)]
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !self.charge(layout.size()) {
-            return null_mut();
-        }
-        // SAFETY: the caller's contract for `alloc_zeroed` is passed on unchanged.
-        let ptr = unsafe { self.inner.alloc_zeroed(layout) };
-        if ptr.is_null() {
-            self.allocated.fetch_sub(layout.size(), Ordering::Relaxed);
-        }
-        ptr
-    }
-
-    #[inline(always)]
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from `self.inner` with `layout` (the caller's contract).
-        unsafe { self.inner.dealloc(ptr, layout) };
-        self.allocated.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    #[inline(always)]
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let old = layout.size();
-        if new_size > old && !self.charge(new_size - old) {
-            return null_mut();
-        }
-        // SAFETY: the caller's contract for `realloc` is passed on unchanged.
-        let new = unsafe { self.inner.realloc(ptr, layout, new_size) };
-        if new.is_null() {
-            if new_size > old {
-                self.allocated.fetch_sub(new_size - old, Ordering::Relaxed);
-            }
-        } else if new_size < old {
-            self.allocated.fetch_sub(old - new_size, Ordering::Relaxed);
-        }
-        new
-    }
-}
-
-/// An 8-byte word stored with every block exactly where `TagAlloc` puts its tag (a header of
-/// 8 bytes for alignments up to 8, 16 for 16-aligned blocks, right after the block above),
-/// written on allocation and checked on free, with no accounting: the floor of the inline-tag
-/// design (as `pad8` in `benches/churn.rs`, with a real `realloc`).
-pub struct Pad8<A> {
-    inner: A,
-}
-
-const PAD: usize = 8;
-const PAD_WORD: u64 = 0x6d65_6d67_726f_7570;
-
-/// The inner layout of a block, its offset in it, and the offset of the word.
-fn padded(layout: Layout) -> Option<(Layout, usize, usize)> {
-    let align = layout.align();
-    let (block, word, extra) = if align <= 2 * PAD {
-        let header = align.max(PAD);
-        (header, header - PAD, header - PAD)
-    } else {
-        (0, layout.size(), 0)
-    };
-    let size = layout.size().checked_add(PAD + extra)?;
-    Some((
-        Layout::from_size_align(size, align.max(PAD)).ok()?,
-        block,
-        word,
-    ))
-}
-
-impl<A: GlobalAlloc> Pad8<A> {
-    /// # Safety
-    ///
-    /// `zeroed` or not, the caller's contract for `GlobalAlloc::alloc`.
-    #[inline(always)]
-    unsafe fn alloc_padded(&self, layout: Layout, zeroed: bool) -> *mut u8 {
-        let Some((inner, block, word)) = padded(layout) else {
-            return null_mut();
-        };
-        // SAFETY: `inner` has a non-zero size.
-        let base = unsafe {
-            if zeroed {
-                self.inner.alloc_zeroed(inner)
-            } else {
-                self.inner.alloc(inner)
-            }
-        };
-        if base.is_null() {
-            return base;
-        }
-        // SAFETY: the word and the block lie inside the inner block.
-        unsafe {
-            base.add(word).cast::<u64>().write_unaligned(PAD_WORD);
-            base.add(block)
-        }
-    }
-}
-
-// SAFETY: every block is the inner allocator's block for `padded(layout).0`, offset by a header
-// of 8 or 16 bytes (which keeps alignments up to 8 or 16) or not at all (larger alignments),
-// with `layout.size()` usable bytes beside the word.
-unsafe impl<A: GlobalAlloc> GlobalAlloc for Pad8<A> {
-    #[inline(always)]
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract, passed on.
-        unsafe { self.alloc_padded(layout, false) }
-    }
-
-    #[inline(always)]
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract, passed on.
-        unsafe { self.alloc_padded(layout, true) }
-    }
-
-    #[inline(always)]
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let Some((inner, block, word)) = padded(layout) else {
-            die(b"pad8: a layout it could not have allocated\n")
-        };
-        // SAFETY: `ptr` came from `alloc(layout)`, so `ptr - block` is the inner block.
-        unsafe {
-            let base = ptr.sub(block);
-            if base.add(word).cast::<u64>().read_unaligned() != PAD_WORD {
-                die(b"pad8: damaged word\n");
-            }
-            self.inner.dealloc(base, inner);
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let Some((old, block, _)) = padded(layout) else {
-            die(b"pad8: a layout it could not have allocated\n")
-        };
-        let Some((new, _, word)) = Layout::from_size_align(new_size, layout.align())
-            .ok()
-            .and_then(padded)
-        else {
-            return null_mut();
-        };
-        // SAFETY: `ptr - block` is the inner block of `old` (the caller's contract); the new
-        // size is non-zero and valid for the alignment (`padded` checked it). The header keeps
-        // its offset; a word after the block is written again at its new place.
-        unsafe {
-            let base = self.inner.realloc(ptr.sub(block), old, new.size());
-            if base.is_null() {
-                return base;
-            }
-            base.add(word).cast::<u64>().write_unaligned(PAD_WORD);
-            base.add(block)
-        }
-    }
-}
-
 static SYSTEM: System = System;
-static PAD8: Pad8<System> = Pad8 { inner: System };
+static PAD8: Pad8<System> = Pad8::new(System);
 static CAP: Cap<System> = Cap::new(System, 1 << 40);
 static TAG: TagAlloc = TagAlloc::system();
 #[cfg(feature = "arena")]
@@ -392,15 +200,6 @@ fn choose() -> u8 {
     row as u8
 }
 
-/// Allocation must not panic: say why on stderr and abort.
-fn die(msg: &[u8]) -> ! {
-    // SAFETY: writes `msg.len()` bytes of a live slice to fd 2; abort never returns.
-    unsafe {
-        libc::write(2, msg.as_ptr().cast(), msg.len());
-        libc::abort()
-    }
-}
-
 /// The row this process runs as.
 pub fn current_row() -> Row {
     match chosen() {
@@ -418,7 +217,7 @@ pub fn current_row() -> Row {
 
 /// The `cap` row's counter (bytes live through it).
 pub fn cap_allocated() -> usize {
-    CAP.allocated.load(Ordering::Relaxed)
+    CAP.allocated().load(Ordering::Relaxed)
 }
 
 macro_rules! dispatch {
@@ -534,15 +333,6 @@ pub fn check_cap(before: usize) {
 }
 
 // ---- configuration -------------------------------------------------------------------------
-
-pub fn env_usize(name: &str) -> Option<usize> {
-    let v = std::env::var(name).ok()?;
-    Some(
-        v.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a number")),
-    )
-}
 
 fn env_list(name: &str) -> Option<Vec<String>> {
     std::env::var(name).ok().map(|v| {
@@ -725,30 +515,11 @@ pub fn measure(cfg: &Config) -> Vec<Line> {
     lines
 }
 
-pub fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
 fn min_max(v: &[f64]) -> (f64, f64) {
     v.iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
             (lo.min(*x), hi.max(*x))
         })
-}
-
-/// The 1-minute load average (Linux), to tell a quiet run from a disturbed one.
-pub fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".to_string())
 }
 
 /// Prints the tables, wall time then CPU time: per row, the median and min-max per unit per

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use memgroup::Group;
 
+pub use crate::common::{env_usize, load_average, median, min};
+
 // ---- the workload ------------------------------------------------------------------------
 
 /// One step's request, packed: bits 0..=9 size (8..=512), bit 10 align 16 (else 8), bit 11
@@ -377,35 +379,3 @@ pub fn check_groups(key: &str, groups: &[Group], before: &[(u64, u64)], expected
 }
 
 // ---- configuration and report ------------------------------------------------------------
-
-pub fn env_usize(name: &str) -> Option<usize> {
-    let v = std::env::var(name).ok()?;
-    Some(
-        v.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v}: not a number")),
-    )
-}
-
-pub fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-pub fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-/// The 1-minute load average (Linux), to tell a quiet run from a disturbed one.
-pub fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".to_string())
-}
