@@ -48,11 +48,11 @@ mod future;
 mod group;
 mod lock;
 mod platform;
-mod pocket;
 mod pressure;
 mod scope;
 mod sync;
 mod tag;
+mod thread;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 

@@ -217,7 +217,7 @@ pub(crate) struct Stocks<G: Groups, const N: usize> {
     /// applied. On a line of its own: the one above is read by every fast path.
     draining: Draining,
     pockets: Pockets,
-    groups: G,
+    pub(super) groups: G,
 }
 
 impl<G: Groups, const N: usize> Stocks<G, N> {
@@ -263,19 +263,19 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         &self.cpus[cpu & (N - 1)]
     }
 
-    /// The fast path of a charge: takes `bytes` from this CPU's slot for `key` and counts
-    /// `objects` allocations there. False when the slot cannot serve it; then call
-    /// `charge_slow`.
+    /// The fast path of a charge (memcg's `consume_stock`): takes `bytes` from this CPU's slot
+    /// for `key` and counts `objects` allocations there. False when the slot cannot serve it;
+    /// then call `charge_slow`.
     #[inline(always)]
-    pub(crate) fn charge(&self, cpu: usize, key: Key, bytes: usize, objects: u64) -> bool {
+    pub(crate) fn consume(&self, cpu: usize, key: Key, bytes: usize, objects: u64) -> bool {
         bytes <= MAX_BATCH && self.update(cpu, take(key, bytes, objects))
     }
 
-    /// The fast path of an uncharge: gives `bytes` back to this CPU's slot for `key` and
-    /// counts `objects` frees there. The group must be online. False when the slot cannot
-    /// take it; then call `uncharge_slow`.
+    /// The fast path of an uncharge (memcg's `refill_stock`): gives `bytes` back to this CPU's
+    /// slot for `key` and counts `objects` frees there. The group must be online. False when
+    /// the slot cannot take it; then call `uncharge_slow`.
     #[inline(always)]
-    pub(crate) fn uncharge(&self, cpu: usize, key: Key, bytes: usize, objects: u64) -> bool {
+    pub(crate) fn refill(&self, cpu: usize, key: Key, bytes: usize, objects: u64) -> bool {
         self.update(cpu, give(key, bytes, objects, self.batch()))
     }
 
@@ -346,7 +346,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             };
             self.give_back(cpu, held, extra);
             let half = self.pocket_size() / 2;
-            let bytes = if half != 0 && self.charge(cpu, key, half, 0) {
+            let bytes = if half != 0 && self.consume(cpu, key, half, 0) {
                 half
             } else {
                 0
@@ -575,6 +575,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// gone offline since, its `remove` may have purged the slots before this one was filled,
     /// so purge again. (The fill and this load, and `remove`'s store and purge, are all
     /// sequentially consistent: one of the two purges sees the slot.)
+    #[inline(always)]
     fn recheck(&self, c: &Counter) {
         fence(Ordering::SeqCst);
         if !c.is_online() {
