@@ -7,5 +7,6 @@
 pub(crate) mod charge;
 pub(crate) mod counter;
 pub(crate) mod doorbell;
+pub(crate) mod drain;
 pub(crate) mod pocket;
 pub(crate) mod stock;
