@@ -41,6 +41,7 @@
 
 #[cfg(feature = "arena")]
 mod arena;
+mod control;
 mod core;
 pub mod export;
 mod fork;
