@@ -1,4 +1,6 @@
-//! Groups: the table of group records, their names and lifetime, and the public `Group` handle.
+//! The group table: the records of the groups, their names, ids and lifetime, the stocks and
+//! the charge path over them, the hooks the layers above register, and the `Group` handle
+//! (a counted reference to a record; its public API is `crate::control`'s).
 //!
 //! Records live in one lazily backed `mmap` region, indexed by id, and are never unmapped:
 //! a stock slot names a group by id, and a drain may look a record up while the group is being
@@ -15,12 +17,12 @@ use core::cell::UnsafeCell;
 use core::mem::size_of;
 use core::ptr::NonNull;
 
-use crate::core::counter::{Counter, MEDIUM, UNLIMITED};
+use crate::core::counter::Counter;
 use crate::core::stock::{Groups, Mode, Stocks, MAX_BATCH, MAX_ID};
 use crate::fork::{self, Participant, Rank};
 use crate::lock::SpinLock;
 use crate::platform;
-use crate::{Error, OnLimit, Stat};
+use crate::Error;
 
 /// The root's id. Id 0 is never used, so that key 0 names no group.
 pub(crate) const ROOT_ID: u32 = 1;
@@ -166,21 +168,6 @@ fn caches() -> Option<&'static Caches> {
     unsafe { CACHES.load(Ordering::Acquire).as_ref() }
 }
 
-/// A limit was lowered: reclaim toward it starts at once if the group is above it (as writing
-/// `memory.high` or `memory.max` does), without waiting for the next charge.
-fn limit_set(c: &Counter) {
-    let stat = c.snapshot();
-    let target = stat.high.min(stat.max);
-    if stat.usage <= target {
-        return;
-    }
-    // The fast figure includes stock slack: decide on the exact one.
-    flush_counter(c);
-    if c.snapshot().usage > target && c.signal(MEDIUM) {
-        Table.wake();
-    }
-}
-
 /// Calls `f` on the counter of every group record ever used (free ones included: their
 /// counters are idle).
 pub(crate) fn for_each_counter(mut f: impl FnMut(&Counter)) {
@@ -208,7 +195,7 @@ pub(crate) fn node(id: u32) -> &'static Node {
     unsafe { &*pool.add(id as usize) }
 }
 
-fn node_of(c: &Counter) -> &'static Node {
+pub(crate) fn node_of(c: &Counter) -> &'static Node {
     // SAFETY: every Counter the stocks see is the first field of a `#[repr(C)]` Node in the
     // pool, which lives for the whole program.
     unsafe { &*(c as *const Counter).cast::<Node>() }
@@ -361,292 +348,8 @@ impl core::fmt::Debug for Group {
     }
 }
 
+/// The handle's mechanics, for the layers above (its public API is `crate::control`'s).
 impl Group {
-    /// The root group: every allocation made outside any group's scope is charged to it, and
-    /// it counts every allocation in the process. It may have a `max` too.
-    pub fn root() -> Group {
-        node(ROOT_ID).acquire()
-    }
-
-    /// Creates a group under the root. See [`Group::child`].
-    pub fn new(name: &str) -> Result<Group, Error> {
-        Group::root().child(name)
-    }
-
-    /// Creates a group under this one.
-    ///
-    /// Names are 1 to 64 bytes, without `/` or NUL, not `.` or `..`, and unique among
-    /// siblings. The new group's record is charged to this group as kernel memory for as long
-    /// as it lives; if that charge does not fit this group's limits the call fails with
-    /// [`Error::OverLimit`], whatever the policies say.
-    pub fn child(&self, name: &str) -> Result<Group, Error> {
-        validate(name)?;
-        fork_safe();
-        let parent = self.node();
-        if parent.counter.chain().count() > crate::core::counter::MAX_DEPTH {
-            return Err(Error::TooDeep);
-        }
-        let kmem = kmem_enabled();
-        if !parent.counter.is_online() {
-            return Err(Error::Removed);
-        }
-        if !STOCKS.charge_exact(&parent.counter, kmem, BOOKKEEPING, 0, Mode::Fallible) {
-            return Err(Error::OverLimit);
-        }
-        let created = self.insert_child(name);
-        if created.is_err() && parent.counter.uncharge(BOOKKEEPING, kmem) {
-            free_if_unused(parent);
-        }
-        created
-    }
-
-    fn insert_child(&self, name: &str) -> Result<Group, Error> {
-        let parent = self.node();
-        let hash = name_hash(parent.counter.id, name.as_bytes());
-        let mut reg = REGISTRY.lock();
-        // SAFETY: under the registry lock.
-        let parent_meta = unsafe { parent.meta() };
-        if parent_meta.state != State::Online {
-            return Err(Error::Removed);
-        }
-        let names = reg
-            .names
-            .get_or_insert_with(|| hashbrown::HashTable::new_in(Malloc));
-        if names.find(hash, |&id| is_named(id, parent, name)).is_some() {
-            return Err(Error::Exists { name: name.into() });
-        }
-        names
-            .try_reserve(1, rehash)
-            .map_err(|_| Error::OutOfMemory)?;
-        let id = reg.take_id().ok_or(Error::TooManyGroups)?;
-        let pool = POOL.load(Ordering::Acquire);
-        let mut meta = Meta {
-            state: State::Online,
-            name_len: name.len() as u8,
-            name: [0; MAX_NAME],
-            children: 0,
-            next: 0,
-        };
-        meta.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: `id` came off the free list or is fresh: no stock word, handle or child
-        // names it, so this thread has the record to itself.
-        let child = unsafe {
-            let slot = pool.add(id as usize);
-            if (*slot).counter.id == id {
-                (*slot).counter.reset(Some(&parent.counter));
-                (*slot).refs.store(0, Ordering::Relaxed);
-                *(*slot).meta.get() = meta;
-            } else {
-                slot.write(Node {
-                    counter: Counter::new(id, Some(&parent.counter)),
-                    refs: AtomicUsize::new(0),
-                    meta: UnsafeCell::new(meta),
-                });
-            }
-            &*slot
-        };
-        parent_meta.children += 1;
-        parent.refs.fetch_add(1, Ordering::Relaxed);
-        reg.names
-            .as_mut()
-            .expect("created above")
-            .insert_unique(hash, id, rehash);
-        Ok(child.acquire())
-    }
-
-    /// The group's path below the root, such as `"tenant-a/batch"`; the root's is `"/"`.
-    pub fn name(&self) -> String {
-        // Allocated before the registry lock is taken: an allocation under it could end up
-        // freeing a removed group's record, which takes the lock. (A group's chain of
-        // ancestors never changes, so its length is known.)
-        let depth = self.node().counter.chain().count() - 1;
-        let mut parts: Vec<([u8; MAX_NAME], usize)> = Vec::with_capacity(depth);
-        {
-            let _reg = REGISTRY.lock();
-            let mut c = &self.node().counter;
-            while let Some(parent) = c.parent() {
-                // SAFETY: under the registry lock.
-                let meta = unsafe { node_of(c).meta() };
-                parts.push((meta.name, meta.name_len as usize));
-                c = parent;
-            }
-        }
-        if parts.is_empty() {
-            return "/".into();
-        }
-        let names: Vec<&str> = parts
-            .iter()
-            .rev()
-            .map(|(name, len)| core::str::from_utf8(&name[..*len]).expect("names are UTF-8"))
-            .collect();
-        names.join("/")
-    }
-
-    /// The group's live (not removed) children, in no particular order.
-    pub fn children(&self) -> Vec<Group> {
-        let me = self.node();
-        // Room for the children is made outside the registry lock (an allocation under it
-        // could free a removed group's record, which takes the lock); if children were added
-        // in between, the room is too small and the walk starts again.
-        let mut want = {
-            let _reg = REGISTRY.lock();
-            // SAFETY: under the registry lock.
-            unsafe { me.meta().children }
-        };
-        loop {
-            let mut out: Vec<Group> = Vec::with_capacity(want);
-            {
-                let reg = REGISTRY.lock();
-                // SAFETY: under the registry lock.
-                let count = unsafe { me.meta().children };
-                if count <= out.capacity() {
-                    // The walk visits every online group: skipped for a leaf.
-                    if count == 0 {
-                        return out;
-                    }
-                    if let Some(names) = reg.names.as_ref() {
-                        for &id in names.iter() {
-                            let child = node(id);
-                            let mine = child
-                                .counter
-                                .parent()
-                                .is_some_and(|p| p.id == me.counter.id);
-                            // SAFETY: under the registry lock.
-                            if mine && unsafe { child.meta().state } == State::Online {
-                                // Within the capacity: no allocation.
-                                out.push(child.acquire());
-                            }
-                        }
-                    }
-                    return out;
-                }
-                want = count;
-            }
-            // `out` (empty) is dropped here, outside the lock.
-        }
-    }
-
-    /// The parent group; `None` for the root.
-    pub fn parent(&self) -> Option<Group> {
-        self.node().counter.parent().map(|c| node_of(c).acquire())
-    }
-
-    /// Sets the hard limit (`memory.max`); `None` removes it. Set below the group's usage, it
-    /// acts at once, as writing `memory.max` does: the notifier reclaims toward it from the
-    /// group's shrinkers without waiting for the next charge.
-    pub fn set_max(&self, bytes: Option<usize>) {
-        self.node().counter.set_max(bytes);
-        limit_set(&self.node().counter);
-    }
-
-    /// Sets the pressure threshold (`memory.high`); `None` removes it. Set below the group's
-    /// usage, it acts at once, as writing `memory.high` does: the group goes to
-    /// [`Level::Medium`](crate::Level::Medium) and the notifier reclaims toward it.
-    pub fn set_high(&self, bytes: Option<usize>) {
-        self.node().counter.set_high(bytes);
-        limit_set(&self.node().counter);
-    }
-
-    /// Sets the kernel-memory limit (`memory.kmem.limit_in_bytes`); `None` removes it.
-    pub fn set_kmem_max(&self, bytes: Option<usize>) {
-        self.node().counter.set_kmem_max(bytes);
-    }
-
-    /// Chooses what an infallible over-limit charge does in this group and its descendants.
-    pub fn set_on_limit(&self, policy: OnLimit) {
-        self.node().counter.set_fail(policy == OnLimit::Fail);
-    }
-
-    /// The group's figures, its descendants' included. Fast: may over-report by the bytes
-    /// held in per-CPU stocks (at most the batch per CPU per group) and threads' pockets (at
-    /// most an eighth of the batch per thread); see [`Group::flush`].
-    pub fn stat(&self) -> Stat {
-        let s = self.node().counter.snapshot();
-        let limit = |v: usize| (v != UNLIMITED).then_some(v);
-        Stat {
-            usage: s.usage,
-            peak: s.peak,
-            kmem: s.kmem,
-            overhead: overhead(&s),
-            max: limit(s.max),
-            high: limit(s.high),
-            kmem_max: limit(s.kmem_max),
-            allocs: s.allocs,
-            frees: s.frees,
-            events: crate::Events {
-                high: s.events[0],
-                max: s.events[1],
-                fail: s.events[2],
-            },
-        }
-    }
-
-    /// Returns the per-CPU stocks and threads' pockets holding this group's or its
-    /// descendants' bytes to the counters, so that `stat()` is exact for memory that is not
-    /// being charged concurrently.
-    pub fn flush(&self) {
-        let me = &self.node().counter;
-        // A design's caches first (the arena's): they hold counts and may release slabs.
-        if let Some(caches) = caches() {
-            // With no child (removed ones have no cache left), only the group's own caches.
-            let leaf = {
-                let _reg = REGISTRY.lock();
-                // SAFETY: under the registry lock.
-                unsafe { self.node().meta().children == 0 }
-            };
-            (caches.flush)(me, leaf);
-        }
-        STOCKS.drain(|c| c.is_under(me));
-    }
-
-    /// Removes the group: it goes offline (it can no longer be charged; threads still inside
-    /// it charge its nearest live ancestor) and its name is free again. Its live charges stay
-    /// counted in its ancestors, and freeing that memory later uncharges them; the record goes
-    /// when its last byte does ([`crate::dying_groups`] counts those waiting).
-    pub fn remove(self) -> Result<(), Error> {
-        let node = self.node();
-        let parent = match node.counter.parent() {
-            Some(parent) => node_of(parent),
-            None => return Err(Error::Root),
-        };
-        {
-            let mut reg = REGISTRY.lock();
-            // SAFETY: under the registry lock.
-            let meta = unsafe { node.meta() };
-            if meta.state != State::Online {
-                return Err(Error::Removed);
-            }
-            if meta.children != 0 {
-                return Err(Error::HasChildren);
-            }
-            meta.state = State::Dying;
-            node.counter.set_offline();
-            // SAFETY: under the registry lock.
-            unsafe { parent.meta().children -= 1 };
-            let name = &meta.name[..meta.name_len as usize];
-            let hash = name_hash(parent.counter.id, name);
-            if let Some(names) = reg.names.as_mut() {
-                if let Ok(entry) = names.find_entry(hash, |&id| id == node.counter.id) {
-                    entry.remove();
-                }
-            }
-        }
-        DYING.fetch_add(1, Ordering::Relaxed);
-        // From here no slot can be claimed for the group; empty the ones it has.
-        STOCKS.purge(node.counter.id);
-        // And no design's cache made for it: retire the ones it has, orphaning its slabs.
-        if let Some(caches) = caches() {
-            (caches.remove)(node.counter.id);
-        }
-        drop(self);
-        Ok(())
-    }
-
-    /// Whether [`Group::remove`] was called on this group.
-    pub fn is_removed(&self) -> bool {
-        !self.node().counter.is_online()
-    }
-
     pub(crate) fn node(&self) -> &'static Node {
         // SAFETY: the handle holds a reference, so the record is alive; records are never
         // unmapped.
@@ -679,6 +382,188 @@ impl Group {
     }
 }
 
+/// Creates `parent`'s child `name` (a valid name): its record is charged to `parent` as kernel
+/// memory (refused over `parent`'s limits, whatever the policies say), then entered in the
+/// table under a new id.
+pub(crate) fn create(parent: &'static Node, name: &str) -> Result<Group, Error> {
+    fork_safe();
+    if parent.counter.chain().count() > crate::core::counter::MAX_DEPTH {
+        return Err(Error::TooDeep);
+    }
+    let kmem = kmem_enabled();
+    if !parent.counter.is_online() {
+        return Err(Error::Removed);
+    }
+    if !STOCKS.charge_exact(&parent.counter, kmem, BOOKKEEPING, 0, Mode::Fallible) {
+        return Err(Error::OverLimit);
+    }
+    let created = insert(parent, name);
+    if created.is_err() && parent.counter.uncharge(BOOKKEEPING, kmem) {
+        free_if_unused(parent);
+    }
+    created
+}
+
+fn insert(parent: &'static Node, name: &str) -> Result<Group, Error> {
+    let hash = name_hash(parent.counter.id, name.as_bytes());
+    let mut reg = REGISTRY.lock();
+    // SAFETY: under the registry lock.
+    let parent_meta = unsafe { parent.meta() };
+    if parent_meta.state != State::Online {
+        return Err(Error::Removed);
+    }
+    let names = reg
+        .names
+        .get_or_insert_with(|| hashbrown::HashTable::new_in(Malloc));
+    if names.find(hash, |&id| is_named(id, parent, name)).is_some() {
+        return Err(Error::Exists { name: name.into() });
+    }
+    names
+        .try_reserve(1, rehash)
+        .map_err(|_| Error::OutOfMemory)?;
+    let id = reg.take_id().ok_or(Error::TooManyGroups)?;
+    let pool = POOL.load(Ordering::Acquire);
+    let mut meta = Meta {
+        state: State::Online,
+        name_len: name.len() as u8,
+        name: [0; MAX_NAME],
+        children: 0,
+        next: 0,
+    };
+    meta.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `id` came off the free list or is fresh: no stock word, handle or child
+    // names it, so this thread has the record to itself.
+    let child = unsafe {
+        let slot = pool.add(id as usize);
+        if (*slot).counter.id == id {
+            (*slot).counter.reset(Some(&parent.counter));
+            (*slot).refs.store(0, Ordering::Relaxed);
+            *(*slot).meta.get() = meta;
+        } else {
+            slot.write(Node {
+                counter: Counter::new(id, Some(&parent.counter)),
+                refs: AtomicUsize::new(0),
+                meta: UnsafeCell::new(meta),
+            });
+        }
+        &*slot
+    };
+    parent_meta.children += 1;
+    parent.refs.fetch_add(1, Ordering::Relaxed);
+    reg.names
+        .as_mut()
+        .expect("created above")
+        .insert_unique(hash, id, rehash);
+    Ok(child.acquire())
+}
+
+/// The names of `node` and of its ancestors below the root, from `node` up, pushed onto
+/// `parts`, which has room for them (nothing is allocated under the registry lock: an
+/// allocation there could end up freeing a removed group's record, which takes the lock).
+pub(crate) fn names_up(node: &Node, parts: &mut Vec<([u8; MAX_NAME], usize)>) {
+    let _reg = REGISTRY.lock();
+    let mut c = &node.counter;
+    while let Some(parent) = c.parent() {
+        // SAFETY: under the registry lock.
+        let meta = unsafe { node_of(c).meta() };
+        parts.push((meta.name, meta.name_len as usize));
+        c = parent;
+    }
+}
+
+/// How many children of `node` are not removed.
+pub(crate) fn child_count(node: &Node) -> usize {
+    let _reg = REGISTRY.lock();
+    // SAFETY: under the registry lock.
+    unsafe { node.meta().children }
+}
+
+/// Pushes handles to `me`'s live children onto `out` if it has room for them all (nothing is
+/// allocated under the registry lock); else returns how many there are.
+pub(crate) fn live_children(me: &Node, out: &mut Vec<Group>) -> Result<(), usize> {
+    let reg = REGISTRY.lock();
+    // SAFETY: under the registry lock.
+    let count = unsafe { me.meta().children };
+    if count > out.capacity() {
+        return Err(count);
+    }
+    // The walk visits every online group: skipped for a leaf.
+    if count == 0 {
+        return Ok(());
+    }
+    if let Some(names) = reg.names.as_ref() {
+        for &id in names.iter() {
+            let child = node(id);
+            let mine = child
+                .counter
+                .parent()
+                .is_some_and(|p| p.id == me.counter.id);
+            // SAFETY: under the registry lock.
+            if mine && unsafe { child.meta().state } == State::Online {
+                // Within the capacity: no allocation.
+                out.push(child.acquire());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `Group::flush`: a design's caches of `node`'s subtree, then the stocks and pockets.
+pub(crate) fn flush(node: &Node) {
+    let me = &node.counter;
+    // A design's caches first (the arena's): they hold counts and may release slabs.
+    if let Some(caches) = caches() {
+        // With no child (removed ones have no cache left), only the group's own caches.
+        let leaf = {
+            let _reg = REGISTRY.lock();
+            // SAFETY: under the registry lock.
+            unsafe { node.meta().children == 0 }
+        };
+        (caches.flush)(me, leaf);
+    }
+    STOCKS.drain(|c| c.is_under(me));
+}
+
+/// `Group::remove` of `node`'s group, but for its handle: offline (it takes no new charges;
+/// threads still inside it charge its nearest live ancestor), its name free, its stock slots
+/// purged and its design caches retired.
+pub(crate) fn take_offline(node: &'static Node) -> Result<(), Error> {
+    let parent = match node.counter.parent() {
+        Some(parent) => node_of(parent),
+        None => return Err(Error::Root),
+    };
+    {
+        let mut reg = REGISTRY.lock();
+        // SAFETY: under the registry lock.
+        let meta = unsafe { node.meta() };
+        if meta.state != State::Online {
+            return Err(Error::Removed);
+        }
+        if meta.children != 0 {
+            return Err(Error::HasChildren);
+        }
+        meta.state = State::Dying;
+        node.counter.set_offline();
+        // SAFETY: under the registry lock.
+        unsafe { parent.meta().children -= 1 };
+        let name = &meta.name[..meta.name_len as usize];
+        let hash = name_hash(parent.counter.id, name);
+        if let Some(names) = reg.names.as_mut() {
+            if let Ok(entry) = names.find_entry(hash, |&id| id == node.counter.id) {
+                entry.remove();
+            }
+        }
+    }
+    DYING.fetch_add(1, Ordering::Relaxed);
+    // From here no slot can be claimed for the group; empty the ones it has.
+    STOCKS.purge(node.counter.id);
+    // And no design's cache made for it: retire the ones it has, orphaning its slabs.
+    if let Some(caches) = caches() {
+        (caches.remove)(node.counter.id);
+    }
+    Ok(())
+}
+
 impl Registry {
     fn take_id(&mut self) -> Option<u32> {
         if self.quarantine != 0 && STOCKS.quiescent() {
@@ -709,26 +594,6 @@ impl Registry {
     }
 }
 
-fn validate(name: &str) -> Result<(), Error> {
-    let reason = if name.is_empty() {
-        "a name must not be empty"
-    } else if name.len() > MAX_NAME {
-        "a name must be at most 64 bytes"
-    } else if name.contains('/') {
-        "a name must not contain '/', the path separator"
-    } else if name.contains('\0') {
-        "a name must not contain NUL"
-    } else if name == "." || name == ".." {
-        "a name must not be \".\" or \"..\""
-    } else {
-        return Ok(());
-    };
-    Err(Error::InvalidName {
-        name: name.into(),
-        reason,
-    })
-}
-
 /// FNV-1a over the parent's id and the name.
 fn name_hash(parent: u32, name: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -756,16 +621,6 @@ fn is_named(id: u32, parent: &Node, name: &str) -> bool {
         .parent()
         .is_some_and(|p| core::ptr::eq(p, &parent.counter))
         && &meta.name[..meta.name_len as usize] == name.as_bytes()
-}
-
-/// The overhead of a counter's snapshot: `TAG_SIZE` per live block (the tag design's tag) plus
-/// the arena design's correction (see `Counter::adjust_overhead`). Between flushes the parts
-/// may be out of step; the figure is kept within `0..=usage`.
-fn overhead(s: &crate::core::counter::Snapshot) -> usize {
-    let tags = s.allocs.saturating_sub(s.frees) as usize * crate::TAG_SIZE;
-    (tags as isize)
-        .saturating_add(s.overhead)
-        .clamp(0, s.usage.min(isize::MAX as usize) as isize) as usize
 }
 
 /// Groups removed whose records are not yet freed: they still have live charges (or handles).

@@ -41,6 +41,7 @@
 
 #[cfg(feature = "arena")]
 mod arena;
+mod control;
 mod core;
 pub mod export;
 mod fork;
@@ -48,11 +49,11 @@ mod future;
 mod group;
 mod lock;
 mod platform;
-mod pocket;
 mod pressure;
 mod scope;
 mod sync;
 mod tag;
+mod thread;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 

@@ -13,9 +13,9 @@
 use core::alloc::{GlobalAlloc, Layout};
 use std::alloc::System;
 
-use crate::core::stock::{key_id, Key};
-use crate::group::{self, STOCKS};
-use crate::pocket;
+use crate::core::stock::Key;
+use crate::group::STOCKS;
+use crate::thread::{self, Thread};
 use crate::{platform, scope};
 
 /// Bytes of the tag every block carries in the tag design (a 16-aligned block's header is
@@ -114,15 +114,6 @@ unsafe fn placed(layout: Layout) -> Placement {
     }
 }
 
-/// Adds a block's `pad` to its group's overhead figure, or (negative) takes it off, for a
-/// block charged or uncharged outside the thread's pocket (which counts it itself).
-#[inline(always)]
-fn pad_overhead(key: Key, delta: isize) {
-    if delta != 0 {
-        group::node(key_id(key)).counter.adjust_overhead(delta);
-    }
-}
-
 /// Writes the tag of a fresh inner block (`key` sealed, so a stray write or a foreign pointer
 /// is seen at the free) and returns the block.
 ///
@@ -147,41 +138,6 @@ unsafe fn tagged_sealed(base: *mut u8, at: Placement, sealed: u64) -> *mut u8 {
     }
 }
 
-/// Charges `bytes` (and `objects` new blocks) to `key`; returns the key actually charged,
-/// which differs when the group was removed and a new block goes to its nearest live ancestor.
-#[inline(always)]
-pub(crate) fn charge(key: Key, bytes: usize, objects: u64) -> Option<Key> {
-    let cpu = platform::cpu();
-    if STOCKS.charge(cpu, key, bytes, objects) {
-        return Some(key);
-    }
-    STOCKS.charge_slow(cpu, key, bytes, objects, scope::mode())
-}
-
-#[inline(always)]
-pub(crate) fn uncharge(key: Key, bytes: usize, objects: u64) {
-    let cpu = platform::cpu();
-    if !STOCKS.uncharge(cpu, key, bytes, objects) {
-        STOCKS.uncharge_slow(cpu, key, bytes, objects);
-    }
-}
-
-/// An uncharge of a block that the thread's pocket could not take (or of a thread without
-/// one): it goes to the CPU's stock, and a pocket that holds the key (so it was full) is
-/// brought back to half.
-#[cold]
-#[inline(never)]
-fn free_slow(key: Key, bytes: usize, pad: usize) {
-    // Before the bytes go: they keep a removed group's record alive.
-    pad_overhead(key, -(pad as isize));
-    uncharge(key, bytes, 1);
-    if let Some(p) = pocket::current() {
-        if bytes <= STOCKS.pocket_size() / 2 && STOCKS.pocket_holds(p, key) {
-            STOCKS.fill(platform::cpu(), p, key);
-        }
-    }
-}
-
 impl<A: GlobalAlloc> TagAlloc<A> {
     /// # Safety
     /// As for [`GlobalAlloc::alloc`].
@@ -193,15 +149,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let (sealed, p) = scope::sealed_key_and_pocket();
         let key = sealed as Key;
         let bytes = at.inner.size();
-        // A thread without a pocket on the list fails here (its pocket holds nothing): one
-        // that has none (pockets off) charges the CPU's stock, one that never had its chance
-        // takes the slow path, which gives it its pocket.
-        let charged = STOCKS.pocket_charge(p, key, bytes, at.pad)
-            || pocket::none() && STOCKS.charge(platform::cpu(), key, bytes, 1) && {
-                pad_overhead(key, at.pad as isize);
-                true
-            };
-        if !charged {
+        if !STOCKS.charge_block(&Thread, p, key, bytes, at.pad) {
             // SAFETY: forwarded caller contract.
             return unsafe { self.alloc_slow(layout, key, zeroed) };
         }
@@ -209,11 +157,10 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         unsafe { self.alloc_charged(at, sealed, zeroed) }
     }
 
-    /// A charge the thread's pocket could not serve (or a charge of a thread without one). A
-    /// small one is charged to the CPU's
-    /// stock (refilling it from the counters if it is short), then the pocket is filled for
-    /// the next ones; a large one (over a batch, charged to the counters directly) asks the
-    /// inner allocator first, so a request it cannot meet leaves every counter as it was.
+    /// A charge the thread's pocket could not serve (or a charge of a thread without one),
+    /// charged by `Stocks::charge_block_slow`. A large one (over a batch, charged to the
+    /// counters directly) asks the inner allocator first, so a request it cannot meet leaves
+    /// every counter as it was.
     ///
     /// # Safety
     /// `place(layout)` is `Some`.
@@ -222,25 +169,11 @@ impl<A: GlobalAlloc> TagAlloc<A> {
     unsafe fn alloc_slow(&self, layout: Layout, key: Key, zeroed: bool) -> *mut u8 {
         // SAFETY: forwarded.
         let at = unsafe { placed(layout) };
-        let (cpu, bytes) = (platform::cpu(), at.inner.size());
+        let bytes = at.inner.size();
         if bytes <= STOCKS.batch() {
-            let charged = if STOCKS.charge(cpu, key, bytes, 1) {
-                Some(key)
-            } else {
-                STOCKS.charge_slow(cpu, key, bytes, 1, scope::mode())
-            };
-            return match charged {
-                Some(charged) => {
-                    pad_overhead(charged, at.pad as isize);
-                    // Not for a removed group's key (its blocks go to an ancestor).
-                    if charged == key && bytes <= STOCKS.pocket_size() / 2 {
-                        if let Some(p) = pocket::get() {
-                            STOCKS.fill(cpu, p, key);
-                        }
-                    }
-                    // SAFETY: forwarded.
-                    unsafe { self.alloc_charged(at, scope::sealed(charged), zeroed) }
-                }
+            return match STOCKS.charge_block_slow(&Thread, key, bytes, at.pad) {
+                // SAFETY: forwarded.
+                Some(charged) => unsafe { self.alloc_charged(at, scope::sealed(charged), zeroed) },
                 None => core::ptr::null_mut(),
             };
         }
@@ -249,12 +182,9 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         if base.is_null() {
             return base;
         }
-        match STOCKS.charge_slow(cpu, key, bytes, 1, scope::mode()) {
-            Some(key) => {
-                pad_overhead(key, at.pad as isize);
-                // SAFETY: `base` is a fresh inner block placed as `at`.
-                unsafe { tagged(base, at, key) }
-            }
+        match STOCKS.charge_block_slow(&Thread, key, bytes, at.pad) {
+            // SAFETY: `base` is a fresh inner block placed as `at`.
+            Some(key) => unsafe { tagged(base, at, key) },
             None => {
                 // SAFETY: `base` was just allocated with `at.inner`.
                 unsafe { self.inner.dealloc(base, at.inner) };
@@ -276,16 +206,16 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         };
         let bytes = at.inner.size();
         if bytes <= STOCKS.batch() {
-            let Some(key) = charge(key, bytes, 0) else {
+            let Some(key) = thread::charge(key, bytes, 0) else {
                 return core::ptr::null_mut();
             };
             // SAFETY: forwarded caller contract.
             let base = unsafe { self.inner_alloc(at, false) };
             if base.is_null() {
-                uncharge(key, bytes, 0);
+                thread::uncharge(key, bytes, 0);
                 return base;
             }
-            pad_overhead(key, at.pad as isize);
+            STOCKS.pad_overhead(key, at.pad as isize);
             // SAFETY: `base` is a fresh inner block placed as `at`.
             return unsafe { tagged(base, at, key) };
         }
@@ -294,9 +224,9 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         if base.is_null() {
             return base;
         }
-        match charge(key, bytes, 0) {
+        match thread::charge(key, bytes, 0) {
             Some(key) => {
-                pad_overhead(key, at.pad as isize);
+                STOCKS.pad_overhead(key, at.pad as isize);
                 // SAFETY: `base` is a fresh inner block placed as `at`.
                 unsafe { tagged(base, at, key) }
             }
@@ -316,7 +246,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let base = unsafe { self.inner_alloc(at, zeroed) };
         if base.is_null() {
             // Counted as an allocation and a free, so allocs - frees still counts live blocks.
-            free_slow(sealed as Key, at.inner.size(), at.pad);
+            STOCKS.uncharge_block_slow(&Thread, sealed as Key, at.inner.size(), at.pad);
             return base;
         }
         // SAFETY: `base` is a fresh inner block placed as `at`.
@@ -384,17 +314,8 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
             (base, key, at)
         };
         let bytes = at.inner.size();
-        let uncharged = STOCKS.pocket_uncharge(scope::pocket(), key, bytes, at.pad)
-            || pocket::none() && {
-                // Before the bytes go: they keep a removed group's record alive.
-                pad_overhead(key, -(at.pad as isize));
-                if !STOCKS.uncharge(platform::cpu(), key, bytes, 1) {
-                    STOCKS.uncharge_slow(platform::cpu(), key, bytes, 1);
-                }
-                true
-            };
-        if !uncharged {
-            free_slow(key, bytes, at.pad);
+        if !STOCKS.uncharge_block(&Thread, scope::pocket(), key, bytes, at.pad) {
+            STOCKS.uncharge_block_slow(&Thread, key, bytes, at.pad);
         }
         // SAFETY: `base` is the inner allocation made with `at.inner`.
         unsafe { self.inner.dealloc(base, at.inner) }
@@ -414,7 +335,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
         let (old_bytes, new_bytes) = (old.inner.size(), new.inner.size());
         // The block keeps its owner, even a removed one: growth is charged to it (objects = 0
         // means "an existing block", which the core never redirects).
-        if new_bytes > old_bytes && charge(key, new_bytes - old_bytes, 0).is_none() {
+        if new_bytes > old_bytes && thread::charge(key, new_bytes - old_bytes, 0).is_none() {
             return core::ptr::null_mut();
         }
         // SAFETY: `base` is the inner allocation made with `old.inner`, and the new size is
@@ -422,12 +343,12 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
         let new_base = unsafe { self.inner.realloc(base, old.inner, new_bytes) };
         if new_base.is_null() {
             if new_bytes > old_bytes {
-                uncharge(key, new_bytes - old_bytes, 0);
+                thread::uncharge(key, new_bytes - old_bytes, 0);
             }
             return new_base;
         }
         if new_bytes < old_bytes {
-            uncharge(key, old_bytes - new_bytes, 0);
+            thread::uncharge(key, old_bytes - new_bytes, 0);
         }
         // SAFETY: `new_base` is an inner allocation of `new.inner`.
         unsafe { tagged(new_base, new, key) }

@@ -6,10 +6,12 @@
 //! `tests/` are modules of it (see the bottom of this file), not integration tests
 //! (`autotests = false` in `Cargo.toml`).
 //!
-//! This file is the harness: a tiny group table implementing the core's `Groups`, a `World`
-//! holding a table and its stocks, and the allocator's charge and uncharge paths as
-//! `src/tag.rs` drives them (fast path, then slow path; or a thread's pocket, then the stocks
-//! and a `fill` of the pocket).
+//! This file is the harness: a tiny group table implementing the core's `Groups`, a model
+//! thread implementing the core's `Caller` (a CPU number and perhaps a pocket), and a `World`
+//! holding a table and its stocks. Its allocations and frees call the core's charge path
+//! (`src/core/charge.rs`) as the designs do: `Stocks::charge` / `uncharge` as the arena
+//! charges a slab, `charge_block` then `charge_block_slow` (and the uncharge pair) as the tag
+//! design charges a block. The charge path itself is not written here.
 
 // The whole core is compiled, but the models use only part of it (the real crate uses the
 // rest, and `sync`'s other atomics): unused items are expected here. Nothing under `src/` is
@@ -28,9 +30,10 @@ use harness::*;
 
 #[cfg(test)]
 mod harness {
+    use crate::core::charge::Caller;
     use crate::core::counter::{Counter, Snapshot};
     use crate::core::pocket::{Place, Pocket};
-    use crate::core::stock::{key, key_id, Groups, Key, Mode, Stocks};
+    use crate::core::stock::{key, Groups, Key, Mode, Stocks};
     use crate::sync::{AtomicUsize, Ordering};
 
     /// The model's group table: counters by id (ids start at 1), and what the stocks called:
@@ -67,6 +70,32 @@ mod harness {
         /// pockets' fast path under loom.
         fn barrier(&self) {
             crate::sync::fence(Ordering::SeqCst);
+        }
+    }
+
+    /// A model thread as the charge path sees it: running on `cpu`, inside `fallible` (a
+    /// charge over a limit is refused, not forced), with its pocket on the list if it has one
+    /// (model threads that have none charge through `World::alloc`, not the block path).
+    struct On {
+        cpu: usize,
+        pocket: Option<&'static Pocket>,
+    }
+
+    impl Caller for On {
+        fn cpu(&self) -> usize {
+            self.cpu
+        }
+
+        fn mode(&self) -> Mode {
+            Mode::Fallible
+        }
+
+        fn pocketless(&self) -> bool {
+            self.pocket.is_none()
+        }
+
+        fn listed_pocket(&self, _adopt: bool) -> Option<&Pocket> {
+            self.pocket
         }
     }
 
@@ -170,26 +199,22 @@ mod harness {
             }
         }
 
-        /// An allocation of `bytes` (one block) by a thread in group `id` running on `cpu`, as
-        /// `tag.rs` charges it: the stock's fast path, else the slow path, inside `fallible`
-        /// (a charge over a limit is refused, not forced). Returns the key charged (a removed
-        /// group's new block goes to its nearest live ancestor), or `None` when refused.
+        /// An allocation of `bytes` (one block) by a thread in group `id` running on `cpu`, with
+        /// no pocket, through `Stocks::charge` (the stock's fast path, else the slow path),
+        /// inside `fallible`. Returns the key charged (a removed group's new block goes to its
+        /// nearest live ancestor), or `None` when refused.
         pub(crate) fn alloc(&self, cpu: usize, id: u32, kernel: bool, bytes: usize) -> Option<Key> {
-            let k = key(id, kernel);
-            if self.stocks.charge(cpu, k, bytes, 1) {
-                return Some(k);
-            }
-            self.stocks.charge_slow(cpu, k, bytes, 1, Mode::Fallible)
+            let on = On { cpu, pocket: None };
+            self.stocks.charge(&on, key(id, kernel), bytes, 1)
         }
 
-        /// Frees a block of `bytes` charged to `key`, on `cpu`, as `tag.rs` uncharges it.
+        /// Frees a block of `bytes` charged to `key`, on `cpu`, through `Stocks::uncharge`.
         pub(crate) fn free(&self, cpu: usize, key: Key, bytes: usize) {
-            if !self.stocks.uncharge(cpu, key, bytes, 1) {
-                self.stocks.uncharge_slow(cpu, key, bytes, 1);
-            }
+            self.stocks
+                .uncharge(&On { cpu, pocket: None }, key, bytes, 1);
         }
 
-        /// A pocket for a new thread, put on the list as `src/pocket.rs` puts a thread's own:
+        /// A pocket for a new thread, put on the list as `src/thread.rs` puts a thread's own:
         /// in a free place, else in a new one, published. Leaked (a real one lives in its
         /// thread's thread-local block; places are never freed).
         pub(crate) fn pocket(&self) -> &'static Pocket {
@@ -202,13 +227,12 @@ mod harness {
             p
         }
 
-        /// An allocation of `bytes` (one block) by the owner of pocket `p`, in group `id`,
-        /// running on `cpu`, as `tag.rs` charges it (`alloc_tagged`, `alloc_slow`): the pocket's
-        /// fast path; else, for a block of at most a batch, the stock's fast path or its slow
-        /// path (inside `fallible`), then the block's `pad` straight to the overhead figure of
-        /// the key charged, and a `fill` of the pocket if the block is small and charged to
-        /// `id` itself; a larger block goes to the counters directly. Returns the key charged
-        /// (a removed group's block goes to its nearest live ancestor), or `None` if refused.
+        /// An allocation of `bytes` (one block, whose overhead is `pad` bytes beyond the tag
+        /// formula) by the owner of pocket `p`, in group `id`, running on `cpu`, inside
+        /// `fallible`, as the tag design charges it: `Stocks::charge_block` (the pocket), then
+        /// `Stocks::charge_block_slow` (the stock or the counters, and a `fill` of the pocket).
+        /// Returns the key charged (a removed group's block goes to its nearest live
+        /// ancestor), or `None` if refused.
         pub(crate) fn pocket_alloc(
             &self,
             cpu: usize,
@@ -218,31 +242,22 @@ mod harness {
             bytes: usize,
             pad: usize,
         ) -> Option<Key> {
-            let k = key(id, kernel);
-            if self.stocks.pocket_charge(p, k, bytes, pad) {
+            let (on, k) = (
+                On {
+                    cpu,
+                    pocket: Some(p),
+                },
+                key(id, kernel),
+            );
+            if self.stocks.charge_block(&on, p, k, bytes, pad) {
                 return Some(k);
             }
-            if bytes > self.stocks.batch() {
-                let charged = self.stocks.charge_slow(cpu, k, bytes, 1, Mode::Fallible)?;
-                self.pad_overhead(charged, pad as isize);
-                return Some(charged);
-            }
-            let charged = if self.stocks.charge(cpu, k, bytes, 1) {
-                k
-            } else {
-                self.stocks.charge_slow(cpu, k, bytes, 1, Mode::Fallible)?
-            };
-            self.pad_overhead(charged, pad as isize);
-            if charged == k && bytes <= self.stocks.pocket_size() / 2 {
-                self.stocks.fill(cpu, p, k);
-            }
-            Some(charged)
+            self.stocks.charge_block_slow(&on, k, bytes, pad)
         }
 
         /// Frees a block of `bytes` and `pad` charged to `key`, by the owner of pocket `p` on
-        /// `cpu`, as `tag.rs` uncharges it (`dealloc`, `free_slow`): into the pocket; else the
-        /// pad off the overhead figure, the stock's uncharge paths, and a `fill` if the pocket
-        /// holds `key` (it was full).
+        /// `cpu`, as the tag design uncharges it: `Stocks::uncharge_block` (the pocket), then
+        /// `Stocks::uncharge_block_slow` (the stock, and a `fill` if the pocket was full).
         pub(crate) fn pocket_free(
             &self,
             cpu: usize,
@@ -251,21 +266,12 @@ mod harness {
             bytes: usize,
             pad: usize,
         ) {
-            if self.stocks.pocket_uncharge(p, key, bytes, pad) {
-                return;
-            }
-            self.pad_overhead(key, -(pad as isize));
-            self.free(cpu, key, bytes);
-            if bytes <= self.stocks.pocket_size() / 2 && self.stocks.pocket_holds(p, key) {
-                self.stocks.fill(cpu, p, key);
-            }
-        }
-
-        /// `tag.rs`'s `pad_overhead`: a block charged or uncharged outside a pocket moves its
-        /// group's overhead figure directly.
-        fn pad_overhead(&self, key: Key, delta: isize) {
-            if delta != 0 {
-                self.counter(key_id(key)).adjust_overhead(delta);
+            let on = On {
+                cpu,
+                pocket: Some(p),
+            };
+            if !self.stocks.uncharge_block(&on, p, key, bytes, pad) {
+                self.stocks.uncharge_block_slow(&on, key, bytes, pad);
             }
         }
 

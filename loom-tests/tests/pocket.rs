@@ -525,7 +525,7 @@ mod removal {
                     if w.stocks.quiescent() {
                         for cpu in 0..2 {
                             assert!(
-                                !w.stocks.charge(cpu, kc, 0, 0),
+                                !w.stocks.consume(cpu, kc, 0, 0),
                                 "quiescent, yet CPU {cpu}'s stock names the freed record C"
                             );
                         }

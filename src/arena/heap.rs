@@ -55,7 +55,7 @@ use crate::sync::{
     compiler_fence, fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Backoff,
     Ordering,
 };
-use crate::{group, platform, tag, TAG_SIZE};
+use crate::{group, platform, thread, TAG_SIZE};
 
 use super::class::{self, CLASSES};
 use super::lock::{Locked, Spin};
@@ -744,19 +744,19 @@ unsafe fn release(s: *mut Slab) {
         (*s).free = null_mut();
         (*s).used = 0;
         segment::put(s, class::kind(c));
-        tag::uncharge(key, bytes, 0);
+        thread::uncharge(key, bytes, 0);
     }
 }
 
 /// A fresh slab of `class`, charged to `key`: its free list holds every object.
 fn new_slab(key: Key, class: usize) -> Result<*mut Slab, Slow> {
     let bytes = class::slab_bytes(class);
-    if tag::charge(key, bytes, 0).is_none() {
+    if thread::charge(key, bytes, 0).is_none() {
         return Err(Slow::Refused);
     }
     let s = segment::take(class::kind(class));
     if s.is_null() {
-        tag::uncharge(key, bytes, 0);
+        thread::uncharge(key, bytes, 0);
         return Err(Slow::Tag);
     }
     counter(key).adjust_overhead(bytes as isize);

@@ -12,7 +12,7 @@
 //!   `flush()` and `remove()` support, thread exit (the heap left, slabs and all, for the next
 //!   thread to adopt) and `fork()`.
 //!
-//! Charging goes through the same core as the tag design (`tag::charge`, the stocks): a slab
+//! Charging goes through the same core as the tag design (`thread::charge`, the stocks): a slab
 //! is one charge, so limits, `OnLimit`, `fallible`, `nofail` and kmem all behave as there, in
 //! slab-sized steps.
 

@@ -113,6 +113,7 @@ impl Pocket {
     }
 
     /// The owner's take of the whole content (word and extra), leaving the pocket unclaimed.
+    #[inline]
     pub(super) fn take_own(&self, stop: &AtomicU32) -> Option<(u64, u64)> {
         self.with(stop, |p| {
             let taken = (

@@ -1,12 +1,15 @@
-//! This thread's pocket (see `core::pocket`): kept in the thread's scope block (see
-//! `crate::scope`, which keeps it beside the key to charge), put on the pockets' list at the
-//! thread's first small allocation, emptied and taken off at its exit.
+//! The calling thread as the charge path (`core::charge`) sees it ([`Thread`]): its CPU, its
+//! scope's limit mode, and its pocket (see `core::pocket`), which is kept in the thread's
+//! scope block (see `crate::scope`, which keeps it beside the key to charge), put on the
+//! pockets' list at the thread's first small allocation, emptied and taken off at its exit.
 //!
 //! Pockets need `membarrier(2)` (Linux 4.14) and a thread-exit hook; without them, in exact
 //! mode (`MEMGROUP_BATCH=0`), or with `MEMGROUP_POCKETS=0`, threads have none and charge the
 //! per-CPU stocks directly.
 
+use crate::core::charge::Caller;
 use crate::core::pocket::{Place, Pocket};
+use crate::core::stock::{Key, Mode};
 use crate::fork::{self, Participant, Rank};
 use crate::group::{self, STOCKS};
 use crate::lock::SpinLock;
@@ -33,6 +36,50 @@ static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
 const MIN_POCKET: usize = 512;
 /// Bytes mapped at a time for new places on the pockets' list (1,024 places of 16 bytes).
 const CHUNK_BYTES: usize = 16 << 10;
+
+/// The calling thread, for the charge path: what it asks is read from this thread's state
+/// when it asks.
+pub(crate) struct Thread;
+
+impl Caller for Thread {
+    #[inline(always)]
+    fn cpu(&self) -> usize {
+        platform::cpu()
+    }
+
+    #[inline(always)]
+    fn mode(&self) -> Mode {
+        scope::mode()
+    }
+
+    #[inline(always)]
+    fn pocketless(&self) -> bool {
+        none()
+    }
+
+    #[inline(always)]
+    fn listed_pocket(&self, adopt: bool) -> Option<&Pocket> {
+        if adopt {
+            get()
+        } else {
+            current()
+        }
+    }
+}
+
+/// Charges `bytes` (and `objects` new blocks) to `key` from this thread, through its CPU's
+/// stock: see `Stocks::charge`.
+#[inline(always)]
+pub(crate) fn charge(key: Key, bytes: usize, objects: u64) -> Option<Key> {
+    STOCKS.charge(&Thread, key, bytes, objects)
+}
+
+/// Uncharges `bytes` (and `objects` blocks freed) from `key`, through this thread's CPU's
+/// stock: see `Stocks::uncharge`.
+#[inline(always)]
+pub(crate) fn uncharge(key: Key, bytes: usize, objects: u64) {
+    STOCKS.uncharge(&Thread, key, bytes, objects)
+}
 
 /// This thread's pocket, if it is on the list.
 #[inline(always)]

@@ -1,0 +1,465 @@
+//! The charge path, once, below both designs: a thread's pocket, then its CPU's stock, then
+//! the counters with their limits, drains and reclaim (memcg's `try_charge`).
+//!
+//! The tag design charges every block here ([`Stocks::charge_block`], then
+//! [`Stocks::charge_block_slow`] when the pocket cannot serve it), the arena design every slab
+//! ([`Stocks::charge`]), and the loom models (`loom-tests/`) drive these very functions. What
+//! the path needs of the calling thread (its CPU, its scope's limit mode, its pocket's state)
+//! it asks through [`Caller`], each only on the branch that needs it: the pocket's fast path
+//! reads none of them.
+//!
+//! Below those entry points, the slow paths: a pocket's `fill` from the CPU's stock, a slot's
+//! refill from the counters in a batch (`charge_slow`, `deposit`, `claim`), and the exact
+//! charge at a limit (`charge_exact`: drains under the limit, direct reclaim, then the mode
+//! and the policies). The fast paths on a slot or a pocket word are `super::stock`'s; the
+//! drains are `super::drain`'s.
+
+use super::counter::{Counter, Event, CRITICAL};
+use super::pocket::Pocket;
+use super::stock::{has_content, key, key_id, key_is_kernel, word, word_allocs, word_bytes};
+use super::stock::{word_frees, word_key, CpuStock, Groups, Key, Mode, Stocks, COUNT_MAX, SLOTS};
+use crate::sync::{Backoff, Ordering};
+
+/// How many times a charge refused at a limit drains the stocks under it and retries before
+/// the refusal stands (the kernel retries reclaim up to 16 times; a drain is cheaper to repeat
+/// but rarely finds more than a concurrent refill or two).
+const DRAINS: u32 = 3;
+
+/// The calling thread, as the charge path sees it: implemented by the embedding (the calling
+/// thread's state, `crate::thread::Thread`) and by the loom models (a CPU number and a pocket).
+pub(crate) trait Caller {
+    /// The CPU it runs on: the index of the stock it charges.
+    fn cpu(&self) -> usize;
+    /// What may happen when one of its charges would pass a limit.
+    fn mode(&self) -> Mode;
+    /// Whether it has no pocket and will have none (pockets are off, or it is exiting): its
+    /// blocks are charged to the CPU's stock directly.
+    fn pocketless(&self) -> bool;
+    /// Its pocket, if it is on the pockets' list; with `adopt`, put on the list now if it never
+    /// had its chance (`None` if it cannot have one).
+    fn listed_pocket(&self, adopt: bool) -> Option<&Pocket>;
+}
+
+impl<G: Groups, const N: usize> Stocks<G, N> {
+    /// Charges `bytes` (and `objects` new blocks) to `key`: the CPU's stock, else its slow path
+    /// (a refill from the counters, or an exact charge). Returns the key actually charged,
+    /// which differs when the group was removed and a new block goes to its nearest live
+    /// ancestor; `None` when refused.
+    #[inline(always)]
+    pub(crate) fn charge(
+        &self,
+        t: &impl Caller,
+        key: Key,
+        bytes: usize,
+        objects: u64,
+    ) -> Option<Key> {
+        let cpu = t.cpu();
+        if self.consume(cpu, key, bytes, objects) {
+            return Some(key);
+        }
+        self.charge_slow(cpu, key, bytes, objects, t.mode())
+    }
+
+    /// Uncharges `bytes` (and `objects` blocks freed) from `key`: to the CPU's stock, else
+    /// through its slow path.
+    #[inline(always)]
+    pub(crate) fn uncharge(&self, t: &impl Caller, key: Key, bytes: usize, objects: u64) {
+        // The slow path reads the CPU again: keeping it live across the fast path's loop costs
+        // that loop a register (two instructions per free with pockets off).
+        if !self.refill(t.cpu(), key, bytes, objects) {
+            self.uncharge_slow(t.cpu(), key, bytes, objects);
+        }
+    }
+
+    /// The fast path of a block's charge: the thread's pocket `p` (with no locked instruction),
+    /// or, for a thread that has no pocket, the CPU's stock. `pad` is the block's overhead
+    /// beyond the tag formula (see `Counter::adjust_overhead`). False when neither can serve
+    /// it; then call `charge_block_slow`. A thread whose pocket is not on the list fails here
+    /// (its pocket holds nothing), and its slow path gives it its pocket.
+    #[inline(always)]
+    pub(crate) fn charge_block(
+        &self,
+        t: &impl Caller,
+        p: &Pocket,
+        key: Key,
+        bytes: usize,
+        pad: usize,
+    ) -> bool {
+        self.pocket_charge(p, key, bytes, pad)
+            || t.pocketless() && self.consume(t.cpu(), key, bytes, 1) && {
+                self.pad_overhead(key, pad as isize);
+                true
+            }
+    }
+
+    /// A block's charge that `charge_block` could not serve: the CPU's stock (refilled from
+    /// the counters if it is short), or the counters directly for a block over a batch; then
+    /// the pocket, if the block is small, is filled for the next ones (not for a removed
+    /// group's key, whose blocks go to an ancestor). Returns the key charged, or `None` when
+    /// refused (nothing is then changed).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn charge_block_slow(
+        &self,
+        t: &impl Caller,
+        key: Key,
+        bytes: usize,
+        pad: usize,
+    ) -> Option<Key> {
+        let cpu = t.cpu();
+        let charged = if bytes <= self.batch() && self.consume(cpu, key, bytes, 1) {
+            key
+        } else {
+            self.charge_slow(cpu, key, bytes, 1, t.mode())?
+        };
+        self.pad_overhead(charged, pad as isize);
+        if charged == key && bytes <= self.pocket_size() / 2 {
+            if let Some(p) = t.listed_pocket(true) {
+                self.fill(cpu, p, key);
+            }
+        }
+        Some(charged)
+    }
+
+    /// The fast path of a block's uncharge, as `charge_block` charged it: into the thread's
+    /// pocket `p`, or, for a thread that has no pocket, to the CPU's stock (through its slow
+    /// path if need be). False when the pocket cannot take it; then call
+    /// `uncharge_block_slow`.
+    #[inline(always)]
+    pub(crate) fn uncharge_block(
+        &self,
+        t: &impl Caller,
+        p: &Pocket,
+        key: Key,
+        bytes: usize,
+        pad: usize,
+    ) -> bool {
+        self.pocket_uncharge(p, key, bytes, pad)
+            || t.pocketless() && {
+                // Before the bytes go: they keep a removed group's record alive.
+                self.pad_overhead(key, -(pad as isize));
+                self.uncharge(t, key, bytes, 1);
+                true
+            }
+    }
+
+    /// A block's uncharge that the thread's pocket could not take: it goes to the CPU's
+    /// stock, and a pocket that holds the key (so it was full) is brought back to half.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn uncharge_block_slow(&self, t: &impl Caller, key: Key, bytes: usize, pad: usize) {
+        // Before the bytes go: they keep a removed group's record alive.
+        self.pad_overhead(key, -(pad as isize));
+        self.uncharge(t, key, bytes, 1);
+        if let Some(p) = t.listed_pocket(false) {
+            if bytes <= self.pocket_size() / 2 && self.pocket_holds(p, key) {
+                self.fill(t.cpu(), p, key);
+            }
+        }
+    }
+
+    /// Adds a block's `pad` to its group's overhead figure, or (negative) takes it off, for a
+    /// block charged or uncharged outside a pocket (which counts it itself).
+    #[inline(always)]
+    pub(crate) fn pad_overhead(&self, key: Key, delta: isize) {
+        if delta != 0 {
+            self.groups.counter(key_id(key)).adjust_overhead(delta);
+        }
+    }
+
+    // The slow paths.
+
+    /// Makes this thread's pocket serve `key`, after a fast path on it failed and the stocks
+    /// served instead: its content goes back to this CPU's stock, and half a pocket's worth for
+    /// `key` comes from there if the stock has it (a pocket never makes a charge fail, nor
+    /// charges the counters). If `key`'s group is offline (removed since), `recheck` purges
+    /// the pocket again.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn fill(&self, cpu: usize, p: &Pocket, key: Key) {
+        let stop = &self.pockets.stop;
+        let c = self.groups.counter(key_id(key));
+        self.holding(cpu, || {
+            let Some((held, extra)) = p.take_own(stop) else {
+                return;
+            };
+            self.give_back(cpu, held, extra);
+            let half = self.pocket_size() / 2;
+            let bytes = if half != 0 && self.consume(cpu, key, half, 0) {
+                half
+            } else {
+                0
+            };
+            let new = word(key, bytes as u64, 0, 0);
+            if p.with(stop, |p| p.word.store(new, Ordering::Relaxed))
+                .is_none()
+                && bytes != 0
+            {
+                // A drain began meanwhile: what would have gone in goes back.
+                self.deposit(cpu, key, c, bytes, 0, 0);
+            }
+            // Still in hand, so that no record these name can be reused before a purge of a
+            // group removed meanwhile sees its words: no block of the pocket's former group
+            // keeps that one's record alive.
+            if held != 0 {
+                self.recheck(self.groups.counter(key_id(word_key(held))));
+            }
+            self.recheck(c);
+        });
+    }
+
+    /// Returns a word and extra taken out of a pocket to this CPU's stock (to the counters if
+    /// its group is offline).
+    fn give_back(&self, cpu: usize, w: u64, extra: u64) {
+        if !has_content(w) {
+            return;
+        }
+        let key = word_key(w);
+        let c = self.groups.counter(key_id(key));
+        // Before the bytes go: they keep an offline group's record alive.
+        c.adjust_overhead(extra as i64 as isize);
+        if c.is_online() {
+            let bytes = word_bytes(w) as usize;
+            self.deposit(cpu, key, c, bytes, word_allocs(w), word_frees(w));
+        } else {
+            self.apply(w);
+        }
+    }
+
+    /// The slow path of a charge: refills the slot from the counters in a batch, or charges
+    /// the counters exactly when a batch does not fit. Returns the key charged, or `None` when
+    /// the charge is refused (nothing is then changed).
+    ///
+    /// A new block (`objects != 0`) of a removed group is charged to its nearest live ancestor
+    /// instead, and that ancestor's key is returned; growth of an existing block
+    /// (`objects == 0`) stays with the block's owner.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn charge_slow(
+        &self,
+        cpu: usize,
+        key: Key,
+        bytes: usize,
+        objects: u64,
+        mode: Mode,
+    ) -> Option<Key> {
+        let kernel = key_is_kernel(key);
+        let mut c = self.groups.counter(key_id(key));
+        if objects != 0 {
+            while !c.is_online() {
+                c = c.parent().expect("the root is never removed");
+            }
+        }
+        let key = self::key(c.id, kernel);
+        let batch = self.batch();
+        if bytes > batch || !c.is_online() {
+            return self
+                .charge_exact(c, kernel, bytes, objects, mode)
+                .then_some(key);
+        }
+        // Empty our slot into our hands, then put back what is left after this charge, with a
+        // batch from the counters if it is short.
+        let refilled = self.holding(cpu, || {
+            let held = self.take(cpu, key);
+            c.count(word_allocs(held), word_frees(held));
+            let have = word_bytes(held) as usize;
+            let refill = if have >= bytes {
+                Ok(false)
+            } else {
+                c.try_charge(batch, kernel).map(|raised| {
+                    self.raised(raised);
+                    true
+                })
+            };
+            match refill {
+                Ok(batched) => {
+                    let have = have + if batched { batch } else { 0 };
+                    self.deposit(cpu, key, c, have - bytes, objects, 0);
+                    true
+                }
+                Err(_) => {
+                    self.release(c, kernel, have);
+                    false
+                }
+            }
+        });
+        if !refilled {
+            return self
+                .charge_exact(c, kernel, bytes, objects, mode)
+                .then_some(key);
+        }
+        self.recheck(c);
+        Some(key)
+    }
+
+    /// The slow path of an uncharge: for an offline group or a large size the counters are
+    /// uncharged directly; otherwise the bytes go to this CPU's slot for `key` (claiming one
+    /// if there is none), and a slot over `batch` returns half to the counters.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn uncharge_slow(&self, cpu: usize, key: Key, bytes: usize, objects: u64) {
+        let c = self.groups.counter(key_id(key));
+        if bytes > self.batch() || !c.is_online() {
+            c.count(0, objects);
+            self.release(c, key_is_kernel(key), bytes);
+        } else {
+            self.holding(cpu, || self.deposit(cpu, key, c, bytes, 0, objects));
+            self.recheck(c);
+        }
+    }
+
+    /// Charges the counters directly. When a limit on the chain refuses, the stocks under that
+    /// limit are drained and the charge retried, so it fails only when real usage plus
+    /// `bytes` would pass the limit. Then the mode and the policies decide: refuse, or force.
+    #[cold]
+    pub(crate) fn charge_exact(
+        &self,
+        c: &Counter,
+        kernel: bool,
+        bytes: usize,
+        objects: u64,
+        mode: Mode,
+    ) -> bool {
+        // Drains before giving up: stocks refilled elsewhere while this charge drained hold
+        // bytes it could use, so it drains (and retries) more than once.
+        let mut drains = 0;
+        let mut reclaimed = false;
+        loop {
+            match c.try_charge(bytes, kernel) {
+                Ok(raised) => {
+                    self.raised(raised);
+                    break;
+                }
+                Err((at, _)) if drains < DRAINS => {
+                    drains += 1;
+                    self.settle_refills();
+                    self.drain(|g| g.is_under(at));
+                }
+                Err((at, limit)) => {
+                    if !reclaimed && self.groups.reclaim(at, at.excess(bytes, limit)) {
+                        reclaimed = true;
+                        drains = DRAINS - 1;
+                        continue;
+                    }
+                    at.event(Event::Max);
+                    self.raised(at.signal(CRITICAL));
+                    let forced = if refuses(mode, c) {
+                        None
+                    } else {
+                        c.charge_force(bytes, kernel)
+                    };
+                    match forced {
+                        Some(raised) => {
+                            self.raised(raised);
+                            break;
+                        }
+                        None => {
+                            at.event(Event::Fail);
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+        c.count(objects, 0);
+        true
+    }
+
+    /// Adds bytes and counts to this CPU's slot for `key`. What does not fit (a slot over
+    /// `batch`, a full count) is returned to the counters of `c`, whose key is `key`.
+    fn deposit(&self, cpu: usize, key: Key, c: &Counter, bytes: usize, allocs: u64, frees: u64) {
+        let batch = self.batch() as u64;
+        let (bytes, kernel) = (bytes as u64, key_is_kernel(key));
+        let stock = self.stock(cpu);
+        for slot in &stock.slots {
+            let mut w = slot.load(Ordering::Relaxed);
+            while word_key(w) == key {
+                let b = word_bytes(w) + bytes;
+                let (a, f) = (word_allocs(w) + allocs, word_frees(w) + frees);
+                let fits = b <= batch && a <= COUNT_MAX && f <= COUNT_MAX;
+                // Overflowing: keep half a batch and hand the rest to the counters.
+                let keep = if fits { b } else { b.min(batch / 2) };
+                let new = if fits {
+                    word(key, b, a, f)
+                } else {
+                    word(key, keep, 0, 0)
+                };
+                match slot.compare_exchange_weak(w, new, Ordering::SeqCst, Ordering::Relaxed) {
+                    Ok(_) => {
+                        if !fits {
+                            c.count(a, f);
+                            self.release(c, kernel, (b - keep) as usize);
+                        }
+                        return;
+                    }
+                    Err(now) => w = now,
+                }
+            }
+        }
+        if bytes <= batch {
+            self.claim(cpu, stock, word(key, bytes, allocs, frees));
+        } else {
+            c.count(allocs, frees);
+            self.release(c, kernel, bytes as usize);
+        }
+    }
+
+    /// Puts `new` into a slot of this CPU: an empty one if there is one, else a victim chosen
+    /// round-robin, whose content goes back to its group's counters.
+    #[cold]
+    fn claim(&self, cpu: usize, stock: &CpuStock, new: u64) {
+        self.span.fetch_max((cpu & (N - 1)) + 1, Ordering::SeqCst);
+        let mut backoff = Backoff::new();
+        loop {
+            let empty = stock
+                .slots
+                .iter()
+                .position(|s| !has_content(s.load(Ordering::Relaxed)));
+            let i = empty
+                .unwrap_or_else(|| stock.victim.fetch_add(1, Ordering::Relaxed) as usize % SLOTS);
+            let slot = &stock.slots[i];
+            let w = slot.load(Ordering::Relaxed);
+            if !has_content(w) {
+                if slot
+                    .compare_exchange(w, new, Ordering::SeqCst, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return;
+                }
+            } else {
+                // Counted in (again: the callers hold already) while the victim is in hand.
+                let evicted = self.holding(cpu, || {
+                    let evicted =
+                        slot.compare_exchange(w, new, Ordering::SeqCst, Ordering::Relaxed);
+                    if evicted.is_ok() {
+                        self.apply(w);
+                    }
+                    evicted.is_ok()
+                });
+                if evicted {
+                    return;
+                }
+            }
+            // Another thread changed the slot between the look and the swap: not a wait for
+            // anyone, but it backs off the same way.
+            backoff.wait();
+        }
+    }
+
+    fn raised(&self, raised: bool) {
+        if raised {
+            self.groups.wake();
+        }
+    }
+}
+
+/// Whether an over-limit charge of `c` fails, whichever level's limit it hit: inside
+/// `fallible`, or when `c` or any of its ancestors has `OnLimit::Fail` (a policy holds for the
+/// group's whole subtree).
+fn refuses(mode: Mode, c: &Counter) -> bool {
+    match mode {
+        Mode::NoFail => false,
+        Mode::Fallible => true,
+        Mode::Policy => c.chain().any(Counter::fails),
+    }
+}
