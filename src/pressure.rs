@@ -1,5 +1,5 @@
-//! Memory pressure (seeds/004): levels, notifications, shrinkers, and background and direct
-//! reclaim.
+//! Memory pressure, after the mempressure control group (see the crate's Design notes): levels,
+//! notifications, shrinkers, and background and direct reclaim.
 //!
 //! The charge path never calls user code. When a charge crosses a threshold it sets a bit on
 //! the group's counter and rings a doorbell (one atomic add, and a futex wake if the notifier

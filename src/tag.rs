@@ -1,5 +1,6 @@
-//! The tag design (Vladimir Davydov's, seeds/003): one shared inner allocator, and the owner's
-//! key stored with every block, so a free finds its owner without a lookup.
+//! The tag design (Vladimir Davydov's; see the crate's Design notes): one shared inner
+//! allocator, and the owner's key stored with every block, so a free finds its owner without a
+//! lookup.
 //!
 //! The tag is 8 bytes, just before the block: for alignments up to 8 it is the whole header;
 //! for 16-aligned blocks the header is 16 bytes (the tag and 8 unused), since a tag after the

@@ -26,7 +26,7 @@ pub(crate) enum Limit {
     KmemMax,
 }
 
-/// Pressure levels, as bits of `Counter::pending` (seeds/004's low / medium / critical).
+/// Pressure levels, as bits of `Counter::pending` (mempressure's low / medium / critical).
 pub(crate) const LOW: u8 = 1;
 pub(crate) const MEDIUM: u8 = 2;
 pub(crate) const CRITICAL: u8 = 4;
