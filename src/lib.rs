@@ -68,10 +68,11 @@
 //! `alloc_tagged` calls `alloc_slow`, which calls `Stocks::charge_block_slow` (the CPU's stock
 //! slot: one compare-and-swap), which calls `Stocks::charge_slow` (a refill of the slot in a
 //! batch), which calls `Counter::try_charge`: the counter, at the fifth call. A block over a
-//! batch, or a refill refused at a limit, goes on from `charge_slow` to `Stocks::charge_exact`
-//! (drains under the limit, direct reclaim, then the mode and the policies). The arena design
-//! charges a slab at a time through `thread::charge`, which calls `Stocks::charge` and from
-//! there the same `charge_slow`.
+//! batch goes from `charge_block_slow` to `Stocks::charge_exact` (drains under the limit,
+//! direct reclaim, then the mode and the policies), and from there to `Counter::try_charge`,
+//! also the fifth; a refill refused at a limit goes on from `charge_slow` to `charge_exact`.
+//! The arena design charges a slab at a time through `thread::charge`, which calls
+//! `Stocks::charge` and from there the same `charge_slow`.
 //!
 //! **Verbs.** Memory goes back and forth between three levels, the counters, the per-CPU stock
 //! slots and the threads' pockets, with the kernel's verbs (memcg's `consume_stock`,

@@ -107,7 +107,13 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         pad: usize,
     ) -> Option<Key> {
         let cpu = t.cpu();
-        let charged = if bytes <= self.batch() && self.consume(cpu, key, bytes, 1) {
+        let charged = if bytes > self.batch() {
+            // What `charge_slow` would do with it, one call nearer the counter.
+            let c = self.live(key, 1);
+            let charged = self::key(c.id, key_is_kernel(key));
+            self.charge_exact(c, key_is_kernel(key), bytes, 1, t.mode())
+                .then_some(charged)?
+        } else if self.consume(cpu, key, bytes, 1) {
             key
         } else {
             self.charge_slow(cpu, key, bytes, 1, t.mode())?
@@ -226,6 +232,19 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         }
     }
 
+    /// The counter a charge of `key` goes to: a new block's (`objects != 0`) goes to the nearest
+    /// live ancestor of a removed group, growth of an existing block (`objects == 0`) to the
+    /// block's owner, removed or not.
+    fn live(&self, key: Key, objects: u64) -> &Counter {
+        let mut c = self.groups.counter(key_id(key));
+        if objects != 0 {
+            while !c.is_online() {
+                c = c.parent().expect("the root is never removed");
+            }
+        }
+        c
+    }
+
     /// The slow path of a charge: refills the slot from the counters in a batch, or charges
     /// the counters exactly when a batch does not fit. Returns the key charged, or `None` when
     /// the charge is refused (nothing is then changed).
@@ -244,12 +263,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         mode: Mode,
     ) -> Option<Key> {
         let kernel = key_is_kernel(key);
-        let mut c = self.groups.counter(key_id(key));
-        if objects != 0 {
-            while !c.is_online() {
-                c = c.parent().expect("the root is never removed");
-            }
-        }
+        let c = self.live(key, objects);
         let key = self::key(c.id, kernel);
         let batch = self.batch();
         if bytes > batch || !c.is_online() {
