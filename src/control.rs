@@ -4,7 +4,7 @@
 
 use crate::core::counter::{Counter, Snapshot, MEDIUM, UNLIMITED};
 use crate::core::stock::Groups;
-use crate::group::{self, node, node_of, Group, Table, MAX_NAME, ROOT_ID};
+use crate::group::{self, node, node_of, Group, Records, MAX_NAME, ROOT_ID};
 use crate::{Error, OnLimit, Stat};
 
 impl Group {
@@ -32,7 +32,7 @@ impl Group {
 
     /// The group's path below the root, such as `"tenant-a/batch"`; the root's is `"/"`.
     pub fn name(&self) -> String {
-        // Allocated before the registry lock is taken (see `group::names_up`). A group's chain
+        // Allocated before the directory lock is taken (see `group::names_up`). A group's chain
         // of ancestors never changes, so its length is known.
         let depth = self.node().counter.chain().count() - 1;
         let mut parts: Vec<([u8; MAX_NAME], usize)> = Vec::with_capacity(depth);
@@ -51,7 +51,7 @@ impl Group {
     /// The group's live (not removed) children, in no particular order.
     pub fn children(&self) -> Vec<Group> {
         let me = self.node();
-        // Room for the children is made outside the registry lock (see `group::live_children`);
+        // Room for the children is made outside the directory lock (see `group::live_children`);
         // if children were added in between, the room is too small and the walk starts again.
         let mut want = group::child_count(me);
         loop {
@@ -156,7 +156,7 @@ fn limit_set(c: &Counter) {
     // The fast figure includes stock slack: decide on the exact one.
     group::flush_counter(c);
     if c.snapshot().usage > target && c.signal(MEDIUM) {
-        Table.wake();
+        Records.wake();
     }
 }
 

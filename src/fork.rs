@@ -26,11 +26,11 @@ pub(crate) enum Rank {
     /// The arena's slabs parked during the fork: released last, once every lock is free.
     #[cfg_attr(not(feature = "arena"), allow(dead_code))]
     ArenaParked,
-    /// The pressure registry's lock; in the child, the notifier and the call locks reset.
+    /// The pressure subscribers' lock; in the child, the notifier and the call locks reset.
     Pressure,
     /// Every thread kept out of its pocket.
     Pockets,
-    /// The group registry's lock.
+    /// The group directory's lock.
     Groups,
     /// The arena's heaps stopped and its locks held.
     #[cfg_attr(not(feature = "arena"), allow(dead_code))]

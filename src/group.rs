@@ -36,16 +36,17 @@ const BOOKKEEPING: usize = size_of::<Node>();
 /// CPU slots in the stock array; CPU numbers are masked into it (a power of two).
 const MAX_CPUS: usize = 1024;
 
-/// The stocks and the charge paths, over the group table.
-pub(crate) static STOCKS: Stocks<Table, MAX_CPUS> = Stocks::new(0, Table);
+/// The concurrent core (`crate::core`) over the group table: the per-CPU stocks, the
+/// pockets' list, and the charge path through them, for both designs.
+pub(crate) static CORE: Stocks<Records, MAX_CPUS> = Stocks::new(0, Records);
 
 static POOL: AtomicPtr<Node> = AtomicPtr::new(core::ptr::null_mut());
 static INIT: AtomicU8 = AtomicU8::new(0);
 static KMEM: AtomicBool = AtomicBool::new(true);
 static DYING: AtomicUsize = AtomicUsize::new(0);
-/// One past the highest id ever used (`Registry::next`, readable without the lock).
+/// One past the highest id ever used (`Directory::next`, readable without the lock).
 static NEXT_ID: AtomicU32 = AtomicU32::new(ROOT_ID + 1);
-static REGISTRY: SpinLock<Registry> = SpinLock::new(Registry {
+static DIRECTORY: SpinLock<Directory> = SpinLock::new(Directory {
     names: None,
     free: 0,
     quarantine: 0,
@@ -59,11 +60,11 @@ pub(crate) struct Node {
     pub(crate) counter: Counter,
     /// Handles, entered threads and child records holding this one.
     refs: AtomicUsize,
-    /// Only touched under the registry lock.
+    /// Only touched under the directory lock.
     meta: UnsafeCell<Meta>,
 }
 
-// SAFETY: `meta` is only accessed under the registry lock; everything else is atomic.
+// SAFETY: `meta` is only accessed under the directory lock; everything else is atomic.
 unsafe impl Sync for Node {}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -86,7 +87,9 @@ struct Meta {
     next: u32,
 }
 
-struct Registry {
+/// The groups' directory, as cgroupfs's: the names of online groups under their parents, and
+/// the ids to give new ones. Behind `DIRECTORY`, the one lock of the group table.
+struct Directory {
     /// Ids of online groups other than the root, by (parent id, name).
     names: Option<hashbrown::HashTable<u32, Malloc>>,
     /// Freed records ready for reuse.
@@ -98,9 +101,9 @@ struct Registry {
 }
 
 /// The group table as the core sees it.
-pub(crate) struct Table;
+pub(crate) struct Records;
 
-impl Groups for Table {
+impl Groups for Records {
     #[inline]
     fn counter(&self, id: u32) -> &Counter {
         &node(id).counter
@@ -140,9 +143,9 @@ pub(crate) struct Notifier {
 /// A design's per-group caches, which `flush()` and `remove()` must reach (the kernel's
 /// `cgroup_subsys` callbacks): registered by the design when it makes its first cache.
 pub(crate) struct Caches {
-    /// Gives back what the caches of `under`'s groups hold; `leaf`: `under` has no child.
+    /// Drains what the caches of `under`'s groups hold; `leaf`: `under` has no child.
     pub(crate) flush: fn(under: &Counter, leaf: bool),
-    /// Retires the caches of a group just taken offline.
+    /// Drains and drops the caches of a group just taken offline (its slabs are orphaned).
     pub(crate) remove: fn(id: u32),
 }
 
@@ -179,7 +182,7 @@ pub(crate) fn for_each_counter(mut f: impl FnMut(&Counter)) {
 
 /// `Group::flush` for a bare counter.
 pub(crate) fn flush_counter(c: &Counter) {
-    STOCKS.drain(|g| g.is_under(c));
+    CORE.drain(|g| g.is_under(c));
 }
 
 /// The record with this id.
@@ -203,10 +206,10 @@ pub(crate) fn node_of(c: &Counter) -> &'static Node {
 
 impl Node {
     /// # Safety
-    /// The caller holds the registry lock.
+    /// The caller holds the directory lock.
     #[allow(clippy::mut_from_ref)]
     unsafe fn meta(&self) -> &mut Meta {
-        // SAFETY: the caller holds the registry lock, which serializes every access to `meta`.
+        // SAFETY: the caller holds the directory lock, which serializes every access to `meta`.
         unsafe { &mut *self.meta.get() }
     }
 
@@ -236,7 +239,7 @@ fn init() -> *mut Node {
     if pool.is_null() {
         platform::corrupted(b"cannot map the group table");
     }
-    STOCKS.set_batch(platform::env_size_in(
+    CORE.set_batch(platform::env_size_in(
         c"MEMGROUP_BATCH",
         64 << 10,
         MAX_BATCH,
@@ -274,8 +277,8 @@ pub(crate) fn kmem_enabled() -> bool {
 fn free_if_unused(mut node: &'static Node) {
     loop {
         {
-            let _reg = REGISTRY.lock();
-            // SAFETY: under the registry lock.
+            let _reg = DIRECTORY.lock();
+            // SAFETY: under the directory lock.
             let meta = unsafe { node.meta() };
             if meta.state != State::Dying
                 || node.refs.load(Ordering::Acquire) != 0
@@ -288,10 +291,10 @@ fn free_if_unused(mut node: &'static Node) {
         DYING.fetch_sub(1, Ordering::Relaxed);
         let parent = node_of(node.counter.parent().expect("only the root has no parent"));
         // Counts still pending in stock slots go to this record's chain before it goes.
-        STOCKS.purge(node.counter.id);
+        CORE.drain_group(node.counter.id);
         {
-            let mut reg = REGISTRY.lock();
-            // SAFETY: under the registry lock.
+            let mut reg = DIRECTORY.lock();
+            // SAFETY: under the directory lock.
             unsafe { node.meta().next = reg.quarantine };
             reg.quarantine = node.counter.id;
         }
@@ -314,9 +317,9 @@ pub struct Group {
 }
 
 // SAFETY: a Group is a counted reference to a record whose shared state is atomic or behind
-// the registry lock.
+// the directory lock.
 unsafe impl Send for Group {}
-// SAFETY: as above; `&Group` only reads atomics or takes the registry lock.
+// SAFETY: as above; `&Group` only reads atomics or takes the directory lock.
 unsafe impl Sync for Group {}
 
 impl Clone for Group {
@@ -394,7 +397,7 @@ pub(crate) fn create(parent: &'static Node, name: &str) -> Result<Group, Error> 
     if !parent.counter.is_online() {
         return Err(Error::Removed);
     }
-    if !STOCKS.charge_exact(&parent.counter, kmem, BOOKKEEPING, 0, Mode::Fallible) {
+    if !CORE.charge_exact(&parent.counter, kmem, BOOKKEEPING, 0, Mode::Fallible) {
         return Err(Error::OverLimit);
     }
     let created = insert(parent, name);
@@ -406,8 +409,8 @@ pub(crate) fn create(parent: &'static Node, name: &str) -> Result<Group, Error> 
 
 fn insert(parent: &'static Node, name: &str) -> Result<Group, Error> {
     let hash = name_hash(parent.counter.id, name.as_bytes());
-    let mut reg = REGISTRY.lock();
-    // SAFETY: under the registry lock.
+    let mut reg = DIRECTORY.lock();
+    // SAFETY: under the directory lock.
     let parent_meta = unsafe { parent.meta() };
     if parent_meta.state != State::Online {
         return Err(Error::Removed);
@@ -458,13 +461,13 @@ fn insert(parent: &'static Node, name: &str) -> Result<Group, Error> {
 }
 
 /// The names of `node` and of its ancestors below the root, from `node` up, pushed onto
-/// `parts`, which has room for them (nothing is allocated under the registry lock: an
+/// `parts`, which has room for them (nothing is allocated under the directory lock: an
 /// allocation there could end up freeing a removed group's record, which takes the lock).
 pub(crate) fn names_up(node: &Node, parts: &mut Vec<([u8; MAX_NAME], usize)>) {
-    let _reg = REGISTRY.lock();
+    let _reg = DIRECTORY.lock();
     let mut c = &node.counter;
     while let Some(parent) = c.parent() {
-        // SAFETY: under the registry lock.
+        // SAFETY: under the directory lock.
         let meta = unsafe { node_of(c).meta() };
         parts.push((meta.name, meta.name_len as usize));
         c = parent;
@@ -473,16 +476,16 @@ pub(crate) fn names_up(node: &Node, parts: &mut Vec<([u8; MAX_NAME], usize)>) {
 
 /// How many children of `node` are not removed.
 pub(crate) fn child_count(node: &Node) -> usize {
-    let _reg = REGISTRY.lock();
-    // SAFETY: under the registry lock.
+    let _reg = DIRECTORY.lock();
+    // SAFETY: under the directory lock.
     unsafe { node.meta().children }
 }
 
 /// Pushes handles to `me`'s live children onto `out` if it has room for them all (nothing is
-/// allocated under the registry lock); else returns how many there are.
+/// allocated under the directory lock); else returns how many there are.
 pub(crate) fn live_children(me: &Node, out: &mut Vec<Group>) -> Result<(), usize> {
-    let reg = REGISTRY.lock();
-    // SAFETY: under the registry lock.
+    let reg = DIRECTORY.lock();
+    // SAFETY: under the directory lock.
     let count = unsafe { me.meta().children };
     if count > out.capacity() {
         return Err(count);
@@ -498,7 +501,7 @@ pub(crate) fn live_children(me: &Node, out: &mut Vec<Group>) -> Result<(), usize
                 .counter
                 .parent()
                 .is_some_and(|p| p.id == me.counter.id);
-            // SAFETY: under the registry lock.
+            // SAFETY: under the directory lock.
             if mine && unsafe { child.meta().state } == State::Online {
                 // Within the capacity: no allocation.
                 out.push(child.acquire());
@@ -515,26 +518,26 @@ pub(crate) fn flush(node: &Node) {
     if let Some(caches) = caches() {
         // With no child (removed ones have no cache left), only the group's own caches.
         let leaf = {
-            let _reg = REGISTRY.lock();
-            // SAFETY: under the registry lock.
+            let _reg = DIRECTORY.lock();
+            // SAFETY: under the directory lock.
             unsafe { node.meta().children == 0 }
         };
         (caches.flush)(me, leaf);
     }
-    STOCKS.drain(|c| c.is_under(me));
+    CORE.drain(|c| c.is_under(me));
 }
 
 /// `Group::remove` of `node`'s group, but for its handle: offline (it takes no new charges;
 /// threads still inside it charge its nearest live ancestor), its name free, its stock slots
-/// purged and its design caches retired.
+/// drained and its design caches dropped.
 pub(crate) fn take_offline(node: &'static Node) -> Result<(), Error> {
     let parent = match node.counter.parent() {
         Some(parent) => node_of(parent),
         None => return Err(Error::Root),
     };
     {
-        let mut reg = REGISTRY.lock();
-        // SAFETY: under the registry lock.
+        let mut reg = DIRECTORY.lock();
+        // SAFETY: under the directory lock.
         let meta = unsafe { node.meta() };
         if meta.state != State::Online {
             return Err(Error::Removed);
@@ -544,7 +547,7 @@ pub(crate) fn take_offline(node: &'static Node) -> Result<(), Error> {
         }
         meta.state = State::Dying;
         node.counter.set_offline();
-        // SAFETY: under the registry lock.
+        // SAFETY: under the directory lock.
         unsafe { parent.meta().children -= 1 };
         let name = &meta.name[..meta.name_len as usize];
         let hash = name_hash(parent.counter.id, name);
@@ -556,21 +559,21 @@ pub(crate) fn take_offline(node: &'static Node) -> Result<(), Error> {
     }
     DYING.fetch_add(1, Ordering::Relaxed);
     // From here no slot can be claimed for the group; empty the ones it has.
-    STOCKS.purge(node.counter.id);
-    // And no design's cache made for it: retire the ones it has, orphaning its slabs.
+    CORE.drain_group(node.counter.id);
+    // And no design's cache made for it: drop the ones it has, orphaning its slabs.
     if let Some(caches) = caches() {
         (caches.remove)(node.counter.id);
     }
     Ok(())
 }
 
-impl Registry {
+impl Directory {
     fn take_id(&mut self) -> Option<u32> {
-        if self.quarantine != 0 && STOCKS.quiescent() {
-            // Every record on the quarantine list was purged before this moment, and no drain
+        if self.quarantine != 0 && CORE.quiescent() {
+            // Every record on the quarantine list was drained before this moment, and no drain
             // is running: none can still hold a word naming one of them.
             let mut last = self.quarantine;
-            // SAFETY: under the registry lock (the caller holds it: `self` is its content).
+            // SAFETY: under the directory lock (the caller holds it: `self` is its content).
             unsafe {
                 while node(last).meta().next != 0 {
                     last = node(last).meta().next;
@@ -581,7 +584,7 @@ impl Registry {
         }
         if self.free != 0 {
             let id = self.free;
-            // SAFETY: under the registry lock, as above.
+            // SAFETY: under the directory lock, as above.
             self.free = unsafe { node(id).meta().next };
             return Some(id);
         }
@@ -606,7 +609,7 @@ fn name_hash(parent: u32, name: &[u8]) -> u64 {
 /// The hash of an online group's entry, for the table's resizing. Called under the lock.
 fn rehash(&id: &u32) -> u64 {
     let n = node(id);
-    // SAFETY: the table is only touched under the registry lock.
+    // SAFETY: the table is only touched under the directory lock.
     let meta = unsafe { n.meta() };
     let parent = n.counter.parent().expect("the root is not in the table");
     name_hash(parent.id, &meta.name[..meta.name_len as usize])
@@ -615,7 +618,7 @@ fn rehash(&id: &u32) -> u64 {
 /// Whether online group `id` is `parent`'s child called `name`. Called under the lock.
 fn is_named(id: u32, parent: &Node, name: &str) -> bool {
     let n = node(id);
-    // SAFETY: the table is only touched under the registry lock.
+    // SAFETY: the table is only touched under the directory lock.
     let meta = unsafe { n.meta() };
     n.counter
         .parent()
@@ -631,10 +634,10 @@ pub fn dying_groups() -> usize {
 /// The stock batch in bytes (`MEMGROUP_BATCH`, default 64 KiB; 0 when stocks are off).
 pub fn stock_batch() -> usize {
     node(ROOT_ID);
-    STOCKS.batch()
+    CORE.batch()
 }
 
-/// The registry's own memory comes from the C allocator, never from the global allocator it
+/// The directory's own memory comes from the C allocator, never from the global allocator it
 /// serves.
 #[derive(Clone, Copy)]
 struct Malloc;
@@ -662,14 +665,14 @@ unsafe impl allocator_api2::alloc::Allocator for Malloc {
     }
 }
 
-/// Holds the registry lock across `fork()`, so that the child never inherits it locked by a
+/// Holds the directory lock across `fork()`, so that the child never inherits it locked by a
 /// thread it does not have: joined by group creation and by every module whose fork handling
-/// takes the registry (emptying a gone thread's pocket may free a record).
+/// takes the directory lock (emptying a gone thread's pocket may free a record).
 pub(crate) fn fork_safe() {
     static GROUPS: Participant = Participant {
-        prepare: || REGISTRY.raw_lock(),
-        parent: || REGISTRY.raw_unlock(),
-        child: || REGISTRY.raw_unlock(),
+        prepare: || DIRECTORY.raw_lock(),
+        parent: || DIRECTORY.raw_unlock(),
+        child: || DIRECTORY.raw_unlock(),
     };
     fork::join(Rank::Groups, &GROUPS);
 }

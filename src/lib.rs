@@ -27,14 +27,73 @@
 //! one the features select. Groups report memory pressure ([`Group::on_pressure`]) and can be
 //! asked to give memory back through [`Shrinker`]s.
 //!
-//! Layers, bottom up: `sync` (the atomics facade, std or loom), `platform` (libc), `lock`,
-//! `fork` (the ordered table of `fork()` participants), `core` (counters, stocks, pockets and
-//! the notifier's doorbell, which know nothing of allocators), `group` (the group table and
-//! handles), `scope` (the thread's current group), `pocket` (the thread's pocket), `pressure`
-//! (notifier, subscriptions, shrinkers), `tag` and `arena` (the designs' `GlobalAlloc`s), then
-//! `future`, `tokio` and `export`. Each imports only layers below it; where a lower one must
-//! reach a higher one (the group table asking a design to flush, the charge path waking the
-//! notifier), the higher one registers its entry points when it starts.
+//! # Design
+//!
+//! memgroup is the memory cgroup controller of Linux (memcg) in one process, and its design
+//! comes from five kernel discussions: Glauber Costa's per-memcg slab caches (Kernel Summit
+//! 2012, on LWN: the arena design, kernel memory counted apart, and the question whether a
+//! shared counter bounces between CPUs); Greg Thelen and Glauber Costa on per-cgroup TCP buffer
+//! limits (LKML, 2011: one limit for kernel and user memory, an optional kernel-only one);
+//! Michal Hocko and Johannes Weiner on socket memory in the unified hierarchy (LKML, 2015: fail
+//! at the limit or force the charge, and a switch to turn kernel accounting off); Vladimir
+//! Davydov on the downsides of per-memcg kmem caches (LKML: the tag design, an owner stored
+//! with every object and per-CPU stocks to make per-object charging cheap); and Anton
+//! Vorontsov's mempressure control group (LWN, 2013: the low / medium / critical levels and
+//! shrinkers that free chunks on request).
+//!
+//! **Layers**, bottom up; each module imports only modules below it:
+//!
+//! - `sync`: the atomics facade (std's, or loom's for `loom-tests/`) and the one backoff.
+//! - `platform` (libc: CPU number, `mmap`, `membarrier`, thread-exit keys, the environment),
+//!   `lock` (spin and call locks), `fork` (the ordered table of `fork()` participants).
+//! - `core`, which knows nothing of `GlobalAlloc`, libc or the designs and is what the loom
+//!   models compile: `counter` (memcg's `page_counter`), `pocket` (per-thread pockets and their
+//!   list), `stock` (per-CPU stock slots and their fast paths), `drain`, and `charge` (the one
+//!   charge path, below both designs), and `doorbell` (the notifier's wake-up).
+//! - `group`: the group table (records, ids, names, the stocks over it, the hooks the layers
+//!   above register) and the `Group` handle; `control`: `Group`'s public API over it.
+//! - `scope` (the thread's current group and scopes), `thread` (the calling thread as the
+//!   charge path sees it: CPU, limit mode, pocket), `pressure` (notifier, subscriptions,
+//!   shrinkers, direct reclaim).
+//! - `tag` and `arena`: the two designs' `GlobalAlloc`s; then `future`, `tokio`, `export`.
+//!
+//! Where a lower layer must reach a higher one (the group table asking a design to flush or
+//! drop its caches, the charge path waking the notifier or asking for direct reclaim), the
+//! higher one registers its entry points when it starts (the kernel's `cgroup_subsys`
+//! callbacks, mimalloc's `mi_register_*`).
+//!
+//! **The charge path**, from `GlobalAlloc::alloc` to the counter, in the tag design:
+//! `TagAlloc::alloc` calls `alloc_tagged`, which calls `Stocks::charge_block` (the thread's
+//! pocket: a plain load and store, no counter moves). When the pocket cannot serve the block,
+//! `alloc_tagged` calls `alloc_slow`, which calls `Stocks::charge_block_slow` (the CPU's stock
+//! slot: one compare-and-swap), which calls `Stocks::charge_slow` (a refill of the slot in a
+//! batch), which calls `Counter::try_charge`: the counter, at the fifth call. A block over a
+//! batch goes from `charge_block_slow` to `Stocks::charge_exact` (drains under the limit,
+//! direct reclaim, then the mode and the policies), and from there to `Counter::try_charge`,
+//! also the fifth; a refill refused at a limit goes on from `charge_slow` to `charge_exact`.
+//! The arena design charges a slab at a time through `thread::charge`, which calls
+//! `Stocks::charge` and from there the same `charge_slow`.
+//!
+//! **Verbs.** Memory goes back and forth between three levels, the counters, the per-CPU stock
+//! slots and the threads' pockets, with the kernel's verbs (memcg's `consume_stock`,
+//! `refill_stock`, `drain_stock`):
+//!
+//! - *charge* / *uncharge*: the counters move, checked against the limits on the way up
+//!   (`Counter::try_charge`, `Counter::uncharge`, `Stocks::uncharge_counters`); the only verbs
+//!   that touch a counter.
+//! - *consume*: a charge served from bytes already charged into a slot or a pocket
+//!   (`Stocks::consume`, `Stocks::pocket_charge`); no counter moves.
+//! - *refill*: bytes put into a slot or a pocket: a free's (`Stocks::refill`), the rest of a
+//!   batch charged from the counters (`Stocks::refill_slot`), half a pocket from the CPU's
+//!   stock (`Stocks::refill_pocket`).
+//! - *drain*: a slot's or a pocket's content taken out and given back to the level below:
+//!   `Stocks::drain` (the slots and pockets of some groups), `drain_group` (every slot naming a
+//!   group, empty ones too, when it is removed or its record freed), `drain_to_stock` (a
+//!   pocket's content into its CPU's stock), `delist_pocket` (a gone thread's pocket, drained
+//!   and taken off the list). [`Group::flush`] is the public name of a drain of a subtree,
+//!   after the design's own caches.
+//!
+//! Pockets are *enlisted* on, and *delisted* from, the list that drains walk.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

@@ -1,5 +1,5 @@
-//! Memory pressure (seeds/004): levels, notifications, shrinkers, and background and direct
-//! reclaim.
+//! Memory pressure, after the mempressure control group (see the crate's Design notes): levels,
+//! notifications, shrinkers, and background and direct reclaim.
 //!
 //! The charge path never calls user code. When a charge crosses a threshold it sets a bit on
 //! the group's counter and rings a doorbell (one atomic add, and a futex wake if the notifier
@@ -77,15 +77,15 @@ struct Slot<T: ?Sized> {
 /// A pressure callback.
 type Callback = dyn Fn(Level) + Send + Sync;
 
-struct Registry {
+struct Subscribers {
     subs: Vec<Arc<Slot<Callback>>>,
     shrinkers: Vec<Arc<Slot<dyn Shrinker>>>,
 }
 
 /// Held only to push, remove or clone entries (which may allocate: no allocation path takes
 /// this lock), never across a callback; held across `fork()` (see `fork_safe`), taken before
-/// the group registry's.
-static REGISTRY: SpinLock<Registry> = SpinLock::new(Registry {
+/// the group directory's.
+static SUBSCRIBERS: SpinLock<Subscribers> = SpinLock::new(Subscribers {
     subs: Vec::new(),
     shrinkers: Vec::new(),
 });
@@ -106,19 +106,19 @@ thread_local! {
     static CALLING: core::cell::Cell<*const ()> = const { core::cell::Cell::new(core::ptr::null()) };
 }
 
-fn registry() -> SpinGuard<'static, Registry> {
-    REGISTRY.lock()
+fn subscribers() -> SpinGuard<'static, Subscribers> {
+    SUBSCRIBERS.lock()
 }
 
-/// Holds the registry across `fork()`, so that the child never inherits it locked by a thread
+/// Holds the subscriber list across `fork()`, so that the child never inherits it locked by a thread
 /// it does not have; in the child, frees the call locks the parent's threads held and forgets
 /// the notifier, which does not survive the fork.
 fn fork_safe() {
     static PRESSURE: Participant = Participant {
-        prepare: || REGISTRY.raw_lock(),
-        parent: || REGISTRY.raw_unlock(),
+        prepare: || SUBSCRIBERS.raw_lock(),
+        parent: || SUBSCRIBERS.raw_unlock(),
         child: || {
-            REGISTRY.raw_unlock();
+            SUBSCRIBERS.raw_unlock();
             lock::after_fork_in_child();
             after_fork_in_child();
         },
@@ -162,7 +162,7 @@ fn call_slot<T: ?Sized, R>(slot: &Slot<T>, f: impl FnOnce(&T) -> R) -> Option<R>
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        scope::as_root(|| registry().subs.retain(|s| !Arc::ptr_eq(s, &self.sub)));
+        scope::as_root(|| subscribers().subs.retain(|s| !Arc::ptr_eq(s, &self.sub)));
         self.sub.unregister();
     }
 }
@@ -170,7 +170,7 @@ impl Drop for Subscription {
 impl Drop for ShrinkerHandle {
     fn drop(&mut self) {
         scope::as_root(|| {
-            registry()
+            subscribers()
                 .shrinkers
                 .retain(|s| !Arc::ptr_eq(s, &self.entry))
         });
@@ -202,7 +202,7 @@ fn subscribe(group: &Group, f: Box<dyn Fn(Level) + Send + Sync>) -> Subscription
             group: group.clone(),
             inner: CallLock::new(Some(f)),
         });
-        registry().subs.push(sub.clone());
+        subscribers().subs.push(sub.clone());
         sub
     });
     start_notifier();
@@ -216,7 +216,7 @@ fn register(group: &Group, s: Box<dyn Shrinker>) -> ShrinkerHandle {
             group: group.clone(),
             inner: CallLock::new(Some(s)),
         });
-        registry().shrinkers.push(entry.clone());
+        subscribers().shrinkers.push(entry.clone());
         entry
     });
     group.node().counter.count_shrinker(true);
@@ -231,7 +231,7 @@ fn reclaim(under: &Counter, bytes: usize) -> usize {
         return 0;
     }
     let entries: Vec<_> = scope::as_root(|| {
-        registry()
+        subscribers()
             .shrinkers
             .iter()
             .filter(|e| e.group.node().counter.is_under(under))
@@ -351,7 +351,7 @@ fn deliver(c: &Counter) {
         c.served.fetch_add(1, Ordering::SeqCst);
         platform::futex_wake(&c.served, i32::MAX);
     }
-    let subs: Vec<_> = registry()
+    let subs: Vec<_> = subscribers()
         .subs
         .iter()
         .filter(|s| c.is_under(&s.group.node().counter))

@@ -100,7 +100,7 @@ pub(crate) fn pocket() -> &'static Pocket {
 fn own(p: &Pocket) -> &'static Pocket {
     // SAFETY: the thread-local block lives as long as the thread, and it has no destructor.
     // The reference is used by this thread, and by other threads only through the pockets'
-    // list, whose protocol (`Pockets::abandon`, run by the thread's exit hook) ends every
+    // list, whose protocol (`Pockets::delist`, run by the thread's exit hook) ends every
     // such use before the thread goes.
     unsafe { &*(p as *const Pocket) }
 }

@@ -1,5 +1,6 @@
-//! The tag design (Vladimir Davydov's, seeds/003): one shared inner allocator, and the owner's
-//! key stored with every block, so a free finds its owner without a lookup.
+//! The tag design (Vladimir Davydov's; see the crate's Design notes): one shared inner
+//! allocator, and the owner's key stored with every block, so a free finds its owner without a
+//! lookup.
 //!
 //! The tag is 8 bytes, just before the block: for alignments up to 8 it is the whole header;
 //! for 16-aligned blocks the header is 16 bytes (the tag and 8 unused), since a tag after the
@@ -14,7 +15,7 @@ use core::alloc::{GlobalAlloc, Layout};
 use std::alloc::System;
 
 use crate::core::stock::Key;
-use crate::group::STOCKS;
+use crate::group::CORE;
 use crate::thread::{self, Thread};
 use crate::{platform, scope};
 
@@ -149,7 +150,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let (sealed, p) = scope::sealed_key_and_pocket();
         let key = sealed as Key;
         let bytes = at.inner.size();
-        if !STOCKS.charge_block(&Thread, p, key, bytes, at.pad) {
+        if !CORE.charge_block(&Thread, p, key, bytes, at.pad) {
             // SAFETY: forwarded caller contract.
             return unsafe { self.alloc_slow(layout, key, zeroed) };
         }
@@ -170,8 +171,8 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         // SAFETY: forwarded.
         let at = unsafe { placed(layout) };
         let bytes = at.inner.size();
-        if bytes <= STOCKS.batch() {
-            return match STOCKS.charge_block_slow(&Thread, key, bytes, at.pad) {
+        if bytes <= CORE.batch() {
+            return match CORE.charge_block_slow(&Thread, key, bytes, at.pad) {
                 // SAFETY: forwarded.
                 Some(charged) => unsafe { self.alloc_charged(at, scope::sealed(charged), zeroed) },
                 None => core::ptr::null_mut(),
@@ -182,7 +183,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         if base.is_null() {
             return base;
         }
-        match STOCKS.charge_block_slow(&Thread, key, bytes, at.pad) {
+        match CORE.charge_block_slow(&Thread, key, bytes, at.pad) {
             // SAFETY: `base` is a fresh inner block placed as `at`.
             Some(key) => unsafe { tagged(base, at, key) },
             None => {
@@ -205,7 +206,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
             return core::ptr::null_mut();
         };
         let bytes = at.inner.size();
-        if bytes <= STOCKS.batch() {
+        if bytes <= CORE.batch() {
             let Some(key) = thread::charge(key, bytes, 0) else {
                 return core::ptr::null_mut();
             };
@@ -215,7 +216,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
                 thread::uncharge(key, bytes, 0);
                 return base;
             }
-            STOCKS.pad_overhead(key, at.pad as isize);
+            CORE.pad_overhead(key, at.pad as isize);
             // SAFETY: `base` is a fresh inner block placed as `at`.
             return unsafe { tagged(base, at, key) };
         }
@@ -226,7 +227,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         }
         match thread::charge(key, bytes, 0) {
             Some(key) => {
-                STOCKS.pad_overhead(key, at.pad as isize);
+                CORE.pad_overhead(key, at.pad as isize);
                 // SAFETY: `base` is a fresh inner block placed as `at`.
                 unsafe { tagged(base, at, key) }
             }
@@ -246,7 +247,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let base = unsafe { self.inner_alloc(at, zeroed) };
         if base.is_null() {
             // Counted as an allocation and a free, so allocs - frees still counts live blocks.
-            STOCKS.uncharge_block_slow(&Thread, sealed as Key, at.inner.size(), at.pad);
+            CORE.uncharge_block_slow(&Thread, sealed as Key, at.inner.size(), at.pad);
             return base;
         }
         // SAFETY: `base` is a fresh inner block placed as `at`.
@@ -314,8 +315,8 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
             (base, key, at)
         };
         let bytes = at.inner.size();
-        if !STOCKS.uncharge_block(&Thread, scope::pocket(), key, bytes, at.pad) {
-            STOCKS.uncharge_block_slow(&Thread, key, bytes, at.pad);
+        if !CORE.uncharge_block(&Thread, scope::pocket(), key, bytes, at.pad) {
+            CORE.uncharge_block_slow(&Thread, key, bytes, at.pad);
         }
         // SAFETY: `base` is the inner allocation made with `at.inner`.
         unsafe { self.inner.dealloc(base, at.inner) }

@@ -11,20 +11,20 @@ use crate::core::charge::Caller;
 use crate::core::pocket::{Place, Pocket};
 use crate::core::stock::{Key, Mode};
 use crate::fork::{self, Participant, Rank};
-use crate::group::{self, STOCKS};
+use crate::group::{self, CORE};
 use crate::lock::SpinLock;
 use crate::sync::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use crate::{platform, scope};
 
-// The thread's pocket state (`scope::pocket_state`): `MINE` (its pocket is on the list), or
-// `UNSET` (it never had its chance: its first slow path puts it there), or `NONE` (it has
+// The thread's pocket state (`scope::pocket_state`): `LISTED` (its pocket is on the list), or
+// `UNSET` (it never had its chance: its first slow path puts it there), or `POCKETLESS` (it has
 // none: pockets are off, or it is exiting). A pocket off the list holds nothing, so the fast
 // paths fail on it, and the slow paths charge the per-CPU stocks directly (and give an
 // `UNSET` thread its pocket).
 
 const UNSET: u8 = 0;
-const MINE: u8 = 1;
-const NONE: u8 = 2;
+const LISTED: u8 = 1;
+const POCKETLESS: u8 = 2;
 
 static STATE: AtomicU8 = AtomicU8::new(0);
 const DECIDING: u8 = 1;
@@ -58,8 +58,8 @@ impl Caller for Thread {
     }
 
     #[inline(always)]
-    fn listed_pocket(&self, adopt: bool) -> Option<&Pocket> {
-        if adopt {
+    fn listed_pocket(&self, enlist: bool) -> Option<&Pocket> {
+        if enlist {
             get()
         } else {
             current()
@@ -71,27 +71,27 @@ impl Caller for Thread {
 /// stock: see `Stocks::charge`.
 #[inline(always)]
 pub(crate) fn charge(key: Key, bytes: usize, objects: u64) -> Option<Key> {
-    STOCKS.charge(&Thread, key, bytes, objects)
+    CORE.charge(&Thread, key, bytes, objects)
 }
 
 /// Uncharges `bytes` (and `objects` blocks freed) from `key`, through this thread's CPU's
 /// stock: see `Stocks::uncharge`.
 #[inline(always)]
 pub(crate) fn uncharge(key: Key, bytes: usize, objects: u64) {
-    STOCKS.uncharge(&Thread, key, bytes, objects)
+    CORE.uncharge(&Thread, key, bytes, objects)
 }
 
 /// This thread's pocket, if it is on the list.
 #[inline(always)]
 pub(crate) fn current() -> Option<&'static Pocket> {
-    (scope::pocket_state() == MINE).then(scope::pocket)
+    (scope::pocket_state() == LISTED).then(scope::pocket)
 }
 
 /// Whether this thread has no pocket and will have none (pockets are off, or it is exiting):
 /// it charges the per-CPU stocks directly.
 #[inline(always)]
 pub(crate) fn none() -> bool {
-    scope::pocket_state() == NONE
+    scope::pocket_state() == POCKETLESS
 }
 
 /// This thread's pocket, given to it now if it never had one.
@@ -101,7 +101,7 @@ pub(crate) fn get() -> Option<&'static Pocket> {
         return Some(p);
     }
     // Set first: allocations nested in what follows charge the stocks directly.
-    if scope::replace_pocket_state(NONE) != UNSET {
+    if scope::replace_pocket_state(POCKETLESS) != UNSET {
         return None;
     }
     match enabled() {
@@ -114,7 +114,7 @@ pub(crate) fn get() -> Option<&'static Pocket> {
         }
     }
     let p = scope::pocket();
-    if !STOCKS.pockets().adopt(p, fresh) {
+    if !CORE.pockets().enlist(p, fresh) {
         return None;
     }
     // The hook is what gives the pocket up at the thread's exit: without it, none.
@@ -123,10 +123,10 @@ pub(crate) fn get() -> Option<&'static Pocket> {
         p as *const Pocket as *mut libc::c_void,
     );
     if !hooked {
-        STOCKS.pockets().abandon(p);
+        CORE.pockets().delist(p);
         return None;
     }
-    scope::replace_pocket_state(MINE);
+    scope::replace_pocket_state(LISTED);
     Some(p)
 }
 
@@ -202,16 +202,16 @@ fn fresh() -> Option<&'static Place> {
 /// any walk that may still reach it). Allocations after it (other exit hooks) charge the
 /// stocks directly.
 unsafe extern "C" fn thread_exit(arg: *mut libc::c_void) {
-    scope::replace_pocket_state(NONE);
+    scope::replace_pocket_state(POCKETLESS);
     // SAFETY: `arg` is the pocket `get` registered for this thread: its own, in its
     // thread-local block, alive while the thread is.
     let p = unsafe { &*(arg as *const Pocket) };
-    STOCKS.retire_pocket(p);
+    CORE.delist_pocket(p);
 }
 
 /// Across `fork()`: before it, every thread is kept out of its pocket; in the child, the
 /// pockets of the threads it does not have are emptied and given up (which may free a group's
-/// record: the group registry takes part too), and the stocks forget what those threads held.
+/// record: the group directory takes part too), and the stocks forget what those threads held.
 fn fork_safe() {
     static POCKETS: Participant = Participant {
         prepare: fork_prepare,
@@ -225,19 +225,19 @@ fn fork_safe() {
 fn fork_prepare() {
     CHUNK.raw_lock();
     if STATE.load(Ordering::Acquire) == ON {
-        STOCKS.freeze_pockets();
+        CORE.freeze_pockets();
         FROZE.store(true, Ordering::Relaxed);
     }
 }
 
 fn fork_parent() {
     if FROZE.swap(false, Ordering::Relaxed) {
-        STOCKS.thaw_pockets();
+        CORE.thaw_pockets();
     }
     CHUNK.raw_unlock();
 }
 
-/// In the child, after the registry locks are released (emptying a pocket may free a group's
+/// In the child, after the directory and subscriber locks are released (emptying a pocket may free a group's
 /// record).
 fn fork_child() {
     FROZE.store(false, Ordering::Relaxed);
@@ -248,5 +248,5 @@ fn fork_child() {
         Some(p) => p as *const Pocket,
         None => core::ptr::null(),
     };
-    STOCKS.reset_in_child(own);
+    CORE.reset_in_child(own);
 }

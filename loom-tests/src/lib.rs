@@ -41,14 +41,14 @@ mod harness {
     /// would be freed), the notifier woken, and a direct reclaim asked for (the model has no
     /// shrinkers: nothing is reclaimed).
     #[derive(Clone, Copy)]
-    pub(crate) struct Table {
+    pub(crate) struct Records {
         counters: &'static [&'static Counter],
         emptied: &'static [AtomicUsize],
         woken: &'static AtomicUsize,
         reclaims: &'static AtomicUsize,
     }
 
-    impl Groups for Table {
+    impl Groups for Records {
         fn counter(&self, id: u32) -> &Counter {
             self.counters[id as usize - 1]
         }
@@ -94,7 +94,7 @@ mod harness {
             self.pocket.is_none()
         }
 
-        fn listed_pocket(&self, _adopt: bool) -> Option<&Pocket> {
+        fn listed_pocket(&self, _enlist: bool) -> Option<&Pocket> {
             self.pocket
         }
     }
@@ -109,8 +109,8 @@ mod harness {
     /// of KiB, and the whole suite peaks at about 80 MB resident.
     #[derive(Clone, Copy)]
     pub(crate) struct World {
-        pub(crate) stocks: &'static Stocks<Table, CPUS>,
-        table: Table,
+        pub(crate) stocks: &'static Stocks<Records, CPUS>,
+        table: Records,
     }
 
     /// A group to create: its parent's id (`None` for a root), `max`, and `kmem_max`.
@@ -156,7 +156,7 @@ mod harness {
                 .iter()
                 .map(|_| AtomicUsize::new(0))
                 .collect::<Vec<_>>();
-            let table = Table {
+            let table = Records {
                 counters: Vec::leak(counters),
                 emptied: Vec::leak(emptied),
                 woken: Box::leak(Box::new(AtomicUsize::new(0))),
@@ -221,7 +221,7 @@ mod harness {
             let p = &*Box::leak(Box::new(Pocket::new()));
             let fresh = || Some(&*Box::leak(Box::new(Place::new())));
             assert!(
-                self.stocks.pockets().adopt(p, fresh),
+                self.stocks.pockets().enlist(p, fresh),
                 "a place for the pocket"
             );
             p
@@ -230,7 +230,7 @@ mod harness {
         /// An allocation of `bytes` (one block, whose overhead is `pad` bytes beyond the tag
         /// formula) by the owner of pocket `p`, in group `id`, running on `cpu`, inside
         /// `fallible`, as the tag design charges it: `Stocks::charge_block` (the pocket), then
-        /// `Stocks::charge_block_slow` (the stock or the counters, and a `fill` of the pocket).
+        /// `Stocks::charge_block_slow` (the stock or the counters, and a refill of the pocket).
         /// Returns the key charged (a removed group's block goes to its nearest live
         /// ancestor), or `None` if refused.
         pub(crate) fn pocket_alloc(
@@ -257,7 +257,7 @@ mod harness {
 
         /// Frees a block of `bytes` and `pad` charged to `key`, by the owner of pocket `p` on
         /// `cpu`, as the tag design uncharges it: `Stocks::uncharge_block` (the pocket), then
-        /// `Stocks::uncharge_block_slow` (the stock, and a `fill` if the pocket was full).
+        /// `Stocks::uncharge_block_slow` (the stock, and a refill of the pocket if it was full).
         pub(crate) fn pocket_free(
             &self,
             cpu: usize,

@@ -1,10 +1,10 @@
 //! Per-thread pockets (`core::pocket`) in front of the per-CPU stocks: an owner charging and
 //! uncharging its pocket with plain loads and stores while other threads take its content (a
-//! drain, a charge refused at a limit, a group's removal) or retire it.
+//! drain, a charge refused at a limit, a group's removal) or delist it.
 //!
 //! A module of the library (see `src/lib.rs`). Batch 128, so a pocket holds at most 16 bytes
-//! and `fill` puts 8 in it; blocks are 8 bytes, so a pocket serves a block or two between
-//! fills, and a third free overflows it. A block's `pad` (8 for a 16-aligned block) goes to the
+//! and `refill_pocket` puts 8 in it; blocks are 8 bytes, so a pocket serves a block or two between
+//! refills, and a third free overflows it. A block's `pad` (8 for a 16-aligned block) goes to the
 //! pocket's `extra` when the pocket serves it, else straight to its group's overhead figure.
 //! Threads reach the pocket and the stocks as `src/tag.rs` does (`World::pocket_alloc`,
 //! `World::pocket_free`).
@@ -15,7 +15,7 @@
 //! 0; a taker raises `stop`, runs the barrier, waits for every `busy` to drop, then takes the
 //! word (and `extra` with it) by compare-and-swap. If an owner could touch its word while a
 //! taker is at work (no `stop` check, no barrier, no wait), its plain store would overwrite a
-//! taker's take, and the content would be applied twice or a change lost.
+//! taker's take, and the content would be drained twice or a change lost.
 //!
 //! Checked in every interleaving: after a final drain every counter is exact (`usage` equals
 //! the live blocks' bytes, `allocs` and `frees` the blocks allocated and freed, `overhead` the
@@ -27,7 +27,7 @@ use crate::core::stock::{key, Key};
 use crate::{model, under, World, ROOT};
 
 const BATCH: usize = 128;
-/// A block's bytes: half a pocket, so a `fill` makes room for exactly one.
+/// A block's bytes: half a pocket, so a `refill_pocket` makes room for exactly one.
 const BLOCK: usize = 8;
 /// The pad of a 16-aligned block.
 const PAD: usize = 8;
@@ -68,7 +68,7 @@ fn sum(a: Expect, b: Expect) -> Expect {
     }
 }
 
-// ---- 1. An owner's fast paths and fills racing a drain -------------------------------------
+// ---- 1. An owner's fast paths and refills racing a drain ------------------------------------
 
 mod drain {
     use super::*;
@@ -94,12 +94,12 @@ mod drain {
         (w, p)
     }
 
-    /// The owner allocates a padded block `y` (from its pocket, or from the stock and a fill
+    /// The owner allocates a padded block `y` (from its pocket, or from the stock and a refill
     /// if a drain emptied the pocket first), frees `x` (into the pocket, or past it), and, if
     /// `free_all`, `y` too; thread B drains every stock and pocket meanwhile. Each pocket
     /// access races the drain's stop: a drain that took the word while the owner wrote it
-    /// would apply bytes and counts the owner then keeps using (usage and counts twice), or
-    /// the owner's store would bring back content the drain already applied.
+    /// would drain bytes and counts the owner then keeps using (usage and counts twice), or
+    /// the owner's store would bring back content the drain already drained.
     fn owner_races_drain(free_all: bool) {
         model(2, move || {
             let (w, p) = setup();
@@ -148,10 +148,10 @@ mod drain {
     }
 
     /// The owner switches groups: its pocket holds C's bytes when it allocates a block `d` of
-    /// D (padded), which the stock serves; the `fill` for D gives C's content back to CPU 0's
+    /// D (padded), which the stock serves; the `refill_pocket` for D gives C's content back to CPU 0's
     /// stock and puts 8 of D's bytes in the pocket. It then frees `d` into the pocket (its
-    /// pad into `extra`). Thread B drains meanwhile, racing the fill's take of the pocket, its
-    /// deposit of C's content, and its store of D's word.
+    /// pad into `extra`). Thread B drains meanwhile, racing the refill's take of the pocket, its
+    /// refill of C's slot with C's content, and its store of D's word.
     #[test]
     fn pocket_switching_groups_races_drain() {
         model(2, || {
@@ -203,8 +203,8 @@ mod limit {
         Frees,
         /// Frees `x`, then allocates a block and frees it again.
         Churns,
-        /// Allocates a block `d` of D, which CPU 0's slot for D serves: the `fill` for D then
-        /// holds the pocket's 8 bytes of C in its hands until it deposits them in C's slot.
+        /// Allocates a block `d` of D, which CPU 0's slot for D serves: the `refill_pocket` for D then
+        /// holds the pocket's 8 bytes of C in its hands until it refills C's slot with them.
         Switches,
     }
 
@@ -234,7 +234,7 @@ mod limit {
     /// twice (by B's drain and by A's own access) would count its bytes or counts twice.
     fn charge_takes_pocket(p_max: usize, owner: Owner) {
         // The longer threads: three preemptions take some 15 s with `Churns`, two 10 s with
-        // `Switches` (whose race needs one: A preempted inside its fill).
+        // `Switches` (whose race needs one: A preempted inside its refill).
         let preemptions = match owner {
             Owner::Idle | Owner::Frees => 3,
             Owner::Churns => 2,
@@ -339,16 +339,16 @@ mod limit {
         charge_takes_pocket(48, Owner::Churns);
     }
 
-    /// B must not be refused while A's fill holds its pocket's former content (8 bytes of C)
-    /// between taking it and depositing it in CPU 0's stock, where no drain can take it:
-    /// `fill` counts itself in `in_hand`, so `charge_exact` waits for it, then drains again.
+    /// B must not be refused while A's refill holds its pocket's former content (8 bytes of C)
+    /// between taking it and refilling CPU 0's stock with it, where no drain can take it:
+    /// `refill_pocket` counts itself in `in_hand`, so `charge_exact` waits for it, then drains again.
     #[test]
     fn failing_charge_waits_for_pocket_content_in_a_fill() {
         charge_takes_pocket(56, Owner::Switches);
     }
 }
 
-// ---- 3. A fill racing a group's removal -----------------------------------------------------
+// ---- 3. A refill racing a group's removal -----------------------------------------------------
 
 mod removal {
     use super::*;
@@ -360,7 +360,7 @@ mod removal {
     /// `Group::remove`'s part in the core.
     fn remove(w: World, id: u32) {
         assert!(w.counter(id).set_offline(), "removed twice");
-        w.stocks.purge(id);
+        w.stocks.drain_group(id);
     }
 
     /// After both threads are done, before any drain: C (removed, every block freed) is empty
@@ -369,7 +369,7 @@ mod removal {
     fn check_removed(w: &World, c_allocs: u64, p_allocs: u64) {
         assert!(
             !w.pocket_names(C),
-            "a pocket still names removed group C (its purge missed a fill)"
+            "a pocket still names removed group C (its drain missed a refill)"
         );
         assert_eq!(
             w.snap(C).usage,
@@ -410,10 +410,10 @@ mod removal {
     }
 
     /// Thread A allocates a block `z` of C with its pocket exhausted: the stock serves it
-    /// (or, once C is offline and its slot purged, P does), then `fill` takes the pocket's
+    /// (or, once C is offline and its slot drained, P does), then `refill_pocket` takes the pocket's
     /// counts, gives them back to CPU 0's stock, takes 8 bytes from there and stores a new
-    /// word for C. A then frees `z`. Thread B removes C meanwhile. A fill that stores its word
-    /// after the purge passed the pocket must see C offline and purge again
+    /// word for C. A then frees `z`. Thread B removes C meanwhile. A refill that stores its word
+    /// after the drain passed the pocket must see C offline and drain again
     /// (`Stocks::recheck`), or the pocket keeps naming C (and holding its bytes, so C's
     /// record is never freed). Once both are done, A frees `y` and `x`.
     #[test]
@@ -433,7 +433,7 @@ mod removal {
             b.join().unwrap();
             assert!(
                 !w.pocket_names(C),
-                "a pocket still names removed group C (its purge missed a fill)"
+                "a pocket still names removed group C (its drain missed a refill)"
             );
             w.pocket_free(0, p, k, BLOCK, PAD);
             w.pocket_free(0, p, k, BLOCK, PAD);
@@ -442,7 +442,7 @@ mod removal {
     }
 
     /// The free side: A's pocket is full (16 bytes of C), so A's free of `y` overflows it:
-    /// the block goes to CPU 0's stock (or, C offline, to the counters), and `fill` brings
+    /// the block goes to CPU 0's stock (or, C offline, to the counters), and `refill_pocket` brings
     /// the pocket back to 8 bytes, giving the rest to the stock. A then frees its last block.
     /// Thread B removes C meanwhile.
     #[test]
@@ -462,11 +462,11 @@ mod removal {
         });
     }
 
-    /// A fill for another group gives C's bytes back: A's pocket holds 8 of C's bytes (only
+    /// A refill for another group gives C's bytes back: A's pocket holds 8 of C's bytes (only
     /// `x` was allocated) when A allocates a block of D, which a refill of a slot for D on
-    /// CPU 0 serves; the `fill` for D takes C's bytes out of the pocket and deposits them in
-    /// C's slot, claiming a new one if the purge emptied it. Thread B removes C meanwhile. A
-    /// deposit after the purge passed that slot must be purged again (`fill` rechecks the
+    /// CPU 0 serves; the `refill_pocket` for D takes C's bytes out of the pocket and refills
+    /// C's slot with them, claiming a new one if the drain emptied it. Thread B removes C meanwhile. A
+    /// refill after the drain passed that slot must be drained again (`refill_pocket` rechecks the
     /// group it took out of the pocket too), or C's bytes sit in a slot and C, once `x` is
     /// freed, is not emptied.
     #[test]
@@ -498,30 +498,30 @@ mod removal {
     }
 
     /// The pocket holds a word of C with no bytes and one allocation (block `y`). Thread A
-    /// allocates for D, so `fill` takes C's word in hand and deposits it in CPU 0's stock.
-    /// Meanwhile thread B removes C (offline, purge), frees C's blocks (usage 0: emptied) and,
-    /// as `free_if_unused` does, purges again; the record may then be reused as soon as the
-    /// stocks are `quiescent()`, so at that moment no slot may name C. (It found `fill`
+    /// allocates for D, so `refill_pocket` takes C's word in hand and refills CPU 0's stock with it.
+    /// Meanwhile thread B removes C (offline, drain), frees C's blocks (usage 0: emptied) and,
+    /// as `free_if_unused` does, drains again; the record may then be reused as soon as the
+    /// stocks are `quiescent()`, so at that moment no slot may name C. (It found `refill_pocket`
     /// rechecking C after its `holding` had ended: a slot claimed for C's counts outlived both
-    /// purges while `in_hand` was already 0.)
+    /// drains while `in_hand` was already 0.)
     #[test]
     fn quiescent_while_a_fill_holds_a_removed_groups_counts() {
         model(3, || {
             let w = World::new(&[ROOT, under(P), under(P)], BATCH);
             let p = w.pocket();
             let kc = key(C, false);
-            assert_eq!(w.pocket_alloc(0, p, C, false, BLOCK, 0), Some(kc)); // x: stock + fill
+            assert_eq!(w.pocket_alloc(0, p, C, false, BLOCK, 0), Some(kc)); // x: stock + refill
             assert_eq!(w.pocket_alloc(0, p, C, false, BLOCK, 0), Some(kc)); // y: pocket, now dry
             let a = loom::thread::spawn(move || {
                 let _ = w.pocket_alloc(0, p, D, false, BLOCK, 0);
             });
             let b = loom::thread::spawn(move || {
                 w.counter(C).set_offline();
-                w.stocks.purge(C);
+                w.stocks.drain_group(C);
                 w.stocks.uncharge_slow(1, kc, BLOCK, 1);
                 w.stocks.uncharge_slow(1, kc, BLOCK, 1);
                 if w.emptied(C) > 0 {
-                    w.stocks.purge(C);
+                    w.stocks.drain_group(C);
                     if w.stocks.quiescent() {
                         for cpu in 0..2 {
                             assert!(
@@ -538,21 +538,21 @@ mod removal {
     }
 }
 
-// ---- 4. Retiring a pocket racing a drain ----------------------------------------------------
+// ---- 4. Delisting a pocket racing a drain ---------------------------------------------------
 
-mod retire {
+mod delist {
     use super::*;
 
     /// A root group: every counter change is one level, to keep the model small.
     const C: u32 = 1;
 
     /// A pocket holding content for C (no bytes, one allocation, and `y_pad` in `extra`: the
-    /// block `y` it served beside `x`, not padded, which CPU 0's stock served) is retired by
+    /// block `y` it served beside `x`, not padded, which CPU 0's stock served) is delisted by
     /// its exiting owner, thread A, as its thread-exit hook does, while thread B drains. The
-    /// word and its `extra` must be applied once, by whichever takes the word: applied twice,
+    /// word and its `extra` must be drained once, by whichever takes the word: drained twice,
     /// the allocation is counted twice; by neither, it is lost; and an `extra` taken by the
     /// one that did not take the word is lost with it.
-    fn retire_races_drain(y_pad: usize) {
+    fn delist_races_drain(y_pad: usize) {
         model(3, move || {
             let w = World::new(&[ROOT], BATCH);
             let p = w.pocket();
@@ -561,11 +561,11 @@ mod retire {
             assert_eq!(w.pocket_alloc(0, p, C, false, BLOCK, y_pad), Some(k));
             assert_eq!(w.snap(C).overhead, 0, "y's pad sits in the pocket");
 
-            let a = loom::thread::spawn(move || w.stocks.retire_pocket(p));
+            let a = loom::thread::spawn(move || w.stocks.delist_pocket(p));
             let b = loom::thread::spawn(move || w.stocks.drain(|_| true));
             a.join().unwrap();
             b.join().unwrap();
-            assert!(!p.is_live(), "a retired pocket is off the list");
+            assert!(!p.is_live(), "a delisted pocket is off the list");
             let q = w.pocket();
             assert!(
                 w.stocks
@@ -588,30 +588,30 @@ mod retire {
     }
 
     #[test]
-    fn retire_races_drain_word_applied_once() {
-        retire_races_drain(0);
+    fn delist_races_drain_word_drained_once() {
+        delist_races_drain(0);
     }
 
     /// The same with a padded block, so the pocket has an `extra`: whoever takes the word
-    /// must take the `extra` with it. (It found `retire_pocket` swapping `extra` out even when
+    /// must take the `extra` with it. (It found `delist_pocket` swapping `extra` out even when
     /// a drain had taken the word first, dropping it: 8 bytes of overhead expected, 0 found.)
     #[test]
-    fn retire_races_drain_extra_applied_once() {
-        retire_races_drain(PAD);
+    fn delist_races_drain_extra_drained_once() {
+        delist_races_drain(PAD);
     }
 }
 
 // ---- 5. A thread going while another walks the pockets ------------------------------------
 
-mod abandon {
+mod delist_walk {
     use super::*;
     use loom::sync::atomic::{AtomicBool, Ordering};
 
     /// A pocket lives in its thread's thread-local block, which goes with the thread once its
-    /// exit hook has taken the pocket off the list (`retire_pocket`, then `abandon`). Thread
+    /// exit hook has taken the pocket off the list (`delist_pocket`, then `delist`). Thread
     /// A is that hook, and marks the pocket gone once it returns; thread B walks the pockets
     /// (a counted walk, as a drain's look is) and touches each one it reaches. B must never
-    /// reach a pocket already gone: `abandon` clears the pocket's place, then waits for every
+    /// reach a pocket already gone: `delist` clears the pocket's place, then waits for every
     /// walk counted before it looked. Without the wait, B can load the place before it is
     /// cleared and touch the pocket after A is done.
     #[test]
@@ -621,7 +621,7 @@ mod abandon {
             let p = w.pocket();
             let gone: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
             let a = loom::thread::spawn(move || {
-                w.stocks.retire_pocket(p);
+                w.stocks.delist_pocket(p);
                 gone.store(true, Ordering::SeqCst);
             });
             let b = loom::thread::spawn(move || {

@@ -2,13 +2,13 @@
 //!
 //! A module of the library (see `src/lib.rs`). Groups: P (id 1) and its child C (id 2).
 //! C holds 8 live bytes charged through CPU 0's stock (56 more sit in the slot). Thread A
-//! removes C as `Group::remove` does (`set_offline`, then `purge`); thread B frees C's block,
+//! removes C as `Group::remove` does (`set_offline`, then `drain_group`); thread B frees C's block,
 //! on CPU 0 (the stock's CPU) or CPU 1 (after a migration).
 //!
 //! Checked in every interleaving: after a final drain P and C are exact (usage 0, one alloc and
 //! one free each), and the stocks reported C `emptied` exactly once (it reached 0 while
 //! offline, so its record would be freed) and never P (still online). The `promptly` variants
-//! check the same before that drain: no slot filled for C after its purge kept its bytes.
+//! check the same before that drain: no slot filled for C after its drain kept its bytes.
 
 use crate::core::stock::{key, Key};
 use crate::{model, under, World, ROOT};
@@ -29,7 +29,7 @@ fn setup() -> (World, Key) {
 /// `Group::remove`'s part in the core.
 fn remove(w: World, id: u32) {
     assert!(w.counter(id).set_offline(), "removed twice");
-    w.stocks.purge(id);
+    w.stocks.drain_group(id);
 }
 
 /// What both groups show after everything is freed and drained.
@@ -155,8 +155,8 @@ fn removal_races_frees_into_exhausted_stock() {
 }
 
 // The same races, requiring the record to be released without a flush: a slow path that
-// tests `is_online()` and then fills a slot (`deposit`, `claim`) may do so after A's `purge`
-// emptied C's slots; it must then see C offline (`Stocks::recheck`) and purge again, or C's
+// tests `is_online()` and then fills a slot (`refill_slot`, `claim`) may do so after A's `drain_group`
+// emptied C's slots; it must then see C offline (`Stocks::recheck`) and drain again, or C's
 // bytes sit in that slot, C's usage stays above 0 and it is not reported emptied until
 // something drains the slot.
 
@@ -175,11 +175,11 @@ fn removed_group_is_emptied_promptly_frees_into_exhausted_stock() {
     removal_races_frees_into_claimed_empty_slot(true);
 }
 
-/// Here B claims a slot on CPU 1, which A's purge finds only if it reads the `span` B's claim
+/// Here B claims a slot on CPU 1, which A's drain finds only if it reads the `span` B's claim
 /// raised. `recheck` and `remove` pair up as a store-then-load on each side (Dekker) with
 /// sequentially consistent accesses, which is correct in C11 but which loom cannot check:
 /// loom treats `SeqCst` accesses as `AcqRel` (only `fence(SeqCst)` is modelled), so it reports
-/// an execution where B's recheck reads `online` before A's swap while A's purge reads `span`
+/// an execution where B's recheck reads `online` before A's swap while A's drain reads `span`
 /// before B's raise, which no sequentially consistent order allows. With a `fence(SeqCst)`
 /// between the store and the load on both sides, the model passes.
 #[test]

@@ -8,8 +8,8 @@
 //! it asks through [`Caller`], each only on the branch that needs it: the pocket's fast path
 //! reads none of them.
 //!
-//! Below those entry points, the slow paths: a pocket's `fill` from the CPU's stock, a slot's
-//! refill from the counters in a batch (`charge_slow`, `deposit`, `claim`), and the exact
+//! Below those entry points, the slow paths: a pocket's refill from the CPU's stock (`refill_pocket`), a slot's
+//! refill from the counters in a batch (`charge_slow`, `refill_slot`, `claim`), and the exact
 //! charge at a limit (`charge_exact`: drains under the limit, direct reclaim, then the mode
 //! and the policies). The fast paths on a slot or a pocket word are `super::stock`'s; the
 //! drains are `super::drain`'s.
@@ -35,9 +35,9 @@ pub(crate) trait Caller {
     /// Whether it has no pocket and will have none (pockets are off, or it is exiting): its
     /// blocks are charged to the CPU's stock directly.
     fn pocketless(&self) -> bool;
-    /// Its pocket, if it is on the pockets' list; with `adopt`, put on the list now if it never
+    /// Its pocket, if it is on the pockets' list; with `enlist`, put on the list now if it never
     /// had its chance (`None` if it cannot have one).
-    fn listed_pocket(&self, adopt: bool) -> Option<&Pocket>;
+    fn listed_pocket(&self, enlist: bool) -> Option<&Pocket>;
 }
 
 impl<G: Groups, const N: usize> Stocks<G, N> {
@@ -107,7 +107,13 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         pad: usize,
     ) -> Option<Key> {
         let cpu = t.cpu();
-        let charged = if bytes <= self.batch() && self.consume(cpu, key, bytes, 1) {
+        let charged = if bytes > self.batch() {
+            // What `charge_slow` would do with it, one call nearer the counter.
+            let c = self.live(key, 1);
+            let charged = self::key(c.id, key_is_kernel(key));
+            self.charge_exact(c, key_is_kernel(key), bytes, 1, t.mode())
+                .then_some(charged)?
+        } else if self.consume(cpu, key, bytes, 1) {
             key
         } else {
             self.charge_slow(cpu, key, bytes, 1, t.mode())?
@@ -115,7 +121,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         self.pad_overhead(charged, pad as isize);
         if charged == key && bytes <= self.pocket_size() / 2 {
             if let Some(p) = t.listed_pocket(true) {
-                self.fill(cpu, p, key);
+                self.refill_pocket(cpu, p, key);
             }
         }
         Some(charged)
@@ -153,7 +159,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         self.uncharge(t, key, bytes, 1);
         if let Some(p) = t.listed_pocket(false) {
             if bytes <= self.pocket_size() / 2 && self.pocket_holds(p, key) {
-                self.fill(t.cpu(), p, key);
+                self.refill_pocket(t.cpu(), p, key);
             }
         }
     }
@@ -172,18 +178,18 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// Makes this thread's pocket serve `key`, after a fast path on it failed and the stocks
     /// served instead: its content goes back to this CPU's stock, and half a pocket's worth for
     /// `key` comes from there if the stock has it (a pocket never makes a charge fail, nor
-    /// charges the counters). If `key`'s group is offline (removed since), `recheck` purges
+    /// charges the counters). If `key`'s group is offline (removed since), `recheck` drains
     /// the pocket again.
     #[cold]
     #[inline(never)]
-    pub(crate) fn fill(&self, cpu: usize, p: &Pocket, key: Key) {
+    pub(crate) fn refill_pocket(&self, cpu: usize, p: &Pocket, key: Key) {
         let stop = &self.pockets.stop;
         let c = self.groups.counter(key_id(key));
         self.holding(cpu, || {
             let Some((held, extra)) = p.take_own(stop) else {
                 return;
             };
-            self.give_back(cpu, held, extra);
+            self.drain_to_stock(cpu, held, extra);
             let half = self.pocket_size() / 2;
             let bytes = if half != 0 && self.consume(cpu, key, half, 0) {
                 half
@@ -196,9 +202,9 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 && bytes != 0
             {
                 // A drain began meanwhile: what would have gone in goes back.
-                self.deposit(cpu, key, c, bytes, 0, 0);
+                self.refill_slot(cpu, key, c, bytes, 0, 0);
             }
-            // Still in hand, so that no record these name can be reused before a purge of a
+            // Still in hand, so that no record these name can be reused before a drain of a
             // group removed meanwhile sees its words: no block of the pocket's former group
             // keeps that one's record alive.
             if held != 0 {
@@ -210,7 +216,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
 
     /// Returns a word and extra taken out of a pocket to this CPU's stock (to the counters if
     /// its group is offline).
-    fn give_back(&self, cpu: usize, w: u64, extra: u64) {
+    fn drain_to_stock(&self, cpu: usize, w: u64, extra: u64) {
         if !has_content(w) {
             return;
         }
@@ -220,10 +226,23 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         c.adjust_overhead(extra as i64 as isize);
         if c.is_online() {
             let bytes = word_bytes(w) as usize;
-            self.deposit(cpu, key, c, bytes, word_allocs(w), word_frees(w));
+            self.refill_slot(cpu, key, c, bytes, word_allocs(w), word_frees(w));
         } else {
-            self.apply(w);
+            self.drain_word(w);
         }
+    }
+
+    /// The counter a charge of `key` goes to: a new block's (`objects != 0`) goes to the nearest
+    /// live ancestor of a removed group, growth of an existing block (`objects == 0`) to the
+    /// block's owner, removed or not.
+    fn live(&self, key: Key, objects: u64) -> &Counter {
+        let mut c = self.groups.counter(key_id(key));
+        if objects != 0 {
+            while !c.is_online() {
+                c = c.parent().expect("the root is never removed");
+            }
+        }
+        c
     }
 
     /// The slow path of a charge: refills the slot from the counters in a batch, or charges
@@ -244,12 +263,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         mode: Mode,
     ) -> Option<Key> {
         let kernel = key_is_kernel(key);
-        let mut c = self.groups.counter(key_id(key));
-        if objects != 0 {
-            while !c.is_online() {
-                c = c.parent().expect("the root is never removed");
-            }
-        }
+        let c = self.live(key, objects);
         let key = self::key(c.id, kernel);
         let batch = self.batch();
         if bytes > batch || !c.is_online() {
@@ -274,11 +288,11 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             match refill {
                 Ok(batched) => {
                     let have = have + if batched { batch } else { 0 };
-                    self.deposit(cpu, key, c, have - bytes, objects, 0);
+                    self.refill_slot(cpu, key, c, have - bytes, objects, 0);
                     true
                 }
                 Err(_) => {
-                    self.release(c, kernel, have);
+                    self.uncharge_counters(c, kernel, have);
                     false
                 }
             }
@@ -301,9 +315,9 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         let c = self.groups.counter(key_id(key));
         if bytes > self.batch() || !c.is_online() {
             c.count(0, objects);
-            self.release(c, key_is_kernel(key), bytes);
+            self.uncharge_counters(c, key_is_kernel(key), bytes);
         } else {
-            self.holding(cpu, || self.deposit(cpu, key, c, bytes, 0, objects));
+            self.holding(cpu, || self.refill_slot(cpu, key, c, bytes, 0, objects));
             self.recheck(c);
         }
     }
@@ -332,7 +346,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 }
                 Err((at, _)) if drains < DRAINS => {
                     drains += 1;
-                    self.settle_refills();
+                    self.wait_for_holders();
                     self.drain(|g| g.is_under(at));
                 }
                 Err((at, limit)) => {
@@ -367,7 +381,15 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
 
     /// Adds bytes and counts to this CPU's slot for `key`. What does not fit (a slot over
     /// `batch`, a full count) is returned to the counters of `c`, whose key is `key`.
-    fn deposit(&self, cpu: usize, key: Key, c: &Counter, bytes: usize, allocs: u64, frees: u64) {
+    fn refill_slot(
+        &self,
+        cpu: usize,
+        key: Key,
+        c: &Counter,
+        bytes: usize,
+        allocs: u64,
+        frees: u64,
+    ) {
         let batch = self.batch() as u64;
         let (bytes, kernel) = (bytes as u64, key_is_kernel(key));
         let stock = self.stock(cpu);
@@ -388,7 +410,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                     Ok(_) => {
                         if !fits {
                             c.count(a, f);
-                            self.release(c, kernel, (b - keep) as usize);
+                            self.uncharge_counters(c, kernel, (b - keep) as usize);
                         }
                         return;
                     }
@@ -400,7 +422,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             self.claim(cpu, stock, word(key, bytes, allocs, frees));
         } else {
             c.count(allocs, frees);
-            self.release(c, kernel, bytes as usize);
+            self.uncharge_counters(c, kernel, bytes as usize);
         }
     }
 
@@ -432,7 +454,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                     let evicted =
                         slot.compare_exchange(w, new, Ordering::SeqCst, Ordering::Relaxed);
                     if evicted.is_ok() {
-                        self.apply(w);
+                        self.drain_word(w);
                     }
                     evicted.is_ok()
                 });

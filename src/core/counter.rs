@@ -26,7 +26,7 @@ pub(crate) enum Limit {
     KmemMax,
 }
 
-/// Pressure levels, as bits of `Counter::pending` (seeds/004's low / medium / critical).
+/// Pressure levels, as bits of `Counter::pending` (mempressure's low / medium / critical).
 pub(crate) const LOW: u8 = 1;
 pub(crate) const MEDIUM: u8 = 2;
 pub(crate) const CRITICAL: u8 = 4;
@@ -175,7 +175,7 @@ impl Counter {
     }
 
     /// Sequentially consistent, so that a stock slot filled by a slow path that then sees the
-    /// group online is seen by the purge of a `remove` that took it offline (see
+    /// group online is seen by the drain of a `remove` that took it offline (see
     /// `Stocks::recheck`).
     #[inline]
     pub(crate) fn is_online(&self) -> bool {
@@ -441,7 +441,7 @@ fn add_within(field: &AtomicUsize, bytes: usize, limit: usize) -> Option<usize> 
     // Acquire, also when the limit refuses: the refusing thread then happens after every charge
     // whose bytes it saw, and so after the count that a refill raised before charging its
     // batch (`Stocks::holding`): the wait of a refused charge for refills in flight
-    // (`Stocks::settle_refills`) sees each one whose batch is in the usage that refused it.
+    // (`Stocks::wait_for_holders`) sees each one whose batch is in the usage that refused it.
     let mut cur = field.load(Ordering::Acquire);
     loop {
         let new = cur.checked_add(bytes).filter(|&n| n <= limit)?;

@@ -4,9 +4,9 @@
 //! counts that make drains exact.
 //!
 //! Every operation that holds bytes or counts outside a slot counts itself in, for as long
-//! as it holds them: a refill between charging its batch and depositing it, a pocket fill, an
+//! as it holds them: a refill between charging its batch and putting it in a slot, a pocket refill, an
 //! eviction, in the `in_hand` count of the CPU whose slots it works on (a line that CPU's
-//! slow paths write anyway); a drain, a retired pocket, in `draining`, one count for the whole
+//! slow paths write anyway); a drain, a delisted pocket, in `draining`, one count for the whole
 //! process (drains already visit every CPU's line). Two things rest on these counts: the
 //! group table reuses a freed record only after seeing every count at 0, so no word naming it
 //! is still in someone's hands (see `Stocks::quiescent`); and a charge about to be refused at
@@ -20,10 +20,10 @@ use super::stock::{has_content, key_id, key_is_kernel, word_allocs, word_bytes, 
 use super::stock::{word_key, Groups, Stocks};
 use crate::sync::{fence, AtomicU64, Backoff, Ordering};
 
-/// How long `settle_refills` waits, in `Backoff` rounds: through the spins and the yields
+/// How long `wait_for_holders` waits, in `Backoff` rounds: through the spins and the yields
 /// and a few sleeps, time for a preempted holder to be run again. Loom yields at every round,
 /// so a few are enough there and many would only slow it.
-const SETTLE_ROUNDS: u32 = if cfg!(memgroup_loom) {
+const WAIT_ROUNDS: u32 = if cfg!(memgroup_loom) {
     4
 } else {
     Backoff::SLEEPS_FROM + 4
@@ -36,7 +36,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// on (it may migrate), so it is raised and lowered on the same line.
     ///
     /// Orderings: `span` is raised (if it must be) before the count, and the scans
-    /// (`quiescent`, `settle_refills`) load `span` before the counts, all sequentially
+    /// (`quiescent`, `wait_for_holders`) load `span` before the counts, all sequentially
     /// consistent. So a scan that loads `span` after this raise, in that single order, sees
     /// this CPU in its range, and its load of the count, later still, sees the count raised
     /// until `f` is done: a holder that raised its count before a scan began is never missed.
@@ -54,7 +54,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         r
     }
 
-    /// Runs `f` (a drain, or the retire of a pocket), which may hold words taken out of slots
+    /// Runs `f` (a drain, or the delisting of a pocket), which may hold words taken out of slots
     /// or pockets of any CPU, counted in `draining` meanwhile.
     pub(super) fn holding_drain<R>(&self, f: impl FnOnce() -> R) -> R {
         self.draining.0.fetch_add(1, Ordering::SeqCst);
@@ -77,7 +77,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             Some(b) => {
                 for n in counts {
                     while n.load(Ordering::SeqCst) != 0 {
-                        if b.rounds() >= SETTLE_ROUNDS {
+                        if b.rounds() >= WAIT_ROUNDS {
                             return true;
                         }
                         b.wait();
@@ -89,74 +89,74 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     }
 
     /// Whether no operation holds words outside the slots (every count looked at read 0). A
-    /// record freed (and purged) before this call began can no longer be named by a slot
+    /// record freed (and drained) before this call began can no longer be named by a slot
     /// word any thread holds when it returns true, so it may be reused: each operation that
-    /// took such a word counted itself in before the purge ended, and was seen done.
+    /// took such a word counted itself in before the drain ended, and was seen done.
     pub(crate) fn quiescent(&self) -> bool {
         !self.in_hand(None)
     }
 
     /// Waits (briefly: these are a few hundred instructions, unless their thread is not
     /// running) for the slow paths and drains elsewhere that hold bytes outside any slot,
-    /// where a drain cannot take them: a refill's batch charged but not yet deposited, a
+    /// where a drain cannot take them: a refill's batch charged but not yet in a slot, a
     /// slot's content taken but not yet released. The wait backs off to yielding and then to
     /// sleeping, so that a holder preempted on this very CPU gets to finish; it is bounded
-    /// (`SETTLE_ROUNDS`), as a holder may be stopped (by a signal or a debugger).
-    pub(super) fn settle_refills(&self) {
+    /// (`WAIT_ROUNDS`), as a holder may be stopped (by a signal or a debugger).
+    pub(super) fn wait_for_holders(&self) {
         self.in_hand(Some(&mut Backoff::new()));
     }
 
     /// After a slow path filled a slot for `c`, which was online when it looked: if `c` has
-    /// gone offline since, its `remove` may have purged the slots before this one was filled,
-    /// so purge again. (The fill and this load, and `remove`'s store and purge, are all
-    /// sequentially consistent: one of the two purges sees the slot.)
+    /// gone offline since, its `remove` may have drained the slots before this one was filled,
+    /// so drain again. (The refill and this load, and `remove`'s store and drain, are all
+    /// sequentially consistent: one of the two drains sees the slot.)
     #[inline(always)]
     pub(super) fn recheck(&self, c: &Counter) {
         fence(Ordering::SeqCst);
         if !c.is_online() {
-            self.purge(c.id);
+            self.drain_group(c.id);
         }
     }
 
     /// Empties every slot, on every CPU, whose group satisfies `pred`: the bytes go back to the
     /// counters and the pending counts are added to them.
     pub(crate) fn drain(&self, pred: impl Fn(&Counter) -> bool) {
-        self.empty_slots(|w| has_content(w) && pred(self.groups.counter(key_id(word_key(w)))));
+        self.drain_where(|w| has_content(w) && pred(self.groups.counter(key_id(word_key(w)))));
     }
 
     /// Empties and releases every slot naming group `id`, empty ones included, so that no
     /// fast path finds a slot for it any more: for a group being removed (whose new charges
     /// then take the slow path, which sends them to a live ancestor) and for a record being
     /// freed.
-    pub(crate) fn purge(&self, id: u32) {
-        self.empty_slots(|w| w != 0 && key_id(word_key(w)) == id);
+    pub(crate) fn drain_group(&self, id: u32) {
+        self.drain_where(|w| w != 0 && key_id(word_key(w)) == id);
     }
 
-    /// Takes every slot word, on every CPU, for which `take(word)` says so, and applies it to
+    /// Takes every slot word, on every CPU, for which `take(word)` says so, and drains it into
     /// its group's counters. A CAS lost to a concurrent change is retried while `take` still
     /// says so: a charge that fails at a limit must not miss bytes because the slot's owner
     /// was busy with it.
     ///
     /// Pockets too: if any pocket's word looks takeable, every owner is kept out of its pocket
     /// meanwhile (see `super::pocket`).
-    fn empty_slots(&self, take: impl Fn(u64) -> bool) {
+    fn drain_where(&self, take: impl Fn(u64) -> bool) {
         self.holding_drain(|| {
             let span = self.span.load(Ordering::SeqCst).min(N);
             for slot in self.cpus[..span].iter().flat_map(|stock| &stock.slots) {
-                self.empty_word(slot, &take);
+                self.drain_slot(slot, &take);
             }
             if self.pockets.any(&take) {
                 self.pockets.stop(|| self.groups.barrier());
                 for p in self.pockets.iter() {
-                    self.empty_pocket(p, &take);
+                    self.drain_stopped_pocket(p, &take);
                 }
                 self.pockets.resume();
             }
         });
     }
 
-    /// Takes a stopped pocket's word (and extra) if `take` says so, and applies them.
-    fn empty_pocket(&self, p: &Pocket, take: impl Fn(u64) -> bool) {
+    /// Takes a stopped pocket's word (and extra) if `take` says so, and drains them.
+    fn drain_stopped_pocket(&self, p: &Pocket, take: impl Fn(u64) -> bool) {
         let mut w = p.word.load(Ordering::SeqCst);
         while take(w) {
             match p
@@ -166,7 +166,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 Ok(_) => {
                     // The owner is kept out, and other takers only take the extra with a word.
                     let extra = p.extra.swap(0, Ordering::SeqCst);
-                    self.apply_pocket(w, extra);
+                    self.drain_pocket_word(w, extra);
                     break;
                 }
                 Err(now) => w = now,
@@ -174,24 +174,24 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         }
     }
 
-    /// Applies a pocket's word and extra to its group's counters.
-    pub(super) fn apply_pocket(&self, w: u64, extra: u64) {
+    /// Drains a pocket's word and extra into its group's counters.
+    pub(super) fn drain_pocket_word(&self, w: u64, extra: u64) {
         if !has_content(w) {
             return;
         }
         let c = self.groups.counter(key_id(word_key(w)));
         // Before the bytes go: they keep an offline group's record alive.
         c.adjust_overhead(extra as i64 as isize);
-        self.apply(w);
+        self.drain_word(w);
     }
 
-    /// Takes one slot's word if `take` says so, and applies it.
-    fn empty_word(&self, slot: &AtomicU64, take: impl Fn(u64) -> bool) {
+    /// Takes one slot's word if `take` says so, and drains it.
+    fn drain_slot(&self, slot: &AtomicU64, take: impl Fn(u64) -> bool) {
         let mut w = slot.load(Ordering::SeqCst);
         while take(w) {
             match slot.compare_exchange(w, 0, Ordering::SeqCst, Ordering::Relaxed) {
                 Ok(_) => {
-                    self.apply(w);
+                    self.drain_word(w);
                     break;
                 }
                 Err(now) => w = now,
@@ -199,17 +199,17 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         }
     }
 
-    /// Applies a word taken out of a slot to its group's counters.
-    pub(super) fn apply(&self, w: u64) {
+    /// Drains a word taken out of a slot into its group's counters.
+    pub(super) fn drain_word(&self, w: u64) {
         let key = word_key(w);
         let c = self.groups.counter(key_id(key));
         c.count(word_allocs(w), word_frees(w));
-        self.release(c, key_is_kernel(key), word_bytes(w) as usize);
+        self.uncharge_counters(c, key_is_kernel(key), word_bytes(w) as usize);
     }
 
     /// Uncharges `bytes` from `c`'s counters, and frees an offline group's record once its
     /// usage reaches 0.
-    pub(super) fn release(&self, c: &Counter, kernel: bool, bytes: usize) {
+    pub(super) fn uncharge_counters(&self, c: &Counter, kernel: bool, bytes: usize) {
         if bytes != 0 && c.uncharge(bytes, kernel) && !c.is_online() {
             self.groups.emptied(c);
         }
@@ -218,16 +218,16 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// Empties the pocket of a thread that is gone (at its exit, or in a `fork()` child for
     /// the parent's other threads) into the counters, and frees it for the next new thread.
     /// Its owner must not use it any more.
-    pub(crate) fn retire_pocket(&self, p: &Pocket) {
+    pub(crate) fn delist_pocket(&self, p: &Pocket) {
         self.holding_drain(|| {
             let w = p.word.swap(0, Ordering::SeqCst);
             // Whoever takes a word takes its extra (a drain may have taken both first).
             if w != 0 {
                 let extra = p.extra.swap(0, Ordering::SeqCst);
-                self.apply_pocket(w, extra);
+                self.drain_pocket_word(w, extra);
             }
         });
-        self.pockets.abandon(p);
+        self.pockets.delist(p);
     }
 
     /// Before `fork()`: keeps every thread out of its pocket until `thaw_pockets`, so that no
@@ -244,7 +244,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// After `fork()`, in the child, whose only thread is the caller (in no stock operation):
     /// nothing is in anyone's hands or pocket but its own, whatever the parent's other threads
     /// were doing at the fork. Their pockets are emptied into the counters and freed; what a
-    /// thread held in its hands at the fork (a slot's content between take and deposit) is
+    /// thread held in its hands at the fork (a slot's content between take and refill) is
     /// lost to the child, which can be off by that much.
     pub(crate) fn reset_in_child(&self, own: *const Pocket) {
         for stock in &self.cpus {
@@ -254,7 +254,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         self.pockets.reset_in_child();
         for p in self.pockets.iter() {
             if !core::ptr::eq(p, own) && p.is_live() {
-                self.retire_pocket(p);
+                self.delist_pocket(p);
             }
         }
     }

@@ -38,7 +38,7 @@ use crate::sync::{
 pub(crate) struct Pocket {
     /// Raised by the owner around each access to `word`.
     busy: AtomicU32,
-    /// On the list (between `adopt` and `abandon`).
+    /// On the list (between `enlist` and `delist`).
     live: AtomicBool,
     /// The content: a stock slot word (see `super::stock`), 0 when unclaimed (always, for a
     /// pocket not on the list: its owner's fast paths then fail, and its slow paths decide).
@@ -185,8 +185,12 @@ impl Pockets {
     /// Puts a thread's pocket on the list: in a free place, else in `fresh` (a new, never
     /// freed place, or `None` if none can be had: then the pocket stays off the list and
     /// this returns false), which is published. The pocket must hold nothing, and stay where
-    /// it is until `abandon`.
-    pub(crate) fn adopt(&self, p: &Pocket, fresh: impl FnOnce() -> Option<&'static Place>) -> bool {
+    /// it is until `delist`.
+    pub(crate) fn enlist(
+        &self,
+        p: &Pocket,
+        fresh: impl FnOnce() -> Option<&'static Place>,
+    ) -> bool {
         let ptr = p as *const Pocket as *mut Pocket;
         p.live.store(true, Ordering::Relaxed);
         for place in self.places() {
@@ -226,7 +230,7 @@ impl Pockets {
 
     /// Takes a pocket off the list, once its owner took its word out, and waits until no
     /// walk can still reach it: then its thread may go, and its thread-local block with it.
-    pub(crate) fn abandon(&self, p: &Pocket) {
+    pub(crate) fn delist(&self, p: &Pocket) {
         let ptr = p as *const Pocket as *mut Pocket;
         for place in self.places() {
             if place.pocket.load(Ordering::Relaxed) == ptr {
@@ -263,7 +267,7 @@ impl Pockets {
     /// own pockets: a pocket reached otherwise may be gone with its thread.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Pocket> {
         self.places().filter_map(|place| {
-            // SAFETY: a pocket on the list stays in place until `abandon`, which waits for the
+            // SAFETY: a pocket on the list stays in place until `delist`, which waits for the
             // walks counted in `stop` or `walkers` (the caller's walk is one of them, or no
             // other thread runs) before its thread may go.
             unsafe { place.pocket.load(Ordering::SeqCst).as_ref() }
@@ -274,7 +278,7 @@ impl Pockets {
     /// it reaches goes away meanwhile.
     pub(crate) fn any_pocket(&self, pred: impl Fn(&Pocket) -> bool) -> bool {
         self.walkers.fetch_add(1, Ordering::SeqCst);
-        // Before the places are read (see `abandon`).
+        // Before the places are read (see `delist`).
         fence(Ordering::SeqCst);
         let found = self.iter().any(pred);
         self.walkers.fetch_sub(1, Ordering::SeqCst);
@@ -290,7 +294,7 @@ impl Pockets {
     /// Keeps every owner out of its word until `resume`: raises `stop`, runs `barrier` (after
     /// which every owner's `busy` store is visible, or its `stop` load sees ours), and waits
     /// for the owners in their words to leave. The caller's walk of the pockets, until
-    /// `resume`, is counted in `stop` (see `abandon`).
+    /// `resume`, is counted in `stop` (see `delist`).
     pub(super) fn stop(&self, barrier: impl FnOnce()) {
         self.stop.fetch_add(1, Ordering::SeqCst);
         barrier();

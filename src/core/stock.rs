@@ -23,7 +23,7 @@
 //!
 //! This file has the slots, their word format and their fast paths; `super::drain` has the
 //! drains (slots and pockets back to the counters) and the counts that make them exact, and
-//! `super::charge` the slow paths (slot and pocket fills, down to the counters with their
+//! `super::charge` the slow paths (slot and pocket refills, down to the counters with their
 //! limits and reclaim) and the whole charge path the designs call.
 
 use super::counter::Counter;
@@ -193,8 +193,8 @@ pub(crate) struct Stocks<G: Groups, const N: usize> {
     /// the scans of the counts look no further. Written at most once per CPU.
     pub(super) span: AtomicUsize,
     pub(super) batch: AtomicUsize,
-    /// Drains (and retired pockets) holding words taken out of slots or pockets, not yet
-    /// applied. On a line of its own: the one above is read by every fast path.
+    /// Drains (and delisted pockets) holding words taken out of slots or pockets, not yet
+    /// drained into the counters. On a line of its own: the one above is read by every fast path.
     pub(super) draining: Draining,
     pub(super) pockets: Pockets,
     pub(super) groups: G,
@@ -262,14 +262,14 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// `charge` on this thread's pocket, with no locked instruction, of a block (`objects`
     /// is 1) whose overhead is `pad` bytes more than the tag formula counts (see
     /// `Counter::adjust_overhead`). False when the pocket cannot serve it; then charge the
-    /// stocks, and `fill` the pocket.
+    /// stocks, and refill the pocket (`refill_pocket`).
     #[inline(always)]
     pub(crate) fn pocket_charge(&self, p: &Pocket, key: Key, bytes: usize, pad: usize) -> bool {
         bytes <= MAX_BATCH && p.update(&self.pockets.stop, pad as u64, take(key, bytes, 1))
     }
 
     /// `uncharge` on this thread's pocket of a block, as `pocket_charge` charged it. False
-    /// when the pocket cannot take it; then uncharge the stocks, and `fill` the pocket if it
+    /// when the pocket cannot take it; then uncharge the stocks, and refill the pocket (`refill_pocket`) if it
     /// holds `key` (it is full).
     #[inline(always)]
     pub(crate) fn pocket_uncharge(&self, p: &Pocket, key: Key, bytes: usize, pad: usize) -> bool {
@@ -289,7 +289,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         word_key(p.word.load(Ordering::Relaxed)) == key
     }
 
-    /// The list of pockets, for a new thread to adopt one.
+    /// The list of pockets, for a new thread to enlist in.
     pub(crate) fn pockets(&self) -> &Pockets {
         &self.pockets
     }
