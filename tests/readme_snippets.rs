@@ -122,7 +122,10 @@ fn check(app: axum::Router, group: &str) {
     let got = sample(&body, "memgroup_usage_bytes", group);
     assert_eq!(got, Some(usage as f64), "{group}'s usage in:\n{body}");
     let root = sample(&body, "memgroup_usage_bytes", "/").expect("the root's sample");
-    assert!(root >= usage as f64, "the root includes {group}: {root} < {usage}");
+    assert!(
+        root >= usage as f64,
+        "the root includes {group}: {root} < {usage}"
+    );
     drop(block);
     g.remove().unwrap();
 }
