@@ -13,7 +13,9 @@
 //!
 //! Part 2, memory (seeds/003's trade-off), for `tag` and `arena`:
 //! - 10,000 groups, each holding 4 small blocks (sizes from the churn's distribution);
-//! - one group holding 1,000,000 small blocks.
+//! - one group holding 1,000,000 small blocks;
+//! - memory per idle group: 100,000 groups created and left empty (resident memory, and what
+//!   their records charge their parent).
 //!
 //! Reported: bytes requested, bytes charged (the groups' `usage`, bookkeeping of the groups'
 //! records excluded), charged per requested byte, and the memory the design really holds for
@@ -34,7 +36,8 @@
 //! `CHURN_MS=ms` target length of one raw run (default 150); `CHURN_SLOTS=n` (default 1024);
 //! `CHURN_REMOTE=r` (default 8); `CHURN_ONLY=a,b` rows among `system`, `mimalloc`, `tag`,
 //! `arena`; `ARENA_SCENARIOS=1,2,2r` scenarios to run; `ARENA_PART=time|memory` one part only;
-//! `ARENA_GROUPS=n` (default 10000); `ARENA_OBJECTS=n` (default 1000000).
+//! `ARENA_GROUPS=n` (default 10000); `ARENA_OBJECTS=n` (default 1000000);
+//! `ARENA_IDLE_GROUPS=n` idle groups whose memory per group is measured (default 100000).
 //!
 //! Instructions per alloc+free pair, 1 thread (load-independent; quick mode runs 20,000 steps
 //! after filling a 1024-block ring, so Ir per pair = "Collected" / 20000):
@@ -458,6 +461,51 @@ mod bench {
         )
     }
 
+    /// The process's resident memory in bytes (`/proc/self/statm`, second field, in pages).
+    fn resident() -> usize {
+        let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
+        let pages: usize = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|f| f.parse().ok())
+            .expect("statm's resident field");
+        // SAFETY: sysconf has no memory arguments.
+        pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize
+    }
+
+    /// Memory per idle group (issue 12): `n` groups created under one parent and left idle
+    /// (nothing allocated in them, so no design has made caches or slabs for them): what the
+    /// process's resident memory grows by (their records in memgroup's group table, which it
+    /// maps itself and touches as ids are used), and what their records charge the parent as
+    /// kernel memory. The handles' vector is filled before the first reading, so its pages
+    /// are not counted.
+    fn idle_groups(n: usize) {
+        let parent = Group::new("mem-idle").expect("group");
+        let mut kids: Vec<Option<Group>> = (0..n).map(|_| None).collect();
+        parent.flush();
+        let (rss0, kmem0) = (resident(), parent.stat().kmem);
+        for (i, kid) in kids.iter_mut().enumerate() {
+            *kid = Some(parent.child(&format!("g{i}")).expect("group"));
+        }
+        parent.flush();
+        let (rss1, kmem1) = (resident(), parent.stat().kmem);
+        std::hint::black_box(&kids);
+        println!(
+            "
+{n} idle groups: resident memory +{} KiB, {:.0} B per group; charged to their \
+             parent as kernel memory: {} B per group",
+            (rss1 - rss0) >> 10,
+            (rss1 - rss0) as f64 / n as f64,
+            (kmem1 - kmem0) / n
+        );
+        for kid in kids.into_iter().flatten() {
+            kid.remove().expect("remove");
+        }
+        parent.flush();
+        assert_eq!(parent.stat().usage, 0, "the records are uncharged");
+        parent.remove().expect("remove");
+    }
+
     fn memory_part(quick: bool) {
         let groups = env_usize("ARENA_GROUPS").unwrap_or(if quick { 1000 } else { 10_000 });
         let objects = env_usize("ARENA_OBJECTS").unwrap_or(if quick { 100_000 } else { 1_000_000 });
@@ -494,6 +542,7 @@ mod bench {
             "\n1 group x {objects} blocks, time per block (1 run, cold): tag alloc {ta:.1} ns, \
              free {tf:.1} ns; arena alloc {aa:.1} ns, free {af:.1} ns"
         );
+        idle_groups(env_usize("ARENA_IDLE_GROUPS").unwrap_or(if quick { 10_000 } else { 100_000 }));
     }
 
     pub(super) fn main() -> Result<(), Box<dyn std::error::Error>> {
