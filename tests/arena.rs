@@ -722,3 +722,109 @@ fn segments_inner() {
     assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
     g.remove().unwrap();
 }
+
+/// A group removed while other threads free its blocks: the removal makes the group heap's
+/// slabs orphans, and the free of an orphan's last object releases the slab to the pool, where
+/// another thread's group heap may take it at once. The removal must not touch a slab after
+/// the word that made it an orphan: it once nulled the owner (and the links and state) of a
+/// slab reused and parked full meanwhile, and the next remote free into it crashed in
+/// `notify` on the null owner (the thread-churn test's rare abort). `pause_after_orphaning`
+/// holds the removal in that window for long enough that the reuse happens inside it.
+#[test]
+fn a_slab_reused_while_its_old_group_heap_is_removed() {
+    run_in_child_process("orphan_reuse_inner", &[]);
+}
+
+#[test]
+#[ignore = "run by a_slab_reused_while_its_old_group_heap_is_removed in a child process"]
+fn orphan_reuse_inner() {
+    if !in_child_process() {
+        return;
+    }
+    const SIZE: usize = 64;
+    const PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+    let dying0 = dying_groups();
+    memgroup::pause_after_orphaning(PAUSE.as_micros() as u32);
+    let mut reused = 0;
+    for round in 0..10 {
+        let g = fresh("orphan-reuse-g");
+        let h = fresh("orphan-reuse-h");
+        // The owner of `g`'s blocks stays alive through the removal: its group heap is live.
+        let (blocks_tx, blocks_rx) = mpsc::channel::<Vec<Block>>();
+        let (quit_tx, quit_rx) = mpsc::channel::<()>();
+        let g2 = g.clone();
+        let owner = std::thread::spawn(move || {
+            let mut blocks = Vec::with_capacity(200);
+            g2.run(|| blocks.extend((0..200).map(|_| Block::new(SIZE, 8))));
+            blocks_tx.send(blocks).unwrap();
+            quit_rx.recv().unwrap();
+        });
+        let blocks = blocks_rx.recv().unwrap();
+        let starts: Vec<usize> = blocks.iter().map(|b| slab(b).start).collect();
+        let go = Arc::new(Barrier::new(3));
+        // Frees every block of `g` once the removal has orphaned its first slab.
+        let freer = {
+            let go = go.clone();
+            std::thread::spawn(move || {
+                go.wait();
+                std::thread::sleep(PAUSE / 5);
+                drop(blocks);
+            })
+        };
+        // Allocates in `h` until it gets an object of one of `g`'s slabs (the orphan its last
+        // free released), then fills that slab, so it is parked full, owned by this thread.
+        let reuser = {
+            let (go, h) = (go.clone(), h.clone());
+            std::thread::spawn(move || {
+                go.wait();
+                std::thread::sleep(PAUSE / 5 + PAUSE / 10);
+                let mut mine = Vec::with_capacity(4096);
+                let mut target = None;
+                h.run(|| {
+                    while mine.len() < 4000 {
+                        let b = Block::new(SIZE, 8);
+                        let s = slab(&b).start;
+                        match target {
+                            None if starts.contains(&s) => target = Some(s),
+                            Some(t) if s != t => {
+                                mine.push(b);
+                                break;
+                            }
+                            _ => {}
+                        }
+                        mine.push(b);
+                    }
+                });
+                (target, mine)
+            })
+        };
+        go.wait();
+        g.remove().unwrap();
+        freer.join().unwrap();
+        let (target, mine) = reuser.join().unwrap();
+        // Remote frees (this thread owns none of them): the first one into the slab parked
+        // full hands its object to the owner through `notify`, which reads the slab's owner.
+        drop(mine);
+        quit_tx.send(()).unwrap();
+        owner.join().unwrap();
+        let s = exact(&h);
+        assert_eq!(
+            (s.usage, s.kmem, s.overhead, live(&s)),
+            (0, 0, 0, 0),
+            "round {round}: {s:?}"
+        );
+        h.remove().unwrap();
+        if target.is_some() {
+            reused += 1;
+            if reused == 3 {
+                break;
+            }
+        }
+    }
+    memgroup::pause_after_orphaning(0);
+    assert_eq!(dying_groups(), dying0, "every removed group's record went");
+    assert!(
+        reused > 0,
+        "no round had the orphan's slab reused inside the removal's window"
+    );
+}

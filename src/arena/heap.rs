@@ -1337,43 +1337,85 @@ unsafe fn detach(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
 
 /// Takes `s` from its owner: released if empty, else an orphan.
 ///
+/// The word that makes `s` an orphan (`ORPHAN`, or `DEAD` if empty) is the last thing written:
+/// once it is public, `s` is no longer the owner's. Remote frees then count down on it, and the
+/// one that frees its last object releases it to the pool, where another thread may take it at
+/// once. So the owner's fields (`owner`, the links, `state`) are written before that word,
+/// never after: a write after it could land on the slab in its next life (it did: a late
+/// `owner = null` on a slab reused and parked full by another thread's group heap, whose next
+/// notifier then read a null owner in `notify`). Nulling `owner` first is safe only once no
+/// notifier can read it: `FULL` is cleared first (waiting out a notifier that holds
+/// `NOTIFYING`), so none runs and none can start (only the owner sets `FULL` again).
+///
 /// # Safety
 /// The caller owns `gh` (its heap stopped) and `s`, one of its slabs.
 unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released) {
-    // SAFETY: per the caller.
+    // SAFETY: per the caller: until the publishing CAS below, `s`'s plain fields are ours.
     unsafe {
         let r = &(*s).remote;
         let mut backoff = Backoff::yielding();
+        let mut w = r.load(Ordering::Acquire);
         loop {
-            collect(gh, s);
-            let w = r.load(Ordering::Acquire);
             if w & NOTIFYING != 0 {
                 // A remote free is handing an object to `gh`: let it finish.
                 backoff.wait();
+                w = r.load(Ordering::Acquire);
                 continue;
             }
+            if w & FULL == 0 {
+                break;
+            }
+            match r.compare_exchange(w, w & !FULL, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => w = now,
+            }
+        }
+        // Remote frees now only push to the remote list, and read `owner` only to look for an
+        // abandoned heap (whose lock the caller holds).
+        (*s).owner.store(null_mut(), Ordering::Release);
+        (*s).prev = null_mut();
+        (*s).next = null_mut();
+        loop {
+            collect(gh, s);
+            let w = r.load(Ordering::Acquire);
             if w & PTR_MASK != 0 {
                 continue;
             }
+            debug_assert_eq!(w & FLAGS, 0, "no flag but the owner's may be set here");
             let empty = (*s).used == 0;
-            let new = if empty { DEAD } else { ORPHAN };
+            (*s).state = if empty { LOOSE } else { ORPHANED };
             // `used` is final from here: published with the word.
+            let new = if empty { DEAD } else { ORPHAN };
             if r.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                (*s).owner.store(null_mut(), Ordering::Release);
-                (*s).prev = null_mut();
-                (*s).next = null_mut();
+                orphaned_hook();
                 if empty {
-                    (*s).state = LOOSE;
+                    // Dead, so ours alone: no object is left to free it.
                     rel.push(s);
-                } else {
-                    (*s).state = ORPHANED;
                 }
                 return;
             }
         }
     }
+}
+
+/// Microseconds `orphan_or_release` pauses right after publishing an orphan (0: none), for
+/// the test that widens that window (see `super::pause_after_orphaning`).
+static ORPHAN_PAUSE_US: AtomicU32 = AtomicU32::new(0);
+
+#[inline(always)]
+fn orphaned_hook() {
+    let us = ORPHAN_PAUSE_US.load(Ordering::Relaxed);
+    if us != 0 {
+        // nanosleep(2); allocates nothing.
+        std::thread::sleep(core::time::Duration::from_micros(us.into()));
+    }
+}
+
+/// Sets the pause after each orphan's publication; returns the previous one.
+pub(crate) fn pause_after_orphaning(us: u32) -> u32 {
+    ORPHAN_PAUSE_US.swap(us, Ordering::Relaxed)
 }
 
 /// Collects remote frees and releases every empty slab of `gh`, spares and active ones

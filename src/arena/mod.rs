@@ -253,6 +253,14 @@ pub unsafe fn slab_of(ptr: *const u8) -> Option<SlabInfo> {
     }
 }
 
+/// For tests: makes each removal of a group heap pause `us` microseconds right after each of
+/// its slabs becomes an orphan (0, the default: no pause), which widens the window in which
+/// other threads free an orphan's last object and reuse its slab; returns the previous value.
+#[doc(hidden)]
+pub fn pause_after_orphaning(us: u32) -> u32 {
+    heap::pause_after_orphaning(us)
+}
+
 /// What the arena holds, in bytes (none of it is charged to a group as such: slabs are
 /// charged to their groups while out of the pool).
 #[doc(hidden)]
