@@ -7,7 +7,9 @@ static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
 
 include!("suite/common.rs");
 
-use common::{exact, fresh, fresh_child, in_child_process, live, run_in_child_process, Block, Rng};
+use common::{
+    exact, fresh, fresh_child, in_child_process, live, run_in_child_process, wait_child, Block, Rng,
+};
 use memgroup::{dying_groups, kernel, Group, SlabInfo};
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -827,4 +829,85 @@ fn orphan_reuse_inner() {
         reused > 0,
         "no round had the orphan's slab reused inside the removal's window"
     );
+}
+
+/// A fork while another thread is inside `notify` (the first remote free into a slab parked
+/// full, holding the slab's `NOTIFYING` bit until it has handed its object to the owner): that
+/// thread holds no lock, so the fork does not wait for it, and in the child, where it does not
+/// run, the bit must not stay set, or the child hangs in the first wait for it (here the
+/// removal of the slab's group, which orphans the slab).
+#[test]
+fn a_fork_during_a_notify_leaves_no_wait_hanging_in_the_child() {
+    run_in_child_process("fork_notify_inner", &[]);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+#[ignore = "run by a_fork_during_a_notify_leaves_no_wait_hanging_in_the_child"]
+fn fork_notify_inner() {
+    if !in_child_process() {
+        return;
+    }
+    const SIZE: usize = 64;
+    const PAUSE: std::time::Duration = std::time::Duration::from_millis(400);
+    let g = fresh("fork-notify");
+    // The owner fills a slab and takes another: the first is parked full.
+    let (blocks_tx, blocks_rx) = mpsc::channel::<Vec<Block>>();
+    let (quit_tx, quit_rx) = mpsc::channel::<()>();
+    let g2 = g.clone();
+    let owner = std::thread::spawn(move || {
+        let mut v = Vec::with_capacity(4096);
+        g2.run(|| {
+            v.push(Block::new(SIZE, 8));
+            let first = slab(&v[0]).start;
+            while v.len() < 4000 {
+                let b = Block::new(SIZE, 8);
+                let next = slab(&b).start != first;
+                v.push(b);
+                if next {
+                    break;
+                }
+            }
+        });
+        blocks_tx.send(v).unwrap();
+        quit_rx.recv().unwrap();
+    });
+    let mut blocks = blocks_rx.recv().unwrap();
+    assert!(
+        slab(&blocks[0]).start != slab(blocks.last().unwrap()).start,
+        "the owner filled its first slab"
+    );
+    let b = blocks.swap_remove(0);
+    memgroup::pause_in_notify(PAUSE.as_micros() as u32);
+    let notifier = std::thread::spawn(move || drop(b));
+    std::thread::sleep(PAUSE / 4);
+    // SAFETY: the child only removes a group (allocation and the group registry, which the
+    // allocator and its fork handlers support after fork) and leaves with _exit, never
+    // returning into the test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        memgroup::pause_in_notify(0);
+        let ok = g.remove().is_ok();
+        // SAFETY: _exit is async-signal-safe and skips atexit handlers and destructors.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let status = wait_child(pid, std::time::Duration::from_secs(20));
+    notifier.join().unwrap();
+    memgroup::pause_in_notify(0);
+    assert_eq!(
+        status,
+        Some(0),
+        "the child removed the group and exited (None: it hung)"
+    );
+    drop(blocks);
+    quit_tx.send(()).unwrap();
+    owner.join().unwrap();
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, live(&s)),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    g.remove().unwrap();
 }

@@ -190,7 +190,7 @@ pub(crate) enum Slow {
 /// thread-exit hook. Allocates nothing. False if the arena cannot work here.
 #[cold]
 pub(crate) fn init() -> bool {
-    let mut backoff = Backoff::yielding();
+    let mut backoff = Backoff::new();
     loop {
         match STATE.compare_exchange(0, 1, Ordering::Acquire, Ordering::Acquire) {
             Ok(_) => break,
@@ -306,7 +306,7 @@ unsafe fn wait_out(th: *mut ThreadHeap) {
     if ASYM.load(Ordering::Relaxed) && !platform::membarrier() {
         platform::corrupted(b"membarrier failed after registration");
     }
-    let mut backoff = Backoff::yielding();
+    let mut backoff = Backoff::new();
     // SAFETY: heaps are never unmapped.
     while unsafe { (*th).busy.load(Ordering::SeqCst) } != 0 {
         backoff.wait();
@@ -549,6 +549,7 @@ unsafe fn free_abandoned(
 /// # Safety
 /// This thread set `NOTIFYING` on `s`; `p` is a live object of `s`.
 unsafe fn notify(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
+    pause(&NOTIFY_PAUSE_US);
     // SAFETY: the owner is stable while `NOTIFYING` is set (`orphan_or_release` waits).
     unsafe {
         let gh = (*s).owner.load(Ordering::Acquire);
@@ -609,7 +610,7 @@ unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
     // SAFETY: slab metadata, group heaps and heaps are never unmapped; ownership is re-checked
     // with the owner's heap stopped, when it cannot change.
     unsafe {
-        let mut backoff = Backoff::yielding();
+        let mut backoff = Backoff::new();
         loop {
             if (*s).remote.load(Ordering::Acquire) & ORPHAN != 0 {
                 let done = orphan_free(s, size, counted);
@@ -730,7 +731,7 @@ unsafe fn release(s: *mut Slab) {
         // A notifier (see `notify`) may still hold `NOTIFYING` after its object was freed
         // (through the delayed list) and the slab emptied: let it clear the bit before the slab
         // can be reused, or its late clear would clear a later notifier's.
-        let mut backoff = Backoff::yielding();
+        let mut backoff = Backoff::new();
         while (*s).remote.load(Ordering::Acquire) & NOTIFYING != 0 {
             backoff.wait();
         }
@@ -937,7 +938,7 @@ unsafe fn park_full(gh: *mut GroupHeap, s: *mut Slab) -> bool {
     // SAFETY: per the caller.
     unsafe {
         let r = &(*s).remote;
-        let mut backoff = Backoff::yielding();
+        let mut backoff = Backoff::new();
         let mut w = r.load(Ordering::Acquire);
         // Without `FULL` no new notifier can start: this wait ends with the current one.
         while w & NOTIFYING != 0 {
@@ -1353,7 +1354,7 @@ unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released
     // SAFETY: per the caller: until the publishing CAS below, `s`'s plain fields are ours.
     unsafe {
         let r = &(*s).remote;
-        let mut backoff = Backoff::yielding();
+        let mut backoff = Backoff::new();
         let mut w = r.load(Ordering::Acquire);
         loop {
             if w & NOTIFYING != 0 {
@@ -1389,7 +1390,7 @@ unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released
             if r.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                orphaned_hook();
+                pause(&ORPHAN_PAUSE_US);
                 if empty {
                     // Dead, so ours alone: no object is left to free it.
                     rel.push(s);
@@ -1400,13 +1401,15 @@ unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released
     }
 }
 
-/// Microseconds `orphan_or_release` pauses right after publishing an orphan (0: none), for
-/// the test that widens that window (see `super::pause_after_orphaning`).
+/// Microseconds `orphan_or_release` pauses right after publishing an orphan, and `notify`
+/// right after taking `NOTIFYING` (0: none), for the tests that widen those windows (see
+/// `super::pause_after_orphaning`, `super::pause_in_notify`).
 static ORPHAN_PAUSE_US: AtomicU32 = AtomicU32::new(0);
+static NOTIFY_PAUSE_US: AtomicU32 = AtomicU32::new(0);
 
 #[inline(always)]
-fn orphaned_hook() {
-    let us = ORPHAN_PAUSE_US.load(Ordering::Relaxed);
+fn pause(us: &AtomicU32) {
+    let us = us.load(Ordering::Relaxed);
     if us != 0 {
         // nanosleep(2); allocates nothing.
         std::thread::sleep(core::time::Duration::from_micros(us.into()));
@@ -1416,6 +1419,11 @@ fn orphaned_hook() {
 /// Sets the pause after each orphan's publication; returns the previous one.
 pub(crate) fn pause_after_orphaning(us: u32) -> u32 {
     ORPHAN_PAUSE_US.swap(us, Ordering::Relaxed)
+}
+
+/// Sets the pause of each notifier holding `NOTIFYING`; returns the previous one.
+pub(crate) fn pause_in_notify(us: u32) -> u32 {
+    NOTIFY_PAUSE_US.swap(us, Ordering::Relaxed)
 }
 
 /// Collects remote frees and releases every empty slab of `gh`, spares and active ones
@@ -1593,6 +1601,10 @@ fn fork_prepare() {
 fn fork_child() {
     let me = current();
     for th in listed_heaps() {
+        // SAFETY: as below; every group heap in a table is the heap's, stopped.
+        unsafe { each_group_heap(th, |gh| clear_notifying(gh)) };
+    }
+    for th in listed_heaps() {
         // SAFETY: `fork_prepare` stopped every listed heap, and in the child no thread but this
         // one runs: the heaps of the others are ours to change. Their slabs are not swept here
         // (releasing takes the pool locks, held until `fork_release`): `flush` sweeps them.
@@ -1614,6 +1626,54 @@ fn fork_child() {
         }
     }
     fork_release();
+}
+
+/// Runs `f` on every group heap in `th`'s table.
+///
+/// # Safety
+/// The caller stopped `th` (or holds it abandoned).
+unsafe fn each_group_heap(th: *mut ThreadHeap, mut f: impl FnMut(*mut GroupHeap)) {
+    // SAFETY: per the caller, the table is ours to read.
+    unsafe {
+        let t = &raw mut (*th).table;
+        for i in 0..(*t).cap {
+            let e = (*t).entries.add(i);
+            if (*e).key != 0 && (*e).key != TOMB {
+                f((*e).gh);
+            }
+        }
+    }
+}
+
+/// In a forked child: clears `NOTIFYING` on every slab of `gh`. A parent thread that was
+/// inside `notify` at the fork (between taking `NOTIFYING` and clearing it: it holds no lock,
+/// so `fork_prepare` cannot wait for it) has no thread in the child, and every wait for the bit
+/// (`park_full`, `release`, `orphan_or_release`) would hang the child. Its object is the
+/// child's loss, as any free in flight on a thread the child does not have: still counted in
+/// its slab's `used` (or, if it was handed over already, on `gh`'s delayed list, freed from
+/// there).
+///
+/// A notifier's slab is still its owner's (nothing waiting for the bit could take it away), so
+/// it is on one of `gh`'s lists: its active slabs, partial lists or full list. (One emptied
+/// already and waiting in a parent thread's `release` is lost to the child with that thread.)
+///
+/// # Safety
+/// In the child, with `gh`'s heap stopped by `fork_prepare`.
+unsafe fn clear_notifying(gh: *mut GroupHeap) {
+    // SAFETY: per the caller, the lists are ours and consistent.
+    unsafe {
+        let clear = |mut s: *mut Slab, list: bool| {
+            while !s.is_null() && s != slab::empty() {
+                (*s).remote.fetch_and(!NOTIFYING, Ordering::Relaxed);
+                s = if list { (*s).next } else { null_mut() };
+            }
+        };
+        for q in &(*gh).classes {
+            clear(q.active, false);
+            clear(q.partial, true);
+        }
+        clear((*gh).full, true);
+    }
 }
 
 fn fork_release() {

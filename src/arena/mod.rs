@@ -261,6 +261,14 @@ pub fn pause_after_orphaning(us: u32) -> u32 {
     heap::pause_after_orphaning(us)
 }
 
+/// For tests: makes each remote free that hands its object to a slab's owner (the first free
+/// into a slab parked full) pause `us` microseconds while it holds the slab's `NOTIFYING` bit
+/// (0, the default: no pause); returns the previous value.
+#[doc(hidden)]
+pub fn pause_in_notify(us: u32) -> u32 {
+    heap::pause_in_notify(us)
+}
+
 /// What the arena holds, in bytes (none of it is charged to a group as such: slabs are
 /// charged to their groups while out of the pool).
 #[doc(hidden)]
