@@ -65,6 +65,10 @@ use super::slab::{
     ORPHANED, PARTIAL, PTR_MASK,
 };
 
+/// `MEMGROUP_ARENA_POOL`: the resident bytes of empty slabs the pool keeps, by default and at
+/// most (a larger value is taken as this one, with a warning).
+const POOL_DEFAULT: usize = 4 << 20;
+const POOL_MAX: usize = 1 << 40;
 /// Operations between two harvests of a group heap's counts into its counter.
 const HARVEST: u32 = 256;
 /// Per-object overhead allowance already counted by `Stat`'s tag formula (see `harvest`).
@@ -200,14 +204,7 @@ pub(crate) fn init() -> bool {
     }
     EXACT.store(crate::stock_batch() == 0, Ordering::Relaxed);
     ASYM.store(platform::membarrier_register(), Ordering::Relaxed);
-    let pool = match platform::env_size(c"MEMGROUP_ARENA_POOL") {
-        None => 4 << 20,
-        Some(Ok(bytes)) => bytes,
-        Some(Err(())) => {
-            platform::warn(&[b"memgroup: MEMGROUP_ARENA_POOL is not a size; using 4M\n"]);
-            4 << 20
-        }
-    };
+    let pool = platform::env_size_in(c"MEMGROUP_ARENA_POOL", POOL_DEFAULT, POOL_MAX);
     let ok = match platform::thread_exit_key(thread_exit) {
         Some(k) if segment::reserve(pool) => {
             EXIT_KEY.store(k, Ordering::Relaxed);
