@@ -241,7 +241,14 @@ fn new_segment(shift: usize) -> Option<(usize, usize)> {
             }
             let seg = BASE.load(Ordering::Relaxed) + offset;
             if !platform::commit(seg as *mut u8, SEGMENT) {
-                // Leave the hole: the region is only an address range.
+                // Give the range back, unless another slab size cut a segment after it
+                // meanwhile: then leave the hole (it is only address space, never touched).
+                let _ = CUT.compare_exchange(
+                    offset + SEGMENT,
+                    offset,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 return None;
             }
             seg
