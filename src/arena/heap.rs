@@ -52,46 +52,32 @@ use crate::core::counter::Counter;
 use crate::core::stock::{key, key_id, key_is_kernel, Key};
 use crate::fork::{self, Participant, Rank};
 use crate::sync::{
-    compiler_fence, fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Backoff,
-    Ordering,
+    compiler_fence, fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, Backoff, Ordering,
 };
 use crate::{group, platform, thread, TAG_SIZE};
 
 use super::class::{self, CLASSES};
-use super::lock::{Locked, Spin};
+use super::lock::Spin;
+use super::records::{GROUP_HEAPS, REGISTRY};
 use super::segment;
-use super::slab::{
-    self, Slab, ACTIVE, COUNT_ONE, DEAD, FLAGS, FULL, FULL_LIST, LOOSE, NOTIFYING, ORPHAN,
-    ORPHANED, PARTIAL, PTR_MASK,
+use super::slab::{self, COUNT_ONE, DEAD, FLAGS, FULL, NOTIFYING, ORPHAN, PTR_MASK};
+use super::table::{Table, TOMB};
+use super::types::{
+    abandoned, untagged, GroupHeap, Queue, Slab, Slow, ThreadHeap, ABANDONED, ACTIVE, DEAD_HEAP,
+    FULL_LIST, LOOSE, ORPHANED, PARTIAL,
 };
 
 /// `MEMGROUP_ARENA_POOL`: the resident bytes of empty slabs the pool keeps, by default and at
 /// most (a larger value is taken as this one, with a warning).
-const POOL_DEFAULT: usize = 4 << 20;
-const POOL_MAX: usize = 1 << 40;
+pub(super) const POOL_DEFAULT: usize = 4 << 20;
+
+pub(super) const POOL_MAX: usize = 1 << 40;
+
 /// Operations between two harvests of a group heap's counts into its counter.
-const HARVEST: u32 = 256;
+pub(super) const HARVEST: u32 = 256;
+
 /// Per-object overhead allowance already counted by `Stat`'s tag formula (see `harvest`).
-const TAG: i64 = TAG_SIZE as i64;
-/// `HEAP` of a thread whose exit hook ran: its small blocks go to the inner allocator.
-const DEAD_HEAP: usize = 1;
-/// Bytes mapped at a time for heaps and group heaps.
-const CHUNK: usize = 256 << 10;
-/// The low bit of a group heap's `heap`: its thread exited and the heap waits to be adopted
-/// (see `abandon`). Heaps are 64-aligned, so the bit is free.
-const ABANDONED: usize = 1;
-
-/// Whether a group heap's `heap` word names an abandoned heap.
-#[inline(always)]
-fn abandoned(raw: *mut ThreadHeap) -> bool {
-    raw as usize & ABANDONED != 0
-}
-
-/// The heap a group heap's `heap` word names, abandoned or not.
-#[inline(always)]
-fn untagged(raw: *mut ThreadHeap) -> *mut ThreadHeap {
-    raw.map_addr(|a| a & !ABANDONED)
-}
+pub(super) const TAG: i64 = TAG_SIZE as i64;
 
 thread_local! {
     /// This thread's heap: null before its first small allocation, `DEAD_HEAP` after its exit.
@@ -105,89 +91,24 @@ thread_local! {
     static PARKED: Cell<*mut Slab> = const { Cell::new(null_mut()) };
 }
 
-static STATE: AtomicU8 = AtomicU8::new(0);
-const READY: u8 = 2;
-const UNAVAILABLE: u8 = 3;
+pub(super) static STATE: AtomicU8 = AtomicU8::new(0);
+
+pub(super) const READY: u8 = 2;
+
+pub(super) const UNAVAILABLE: u8 = 3;
+
 /// Stocks are off: exact mode (see the module documentation).
-static EXACT: AtomicBool = AtomicBool::new(false);
+pub(super) static EXACT: AtomicBool = AtomicBool::new(false);
+
 /// `membarrier` works: the fast path needs no fence.
-static ASYM: AtomicBool = AtomicBool::new(false);
-static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
+pub(super) static ASYM: AtomicBool = AtomicBool::new(false);
+
+pub(super) static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
+
 /// Every heap ever made, newest first; the list only grows (heaps are reused, never freed).
-static HEAPS: AtomicPtr<ThreadHeap> = AtomicPtr::new(null_mut());
-static REGISTRY: Locked<Chunks> = Locked::new(Chunks::new());
-static GROUP_HEAPS: Locked<GroupHeapPool> = Locked::new(GroupHeapPool {
-    free: null_mut(),
-    chunks: Chunks::new(),
-    live: 0,
-});
-static FORK_HANDLERS: AtomicBool = AtomicBool::new(false);
-/// Bytes mapped for the heaps' key tables.
-static TABLE_BYTES: AtomicUsize = AtomicUsize::new(0);
+pub(super) static HEAPS: AtomicPtr<ThreadHeap> = AtomicPtr::new(null_mut());
 
-/// One thread's heap.
-#[repr(C, align(64))]
-pub(crate) struct ThreadHeap {
-    /// Raised by the owning thread around each fast-path operation.
-    busy: AtomicU32,
-    /// Held by the owner's slow paths and by any other thread working on this heap (`stop`).
-    lock: Spin,
-    /// The key the fast path serves without a lookup, and its group heap.
-    cached_key: Key,
-    cached: *mut GroupHeap,
-    table: Table,
-    /// Owned by a running thread (false: free for the next new thread).
-    live: AtomicBool,
-    /// The next heap on `HEAPS`; fixed once published.
-    next: *mut ThreadHeap,
-}
-
-/// One thread's cache for one group key.
-#[repr(C, align(64))]
-pub(crate) struct GroupHeap {
-    /// Objects freed by other threads into slabs this group heap parked as full, linked
-    /// through their first words (see `notify`). Alone on its cache line: other threads write it.
-    delayed: AtomicPtr<u8>,
-    _line: [u64; 7],
-    key: Key,
-    /// Bumped each time the group heap is retired, so a slow path that let go of the lock can
-    /// tell its group heap is gone.
-    gen: u32,
-    /// The owning heap, with `ABANDONED` set while that heap has no thread. Atomic: a freeing
-    /// thread reads it to tell whether it is the owner, possibly while the group heap is being
-    /// retired or reused (it then finds another heap). Changed only under the heap's lock.
-    heap: AtomicPtr<ThreadHeap>,
-    /// Not yet added to the counter: allocations, frees, and the overhead change (see `harvest`).
-    allocs: u64,
-    frees: u64,
-    adj: i64,
-    /// Operations left until the next harvest.
-    left: u32,
-    /// Classes that keep an empty slab as a spare on their partial list.
-    empties: u64,
-    /// Slabs with no free object, parked until a free gives one back.
-    full: *mut Slab,
-    next_free: *mut GroupHeap,
-    classes: [Queue; CLASSES],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Queue {
-    /// The slab allocations come from (`slab::EMPTY` if none).
-    active: *mut Slab,
-    /// Slabs with free objects, the active one excepted.
-    partial: *mut Slab,
-}
-
-/// The allocator's verdict when the fast path could not serve.
-pub(crate) enum Slow {
-    Done(*mut u8),
-    /// A limit refused the slab's charge.
-    Refused,
-    /// The arena cannot serve this thread or has no memory: use the inner allocator.
-    Tag,
-}
+pub(super) static FORK_HANDLERS: AtomicBool = AtomicBool::new(false);
 
 /// Sets the arena up at its first use: reads the batch (which decides exact mode) and
 /// `MEMGROUP_ARENA_POOL`, registers for `membarrier`, reserves the region and creates the
@@ -221,22 +142,22 @@ pub(crate) fn ready() -> bool {
 }
 
 #[inline(always)]
-fn counter(key: Key) -> &'static Counter {
+pub(super) fn counter(key: Key) -> &'static Counter {
     &group::node(key_id(key)).counter
 }
 
 #[inline(always)]
-fn current() -> *mut ThreadHeap {
+pub(super) fn current() -> *mut ThreadHeap {
     HEAP.with(Cell::get)
 }
 
 #[inline(always)]
-fn usable(th: *mut ThreadHeap) -> bool {
+pub(super) fn usable(th: *mut ThreadHeap) -> bool {
     th as usize > DEAD_HEAP
 }
 
 #[inline(always)]
-fn interval() -> u32 {
+pub(super) fn interval() -> u32 {
     if EXACT.load(Ordering::Relaxed) {
         1
     } else {
@@ -250,7 +171,7 @@ fn interval() -> u32 {
 /// # Safety
 /// `th` is this thread's heap.
 #[inline(always)]
-unsafe fn enter(th: *mut ThreadHeap) -> bool {
+pub(super) unsafe fn enter(th: *mut ThreadHeap) -> bool {
     // SAFETY: `th` is a live heap (heaps are never unmapped).
     let (busy, lock) = unsafe { (&(*th).busy, &(*th).lock) };
     if ASYM.load(Ordering::Relaxed) {
@@ -270,7 +191,7 @@ unsafe fn enter(th: *mut ThreadHeap) -> bool {
 /// # Safety
 /// `th` is this thread's heap, entered.
 #[inline(always)]
-unsafe fn leave(th: *mut ThreadHeap) {
+pub(super) unsafe fn leave(th: *mut ThreadHeap) {
     // SAFETY: as for `enter`.
     unsafe { (*th).busy.store(0, Ordering::Release) };
 }
@@ -280,7 +201,7 @@ unsafe fn leave(th: *mut ThreadHeap) {
 ///
 /// # Safety
 /// `th` is a heap from `HEAPS`; the caller holds no other heap's lock.
-unsafe fn stop(th: *mut ThreadHeap) {
+pub(super) unsafe fn stop(th: *mut ThreadHeap) {
     // SAFETY: heaps are never unmapped.
     unsafe {
         (*th).lock.lock();
@@ -293,7 +214,7 @@ unsafe fn stop(th: *mut ThreadHeap) {
 ///
 /// # Safety
 /// The caller holds `th`'s lock.
-unsafe fn wait_out(th: *mut ThreadHeap) {
+pub(super) unsafe fn wait_out(th: *mut ThreadHeap) {
     if th == current() {
         return;
     }
@@ -312,12 +233,10 @@ unsafe fn wait_out(th: *mut ThreadHeap) {
 
 /// # Safety
 /// The caller stopped `th`.
-unsafe fn resume(th: *mut ThreadHeap) {
+pub(super) unsafe fn resume(th: *mut ThreadHeap) {
     // SAFETY: as for `stop`.
     unsafe { (*th).lock.unlock() };
 }
-
-// ---- fast paths --------------------------------------------------------------------------
 
 /// Allocates an object of `class` for `key` from the cached group heap's active slab; null if
 /// the slow path must serve. `counted`: a new allocation (false for a realloc's move).
@@ -383,7 +302,13 @@ pub(crate) unsafe fn free(p: *mut u8, size: usize, counted: bool) {
 /// The caller is `gh`'s owner (entered, or holding its heap stopped); `s` is `gh`'s and `p` a
 /// live object of it.
 #[inline(always)]
-unsafe fn push_local(gh: *mut GroupHeap, s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
+pub(super) unsafe fn push_local(
+    gh: *mut GroupHeap,
+    s: *mut Slab,
+    p: *mut u8,
+    size: usize,
+    counted: bool,
+) {
     // SAFETY: per the caller.
     unsafe {
         *(p as *mut *mut u8) = (*s).free;
@@ -401,7 +326,7 @@ unsafe fn push_local(gh: *mut GroupHeap, s: *mut Slab, p: *mut u8, size: usize, 
 /// # Safety
 /// As for `push_local`.
 #[cold]
-unsafe fn after_free(gh: *mut GroupHeap, s: *mut Slab) -> *mut Slab {
+pub(super) unsafe fn after_free(gh: *mut GroupHeap, s: *mut Slab) -> *mut Slab {
     // SAFETY: per the caller.
     unsafe {
         if (*gh).left == 0 {
@@ -445,7 +370,7 @@ unsafe fn after_free(gh: *mut GroupHeap, s: *mut Slab) -> *mut Slab {
 /// # Safety
 /// As for `free`.
 #[inline(never)]
-unsafe fn free_remote(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
+pub(super) unsafe fn free_remote(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
     if EXACT.load(Ordering::Relaxed) && !FORKING.with(Cell::get) {
         // SAFETY: forwarded.
         return unsafe { free_on_behalf(s, p, size, counted) };
@@ -500,7 +425,7 @@ unsafe fn free_remote(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
 /// # Safety
 /// As for `free`; `gh` was read from `s`'s owner.
 #[cold]
-unsafe fn free_abandoned(
+pub(super) unsafe fn free_abandoned(
     gh: *mut GroupHeap,
     s: *mut Slab,
     p: *mut u8,
@@ -545,7 +470,7 @@ unsafe fn free_abandoned(
 ///
 /// # Safety
 /// This thread set `NOTIFYING` on `s`; `p` is a live object of `s`.
-unsafe fn notify(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
+pub(super) unsafe fn notify(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
     pause(&NOTIFY_PAUSE_US);
     // SAFETY: the owner is stable while `NOTIFYING` is set (`orphan_or_release` waits).
     unsafe {
@@ -568,7 +493,7 @@ unsafe fn notify(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
 ///
 /// # Safety
 /// `s` is an orphan holding the object freed.
-unsafe fn orphan_free(s: *mut Slab, size: usize, counted: bool) -> *mut Slab {
+pub(super) unsafe fn orphan_free(s: *mut Slab, size: usize, counted: bool) -> *mut Slab {
     // SAFETY: an orphan's `used` is final (published by the `ORPHAN` word, read after it). The
     // object being freed keeps the slab (and its group's record) alive until our CAS lands.
     unsafe {
@@ -603,7 +528,7 @@ unsafe fn orphan_free(s: *mut Slab, size: usize, counted: bool) -> *mut Slab {
 /// # Safety
 /// As for `free`.
 #[cold]
-unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
+pub(super) unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
     // SAFETY: slab metadata, group heaps and heaps are never unmapped; ownership is re-checked
     // with the owner's heap stopped, when it cannot change.
     unsafe {
@@ -661,7 +586,7 @@ unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
 ///
 /// # Safety
 /// The caller is `gh`'s owner.
-unsafe fn harvest(gh: *mut GroupHeap) {
+pub(super) unsafe fn harvest(gh: *mut GroupHeap) {
     // SAFETY: per the caller.
     unsafe {
         let c = counter((*gh).key);
@@ -679,26 +604,24 @@ pub(crate) fn resize(key: Key, old: usize, new: usize) {
     counter(key).adjust_overhead(old as isize - new as isize);
 }
 
-// ---- slow paths --------------------------------------------------------------------------
-
 /// Slabs unlinked under a heap's lock, released after it is let go (a release uncharges,
 /// which may free a group's record).
-struct Released(*mut Slab);
+pub(super) struct Released(*mut Slab);
 
 impl Released {
-    fn new() -> Released {
+    pub(super) fn new() -> Released {
         Released(null_mut())
     }
 
     /// # Safety
     /// `s` is unlinked, `LOOSE` and empty; the caller gives it up.
-    unsafe fn push(&mut self, s: *mut Slab) {
+    pub(super) unsafe fn push(&mut self, s: *mut Slab) {
         // SAFETY: per the caller, `s`'s links are free.
         unsafe { (*s).next = self.0 };
         self.0 = s;
     }
 
-    fn release_all(&mut self) {
+    pub(super) fn release_all(&mut self) {
         while !self.0.is_null() {
             let s = self.0;
             // SAFETY: the list holds slabs given up by `push`.
@@ -716,7 +639,7 @@ impl Released {
 ///
 /// # Safety
 /// The caller holds `s` exclusively: empty, unlinked, claimed.
-unsafe fn release(s: *mut Slab) {
+pub(super) unsafe fn release(s: *mut Slab) {
     if FORKING.with(Cell::get) {
         // SAFETY: per the caller, `s` is ours and its links are free.
         unsafe { (*s).next = PARKED.with(Cell::get) };
@@ -747,7 +670,7 @@ unsafe fn release(s: *mut Slab) {
 }
 
 /// A fresh slab of `class`, charged to `key`: its free list holds every object.
-fn new_slab(key: Key, class: usize) -> Result<*mut Slab, Slow> {
+pub(super) fn new_slab(key: Key, class: usize) -> Result<*mut Slab, Slow> {
     let bytes = class::slab_bytes(class);
     if thread::charge(key, bytes, 0).is_none() {
         return Err(Slow::Refused);
@@ -856,7 +779,7 @@ pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> 
 /// The caller owns `gh` (fast path entered, or its heap's lock held), `s` is a slab of `gh`
 /// and `s`'s free list is not empty.
 #[inline(always)]
-unsafe fn pop(gh: *mut GroupHeap, s: *mut Slab, size: usize, counted: bool) -> *mut u8 {
+pub(super) unsafe fn pop(gh: *mut GroupHeap, s: *mut Slab, size: usize, counted: bool) -> *mut u8 {
     // SAFETY: per the caller: a free object's first word links the next one.
     unsafe {
         let p = (*s).free;
@@ -878,7 +801,7 @@ unsafe fn pop(gh: *mut GroupHeap, s: *mut Slab, size: usize, counted: bool) -> *
 ///
 /// # Safety
 /// The caller owns `gh` (holds its heap's lock, on its thread).
-unsafe fn refill(
+pub(super) unsafe fn refill(
     gh: *mut GroupHeap,
     class: usize,
     size: usize,
@@ -931,7 +854,7 @@ unsafe fn refill(
 ///
 /// # Safety
 /// The caller owns `gh` and `s`, its active slab.
-unsafe fn park_full(gh: *mut GroupHeap, s: *mut Slab) -> bool {
+pub(super) unsafe fn park_full(gh: *mut GroupHeap, s: *mut Slab) -> bool {
     // SAFETY: per the caller.
     unsafe {
         let r = &(*s).remote;
@@ -962,7 +885,7 @@ unsafe fn park_full(gh: *mut GroupHeap, s: *mut Slab) -> bool {
 ///
 /// # Safety
 /// The caller owns `gh` and `s`.
-unsafe fn collect(gh: *mut GroupHeap, s: *mut Slab) {
+pub(super) unsafe fn collect(gh: *mut GroupHeap, s: *mut Slab) {
     // SAFETY: per the caller; objects on the remote list were published by the freers'
     // release CAS, acquired here.
     unsafe {
@@ -997,7 +920,7 @@ unsafe fn collect(gh: *mut GroupHeap, s: *mut Slab) {
 ///
 /// # Safety
 /// The caller owns `gh`.
-unsafe fn take_delayed(gh: *mut GroupHeap, rel: &mut Released) {
+pub(super) unsafe fn take_delayed(gh: *mut GroupHeap, rel: &mut Released) {
     // SAFETY: per the caller; the list was published by the notifiers' release CAS.
     unsafe {
         let mut node = (*gh).delayed.swap(null_mut(), Ordering::Acquire);
@@ -1026,7 +949,7 @@ unsafe fn take_delayed(gh: *mut GroupHeap, rel: &mut Released) {
 ///
 /// # Safety
 /// `th` is this thread's heap, locked.
-unsafe fn group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
+pub(super) unsafe fn group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
     // SAFETY: per the caller.
     unsafe {
         if (*th).cached_key == key {
@@ -1072,7 +995,7 @@ unsafe fn group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
 ///
 /// # Safety
 /// `th` is locked by its owner.
-unsafe fn new_group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
+pub(super) unsafe fn new_group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
     let gh = GROUP_HEAPS.with(|pool| {
         let gh = pool.free;
         if !gh.is_null() {
@@ -1118,7 +1041,7 @@ unsafe fn new_group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
 ///
 /// # Safety
 /// The caller owns `gh`, which owns no slab.
-unsafe fn retire(gh: *mut GroupHeap) {
+pub(super) unsafe fn retire(gh: *mut GroupHeap) {
     // SAFETY: per the caller.
     unsafe {
         (*gh).gen = (*gh).gen.wrapping_add(1);
@@ -1135,7 +1058,7 @@ unsafe fn retire(gh: *mut GroupHeap) {
 /// Makes this thread's heap: a heap whose thread exited (adopted with its group heaps and
 /// their slabs), or a new one. Null if the arena is unavailable or out of memory.
 #[cold]
-fn create_heap() -> *mut ThreadHeap {
+pub(super) fn create_heap() -> *mut ThreadHeap {
     if !ready() && !init() {
         return null_mut();
     }
@@ -1189,7 +1112,7 @@ fn create_heap() -> *mut ThreadHeap {
 /// Called once per thread, by the platform's thread-exit mechanism on the exiting thread, with
 /// `arg` the heap `create_heap` registered for that thread (non-null, live), after the thread's
 /// last use of it through the fast paths.
-unsafe extern "C" fn thread_exit(arg: *mut core::ffi::c_void) {
+pub(super) unsafe extern "C" fn thread_exit(arg: *mut core::ffi::c_void) {
     let th = arg as *mut ThreadHeap;
     let mut rel = Released::new();
     // SAFETY: `arg` is this thread's heap (set by `create_heap`); locked, it is ours.
@@ -1213,7 +1136,7 @@ unsafe extern "C" fn thread_exit(arg: *mut core::ffi::c_void) {
 /// # Safety
 /// The caller holds `th`'s lock, and `th`'s thread is exiting (or, in a forked child, gone):
 /// no fast path runs on it any more.
-unsafe fn abandon(th: *mut ThreadHeap, rel: &mut Released) {
+pub(super) unsafe fn abandon(th: *mut ThreadHeap, rel: &mut Released) {
     // SAFETY: per the caller.
     unsafe {
         let t = &raw mut (*th).table;
@@ -1222,7 +1145,7 @@ unsafe fn abandon(th: *mut ThreadHeap, rel: &mut Released) {
             if (*e).key == 0 || (*e).key == TOMB {
                 continue;
             }
-            let gh = (*e).gh;
+            let gh = (*e).value;
             sweep(gh, rel);
             if holds_nothing(gh) {
                 detach(th, gh, rel);
@@ -1242,7 +1165,7 @@ unsafe fn abandon(th: *mut ThreadHeap, rel: &mut Released) {
 ///
 /// # Safety
 /// `th` was just given to this thread by `create_heap`, before it is set as `HEAP`.
-unsafe fn adopt(th: *mut ThreadHeap) {
+pub(super) unsafe fn adopt(th: *mut ThreadHeap) {
     // SAFETY: per the caller; under the lock, racing `free_abandoned`, `flush` and `remove`
     // calls see the group heaps either all abandoned or all this thread's.
     unsafe {
@@ -1251,7 +1174,7 @@ unsafe fn adopt(th: *mut ThreadHeap) {
         for i in 0..(*t).cap {
             let e = (*t).entries.add(i);
             if (*e).key != 0 && (*e).key != TOMB {
-                (*(*e).gh).heap.store(th, Ordering::Relaxed);
+                (*(*e).value).heap.store(th, Ordering::Relaxed);
             }
         }
         (*th).lock.unlock();
@@ -1262,7 +1185,7 @@ unsafe fn adopt(th: *mut ThreadHeap) {
 ///
 /// # Safety
 /// The caller owns `gh`.
-unsafe fn holds_nothing(gh: *mut GroupHeap) -> bool {
+pub(super) unsafe fn holds_nothing(gh: *mut GroupHeap) -> bool {
     // SAFETY: per the caller.
     unsafe {
         (*gh).full.is_null()
@@ -1280,7 +1203,7 @@ unsafe fn holds_nothing(gh: *mut GroupHeap) -> bool {
 ///
 /// # Safety
 /// The caller holds `th`'s lock; `gh` is one of `th`'s group heaps.
-unsafe fn settle(th: *mut ThreadHeap, gh: *mut GroupHeap) {
+pub(super) unsafe fn settle(th: *mut ThreadHeap, gh: *mut GroupHeap) {
     // SAFETY: per the caller.
     unsafe {
         if !abandoned((*gh).heap.load(Ordering::Relaxed)) {
@@ -1294,7 +1217,7 @@ unsafe fn settle(th: *mut ThreadHeap, gh: *mut GroupHeap) {
 ///
 /// # Safety
 /// The caller stopped `th`, which holds `gh`.
-unsafe fn detach(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
+pub(super) unsafe fn detach(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
     // SAFETY: per the caller.
     unsafe {
         take_delayed(gh, rel);
@@ -1347,7 +1270,7 @@ unsafe fn detach(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
 ///
 /// # Safety
 /// The caller owns `gh` (its heap stopped) and `s`, one of its slabs.
-unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released) {
+pub(super) unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released) {
     // SAFETY: per the caller: until the publishing CAS below, `s`'s plain fields are ours.
     unsafe {
         let r = &(*s).remote;
@@ -1401,11 +1324,12 @@ unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released
 /// Microseconds `orphan_or_release` pauses right after publishing an orphan, and `notify`
 /// right after taking `NOTIFYING` (0: none), for the tests that widen those windows (see
 /// `super::pause_after_orphaning`, `super::pause_in_notify`).
-static ORPHAN_PAUSE_US: AtomicU32 = AtomicU32::new(0);
-static NOTIFY_PAUSE_US: AtomicU32 = AtomicU32::new(0);
+pub(super) static ORPHAN_PAUSE_US: AtomicU32 = AtomicU32::new(0);
+
+pub(super) static NOTIFY_PAUSE_US: AtomicU32 = AtomicU32::new(0);
 
 #[inline(always)]
-fn pause(us: &AtomicU32) {
+pub(super) fn pause(us: &AtomicU32) {
     let us = us.load(Ordering::Relaxed);
     if us != 0 {
         // nanosleep(2); allocates nothing.
@@ -1429,7 +1353,7 @@ pub(crate) fn pause_in_notify(us: u32) -> u32 {
 ///
 /// # Safety
 /// The caller stopped `gh`'s heap.
-unsafe fn sweep(gh: *mut GroupHeap, rel: &mut Released) {
+pub(super) unsafe fn sweep(gh: *mut GroupHeap, rel: &mut Released) {
     // SAFETY: per the caller.
     unsafe {
         take_delayed(gh, rel);
@@ -1465,7 +1389,7 @@ unsafe fn sweep(gh: *mut GroupHeap, rel: &mut Released) {
 ///
 /// # Safety
 /// The caller stopped `th` (or holds it abandoned), which holds `gh`.
-unsafe fn sweep_or_retire(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
+pub(super) unsafe fn sweep_or_retire(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
     // SAFETY: per the caller.
     unsafe {
         sweep(gh, rel);
@@ -1503,7 +1427,7 @@ pub(crate) fn flush(g: &Counter, leaf: bool) {
             for i in 0..(*t).cap {
                 let e = (*t).entries.add(i);
                 if (*e).key != 0 && (*e).key != TOMB && under((*e).key) {
-                    sweep_or_retire(th, (*e).gh, rel);
+                    sweep_or_retire(th, (*e).value, rel);
                 }
             }
         }
@@ -1531,7 +1455,7 @@ pub(crate) fn remove(id: u32) {
 
 /// Every thread heap ever listed, live or not. Listed heaps are never unmapped, and `next`
 /// is read before the caller touches the heap (a heap is never unlisted either).
-fn listed_heaps() -> impl Iterator<Item = *mut ThreadHeap> {
+pub(super) fn listed_heaps() -> impl Iterator<Item = *mut ThreadHeap> {
     let first = HEAPS.load(Ordering::Acquire);
     core::iter::successors((!first.is_null()).then_some(first), |&th| {
         // SAFETY: listed heaps are never unmapped; `next` is set before a heap is listed.
@@ -1542,7 +1466,7 @@ fn listed_heaps() -> impl Iterator<Item = *mut ThreadHeap> {
 
 /// Runs `f` on every heap, live or abandoned, locked (the caller completes the stop with
 /// `settle` before touching it), then releases what `f` unlinked.
-fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
+pub(super) fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
     if !ready() {
         return;
     }
@@ -1558,12 +1482,10 @@ fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
     }
 }
 
-// ---- fork --------------------------------------------------------------------------------
-
 /// Registers the arena with the layers below it: its caches for `flush()` and `remove()`, and
 /// its part in `fork()` (heaps and locks held across it; parked slabs released after it, once
 /// the group registry is free too).
-fn join_the_group_table() {
+pub(super) fn join_the_group_table() {
     static CACHES: group::Caches = group::Caches { flush, remove };
     static HEAPS: Participant = Participant {
         prepare: fork_prepare,
@@ -1582,7 +1504,7 @@ fn join_the_group_table() {
 
 /// Holds every heap stopped and every arena lock across `fork()`, so the child inherits
 /// consistent heaps (other threads' heaps simply have no thread there) and no lock held.
-fn fork_prepare() {
+pub(super) fn fork_prepare() {
     REGISTRY.spin.lock();
     for th in listed_heaps() {
         // SAFETY: listed heaps are never unmapped; this thread holds no heap's lock.
@@ -1595,7 +1517,7 @@ fn fork_prepare() {
 
 /// In the child: the other threads' heaps have no thread here, so they are abandoned (left for
 /// the child's new threads to adopt, their slabs included) before the locks go.
-fn fork_child() {
+pub(super) fn fork_child() {
     let me = current();
     for th in listed_heaps() {
         // SAFETY: as below; every group heap in a table is the heap's, stopped.
@@ -1611,7 +1533,7 @@ fn fork_child() {
                 for i in 0..(*t).cap {
                     let e = (*t).entries.add(i);
                     if (*e).key != 0 && (*e).key != TOMB {
-                        (*(*e).gh)
+                        (*(*e).value)
                             .heap
                             .store(th.map_addr(|a| a | ABANDONED), Ordering::Relaxed);
                     }
@@ -1629,14 +1551,14 @@ fn fork_child() {
 ///
 /// # Safety
 /// The caller stopped `th` (or holds it abandoned).
-unsafe fn each_group_heap(th: *mut ThreadHeap, mut f: impl FnMut(*mut GroupHeap)) {
+pub(super) unsafe fn each_group_heap(th: *mut ThreadHeap, mut f: impl FnMut(*mut GroupHeap)) {
     // SAFETY: per the caller, the table is ours to read.
     unsafe {
         let t = &raw mut (*th).table;
         for i in 0..(*t).cap {
             let e = (*t).entries.add(i);
             if (*e).key != 0 && (*e).key != TOMB {
-                f((*e).gh);
+                f((*e).value);
             }
         }
     }
@@ -1656,7 +1578,7 @@ unsafe fn each_group_heap(th: *mut ThreadHeap, mut f: impl FnMut(*mut GroupHeap)
 ///
 /// # Safety
 /// In the child, with `gh`'s heap stopped by `fork_prepare`.
-unsafe fn clear_notifying(gh: *mut GroupHeap) {
+pub(super) unsafe fn clear_notifying(gh: *mut GroupHeap) {
     // SAFETY: per the caller, the lists are ours and consistent.
     unsafe {
         let clear = |mut s: *mut Slab, list: bool| {
@@ -1673,7 +1595,7 @@ unsafe fn clear_notifying(gh: *mut GroupHeap) {
     }
 }
 
-fn fork_release() {
+pub(super) fn fork_release() {
     FORKING.with(|f| f.set(false));
     segment::fork_locks(false);
     GROUP_HEAPS.spin.unlock();
@@ -1687,7 +1609,7 @@ fn fork_release() {
 /// Releases the slabs `release` parked during a `fork()` on this thread, once nothing of the
 /// fork is held any more: the arena's locks and the group registry's (the last of the fork
 /// table's handlers).
-fn drain_parked() {
+pub(super) fn drain_parked() {
     debug_assert!(!FORKING.with(Cell::get));
     let mut s = PARKED.with(|p| p.replace(null_mut()));
     while !s.is_null() {
@@ -1699,206 +1621,6 @@ fn drain_parked() {
             s = next;
         }
     }
-}
-
-// ---- the key table -----------------------------------------------------------------------
-
-/// A heap's group heaps by key: open addressing, mapped directly (never through the global
-/// allocator). Only touched by the owner under its lock, or by a thread that stopped it.
-struct Table {
-    entries: *mut Entry,
-    cap: usize,
-    len: usize,
-    tombs: usize,
-}
-
-#[repr(C)]
-struct Entry {
-    key: Key,
-    gh: *mut GroupHeap,
-}
-
-/// A removed entry (no key is `u32::MAX`: ids stop at 2^20).
-const TOMB: Key = u32::MAX;
-
-impl Table {
-    const fn new() -> Table {
-        Table {
-            entries: null_mut(),
-            cap: 0,
-            len: 0,
-            tombs: 0,
-        }
-    }
-
-    fn slot(&self, key: Key) -> usize {
-        (key.wrapping_mul(0x9e37_79b1) as usize) & (self.cap - 1)
-    }
-
-    fn find(&self, key: Key) -> *mut GroupHeap {
-        if self.cap == 0 {
-            return null_mut();
-        }
-        let mut i = self.slot(key);
-        loop {
-            // SAFETY: `i < cap`, and the table always has an empty entry (load below 1/2).
-            let e = unsafe { &*self.entries.add(i) };
-            if e.key == key {
-                return e.gh;
-            }
-            if e.key == 0 {
-                return null_mut();
-            }
-            i = (i + 1) & (self.cap - 1);
-        }
-    }
-
-    /// The group heap of the first key satisfying `pred`, or null.
-    fn first(&self, pred: impl Fn(Key) -> bool) -> *mut GroupHeap {
-        (0..self.cap)
-            .find_map(|i| {
-                // SAFETY: `i < cap`.
-                let e = unsafe { &*self.entries.add(i) };
-                (e.key != 0 && e.key != TOMB && pred(e.key)).then_some(e.gh)
-            })
-            .unwrap_or(null_mut())
-    }
-
-    fn insert(&mut self, key: Key, gh: *mut GroupHeap) -> bool {
-        if (self.len + self.tombs + 1) * 2 > self.cap && !self.grow() {
-            return false;
-        }
-        let mut i = self.slot(key);
-        loop {
-            // SAFETY: `i < cap`.
-            let e = unsafe { &mut *self.entries.add(i) };
-            if e.key == 0 || e.key == TOMB {
-                if e.key == TOMB {
-                    self.tombs -= 1;
-                }
-                e.key = key;
-                e.gh = gh;
-                self.len += 1;
-                return true;
-            }
-            i = (i + 1) & (self.cap - 1);
-        }
-    }
-
-    fn remove(&mut self, key: Key) {
-        if self.cap == 0 {
-            return;
-        }
-        let mut i = self.slot(key);
-        loop {
-            // SAFETY: `i < cap`.
-            let e = unsafe { &mut *self.entries.add(i) };
-            if e.key == key {
-                e.key = TOMB;
-                e.gh = null_mut();
-                self.len -= 1;
-                self.tombs += 1;
-                return;
-            }
-            if e.key == 0 {
-                return;
-            }
-            i = (i + 1) & (self.cap - 1);
-        }
-    }
-
-    /// Rehashes into a table twice as large (or as large, if tombstones filled it).
-    fn grow(&mut self) -> bool {
-        let cap = if self.cap == 0 {
-            256
-        } else if self.len * 4 >= self.cap {
-            self.cap * 2
-        } else {
-            self.cap
-        };
-        let Some(bytes) = cap.checked_mul(core::mem::size_of::<Entry>()) else {
-            return false;
-        };
-        let entries = platform::map(bytes) as *mut Entry;
-        if entries.is_null() {
-            return false;
-        }
-        TABLE_BYTES.fetch_add(bytes, Ordering::Relaxed);
-        let old = core::mem::replace(
-            self,
-            Table {
-                entries,
-                cap,
-                len: 0,
-                tombs: 0,
-            },
-        );
-        for i in 0..old.cap {
-            // SAFETY: `i < old.cap`.
-            let e = unsafe { &*old.entries.add(i) };
-            if e.key != 0 && e.key != TOMB {
-                self.insert(e.key, e.gh);
-            }
-        }
-        if old.cap != 0 {
-            let bytes = old.cap * core::mem::size_of::<Entry>();
-            platform::unmap(old.entries.cast(), bytes);
-            TABLE_BYTES.fetch_sub(bytes, Ordering::Relaxed);
-        }
-        true
-    }
-}
-
-// ---- memory for heaps and group heaps ----------------------------------------------------
-
-/// Cuts small records out of mapped chunks; records are never given back, only reused.
-struct Chunks {
-    next: usize,
-    end: usize,
-    mapped: usize,
-}
-
-impl Chunks {
-    const fn new() -> Chunks {
-        Chunks {
-            next: 0,
-            end: 0,
-            mapped: 0,
-        }
-    }
-
-    /// `bytes` (a multiple of 64) of zeroed memory aligned to 64, or null.
-    fn carve(&mut self, bytes: usize) -> *mut u8 {
-        if self.end - self.next < bytes {
-            let p = platform::map(CHUNK);
-            if p.is_null() {
-                return p;
-            }
-            self.next = p as usize;
-            self.end = p as usize + CHUNK;
-            self.mapped += CHUNK;
-        }
-        let p = self.next;
-        self.next += bytes;
-        p as *mut u8
-    }
-}
-
-struct GroupHeapPool {
-    free: *mut GroupHeap,
-    chunks: Chunks,
-    live: usize,
-}
-
-// SAFETY: the pool's pointers name records that live for the whole program, reached under its
-// lock only.
-unsafe impl Send for GroupHeapPool {}
-
-/// Bytes mapped for heaps, their key tables and group heaps, and group heaps in use.
-pub(crate) fn metadata() -> (usize, usize) {
-    let heaps = REGISTRY.with(|c| c.mapped);
-    let (ghs, live) = GROUP_HEAPS.with(|p| (p.chunks.mapped, p.live));
-    (heaps + TABLE_BYTES.load(Ordering::Relaxed) + ghs, live)
 }
 
 /// Whether slab `s`'s owner is an abandoned heap, for diagnostics (a racy read).

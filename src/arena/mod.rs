@@ -7,7 +7,9 @@
 //! - `segment`: the reserved region, its 4 MiB segments, finding a pointer's slab from its
 //!   address, the pool of empty slabs (given back to the OS past a threshold), and segments
 //!   given back whole once all their slabs are empty.
-//! - `slab`: a slab's metadata and its atomic remote-free word.
+//! - `types`: the records (a slab's metadata, thread heaps, group heaps) and who owns what.
+//! - `slab`: a slab's atomic remote-free word and its list links.
+//! - `table`, `records`: a heap's key table; the memory heaps and group heaps are cut from.
 //! - `heap`: per-thread heaps with a group heap per group key, the fast and slow paths,
 //!   `flush()` and `remove()` support, thread exit (the heap left, slabs and all, for the next
 //!   thread to adopt) and `fork()`.
@@ -19,8 +21,11 @@
 mod class;
 mod heap;
 mod lock;
+mod records;
 mod segment;
 mod slab;
+mod table;
+mod types;
 
 use core::alloc::{GlobalAlloc, Layout};
 use std::alloc::System;
@@ -100,16 +105,16 @@ impl<A: GlobalAlloc> ArenaAlloc<A> {
     #[inline(never)]
     unsafe fn alloc_slow(&self, layout: Layout, class: usize, key: Key, zeroed: bool) -> *mut u8 {
         match heap::alloc_slow(key, class, layout.size(), true) {
-            heap::Slow::Done(p) => {
+            types::Slow::Done(p) => {
                 if zeroed {
                     // SAFETY: `p` is a fresh object of at least `layout.size()` bytes.
                     unsafe { core::ptr::write_bytes(p, 0, layout.size()) };
                 }
                 p
             }
-            heap::Slow::Refused => core::ptr::null_mut(),
+            types::Slow::Refused => core::ptr::null_mut(),
             // SAFETY: forwarded caller contract.
-            heap::Slow::Tag => unsafe { self.alloc_large(layout, zeroed) },
+            types::Slow::Tag => unsafe { self.alloc_large(layout, zeroed) },
         }
     }
 
@@ -127,9 +132,9 @@ impl<A: GlobalAlloc> ArenaAlloc<A> {
                     return p;
                 }
                 match heap::alloc_slow(key, class, layout.size(), false) {
-                    heap::Slow::Done(p) => return p,
-                    heap::Slow::Refused => return core::ptr::null_mut(),
-                    heap::Slow::Tag => {}
+                    types::Slow::Done(p) => return p,
+                    types::Slow::Refused => return core::ptr::null_mut(),
+                    types::Slow::Tag => {}
                 }
             }
         }
@@ -294,7 +299,7 @@ pub struct Footprint {
 #[doc(hidden)]
 pub fn footprint() -> Footprint {
     let (segments, pooled, pooled_resident) = segment::footprint();
-    let (metadata, group_heaps) = heap::metadata();
+    let (metadata, group_heaps) = records::metadata();
     Footprint {
         segments,
         free_segments: segment::free_segments(),
