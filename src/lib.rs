@@ -131,7 +131,10 @@ pub use tikv_jemallocator::Jemalloc;
 pub use arena::ArenaAlloc;
 #[cfg(feature = "arena")]
 #[doc(hidden)]
-pub use arena::{footprint as arena_footprint, slab_of, Footprint, SlabInfo};
+pub use arena::{
+    footprint as arena_footprint, pause_after_orphaning, pause_in_notify, slab_of, Footprint,
+    SlabInfo,
+};
 
 /// The allocator to install: the tag design ([`TagAlloc`]).
 #[cfg(not(feature = "arena"))]

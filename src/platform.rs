@@ -137,15 +137,6 @@ fn map_anonymous(bytes: usize, prot: libc::c_int) -> *mut u8 {
 //
 //     memgroup: MEMGROUP_BATCH="64 K" is not a size (bytes, or a number with K, M or G); using 64K
 
-/// Reads a size from the environment: plain bytes, or with a `K`, `M` or `G` suffix (binary
-/// units). `None` when unset; `Some(Err(()))` when set but not a size (the caller warns: the
-/// arena's `MEMGROUP_ARENA_POOL`, until it moves to `env_size_in`).
-#[cfg(feature = "arena")]
-pub(crate) fn env_size(name: &core::ffi::CStr) -> Option<Result<usize, ()>> {
-    let bytes = env(name)?;
-    Some(parse_size(bytes).map_err(|_| ()))
-}
-
 /// A size variable: `default` when unset, at most `max`. A value that is not a size gives a
 /// warning and `default`; one over `max` (a number too large for 64 bits included) gives a
 /// warning and `max`.

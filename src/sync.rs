@@ -64,19 +64,6 @@ impl Backoff {
         }
     }
 
-    /// Spins, then yields, never sleeps: for the arena's waits, whose windows the sleeps widen
-    /// (an intermittent arena race the thread-churn test shows in 3 of 24 runs with
-    /// sleeps, in none of 16 without; see issue 14's note). Progress against a preempted holder on
-    /// the same CPU still comes from the yields, except against a waiter of higher real-time
-    /// priority.
-    #[allow(dead_code)] // used by the arena design only
-    pub(crate) const fn yielding() -> Backoff {
-        Backoff {
-            rounds: 0,
-            sleeps_from: u32::MAX,
-        }
-    }
-
     /// The rounds waited so far (saturating: the loops it serves may be unbounded).
     pub(crate) fn rounds(&self) -> u32 {
         self.rounds

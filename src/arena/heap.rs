@@ -45,201 +45,85 @@
 //! its record (and with it `dying_groups()`) goes with its last byte. Orphans are not reused
 //! for allocation.
 
+//!
+//! The code: `types` (the records and their invariants), `heap` (this module: the arena's
+//! state, the stop protocol, releasing slabs), `owner` (a group heap's owner at work), `alloc`,
+//! `free`, `flush` (flush and remove), `lifecycle` (setup, thread start and exit), `fork`,
+//! `table` (the key table), `records` (memory for heaps and group heaps).
+
 use core::cell::Cell;
 use core::ptr::null_mut;
 
 use crate::core::counter::Counter;
-use crate::core::stock::{key, key_id, key_is_kernel, Key};
-use crate::fork::{self, Participant, Rank};
+use crate::core::stock::{key_id, Key};
 use crate::sync::{
-    compiler_fence, fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, AtomicUsize, Backoff,
-    Ordering,
+    compiler_fence, fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, Backoff, Ordering,
 };
 use crate::{group, platform, thread, TAG_SIZE};
 
-use super::class::{self, CLASSES};
-use super::lock::{Locked, Spin};
+use super::class;
 use super::segment;
-use super::slab::{
-    self, Slab, ACTIVE, COUNT_ONE, DEAD, FLAGS, FULL, FULL_LIST, LOOSE, NOTIFYING, ORPHAN,
-    ORPHANED, PARTIAL, PTR_MASK,
-};
+use super::slab::NOTIFYING;
+use super::types::{Slab, ThreadHeap, DEAD_HEAP};
 
 /// Operations between two harvests of a group heap's counts into its counter.
-const HARVEST: u32 = 256;
+pub(super) const HARVEST: u32 = 256;
+
 /// Per-object overhead allowance already counted by `Stat`'s tag formula (see `harvest`).
-const TAG: i64 = TAG_SIZE as i64;
-/// `HEAP` of a thread whose exit hook ran: its small blocks go to the inner allocator.
-const DEAD_HEAP: usize = 1;
-/// Bytes mapped at a time for heaps and group heaps.
-const CHUNK: usize = 256 << 10;
-/// The low bit of a group heap's `heap`: its thread exited and the heap waits to be adopted
-/// (see `abandon`). Heaps are 64-aligned, so the bit is free.
-const ABANDONED: usize = 1;
-
-/// Whether a group heap's `heap` word names an abandoned heap.
-#[inline(always)]
-fn abandoned(raw: *mut ThreadHeap) -> bool {
-    raw as usize & ABANDONED != 0
-}
-
-/// The heap a group heap's `heap` word names, abandoned or not.
-#[inline(always)]
-fn untagged(raw: *mut ThreadHeap) -> *mut ThreadHeap {
-    raw.map_addr(|a| a & !ABANDONED)
-}
+pub(super) const TAG: i64 = TAG_SIZE as i64;
 
 thread_local! {
     /// This thread's heap: null before its first small allocation, `DEAD_HEAP` after its exit.
-    static HEAP: Cell<*mut ThreadHeap> = const { Cell::new(null_mut()) };
+    pub(super) static HEAP: Cell<*mut ThreadHeap> = const { Cell::new(null_mut()) };
     /// Between `fork_prepare` and `fork_release`, on the forking thread: every heap is locked,
     /// its own included, so its allocations go to the inner allocator and its frees are remote.
-    static FORKING: Cell<bool> = const { Cell::new(false) };
+    pub(super) static FORKING: Cell<bool> = const { Cell::new(false) };
     /// Slabs emptied on the forking thread while `FORKING`, linked through `next`: releasing
     /// them then would take a lock it holds (a pool's, the group registry's). `drain_parked`
     /// releases them after the fork handlers let those go.
-    static PARKED: Cell<*mut Slab> = const { Cell::new(null_mut()) };
+    pub(super) static PARKED: Cell<*mut Slab> = const { Cell::new(null_mut()) };
 }
 
-static STATE: AtomicU8 = AtomicU8::new(0);
-const READY: u8 = 2;
-const UNAVAILABLE: u8 = 3;
+pub(super) static STATE: AtomicU8 = AtomicU8::new(0);
+
+pub(super) const READY: u8 = 2;
+
+pub(super) const UNAVAILABLE: u8 = 3;
+
 /// Stocks are off: exact mode (see the module documentation).
-static EXACT: AtomicBool = AtomicBool::new(false);
+pub(super) static EXACT: AtomicBool = AtomicBool::new(false);
+
 /// `membarrier` works: the fast path needs no fence.
-static ASYM: AtomicBool = AtomicBool::new(false);
-static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
+pub(super) static ASYM: AtomicBool = AtomicBool::new(false);
+
+pub(super) static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
+
 /// Every heap ever made, newest first; the list only grows (heaps are reused, never freed).
-static HEAPS: AtomicPtr<ThreadHeap> = AtomicPtr::new(null_mut());
-static REGISTRY: Locked<Chunks> = Locked::new(Chunks::new());
-static GROUP_HEAPS: Locked<GroupHeapPool> = Locked::new(GroupHeapPool {
-    free: null_mut(),
-    chunks: Chunks::new(),
-    live: 0,
-});
-static FORK_HANDLERS: AtomicBool = AtomicBool::new(false);
-/// Bytes mapped for the heaps' key tables.
-static TABLE_BYTES: AtomicUsize = AtomicUsize::new(0);
+pub(super) static HEAPS: AtomicPtr<ThreadHeap> = AtomicPtr::new(null_mut());
 
-/// One thread's heap.
-#[repr(C, align(64))]
-pub(crate) struct ThreadHeap {
-    /// Raised by the owning thread around each fast-path operation.
-    busy: AtomicU32,
-    /// Held by the owner's slow paths and by any other thread working on this heap (`stop`).
-    lock: Spin,
-    /// The key the fast path serves without a lookup, and its group heap.
-    cached_key: Key,
-    cached: *mut GroupHeap,
-    table: Table,
-    /// Owned by a running thread (false: free for the next new thread).
-    live: AtomicBool,
-    /// The next heap on `HEAPS`; fixed once published.
-    next: *mut ThreadHeap,
-}
-
-/// One thread's cache for one group key.
-#[repr(C, align(64))]
-pub(crate) struct GroupHeap {
-    /// Objects freed by other threads into slabs this group heap parked as full, linked
-    /// through their first words (see `notify`). Alone on its cache line: other threads write it.
-    delayed: AtomicPtr<u8>,
-    _line: [u64; 7],
-    key: Key,
-    /// Bumped each time the group heap is retired, so a slow path that let go of the lock can
-    /// tell its group heap is gone.
-    gen: u32,
-    /// The owning heap, with `ABANDONED` set while that heap has no thread. Atomic: a freeing
-    /// thread reads it to tell whether it is the owner, possibly while the group heap is being
-    /// retired or reused (it then finds another heap). Changed only under the heap's lock.
-    heap: AtomicPtr<ThreadHeap>,
-    /// Not yet added to the counter: allocations, frees, and the overhead change (see `harvest`).
-    allocs: u64,
-    frees: u64,
-    adj: i64,
-    /// Operations left until the next harvest.
-    left: u32,
-    /// Classes that keep an empty slab as a spare on their partial list.
-    empties: u64,
-    /// Slabs with no free object, parked until a free gives one back.
-    full: *mut Slab,
-    next_free: *mut GroupHeap,
-    classes: [Queue; CLASSES],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Queue {
-    /// The slab allocations come from (`slab::EMPTY` if none).
-    active: *mut Slab,
-    /// Slabs with free objects, the active one excepted.
-    partial: *mut Slab,
-}
-
-/// The allocator's verdict when the fast path could not serve.
-pub(crate) enum Slow {
-    Done(*mut u8),
-    /// A limit refused the slab's charge.
-    Refused,
-    /// The arena cannot serve this thread or has no memory: use the inner allocator.
-    Tag,
-}
-
-/// Sets the arena up at its first use: reads the batch (which decides exact mode) and
-/// `MEMGROUP_ARENA_POOL`, registers for `membarrier`, reserves the region and creates the
-/// thread-exit hook. Allocates nothing. False if the arena cannot work here.
-#[cold]
-pub(crate) fn init() -> bool {
-    let mut backoff = Backoff::yielding();
-    loop {
-        match STATE.compare_exchange(0, 1, Ordering::Acquire, Ordering::Acquire) {
-            Ok(_) => break,
-            Err(1) => backoff.wait(),
-            Err(s) => return s == READY,
-        }
-    }
-    EXACT.store(crate::stock_batch() == 0, Ordering::Relaxed);
-    ASYM.store(platform::membarrier_register(), Ordering::Relaxed);
-    let pool = match platform::env_size(c"MEMGROUP_ARENA_POOL") {
-        None => 4 << 20,
-        Some(Ok(bytes)) => bytes,
-        Some(Err(())) => {
-            platform::warn(&[b"memgroup: MEMGROUP_ARENA_POOL is not a size; using 4M\n"]);
-            4 << 20
-        }
-    };
-    let ok = match platform::thread_exit_key(thread_exit) {
-        Some(k) if segment::reserve(pool) => {
-            EXIT_KEY.store(k, Ordering::Relaxed);
-            true
-        }
-        _ => false,
-    };
-    STATE.store(if ok { READY } else { UNAVAILABLE }, Ordering::Release);
-    ok
-}
+pub(super) static FORK_HANDLERS: AtomicBool = AtomicBool::new(false);
 
 pub(crate) fn ready() -> bool {
     STATE.load(Ordering::Acquire) == READY
 }
 
 #[inline(always)]
-fn counter(key: Key) -> &'static Counter {
+pub(super) fn counter(key: Key) -> &'static Counter {
     &group::node(key_id(key)).counter
 }
 
 #[inline(always)]
-fn current() -> *mut ThreadHeap {
+pub(super) fn current() -> *mut ThreadHeap {
     HEAP.with(Cell::get)
 }
 
 #[inline(always)]
-fn usable(th: *mut ThreadHeap) -> bool {
+pub(super) fn usable(th: *mut ThreadHeap) -> bool {
     th as usize > DEAD_HEAP
 }
 
 #[inline(always)]
-fn interval() -> u32 {
+pub(super) fn interval() -> u32 {
     if EXACT.load(Ordering::Relaxed) {
         1
     } else {
@@ -253,7 +137,7 @@ fn interval() -> u32 {
 /// # Safety
 /// `th` is this thread's heap.
 #[inline(always)]
-unsafe fn enter(th: *mut ThreadHeap) -> bool {
+pub(super) unsafe fn enter(th: *mut ThreadHeap) -> bool {
     // SAFETY: `th` is a live heap (heaps are never unmapped).
     let (busy, lock) = unsafe { (&(*th).busy, &(*th).lock) };
     if ASYM.load(Ordering::Relaxed) {
@@ -273,7 +157,7 @@ unsafe fn enter(th: *mut ThreadHeap) -> bool {
 /// # Safety
 /// `th` is this thread's heap, entered.
 #[inline(always)]
-unsafe fn leave(th: *mut ThreadHeap) {
+pub(super) unsafe fn leave(th: *mut ThreadHeap) {
     // SAFETY: as for `enter`.
     unsafe { (*th).busy.store(0, Ordering::Release) };
 }
@@ -283,7 +167,7 @@ unsafe fn leave(th: *mut ThreadHeap) {
 ///
 /// # Safety
 /// `th` is a heap from `HEAPS`; the caller holds no other heap's lock.
-unsafe fn stop(th: *mut ThreadHeap) {
+pub(super) unsafe fn stop(th: *mut ThreadHeap) {
     // SAFETY: heaps are never unmapped.
     unsafe {
         (*th).lock.lock();
@@ -296,7 +180,7 @@ unsafe fn stop(th: *mut ThreadHeap) {
 ///
 /// # Safety
 /// The caller holds `th`'s lock.
-unsafe fn wait_out(th: *mut ThreadHeap) {
+pub(super) unsafe fn wait_out(th: *mut ThreadHeap) {
     if th == current() {
         return;
     }
@@ -306,7 +190,7 @@ unsafe fn wait_out(th: *mut ThreadHeap) {
     if ASYM.load(Ordering::Relaxed) && !platform::membarrier() {
         platform::corrupted(b"membarrier failed after registration");
     }
-    let mut backoff = Backoff::yielding();
+    let mut backoff = Backoff::new();
     // SAFETY: heaps are never unmapped.
     while unsafe { (*th).busy.load(Ordering::SeqCst) } != 0 {
         backoff.wait();
@@ -315,392 +199,29 @@ unsafe fn wait_out(th: *mut ThreadHeap) {
 
 /// # Safety
 /// The caller stopped `th`.
-unsafe fn resume(th: *mut ThreadHeap) {
+pub(super) unsafe fn resume(th: *mut ThreadHeap) {
     // SAFETY: as for `stop`.
     unsafe { (*th).lock.unlock() };
 }
 
-// ---- fast paths --------------------------------------------------------------------------
-
-/// Allocates an object of `class` for `key` from the cached group heap's active slab; null if
-/// the slow path must serve. `counted`: a new allocation (false for a realloc's move).
-#[inline(always)]
-pub(crate) fn alloc_fast(key: Key, class: usize, size: usize, counted: bool) -> *mut u8 {
-    let th = current();
-    // SAFETY: a usable `HEAP` is this thread's heap.
-    if !usable(th) || !unsafe { enter(th) } {
-        return null_mut();
-    }
-    // SAFETY: entered: no other thread touches the heap, its cached group heap or the slabs
-    // that group heap owns (other than through their atomics) until `leave`.
-    unsafe {
-        let mut p = null_mut();
-        if (*th).cached_key == key {
-            let gh = (*th).cached;
-            let s = (*gh).classes[class].active;
-            if !(*s).free.is_null() {
-                p = pop(gh, s, size, counted);
-            }
-        }
-        leave(th);
-        p
-    }
-}
-
-/// Frees a slab object. `counted`: a free to count (false for a realloc's move).
-///
-/// # Safety
-/// `p` is a live object of a slab, allocated for `size` bytes.
-#[inline(always)]
-pub(crate) unsafe fn free(p: *mut u8, size: usize, counted: bool) {
-    // SAFETY: per the caller, `p` is in a slab.
-    let s = unsafe { segment::slab_of(p) };
-    let th = current();
-    // SAFETY: a usable `HEAP` is this thread's heap; entered, the heap and the slabs its group
-    // heaps own are this thread's until `leave` (see `alloc_fast`).
-    unsafe {
-        if usable(th) && enter(th) {
-            let gh = (*s).owner.load(Ordering::Relaxed);
-            if !gh.is_null() && (*gh).heap.load(Ordering::Relaxed) == th {
-                push_local(gh, s, p, size, counted);
-                if (*s).used == 0 || (*s).state == FULL_LIST || (*gh).left == 0 {
-                    let r = after_free(gh, s);
-                    leave(th);
-                    if !r.is_null() {
-                        release(r);
-                    }
-                    return;
-                }
-                leave(th);
-                return;
-            }
-            leave(th);
-        }
-        free_remote(s, p, size, counted);
-    }
-}
-
-/// The owner's free: `p` goes on `s`'s free list.
-///
-/// # Safety
-/// The caller is `gh`'s owner (entered, or holding its heap stopped); `s` is `gh`'s and `p` a
-/// live object of it.
-#[inline(always)]
-unsafe fn push_local(gh: *mut GroupHeap, s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
-    // SAFETY: per the caller.
-    unsafe {
-        *(p as *mut *mut u8) = (*s).free;
-        (*s).free = p;
-        (*s).used -= 1;
-        (*gh).frees += counted as u64;
-        (*gh).adj += (size + TAG_SIZE) as i64;
-        (*gh).left -= 1;
-    }
-}
-
-/// After an owner's free that emptied `s`, freed into a full slab, or is due a harvest.
-/// Returns `s` if it must be released (unlinked already), else null.
-///
-/// # Safety
-/// As for `push_local`.
-#[cold]
-unsafe fn after_free(gh: *mut GroupHeap, s: *mut Slab) -> *mut Slab {
-    // SAFETY: per the caller.
-    unsafe {
-        if (*gh).left == 0 {
-            harvest(gh);
-        }
-        let c = (*s).class as usize;
-        let q = &raw mut (*gh).classes[c];
-        if (*s).state == FULL_LIST {
-            (*s).remote.fetch_and(!FULL, Ordering::AcqRel);
-            slab::unlink(&raw mut (*gh).full, s);
-            slab::push(&raw mut (*q).partial, s);
-            (*s).state = PARTIAL;
-        }
-        if (*s).used != 0 {
-            return null_mut();
-        }
-        // An abandoned heap keeps no spare: no thread would use it.
-        if EXACT.load(Ordering::Relaxed) || abandoned((*gh).heap.load(Ordering::Relaxed)) {
-            if (*q).active == s {
-                (*q).active = slab::empty();
-            } else {
-                slab::unlink(&raw mut (*q).partial, s);
-            }
-            (*s).state = LOOSE;
-            return s;
-        }
-        if (*s).state == PARTIAL {
-            if (*gh).empties & 1 << c != 0 {
-                slab::unlink(&raw mut (*q).partial, s);
-                (*s).state = LOOSE;
-                return s;
-            }
-            (*gh).empties |= 1 << c;
-        }
-        null_mut()
-    }
-}
-
-/// A free by a thread that does not own the slab.
-///
-/// # Safety
-/// As for `free`.
-#[inline(never)]
-unsafe fn free_remote(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
-    if EXACT.load(Ordering::Relaxed) && !FORKING.with(Cell::get) {
-        // SAFETY: forwarded.
-        return unsafe { free_on_behalf(s, p, size, counted) };
-    }
-    // SAFETY: slab metadata is never unmapped; `p` is ours to write until published.
-    unsafe {
-        let gh = (*s).owner.load(Ordering::Acquire);
-        if !gh.is_null()
-            && abandoned((*gh).heap.load(Ordering::Relaxed))
-            && free_abandoned(gh, s, p, size, counted)
-        {
-            return;
-        }
-        let r = &(*s).remote;
-        let mut w = r.load(Ordering::Acquire);
-        loop {
-            if w & ORPHAN != 0 {
-                let done = orphan_free(s, size, counted);
-                if !done.is_null() {
-                    release(done);
-                }
-                return;
-            }
-            if w & FULL != 0 {
-                match r.compare_exchange_weak(
-                    w,
-                    (w & !FULL) | NOTIFYING,
-                    Ordering::Acquire,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => return notify(s, p, size, counted),
-                    Err(now) => w = now,
-                }
-                continue;
-            }
-            *(p as *mut u64) = slab::link(slab::head(w), size, counted);
-            let new = p as u64 | (w & FLAGS) | ((slab::count(w) + 1) << 48);
-            match r.compare_exchange_weak(w, new, Ordering::Release, Ordering::Acquire) {
-                Ok(_) => return,
-                Err(now) => w = now,
-            }
-        }
-    }
-}
-
-/// A free into a slab whose owner's thread exited (its heap abandoned, not adopted yet): done
-/// as the owner would, under the heap's lock, with the slab's other remote frees collected, so
-/// a slab emptied by other threads goes back to the pool at once, as an orphan's would, and a
-/// group heap left with no slab is retired. False (nothing done) if the lock is taken or the
-/// heap was adopted meanwhile: then free as to any other owner.
-///
-/// # Safety
-/// As for `free`; `gh` was read from `s`'s owner.
-#[cold]
-unsafe fn free_abandoned(
-    gh: *mut GroupHeap,
-    s: *mut Slab,
-    p: *mut u8,
-    size: usize,
-    counted: bool,
-) -> bool {
-    // SAFETY: heaps, group heaps and slab metadata are never unmapped. With the heap's lock
-    // held and its group heaps still marked abandoned, no thread owns the heap (adoption and
-    // every change of ownership happen under that lock), so it is ours as a stopped heap is.
-    unsafe {
-        let raw = (*gh).heap.load(Ordering::Relaxed);
-        let th = untagged(raw);
-        if !abandoned(raw) || !(*th).lock.try_lock() {
-            return false;
-        }
-        if (*gh).heap.load(Ordering::Relaxed) != raw
-            || (*s).owner.load(Ordering::Relaxed) != gh
-            || (*s).remote.load(Ordering::Acquire) & ORPHAN != 0
-        {
-            (*th).lock.unlock();
-            return false;
-        }
-        let mut rel = Released::new();
-        push_local(gh, s, p, size, counted);
-        collect(gh, s);
-        let done = after_free(gh, s);
-        if !done.is_null() {
-            rel.push(done);
-            if holds_nothing(gh) {
-                detach(th, gh, &mut rel);
-            }
-        }
-        (*th).lock.unlock();
-        rel.release_all();
-        true
-    }
-}
-
-/// The first remote free into a slab parked as full: hands the object to the owner's delayed
-/// list, so the owner's next slow path frees it locally and takes the slab off its full list.
-/// Holding `NOTIFYING` keeps the owner from being retired meanwhile.
-///
-/// # Safety
-/// This thread set `NOTIFYING` on `s`; `p` is a live object of `s`.
-unsafe fn notify(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
-    // SAFETY: the owner is stable while `NOTIFYING` is set (`orphan_or_release` waits).
-    unsafe {
-        let gh = (*s).owner.load(Ordering::Acquire);
-        let d = &(*gh).delayed;
-        let mut h = d.load(Ordering::Relaxed);
-        loop {
-            *(p as *mut u64) = slab::link(h, size, counted);
-            match d.compare_exchange_weak(h, p, Ordering::Release, Ordering::Relaxed) {
-                Ok(_) => break,
-                Err(now) => h = now,
-            }
-        }
-        (*s).remote.fetch_and(!NOTIFYING, Ordering::Release);
-    }
-}
-
-/// A free into an orphan: counts it, and claims the slab if that was its last object.
-/// Returns the slab to release (the caller releases it), else null.
-///
-/// # Safety
-/// `s` is an orphan holding the object freed.
-unsafe fn orphan_free(s: *mut Slab, size: usize, counted: bool) -> *mut Slab {
-    // SAFETY: an orphan's `used` is final (published by the `ORPHAN` word, read after it). The
-    // object being freed keeps the slab (and its group's record) alive until our CAS lands.
-    unsafe {
-        // Before the CAS: once it lands, another thread's last free may release the slab (and
-        // free the group's record, and recycle the slab under another key).
-        let c = counter((*s).key.load(Ordering::Relaxed));
-        c.count(0, counted as u64);
-        c.adjust_overhead(size as isize + TAG as isize);
-        let r = &(*s).remote;
-        let mut w = r.load(Ordering::Acquire);
-        let last = loop {
-            debug_assert!(w & ORPHAN != 0 && w & FLAGS != DEAD);
-            let last = slab::count(w) + 1 == (*s).used as u64;
-            let new = if last { DEAD } else { w + COUNT_ONE };
-            match r.compare_exchange_weak(w, new, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break last,
-                Err(now) => w = now,
-            }
-        };
-        if last {
-            (*s).state = LOOSE;
-            s
-        } else {
-            null_mut()
-        }
-    }
-}
-
-/// A remote free in exact mode: done as the owner would, with its heap stopped, so the group's
-/// figures are exact at once and an emptied slab is released at once.
-///
-/// # Safety
-/// As for `free`.
-#[cold]
-unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
-    // SAFETY: slab metadata, group heaps and heaps are never unmapped; ownership is re-checked
-    // with the owner's heap stopped, when it cannot change.
-    unsafe {
-        let mut backoff = Backoff::yielding();
-        loop {
-            if (*s).remote.load(Ordering::Acquire) & ORPHAN != 0 {
-                let done = orphan_free(s, size, counted);
-                if !done.is_null() {
-                    release(done);
-                }
-                return;
-            }
-            let gh = (*s).owner.load(Ordering::Acquire);
-            if gh.is_null() {
-                backoff.wait();
-                continue;
-            }
-            let raw = (*gh).heap.load(Ordering::Relaxed);
-            if raw.is_null() {
-                backoff.wait();
-                continue;
-            }
-            let th = untagged(raw);
-            stop(th);
-            let owned = (*s).owner.load(Ordering::Relaxed) == gh
-                && (*gh).heap.load(Ordering::Relaxed) == raw
-                && (*s).remote.load(Ordering::Acquire) & ORPHAN == 0;
-            let mut rel = Released::new();
-            if owned {
-                push_local(gh, s, p, size, counted);
-                let done = after_free(gh, s);
-                if !done.is_null() {
-                    rel.push(done);
-                    if abandoned(raw) && holds_nothing(gh) {
-                        detach(th, gh, &mut rel);
-                    }
-                }
-            }
-            resume(th);
-            if owned {
-                rel.release_all();
-                return;
-            }
-        }
-    }
-}
-
-/// The counts and overhead change of `gh` go to its counter.
-///
-/// `Stat::overhead` is `TAG_SIZE * (allocs - frees) + adj`, the tag design's figure plus a
-/// correction: a slab charged adds its bytes, an object allocated from it subtracts its
-/// requested size and the `TAG_SIZE` the formula counts for it, and both go back when freed.
-/// So the overhead is the charged bytes that hold no requested byte: slab ends, class rounding,
-/// free objects and spare slabs.
-///
-/// # Safety
-/// The caller is `gh`'s owner.
-unsafe fn harvest(gh: *mut GroupHeap) {
-    // SAFETY: per the caller.
-    unsafe {
-        let c = counter((*gh).key);
-        c.count((*gh).allocs, (*gh).frees);
-        c.adjust_overhead((*gh).adj as isize);
-        (*gh).allocs = 0;
-        (*gh).frees = 0;
-        (*gh).adj = 0;
-        (*gh).left = interval();
-    }
-}
-
-/// A realloc that keeps the block in its slot: only the requested size changes.
-pub(crate) fn resize(key: Key, old: usize, new: usize) {
-    counter(key).adjust_overhead(old as isize - new as isize);
-}
-
-// ---- slow paths --------------------------------------------------------------------------
-
 /// Slabs unlinked under a heap's lock, released after it is let go (a release uncharges,
 /// which may free a group's record).
-struct Released(*mut Slab);
+pub(super) struct Released(*mut Slab);
 
 impl Released {
-    fn new() -> Released {
+    pub(super) fn new() -> Released {
         Released(null_mut())
     }
 
     /// # Safety
     /// `s` is unlinked, `LOOSE` and empty; the caller gives it up.
-    unsafe fn push(&mut self, s: *mut Slab) {
+    pub(super) unsafe fn push(&mut self, s: *mut Slab) {
         // SAFETY: per the caller, `s`'s links are free.
         unsafe { (*s).next = self.0 };
         self.0 = s;
     }
 
-    fn release_all(&mut self) {
+    pub(super) fn release_all(&mut self) {
         while !self.0.is_null() {
             let s = self.0;
             // SAFETY: the list holds slabs given up by `push`.
@@ -718,7 +239,7 @@ impl Released {
 ///
 /// # Safety
 /// The caller holds `s` exclusively: empty, unlinked, claimed.
-unsafe fn release(s: *mut Slab) {
+pub(super) unsafe fn release(s: *mut Slab) {
     if FORKING.with(Cell::get) {
         // SAFETY: per the caller, `s` is ours and its links are free.
         unsafe { (*s).next = PARKED.with(Cell::get) };
@@ -730,7 +251,7 @@ unsafe fn release(s: *mut Slab) {
         // A notifier (see `notify`) may still hold `NOTIFYING` after its object was freed
         // (through the delayed list) and the slab emptied: let it clear the bit before the slab
         // can be reused, or its late clear would clear a later notifier's.
-        let mut backoff = Backoff::yielding();
+        let mut backoff = Backoff::new();
         while (*s).remote.load(Ordering::Acquire) & NOTIFYING != 0 {
             backoff.wait();
         }
@@ -748,743 +269,9 @@ unsafe fn release(s: *mut Slab) {
     }
 }
 
-/// A fresh slab of `class`, charged to `key`: its free list holds every object.
-fn new_slab(key: Key, class: usize) -> Result<*mut Slab, Slow> {
-    let bytes = class::slab_bytes(class);
-    if thread::charge(key, bytes, 0).is_none() {
-        return Err(Slow::Refused);
-    }
-    let s = segment::take(class::kind(class));
-    if s.is_null() {
-        thread::uncharge(key, bytes, 0);
-        return Err(Slow::Tag);
-    }
-    counter(key).adjust_overhead(bytes as isize);
-    let size = class::SIZES[class] as usize;
-    let objects = class::CAPACITY[class] as usize;
-    let start = segment::start(s);
-    // SAFETY: `take` gave us the slab alone; its memory is `bytes` long and committed.
-    unsafe {
-        for i in 0..objects {
-            let next = if i + 1 < objects {
-                start.add((i + 1) * size)
-            } else {
-                null_mut()
-            };
-            *(start.add(i * size) as *mut *mut u8) = next;
-        }
-        (*s).free = start;
-        (*s).used = 0;
-        (*s).class = class as u8;
-        (*s).state = LOOSE;
-        (*s).remote.store(0, Ordering::Relaxed);
-        (*s).key.store(key, Ordering::Relaxed);
-        (*s).prev = null_mut();
-        (*s).next = null_mut();
-    }
-    Ok(s)
-}
-
-/// The slow path of a small allocation for `key`: finds or makes this thread's group heap
-/// for it (its nearest live ancestor's, if its group was removed), refills the class's active
-/// slab from remote frees, the partial list or a fresh slab, and allocates from it.
-#[cold]
-#[inline(never)]
-pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> Slow {
-    let mut th = current();
-    if th.is_null() {
-        th = create_heap();
-    }
-    if !usable(th) || FORKING.with(Cell::get) {
-        return Slow::Tag;
-    }
-    let mut rel = Released::new();
-    // SAFETY: `th` is this thread's heap; under its lock, its group heaps and their slabs are
-    // ours (no fast path runs: this thread is here; other threads take the lock first).
-    let out = unsafe {
-        loop {
-            (*th).lock.lock();
-            let gh = group_heap(th, key);
-            if gh.is_null() {
-                (*th).lock.unlock();
-                break Slow::Tag;
-            }
-            let p = refill(gh, class, size, counted, &mut rel);
-            if !p.is_null() {
-                (*th).lock.unlock();
-                break Slow::Done(p);
-            }
-            let (gkey, gen) = ((*gh).key, (*gh).gen);
-            // Charging may reclaim (run shrinkers, which allocate and free): hold nothing.
-            (*th).lock.unlock();
-            rel.release_all();
-            let s = match new_slab(gkey, class) {
-                Ok(s) => s,
-                Err(e) => break e,
-            };
-            (*th).lock.lock();
-            if (*gh).gen != gen {
-                // The group heap was retired meanwhile (its group removed): start over.
-                (*th).lock.unlock();
-                release(s);
-                continue;
-            }
-            (*s).owner.store(gh, Ordering::Release);
-            let q = &raw mut (*gh).classes[class];
-            if (*q).active == slab::empty() {
-                (*s).state = ACTIVE;
-                (*q).active = s;
-            } else {
-                (*s).state = PARTIAL;
-                slab::push(&raw mut (*q).partial, s);
-            }
-            let p = refill(gh, class, size, counted, &mut rel);
-            (*th).lock.unlock();
-            break if p.is_null() {
-                Slow::Tag
-            } else {
-                Slow::Done(p)
-            };
-        }
-    };
-    rel.release_all();
-    out
-}
-
-/// Takes the first free object of slab `s` of `gh` for a block of `size` bytes, and counts it
-/// (an allocation if `counted`, its overhead correction, and a harvest every 256 operations).
-///
-/// # Safety
-/// The caller owns `gh` (fast path entered, or its heap's lock held), `s` is a slab of `gh`
-/// and `s`'s free list is not empty.
-#[inline(always)]
-unsafe fn pop(gh: *mut GroupHeap, s: *mut Slab, size: usize, counted: bool) -> *mut u8 {
-    // SAFETY: per the caller: a free object's first word links the next one.
-    unsafe {
-        let p = (*s).free;
-        (*s).free = *(p as *const *mut u8);
-        (*s).used += 1;
-        (*gh).allocs += counted as u64;
-        (*gh).adj -= (size + TAG_SIZE) as i64;
-        (*gh).left -= 1;
-        if (*gh).left == 0 {
-            harvest(gh);
-        }
-        p
-    }
-}
-
-/// Allocates from the class's active slab, refilling it first: from its remote frees, then
-/// from the partial list (after taking in the objects other threads handed over). Null if no
-/// slab of the group heap has a free object.
-///
-/// # Safety
-/// The caller owns `gh` (holds its heap's lock, on its thread).
-unsafe fn refill(
-    gh: *mut GroupHeap,
-    class: usize,
-    size: usize,
-    counted: bool,
-    rel: &mut Released,
-) -> *mut u8 {
-    // SAFETY: per the caller.
-    unsafe {
-        if !(*gh).delayed.load(Ordering::Relaxed).is_null() {
-            take_delayed(gh, rel);
-        }
-        let q = &raw mut (*gh).classes[class];
-        loop {
-            let s = (*q).active;
-            if s != slab::empty() {
-                if (*s).free.is_null() {
-                    collect(gh, s);
-                }
-                if !(*s).free.is_null() {
-                    return pop(gh, s, size, counted);
-                }
-                if !park_full(gh, s) {
-                    continue;
-                }
-                (*q).active = slab::empty();
-            }
-            let s = (*q).partial;
-            if s.is_null() {
-                return null_mut();
-            }
-            slab::unlink(&raw mut (*q).partial, s);
-            if (*s).used == 0 {
-                (*gh).empties &= !(1 << class);
-            }
-            (*s).state = ACTIVE;
-            (*q).active = s;
-        }
-    }
-}
-
-/// Parks an exhausted active slab on the full list, asking the next remote free to notify.
-/// False if remote frees arrived meanwhile: collect them instead.
-///
-/// A notifier of the slab's previous stay on the full list may still hold `NOTIFYING` (its
-/// object already handed over and freed): `FULL` is set only once it is done. Setting it
-/// earlier would let a second notifier in while the first one still runs; the first one's
-/// clear of `NOTIFYING` would then leave the second unprotected, and a retire or release
-/// that waits for `NOTIFYING` could take the owner from under it (an object lost on a
-/// retired group heap's delayed list, or a null owner read).
-///
-/// # Safety
-/// The caller owns `gh` and `s`, its active slab.
-unsafe fn park_full(gh: *mut GroupHeap, s: *mut Slab) -> bool {
-    // SAFETY: per the caller.
-    unsafe {
-        let r = &(*s).remote;
-        let mut backoff = Backoff::yielding();
-        let mut w = r.load(Ordering::Acquire);
-        // Without `FULL` no new notifier can start: this wait ends with the current one.
-        while w & NOTIFYING != 0 {
-            backoff.wait();
-            w = r.load(Ordering::Acquire);
-        }
-        if w & PTR_MASK != 0 {
-            return false;
-        }
-        // In exact mode remote frees go through the owner's lock and see the state directly.
-        if !EXACT.load(Ordering::Relaxed)
-            && r.compare_exchange(w, w | FULL, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        {
-            return false;
-        }
-        (*s).state = FULL_LIST;
-        slab::push(&raw mut (*gh).full, s);
-        true
-    }
-}
-
-/// Takes `s`'s remote frees onto its free list and accounts for them.
-///
-/// # Safety
-/// The caller owns `gh` and `s`.
-unsafe fn collect(gh: *mut GroupHeap, s: *mut Slab) {
-    // SAFETY: per the caller; objects on the remote list were published by the freers'
-    // release CAS, acquired here.
-    unsafe {
-        let r = &(*s).remote;
-        let mut w = r.load(Ordering::Acquire);
-        loop {
-            if w & PTR_MASK == 0 {
-                return;
-            }
-            match r.compare_exchange_weak(w, w & FLAGS, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(now) => w = now,
-            }
-        }
-        let mut node = slab::head(w);
-        let mut n = 0;
-        while !node.is_null() {
-            let (next, size, counted) = slab::unlink_word(*(node as *const u64));
-            *(node as *mut *mut u8) = (*s).free;
-            (*s).free = node;
-            (*gh).adj += (size + TAG_SIZE) as i64;
-            (*gh).frees += counted as u64;
-            n += 1;
-            node = next;
-        }
-        (*s).used -= n;
-    }
-}
-
-/// Frees the objects other threads handed over (see `notify`): locally, or as orphan frees
-/// if their slab was orphaned since.
-///
-/// # Safety
-/// The caller owns `gh`.
-unsafe fn take_delayed(gh: *mut GroupHeap, rel: &mut Released) {
-    // SAFETY: per the caller; the list was published by the notifiers' release CAS.
-    unsafe {
-        let mut node = (*gh).delayed.swap(null_mut(), Ordering::Acquire);
-        while !node.is_null() {
-            let (next, size, counted) = slab::unlink_word(*(node as *const u64));
-            let s = segment::slab_of(node);
-            if (*s).remote.load(Ordering::Acquire) & ORPHAN != 0 {
-                let done = orphan_free(s, size, counted);
-                if !done.is_null() {
-                    rel.push(done);
-                }
-            } else {
-                push_local(gh, s, node, size, counted);
-                let done = after_free(gh, s);
-                if !done.is_null() {
-                    rel.push(done);
-                }
-            }
-            node = next;
-        }
-    }
-}
-
-/// This thread's group heap for `key`, made if needed; for a removed group, its nearest live
-/// ancestor's. Null if no group heap can be made (out of memory).
-///
-/// # Safety
-/// `th` is this thread's heap, locked.
-unsafe fn group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
-    // SAFETY: per the caller.
-    unsafe {
-        if (*th).cached_key == key {
-            return (*th).cached;
-        }
-        let kernel = key_is_kernel(key);
-        let mut c = counter(key);
-        loop {
-            while !c.is_online() {
-                c = match c.parent() {
-                    Some(p) => p,
-                    // The root is never removed: an offline root is corruption.
-                    None => platform::corrupted(b"arena: the root group is offline"),
-                };
-            }
-            let k = self::key(c.id, kernel);
-            let mut gh = (*th).table.find(k);
-            if gh.is_null() {
-                gh = new_group_heap(th, k);
-                if gh.is_null() {
-                    return null_mut();
-                }
-                // A `remove` that took the group offline before our insert may have looked at
-                // this heap before it: then we see it offline here (its store came before its
-                // lock of this heap, which came before ours).
-                if !c.is_online() {
-                    (*th).table.remove(k);
-                    retire(gh);
-                    continue;
-                }
-            }
-            // A removed group's key is not cached: its id may be reused once it is freed.
-            if k == key {
-                (*th).cached_key = key;
-                (*th).cached = gh;
-            }
-            return gh;
-        }
-    }
-}
-
-/// A fresh group heap for `key` in `th`'s table.
-///
-/// # Safety
-/// `th` is locked by its owner.
-unsafe fn new_group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
-    let gh = GROUP_HEAPS.with(|pool| {
-        let gh = pool.free;
-        if !gh.is_null() {
-            // SAFETY: pooled group heaps are only reached under this lock.
-            pool.free = unsafe { (*gh).next_free };
-            pool.live += 1;
-            return gh;
-        }
-        let gh = pool.chunks.carve(core::mem::size_of::<GroupHeap>()) as *mut GroupHeap;
-        if !gh.is_null() {
-            pool.live += 1;
-        }
-        gh
-    });
-    if gh.is_null() {
-        return gh;
-    }
-    // SAFETY: the group heap is ours (fresh zeroed memory or retired); per the caller for `th`.
-    unsafe {
-        (*gh).delayed.store(null_mut(), Ordering::Relaxed);
-        (*gh).key = key;
-        (*gh).heap.store(th, Ordering::Relaxed);
-        (*gh).allocs = 0;
-        (*gh).frees = 0;
-        (*gh).adj = 0;
-        (*gh).left = interval();
-        (*gh).empties = 0;
-        (*gh).full = null_mut();
-        (*gh).next_free = null_mut();
-        (*gh).classes = [Queue {
-            active: slab::empty(),
-            partial: null_mut(),
-        }; CLASSES];
-        if !(*th).table.insert(key, gh) {
-            retire(gh);
-            return null_mut();
-        }
-    }
-    gh
-}
-
-/// Returns a group heap (emptied, out of every table) to the pool.
-///
-/// # Safety
-/// The caller owns `gh`, which owns no slab.
-unsafe fn retire(gh: *mut GroupHeap) {
-    // SAFETY: per the caller.
-    unsafe {
-        (*gh).gen = (*gh).gen.wrapping_add(1);
-        (*gh).heap.store(null_mut(), Ordering::Relaxed);
-    }
-    GROUP_HEAPS.with(|pool| {
-        // SAFETY: as above.
-        unsafe { (*gh).next_free = pool.free };
-        pool.free = gh;
-        pool.live -= 1;
-    });
-}
-
-/// Makes this thread's heap: a heap whose thread exited (adopted with its group heaps and
-/// their slabs), or a new one. Null if the arena is unavailable or out of memory.
-#[cold]
-fn create_heap() -> *mut ThreadHeap {
-    if !ready() && !init() {
-        return null_mut();
-    }
-    let th = REGISTRY.with(|chunks| {
-        let mut h = HEAPS.load(Ordering::Acquire);
-        // SAFETY: listed heaps are never unmapped; `live` tells whether one is taken, and is
-        // only set under this lock.
-        unsafe {
-            while !h.is_null() && (*h).live.load(Ordering::Acquire) {
-                h = (*h).next;
-            }
-            if h.is_null() {
-                h = chunks.carve(core::mem::size_of::<ThreadHeap>()) as *mut ThreadHeap;
-                if h.is_null() {
-                    return h;
-                }
-                h.write(ThreadHeap {
-                    busy: AtomicU32::new(0),
-                    lock: Spin::new(),
-                    cached_key: 0,
-                    cached: null_mut(),
-                    table: Table::new(),
-                    live: AtomicBool::new(false),
-                    next: HEAPS.load(Ordering::Relaxed),
-                });
-                HEAPS.store(h, Ordering::Release);
-            }
-            (*h).live.store(true, Ordering::Relaxed);
-        }
-        h
-    });
-    if th.is_null() {
-        return th;
-    }
-    // SAFETY: `th` is ours now (`live`); under its lock its group heaps are too.
-    unsafe { adopt(th) };
-    HEAP.with(|h| h.set(th));
-    // Both may allocate (glibc's key table, fork handler list): the heap is in place by now.
-    platform::set_thread_exit_value(EXIT_KEY.load(Ordering::Relaxed), th.cast());
-    if !FORK_HANDLERS.swap(true, Ordering::AcqRel) {
-        join_the_group_table();
-    }
-    th
-}
-
-/// The thread-exit hook: abandons the exiting thread's heap (see `abandon`), slabs and all,
-/// for the next new thread to adopt. Small allocations the thread makes after this (in later
-/// destructors) go to the inner allocator.
-///
-/// # Safety
-/// Called once per thread, by the platform's thread-exit mechanism on the exiting thread, with
-/// `arg` the heap `create_heap` registered for that thread (non-null, live), after the thread's
-/// last use of it through the fast paths.
-unsafe extern "C" fn thread_exit(arg: *mut core::ffi::c_void) {
-    let th = arg as *mut ThreadHeap;
-    let mut rel = Released::new();
-    // SAFETY: `arg` is this thread's heap (set by `create_heap`); locked, it is ours.
-    unsafe {
-        (*th).lock.lock();
-        abandon(th, &mut rel);
-        HEAP.with(|h| h.set(DEAD_HEAP as *mut ThreadHeap));
-        (*th).lock.unlock();
-        rel.release_all();
-        (*th).live.store(false, Ordering::Release);
-    }
-}
-
-/// Leaves `th` for the next new thread (mimalloc's abandoned heaps): every group heap is swept
-/// (objects handed over freed, remote frees collected, empty slabs spares included released,
-/// counts harvested); one left with no slab is retired, the others keep their slabs, objects
-/// and all, and are marked `ABANDONED`. Frees into their slabs from then on are done under the
-/// heap's lock (`free_abandoned`), so a slab emptied by other threads still goes back to the
-/// pool, and the next thread `create_heap` gives this heap to allocates from them again.
-///
-/// # Safety
-/// The caller holds `th`'s lock, and `th`'s thread is exiting (or, in a forked child, gone):
-/// no fast path runs on it any more.
-unsafe fn abandon(th: *mut ThreadHeap, rel: &mut Released) {
-    // SAFETY: per the caller.
-    unsafe {
-        let t = &raw mut (*th).table;
-        for i in 0..(*t).cap {
-            let e = (*t).entries.add(i);
-            if (*e).key == 0 || (*e).key == TOMB {
-                continue;
-            }
-            let gh = (*e).gh;
-            sweep(gh, rel);
-            if holds_nothing(gh) {
-                detach(th, gh, rel);
-            } else {
-                (*gh)
-                    .heap
-                    .store(th.map_addr(|a| a | ABANDONED), Ordering::Relaxed);
-            }
-        }
-        (*th).cached_key = 0;
-        (*th).cached = null_mut();
-    }
-}
-
-/// Takes over an abandoned heap for this thread: its group heaps, with their slabs, are its
-/// own again (a heap fresh or left with no group heap has none to take).
-///
-/// # Safety
-/// `th` was just given to this thread by `create_heap`, before it is set as `HEAP`.
-unsafe fn adopt(th: *mut ThreadHeap) {
-    // SAFETY: per the caller; under the lock, racing `free_abandoned`, `flush` and `remove`
-    // calls see the group heaps either all abandoned or all this thread's.
-    unsafe {
-        (*th).lock.lock();
-        let t = &raw mut (*th).table;
-        for i in 0..(*t).cap {
-            let e = (*t).entries.add(i);
-            if (*e).key != 0 && (*e).key != TOMB {
-                (*(*e).gh).heap.store(th, Ordering::Relaxed);
-            }
-        }
-        (*th).lock.unlock();
-    }
-}
-
-/// Whether `gh` owns no slab and has no object handed over.
-///
-/// # Safety
-/// The caller owns `gh`.
-unsafe fn holds_nothing(gh: *mut GroupHeap) -> bool {
-    // SAFETY: per the caller.
-    unsafe {
-        (*gh).full.is_null()
-            && (*gh).delayed.load(Ordering::Acquire).is_null()
-            && (*gh)
-                .classes
-                .iter()
-                .all(|q| q.active == slab::empty() && q.partial.is_null())
-    }
-}
-
-/// Completes the stop of `th`, locked by the caller and found holding `gh`, unless `th` is
-/// abandoned: then it has no thread to wait for (its group heaps are all marked, and a thread
-/// adopting it unmarks them under the lock before its first fast path).
-///
-/// # Safety
-/// The caller holds `th`'s lock; `gh` is one of `th`'s group heaps.
-unsafe fn settle(th: *mut ThreadHeap, gh: *mut GroupHeap) {
-    // SAFETY: per the caller.
-    unsafe {
-        if !abandoned((*gh).heap.load(Ordering::Relaxed)) {
-            wait_out(th);
-        }
-    }
-}
-
-/// Retires a group heap: frees the objects handed over to it, releases its empty slabs,
-/// orphans the others, adds its counts to its counter and returns it to the pool.
-///
-/// # Safety
-/// The caller stopped `th`, which holds `gh`.
-unsafe fn detach(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
-    // SAFETY: per the caller.
-    unsafe {
-        take_delayed(gh, rel);
-        for c in 0..CLASSES {
-            let q = &raw mut (*gh).classes[c];
-            let s = (*q).active;
-            if s != slab::empty() {
-                orphan_or_release(gh, s, rel);
-            }
-            (*q).active = slab::empty();
-            let mut s = (*q).partial;
-            (*q).partial = null_mut();
-            while !s.is_null() {
-                let next = (*s).next;
-                orphan_or_release(gh, s, rel);
-                s = next;
-            }
-        }
-        let mut s = (*gh).full;
-        (*gh).full = null_mut();
-        while !s.is_null() {
-            let next = (*s).next;
-            orphan_or_release(gh, s, rel);
-            s = next;
-        }
-        // Objects handed over by remote frees that raced with the loops above: their slabs
-        // are orphans now.
-        take_delayed(gh, rel);
-        harvest(gh);
-        (*th).table.remove((*gh).key);
-        if (*th).cached == gh {
-            (*th).cached_key = 0;
-            (*th).cached = null_mut();
-        }
-        retire(gh);
-    }
-}
-
-/// Takes `s` from its owner: released if empty, else an orphan.
-///
-/// # Safety
-/// The caller owns `gh` (its heap stopped) and `s`, one of its slabs.
-unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released) {
-    // SAFETY: per the caller.
-    unsafe {
-        let r = &(*s).remote;
-        let mut backoff = Backoff::yielding();
-        loop {
-            collect(gh, s);
-            let w = r.load(Ordering::Acquire);
-            if w & NOTIFYING != 0 {
-                // A remote free is handing an object to `gh`: let it finish.
-                backoff.wait();
-                continue;
-            }
-            if w & PTR_MASK != 0 {
-                continue;
-            }
-            let empty = (*s).used == 0;
-            let new = if empty { DEAD } else { ORPHAN };
-            // `used` is final from here: published with the word.
-            if r.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                (*s).owner.store(null_mut(), Ordering::Release);
-                (*s).prev = null_mut();
-                (*s).next = null_mut();
-                if empty {
-                    (*s).state = LOOSE;
-                    rel.push(s);
-                } else {
-                    (*s).state = ORPHANED;
-                }
-                return;
-            }
-        }
-    }
-}
-
-/// Collects remote frees and releases every empty slab of `gh`, spares and active ones
-/// included, then harvests: after this (and a drain of the stocks), `gh`'s group's figures
-/// are exact and it holds no slab without objects.
-///
-/// # Safety
-/// The caller stopped `gh`'s heap.
-unsafe fn sweep(gh: *mut GroupHeap, rel: &mut Released) {
-    // SAFETY: per the caller.
-    unsafe {
-        take_delayed(gh, rel);
-        for c in 0..CLASSES {
-            let q = &raw mut (*gh).classes[c];
-            let s = (*q).active;
-            if s != slab::empty() {
-                collect(gh, s);
-                if (*s).used == 0 {
-                    (*q).active = slab::empty();
-                    (*s).state = LOOSE;
-                    rel.push(s);
-                }
-            }
-            let mut s = (*q).partial;
-            while !s.is_null() {
-                let next = (*s).next;
-                collect(gh, s);
-                if (*s).used == 0 {
-                    slab::unlink(&raw mut (*q).partial, s);
-                    (*s).state = LOOSE;
-                    rel.push(s);
-                }
-                s = next;
-            }
-        }
-        (*gh).empties = 0;
-        harvest(gh);
-    }
-}
-
-/// Sweeps `gh`; an abandoned one left with no slab is retired.
-///
-/// # Safety
-/// The caller stopped `th` (or holds it abandoned), which holds `gh`.
-unsafe fn sweep_or_retire(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
-    // SAFETY: per the caller.
-    unsafe {
-        sweep(gh, rel);
-        if abandoned((*gh).heap.load(Ordering::Relaxed)) && holds_nothing(gh) {
-            detach(th, gh, rel);
-        }
-    }
-}
-
-/// `Group::flush` for the arena: every group heap, on every thread, of `g` and (unless it is a
-/// `leaf`, with no live child) the groups below it is swept (see `sweep`).
-pub(crate) fn flush(g: &Counter, leaf: bool) {
-    let own = [key(g.id, false), key(g.id, true)];
-    each_heap(|th, rel| {
-        // SAFETY: `each_heap` locked `th`; `settle` completes the stop before any change.
-        unsafe {
-            let t = &raw mut (*th).table;
-            if leaf {
-                let ghs = own.map(|k| (*t).find(k));
-                let Some(&any) = ghs.iter().find(|gh| !gh.is_null()) else {
-                    return;
-                };
-                settle(th, any);
-                for gh in ghs.into_iter().filter(|gh| !gh.is_null()) {
-                    sweep_or_retire(th, gh, rel);
-                }
-                return;
-            }
-            let under = |k: Key| counter(k).is_under(g);
-            let any = (*t).first(under);
-            if any.is_null() {
-                return;
-            }
-            settle(th, any);
-            for i in 0..(*t).cap {
-                let e = (*t).entries.add(i);
-                if (*e).key != 0 && (*e).key != TOMB && under((*e).key) {
-                    sweep_or_retire(th, (*e).gh, rel);
-                }
-            }
-        }
-    });
-}
-
-/// `Group::remove` for the arena: the removed group's group heaps, on every thread, are
-/// retired. Called once the group is offline, so no new group heap can appear for it.
-pub(crate) fn remove(id: u32) {
-    let keys = [key(id, false), key(id, true)];
-    each_heap(|th, rel| {
-        // SAFETY: as in `flush`.
-        unsafe {
-            let ghs = keys.map(|k| (*th).table.find(k));
-            let Some(&any) = ghs.iter().find(|gh| !gh.is_null()) else {
-                return;
-            };
-            settle(th, any);
-            for gh in ghs.into_iter().filter(|gh| !gh.is_null()) {
-                detach(th, gh, rel);
-            }
-        }
-    });
-}
-
 /// Every thread heap ever listed, live or not. Listed heaps are never unmapped, and `next`
 /// is read before the caller touches the heap (a heap is never unlisted either).
-fn listed_heaps() -> impl Iterator<Item = *mut ThreadHeap> {
+pub(super) fn listed_heaps() -> impl Iterator<Item = *mut ThreadHeap> {
     let first = HEAPS.load(Ordering::Acquire);
     core::iter::successors((!first.is_null()).then_some(first), |&th| {
         // SAFETY: listed heaps are never unmapped; `next` is set before a heap is listed.
@@ -1495,7 +282,7 @@ fn listed_heaps() -> impl Iterator<Item = *mut ThreadHeap> {
 
 /// Runs `f` on every heap, live or abandoned, locked (the caller completes the stop with
 /// `settle` before touching it), then releases what `f` unlinked.
-fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
+pub(super) fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
     if !ready() {
         return;
     }
@@ -1508,308 +295,5 @@ fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
             (*th).lock.unlock();
             rel.release_all();
         }
-    }
-}
-
-// ---- fork --------------------------------------------------------------------------------
-
-/// Registers the arena with the layers below it: its caches for `flush()` and `remove()`, and
-/// its part in `fork()` (heaps and locks held across it; parked slabs released after it, once
-/// the group registry is free too).
-fn join_the_group_table() {
-    static CACHES: group::Caches = group::Caches { flush, remove };
-    static HEAPS: Participant = Participant {
-        prepare: fork_prepare,
-        parent: fork_release,
-        child: fork_child,
-    };
-    static PARKED: Participant = Participant {
-        prepare: || {},
-        parent: drain_parked,
-        child: drain_parked,
-    };
-    group::register_caches(&CACHES);
-    fork::join(Rank::Arena, &HEAPS);
-    fork::join(Rank::ArenaParked, &PARKED);
-}
-
-/// Holds every heap stopped and every arena lock across `fork()`, so the child inherits
-/// consistent heaps (other threads' heaps simply have no thread there) and no lock held.
-fn fork_prepare() {
-    REGISTRY.spin.lock();
-    for th in listed_heaps() {
-        // SAFETY: listed heaps are never unmapped; this thread holds no heap's lock.
-        unsafe { stop(th) };
-    }
-    GROUP_HEAPS.spin.lock();
-    segment::fork_locks(true);
-    FORKING.with(|f| f.set(true));
-}
-
-/// In the child: the other threads' heaps have no thread here, so they are abandoned (left for
-/// the child's new threads to adopt, their slabs included) before the locks go.
-fn fork_child() {
-    let me = current();
-    for th in listed_heaps() {
-        // SAFETY: `fork_prepare` stopped every listed heap, and in the child no thread but this
-        // one runs: the heaps of the others are ours to change. Their slabs are not swept here
-        // (releasing takes the pool locks, held until `fork_release`): `flush` sweeps them.
-        unsafe {
-            if th != me && (*th).live.load(Ordering::Relaxed) {
-                let t = &raw mut (*th).table;
-                for i in 0..(*t).cap {
-                    let e = (*t).entries.add(i);
-                    if (*e).key != 0 && (*e).key != TOMB {
-                        (*(*e).gh)
-                            .heap
-                            .store(th.map_addr(|a| a | ABANDONED), Ordering::Relaxed);
-                    }
-                }
-                (*th).cached_key = 0;
-                (*th).cached = null_mut();
-                (*th).live.store(false, Ordering::Release);
-            }
-        }
-    }
-    fork_release();
-}
-
-fn fork_release() {
-    FORKING.with(|f| f.set(false));
-    segment::fork_locks(false);
-    GROUP_HEAPS.spin.unlock();
-    for th in listed_heaps() {
-        // SAFETY: `fork_prepare` stopped every listed heap.
-        unsafe { resume(th) };
-    }
-    REGISTRY.spin.unlock();
-}
-
-/// Releases the slabs `release` parked during a `fork()` on this thread, once nothing of the
-/// fork is held any more: the arena's locks and the group registry's (the last of the fork
-/// table's handlers).
-fn drain_parked() {
-    debug_assert!(!FORKING.with(Cell::get));
-    let mut s = PARKED.with(|p| p.replace(null_mut()));
-    while !s.is_null() {
-        // SAFETY: parked slabs were given up to `release` (empty, unlinked, claimed), and only
-        // this thread reaches the list.
-        unsafe {
-            let next = (*s).next;
-            release(s);
-            s = next;
-        }
-    }
-}
-
-// ---- the key table -----------------------------------------------------------------------
-
-/// A heap's group heaps by key: open addressing, mapped directly (never through the global
-/// allocator). Only touched by the owner under its lock, or by a thread that stopped it.
-struct Table {
-    entries: *mut Entry,
-    cap: usize,
-    len: usize,
-    tombs: usize,
-}
-
-#[repr(C)]
-struct Entry {
-    key: Key,
-    gh: *mut GroupHeap,
-}
-
-/// A removed entry (no key is `u32::MAX`: ids stop at 2^20).
-const TOMB: Key = u32::MAX;
-
-impl Table {
-    const fn new() -> Table {
-        Table {
-            entries: null_mut(),
-            cap: 0,
-            len: 0,
-            tombs: 0,
-        }
-    }
-
-    fn slot(&self, key: Key) -> usize {
-        (key.wrapping_mul(0x9e37_79b1) as usize) & (self.cap - 1)
-    }
-
-    fn find(&self, key: Key) -> *mut GroupHeap {
-        if self.cap == 0 {
-            return null_mut();
-        }
-        let mut i = self.slot(key);
-        loop {
-            // SAFETY: `i < cap`, and the table always has an empty entry (load below 1/2).
-            let e = unsafe { &*self.entries.add(i) };
-            if e.key == key {
-                return e.gh;
-            }
-            if e.key == 0 {
-                return null_mut();
-            }
-            i = (i + 1) & (self.cap - 1);
-        }
-    }
-
-    /// The group heap of the first key satisfying `pred`, or null.
-    fn first(&self, pred: impl Fn(Key) -> bool) -> *mut GroupHeap {
-        (0..self.cap)
-            .find_map(|i| {
-                // SAFETY: `i < cap`.
-                let e = unsafe { &*self.entries.add(i) };
-                (e.key != 0 && e.key != TOMB && pred(e.key)).then_some(e.gh)
-            })
-            .unwrap_or(null_mut())
-    }
-
-    fn insert(&mut self, key: Key, gh: *mut GroupHeap) -> bool {
-        if (self.len + self.tombs + 1) * 2 > self.cap && !self.grow() {
-            return false;
-        }
-        let mut i = self.slot(key);
-        loop {
-            // SAFETY: `i < cap`.
-            let e = unsafe { &mut *self.entries.add(i) };
-            if e.key == 0 || e.key == TOMB {
-                if e.key == TOMB {
-                    self.tombs -= 1;
-                }
-                e.key = key;
-                e.gh = gh;
-                self.len += 1;
-                return true;
-            }
-            i = (i + 1) & (self.cap - 1);
-        }
-    }
-
-    fn remove(&mut self, key: Key) {
-        if self.cap == 0 {
-            return;
-        }
-        let mut i = self.slot(key);
-        loop {
-            // SAFETY: `i < cap`.
-            let e = unsafe { &mut *self.entries.add(i) };
-            if e.key == key {
-                e.key = TOMB;
-                e.gh = null_mut();
-                self.len -= 1;
-                self.tombs += 1;
-                return;
-            }
-            if e.key == 0 {
-                return;
-            }
-            i = (i + 1) & (self.cap - 1);
-        }
-    }
-
-    /// Rehashes into a table twice as large (or as large, if tombstones filled it).
-    fn grow(&mut self) -> bool {
-        let cap = if self.cap == 0 {
-            256
-        } else if self.len * 4 >= self.cap {
-            self.cap * 2
-        } else {
-            self.cap
-        };
-        let Some(bytes) = cap.checked_mul(core::mem::size_of::<Entry>()) else {
-            return false;
-        };
-        let entries = platform::map(bytes) as *mut Entry;
-        if entries.is_null() {
-            return false;
-        }
-        TABLE_BYTES.fetch_add(bytes, Ordering::Relaxed);
-        let old = core::mem::replace(
-            self,
-            Table {
-                entries,
-                cap,
-                len: 0,
-                tombs: 0,
-            },
-        );
-        for i in 0..old.cap {
-            // SAFETY: `i < old.cap`.
-            let e = unsafe { &*old.entries.add(i) };
-            if e.key != 0 && e.key != TOMB {
-                self.insert(e.key, e.gh);
-            }
-        }
-        if old.cap != 0 {
-            let bytes = old.cap * core::mem::size_of::<Entry>();
-            platform::unmap(old.entries.cast(), bytes);
-            TABLE_BYTES.fetch_sub(bytes, Ordering::Relaxed);
-        }
-        true
-    }
-}
-
-// ---- memory for heaps and group heaps ----------------------------------------------------
-
-/// Cuts small records out of mapped chunks; records are never given back, only reused.
-struct Chunks {
-    next: usize,
-    end: usize,
-    mapped: usize,
-}
-
-impl Chunks {
-    const fn new() -> Chunks {
-        Chunks {
-            next: 0,
-            end: 0,
-            mapped: 0,
-        }
-    }
-
-    /// `bytes` (a multiple of 64) of zeroed memory aligned to 64, or null.
-    fn carve(&mut self, bytes: usize) -> *mut u8 {
-        if self.end - self.next < bytes {
-            let p = platform::map(CHUNK);
-            if p.is_null() {
-                return p;
-            }
-            self.next = p as usize;
-            self.end = p as usize + CHUNK;
-            self.mapped += CHUNK;
-        }
-        let p = self.next;
-        self.next += bytes;
-        p as *mut u8
-    }
-}
-
-struct GroupHeapPool {
-    free: *mut GroupHeap,
-    chunks: Chunks,
-    live: usize,
-}
-
-// SAFETY: the pool's pointers name records that live for the whole program, reached under its
-// lock only.
-unsafe impl Send for GroupHeapPool {}
-
-/// Bytes mapped for heaps, their key tables and group heaps, and group heaps in use.
-pub(crate) fn metadata() -> (usize, usize) {
-    let heaps = REGISTRY.with(|c| c.mapped);
-    let (ghs, live) = GROUP_HEAPS.with(|p| (p.chunks.mapped, p.live));
-    (heaps + TABLE_BYTES.load(Ordering::Relaxed) + ghs, live)
-}
-
-/// Whether slab `s`'s owner is an abandoned heap, for diagnostics (a racy read).
-///
-/// # Safety
-/// `s` is the metadata of a slab handed out by the segment code.
-pub(crate) unsafe fn owner_abandoned(s: *const Slab) -> bool {
-    // SAFETY: slab metadata and group heaps are never unmapped.
-    unsafe {
-        let gh = (*s).owner.load(Ordering::Acquire);
-        !gh.is_null() && abandoned((*gh).heap.load(Ordering::Relaxed))
     }
 }

@@ -12,7 +12,7 @@ impl Spin {
     }
 
     pub(crate) fn lock(&self) {
-        let mut backoff = Backoff::yielding();
+        let mut backoff = Backoff::new();
         while self.0.swap(1, Ordering::Acquire) != 0 {
             while self.0.load(Ordering::Relaxed) != 0 {
                 backoff.wait();

@@ -7,20 +7,37 @@
 //! - `segment`: the reserved region, its 4 MiB segments, finding a pointer's slab from its
 //!   address, the pool of empty slabs (given back to the OS past a threshold), and segments
 //!   given back whole once all their slabs are empty.
-//! - `slab`: a slab's metadata and its atomic remote-free word.
-//! - `heap`: per-thread heaps with a group heap per group key, the fast and slow paths,
-//!   `flush()` and `remove()` support, thread exit (the heap left, slabs and all, for the next
-//!   thread to adopt) and `fork()`.
+//! - `types`: the records (a slab's metadata, thread heaps, group heaps) and who owns what.
+//! - `slab`: a slab's atomic remote-free word and its list links.
+//! - `table`, `records`: a heap's key table; the memory heaps and group heaps are cut from.
+//! - `heap`: the per-thread heaps (with a group heap per group key), their state and the
+//!   protocol by which another thread stops one; releasing slabs to the pool.
+//! - `owner`: what a group heap's owner does to it and its slabs (local frees, collecting remote
+//!   frees, sweeping, taking a group heap apart into orphans).
+//! - `alloc`, `free`: the fast and slow paths.
+//! - `flush`: `flush()` and `remove()` support.
+//! - `lifecycle`: setup, a thread's heap made or adopted, thread exit (the heap left, slabs and
+//!   all, for the next thread to adopt).
+//! - `fork`: `fork()` support.
 //!
 //! Charging goes through the same core as the tag design (`thread::charge`, the stocks): a slab
 //! is one charge, so limits, `OnLimit`, `fallible`, `nofail` and kmem all behave as there, in
 //! slab-sized steps.
 
+mod alloc;
 mod class;
+mod flush;
+mod fork;
+mod free;
 mod heap;
+mod lifecycle;
 mod lock;
+mod owner;
+mod records;
 mod segment;
 mod slab;
+mod table;
+mod types;
 
 use core::alloc::{GlobalAlloc, Layout};
 use std::alloc::System;
@@ -68,7 +85,7 @@ impl<A: GlobalAlloc> ArenaAlloc<A> {
             return unsafe { self.alloc_large(layout, zeroed) };
         };
         let key = scope::current_key();
-        let p = heap::alloc_fast(key, class, layout.size(), true);
+        let p = alloc::alloc_fast(key, class, layout.size(), true);
         if p.is_null() {
             // SAFETY: forwarded caller contract.
             return unsafe { self.alloc_slow(layout, class, key, zeroed) };
@@ -99,17 +116,17 @@ impl<A: GlobalAlloc> ArenaAlloc<A> {
     #[cold]
     #[inline(never)]
     unsafe fn alloc_slow(&self, layout: Layout, class: usize, key: Key, zeroed: bool) -> *mut u8 {
-        match heap::alloc_slow(key, class, layout.size(), true) {
-            heap::Slow::Done(p) => {
+        match alloc::alloc_slow(key, class, layout.size(), true) {
+            types::Slow::Done(p) => {
                 if zeroed {
                     // SAFETY: `p` is a fresh object of at least `layout.size()` bytes.
                     unsafe { core::ptr::write_bytes(p, 0, layout.size()) };
                 }
                 p
             }
-            heap::Slow::Refused => core::ptr::null_mut(),
+            types::Slow::Refused => core::ptr::null_mut(),
             // SAFETY: forwarded caller contract.
-            heap::Slow::Tag => unsafe { self.alloc_large(layout, zeroed) },
+            types::Slow::Tag => unsafe { self.alloc_large(layout, zeroed) },
         }
     }
 
@@ -122,14 +139,14 @@ impl<A: GlobalAlloc> ArenaAlloc<A> {
         if let Some(class) = class::of(layout.size(), layout.align()) {
             // A removed group takes no new slab: its moved block goes to the inner allocator.
             if group::node(key_id(key)).counter.is_online() {
-                let p = heap::alloc_fast(key, class, layout.size(), false);
+                let p = alloc::alloc_fast(key, class, layout.size(), false);
                 if !p.is_null() {
                     return p;
                 }
-                match heap::alloc_slow(key, class, layout.size(), false) {
-                    heap::Slow::Done(p) => return p,
-                    heap::Slow::Refused => return core::ptr::null_mut(),
-                    heap::Slow::Tag => {}
+                match alloc::alloc_slow(key, class, layout.size(), false) {
+                    types::Slow::Done(p) => return p,
+                    types::Slow::Refused => return core::ptr::null_mut(),
+                    types::Slow::Tag => {}
                 }
             }
         }
@@ -163,7 +180,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for ArenaAlloc<A> {
         if segment::contains(ptr) {
             // SAFETY: the caller passes a live block of ours; in the region, it is a slab
             // object allocated for `layout.size()` bytes.
-            unsafe { heap::free(ptr, layout.size(), true) }
+            unsafe { free::free(ptr, layout.size(), true) }
         } else {
             // SAFETY: outside the region, the block is `TagAlloc`'s.
             unsafe { self.tag.dealloc(ptr, layout) }
@@ -188,7 +205,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for ArenaAlloc<A> {
             )
         };
         if class::of(new_size, layout.align()) == Some(class) {
-            heap::resize(key, layout.size(), new_size);
+            free::resize(key, layout.size(), new_size);
             return ptr;
         }
         // SAFETY: `new_layout` is valid; a null result leaves the old block as it was.
@@ -198,7 +215,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for ArenaAlloc<A> {
             // the old one is a slab object allocated for `layout.size()` bytes.
             unsafe {
                 core::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
-                heap::free(ptr, layout.size(), false);
+                free::free(ptr, layout.size(), false);
             }
         }
         new
@@ -248,9 +265,25 @@ pub unsafe fn slab_of(ptr: *const u8) -> Option<SlabInfo> {
             group: Group::from_held(group::node(key_id(key))),
             kernel: key_is_kernel(key),
             orphan: (*s).remote.load(crate::sync::Ordering::Acquire) & slab::ORPHAN != 0,
-            abandoned: heap::owner_abandoned(s),
+            abandoned: lifecycle::owner_abandoned(s),
         })
     }
+}
+
+/// For tests: makes each removal of a group heap pause `us` microseconds right after each of
+/// its slabs becomes an orphan (0, the default: no pause), which widens the window in which
+/// other threads free an orphan's last object and reuse its slab; returns the previous value.
+#[doc(hidden)]
+pub fn pause_after_orphaning(us: u32) -> u32 {
+    owner::pause_after_orphaning(us)
+}
+
+/// For tests: makes each remote free that hands its object to a slab's owner (the first free
+/// into a slab parked full) pause `us` microseconds while it holds the slab's `NOTIFYING` bit
+/// (0, the default: no pause); returns the previous value.
+#[doc(hidden)]
+pub fn pause_in_notify(us: u32) -> u32 {
+    owner::pause_in_notify(us)
 }
 
 /// What the arena holds, in bytes (none of it is charged to a group as such: slabs are
@@ -278,7 +311,7 @@ pub struct Footprint {
 #[doc(hidden)]
 pub fn footprint() -> Footprint {
     let (segments, pooled, pooled_resident) = segment::footprint();
-    let (metadata, group_heaps) = heap::metadata();
+    let (metadata, group_heaps) = records::metadata();
     Footprint {
         segments,
         free_segments: segment::free_segments(),

@@ -30,7 +30,8 @@ use crate::sync::{AtomicUsize, Ordering};
 
 use super::class::{KINDS, MIN_SLAB_SHIFT};
 use super::lock::Locked;
-use super::slab::{self, Slab};
+use super::slab;
+use super::types::{self, Slab};
 
 pub(crate) const SEGMENT_SHIFT: u32 = 22;
 const SEGMENT: usize = 1 << SEGMENT_SHIFT;
@@ -241,7 +242,14 @@ fn new_segment(shift: usize) -> Option<(usize, usize)> {
             }
             let seg = BASE.load(Ordering::Relaxed) + offset;
             if !platform::commit(seg as *mut u8, SEGMENT) {
-                // Leave the hole: the region is only an address range.
+                // Give the range back, unless another slab size cut a segment after it
+                // meanwhile: then leave the hole (it is only address space, never touched).
+                let _ = CUT.compare_exchange(
+                    offset + SEGMENT,
+                    offset,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 return None;
             }
             seg
@@ -295,11 +303,11 @@ unsafe fn drain_if_empty(k: &mut Kind, seg: usize, shift: usize) -> bool {
         for index in (*h).first..(*h).slabs {
             let s = (seg + HEADER + index as usize * size_of::<Slab>()) as *mut Slab;
             match (*s).state {
-                slab::POOLED => {
+                types::POOLED => {
                     slab::unlink(&raw mut k.warm, s);
                     warm += 1usize << shift;
                 }
-                slab::COLD => slab::unlink(&raw mut k.cold, s),
+                types::COLD => slab::unlink(&raw mut k.cold, s),
                 _ => {}
             }
         }
@@ -345,11 +353,11 @@ pub(crate) unsafe fn put(s: *mut Slab, kind: usize) {
         unsafe {
             (*header(s)).pooled += 1;
             if warm {
-                (*s).state = slab::POOLED;
+                (*s).state = types::POOLED;
                 slab::push(&raw mut k.warm, s);
                 return (None, drain_if_empty(k, seg, shift));
             }
-            (*s).state = slab::DOOMED;
+            (*s).state = types::DOOMED;
         }
         k.doomed[k.ndoomed] = s;
         k.ndoomed += 1;
@@ -391,7 +399,7 @@ pub(crate) unsafe fn put(s: *mut Slab, kind: usize) {
             for s in batch {
                 // SAFETY: as above; back under the lock.
                 unsafe {
-                    (*s).state = slab::COLD;
+                    (*s).state = types::COLD;
                     slab::push(&raw mut k.cold, s);
                     (*header(s)).pooled += 1;
                     k.pooled += 1;

@@ -1,8 +1,9 @@
-//! A slab's metadata, and the word through which other threads free into it.
+//! The word through which other threads free into a slab, and a slab's list links (the
+//! metadata itself is `super::types::Slab`).
 //!
 //! A slab holds objects of one size class, charged as a whole to one group key (a group and a
 //! kind, so kernel objects never share a slab with user ones). It has an owner, a per-thread
-//! group heap (`super::heap::GroupHeap`): only the owner allocates from it, and frees by the
+//! group heap (`super::types::GroupHeap`): only the owner allocates from it, and frees by the
 //! owning thread go to the owner's plain free list. Every other thread frees through `remote`,
 //! one atomic word:
 //!
@@ -21,9 +22,7 @@
 //! thread may read a slab's fields after it was released, and finds stale values, never
 //! unmapped memory.
 
-use crate::sync::{AtomicPtr, AtomicU32, AtomicU64};
-
-use super::heap::GroupHeap;
+use super::types::Slab;
 
 /// The owner parked the slab on its full list: the next remote free hands its object to the
 /// owner's delayed list instead, so the owner learns the slab has room again.
@@ -42,61 +41,6 @@ pub(crate) const COUNT_ONE: u64 = 1 << 48;
 /// In an object's link word: its free is not counted (a realloc's move).
 pub(crate) const UNCOUNTED: u64 = 1 << 63;
 const SIZE_MASK: u64 = 0x3fff;
-
-/// Where a slab is, as its owner (or the pool) sees it. In the pool: resident (`POOLED`),
-/// given back to the OS (`COLD`), or waiting in a batch to be given back (`DOOMED`).
-pub(crate) const POOLED: u8 = 0;
-pub(crate) const COLD: u8 = 6;
-pub(crate) const DOOMED: u8 = 7;
-pub(crate) const ACTIVE: u8 = 1;
-pub(crate) const PARTIAL: u8 = 2;
-pub(crate) const FULL_LIST: u8 = 3;
-pub(crate) const ORPHANED: u8 = 4;
-/// Unlinked from every list, on its way back to the pool.
-pub(crate) const LOOSE: u8 = 5;
-
-/// The metadata of one slab: one cache line in its segment's header.
-///
-/// Fields other than the atomics are written by the slab's owner (its thread, or a thread that
-/// stopped that thread, see `super::heap`), or by whoever holds the slab exclusively (taken from
-/// the pool, or claimed for release). `used` is also read by remote freers of an orphan, after
-/// the `ORPHAN` word that published its final value.
-#[repr(C, align(64))]
-pub(crate) struct Slab {
-    pub(crate) remote: AtomicU64,
-    /// The owner's free list.
-    pub(crate) free: *mut u8,
-    /// The owning group heap; null while pooled or orphaned.
-    pub(crate) owner: AtomicPtr<GroupHeap>,
-    /// The group key charged for the slab.
-    pub(crate) key: AtomicU32,
-    /// Objects not on the owner's free list (allocated, or freed remotely and not collected).
-    pub(crate) used: u32,
-    pub(crate) class: u8,
-    pub(crate) state: u8,
-    pub(crate) prev: *mut Slab,
-    pub(crate) next: *mut Slab,
-}
-
-// SAFETY: a `Slab` is shared between threads only through raw pointers, under the ownership
-// rules above; the one static instance (`EMPTY`) is never written.
-unsafe impl Sync for Slab {}
-
-impl Slab {
-    pub(crate) const fn empty() -> Slab {
-        Slab {
-            remote: AtomicU64::new(0),
-            free: core::ptr::null_mut(),
-            owner: AtomicPtr::new(core::ptr::null_mut()),
-            key: AtomicU32::new(0),
-            used: 0,
-            class: 0,
-            state: POOLED,
-            prev: core::ptr::null_mut(),
-            next: core::ptr::null_mut(),
-        }
-    }
-}
 
 /// The active slab of a class that has none: its free list is empty, so the allocation fast
 /// path needs no null check. Never written.

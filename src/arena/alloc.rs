@@ -1,0 +1,351 @@
+//! Allocating a slab object: the fast path (the cached group heap's active slab), and the slow
+//! path, which finds or makes the thread's group heap, refills the active slab (remote frees,
+//! the partial list, a fresh slab charged to the group) and parks exhausted slabs as full.
+
+use core::cell::Cell;
+use core::ptr::null_mut;
+
+use crate::core::stock::{key, key_is_kernel, Key};
+use crate::sync::{Backoff, Ordering};
+use crate::{platform, thread, TAG_SIZE};
+
+use super::class::{self, CLASSES};
+use super::heap::{
+    counter, current, enter, interval, leave, release, usable, Released, EXACT, FORKING,
+};
+use super::lifecycle::create_heap;
+use super::owner::{collect, harvest, retire, take_delayed};
+use super::records::GROUP_HEAPS;
+use super::segment;
+use super::slab::{self, FULL, NOTIFYING, PTR_MASK};
+use super::types::{GroupHeap, Queue, Slab, Slow, ThreadHeap, ACTIVE, FULL_LIST, LOOSE, PARTIAL};
+
+/// Allocates an object of `class` for `key` from the cached group heap's active slab; null if
+/// the slow path must serve. `counted`: a new allocation (false for a realloc's move).
+#[inline(always)]
+pub(crate) fn alloc_fast(key: Key, class: usize, size: usize, counted: bool) -> *mut u8 {
+    let th = current();
+    // SAFETY: a usable `HEAP` is this thread's heap.
+    if !usable(th) || !unsafe { enter(th) } {
+        return null_mut();
+    }
+    // SAFETY: entered: no other thread touches the heap, its cached group heap or the slabs
+    // that group heap owns (other than through their atomics) until `leave`.
+    unsafe {
+        let mut p = null_mut();
+        if (*th).cached_key == key {
+            let gh = (*th).cached;
+            let s = (*gh).classes[class].active;
+            if !(*s).free.is_null() {
+                p = pop(gh, s, size, counted);
+            }
+        }
+        leave(th);
+        p
+    }
+}
+
+/// A fresh slab of `class`, charged to `key`: its free list holds every object.
+pub(super) fn new_slab(key: Key, class: usize) -> Result<*mut Slab, Slow> {
+    let bytes = class::slab_bytes(class);
+    if thread::charge(key, bytes, 0).is_none() {
+        return Err(Slow::Refused);
+    }
+    let s = segment::take(class::kind(class));
+    if s.is_null() {
+        thread::uncharge(key, bytes, 0);
+        return Err(Slow::Tag);
+    }
+    counter(key).adjust_overhead(bytes as isize);
+    let size = class::SIZES[class] as usize;
+    let objects = class::CAPACITY[class] as usize;
+    let start = segment::start(s);
+    // SAFETY: `take` gave us the slab alone; its memory is `bytes` long and committed.
+    unsafe {
+        for i in 0..objects {
+            let next = if i + 1 < objects {
+                start.add((i + 1) * size)
+            } else {
+                null_mut()
+            };
+            *(start.add(i * size) as *mut *mut u8) = next;
+        }
+        (*s).free = start;
+        (*s).used = 0;
+        (*s).class = class as u8;
+        (*s).state = LOOSE;
+        (*s).remote.store(0, Ordering::Relaxed);
+        (*s).key.store(key, Ordering::Relaxed);
+        (*s).prev = null_mut();
+        (*s).next = null_mut();
+    }
+    Ok(s)
+}
+
+/// The slow path of a small allocation for `key`: finds or makes this thread's group heap
+/// for it (its nearest live ancestor's, if its group was removed), refills the class's active
+/// slab from remote frees, the partial list or a fresh slab, and allocates from it.
+#[cold]
+#[inline(never)]
+pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> Slow {
+    let mut th = current();
+    if th.is_null() {
+        th = create_heap();
+    }
+    if !usable(th) || FORKING.with(Cell::get) {
+        return Slow::Tag;
+    }
+    let mut rel = Released::new();
+    // SAFETY: `th` is this thread's heap; under its lock, its group heaps and their slabs are
+    // ours (no fast path runs: this thread is here; other threads take the lock first).
+    let out = unsafe {
+        loop {
+            (*th).lock.lock();
+            let gh = group_heap(th, key);
+            if gh.is_null() {
+                (*th).lock.unlock();
+                break Slow::Tag;
+            }
+            let p = refill(gh, class, size, counted, &mut rel);
+            if !p.is_null() {
+                (*th).lock.unlock();
+                break Slow::Done(p);
+            }
+            let (gkey, gen) = ((*gh).key, (*gh).gen);
+            // Charging may reclaim (run shrinkers, which allocate and free): hold nothing.
+            (*th).lock.unlock();
+            rel.release_all();
+            let s = match new_slab(gkey, class) {
+                Ok(s) => s,
+                Err(e) => break e,
+            };
+            (*th).lock.lock();
+            if (*gh).gen != gen {
+                // The group heap was retired meanwhile (its group removed): start over.
+                (*th).lock.unlock();
+                release(s);
+                continue;
+            }
+            (*s).owner.store(gh, Ordering::Release);
+            let q = &raw mut (*gh).classes[class];
+            if (*q).active == slab::empty() {
+                (*s).state = ACTIVE;
+                (*q).active = s;
+            } else {
+                (*s).state = PARTIAL;
+                slab::push(&raw mut (*q).partial, s);
+            }
+            let p = refill(gh, class, size, counted, &mut rel);
+            (*th).lock.unlock();
+            break if p.is_null() {
+                Slow::Tag
+            } else {
+                Slow::Done(p)
+            };
+        }
+    };
+    rel.release_all();
+    out
+}
+
+/// Takes the first free object of slab `s` of `gh` for a block of `size` bytes, and counts it
+/// (an allocation if `counted`, its overhead correction, and a harvest every 256 operations).
+///
+/// # Safety
+/// The caller owns `gh` (fast path entered, or its heap's lock held), `s` is a slab of `gh`
+/// and `s`'s free list is not empty.
+#[inline(always)]
+pub(super) unsafe fn pop(gh: *mut GroupHeap, s: *mut Slab, size: usize, counted: bool) -> *mut u8 {
+    // SAFETY: per the caller: a free object's first word links the next one.
+    unsafe {
+        let p = (*s).free;
+        (*s).free = *(p as *const *mut u8);
+        (*s).used += 1;
+        (*gh).allocs += counted as u64;
+        (*gh).adj -= (size + TAG_SIZE) as i64;
+        (*gh).left -= 1;
+        if (*gh).left == 0 {
+            harvest(gh);
+        }
+        p
+    }
+}
+
+/// Allocates from the class's active slab, refilling it first: from its remote frees, then
+/// from the partial list (after taking in the objects other threads handed over). Null if no
+/// slab of the group heap has a free object.
+///
+/// # Safety
+/// The caller owns `gh` (holds its heap's lock, on its thread).
+pub(super) unsafe fn refill(
+    gh: *mut GroupHeap,
+    class: usize,
+    size: usize,
+    counted: bool,
+    rel: &mut Released,
+) -> *mut u8 {
+    // SAFETY: per the caller.
+    unsafe {
+        if !(*gh).delayed.load(Ordering::Relaxed).is_null() {
+            take_delayed(gh, rel);
+        }
+        let q = &raw mut (*gh).classes[class];
+        loop {
+            let s = (*q).active;
+            if s != slab::empty() {
+                if (*s).free.is_null() {
+                    collect(gh, s);
+                }
+                if !(*s).free.is_null() {
+                    return pop(gh, s, size, counted);
+                }
+                if !park_full(gh, s) {
+                    continue;
+                }
+                (*q).active = slab::empty();
+            }
+            let s = (*q).partial;
+            if s.is_null() {
+                return null_mut();
+            }
+            slab::unlink(&raw mut (*q).partial, s);
+            if (*s).used == 0 {
+                (*gh).empties &= !(1 << class);
+            }
+            (*s).state = ACTIVE;
+            (*q).active = s;
+        }
+    }
+}
+
+/// Parks an exhausted active slab on the full list, asking the next remote free to notify.
+/// False if remote frees arrived meanwhile: collect them instead.
+///
+/// A notifier of the slab's previous stay on the full list may still hold `NOTIFYING` (its
+/// object already handed over and freed): `FULL` is set only once it is done. Setting it
+/// earlier would let a second notifier in while the first one still runs; the first one's
+/// clear of `NOTIFYING` would then leave the second unprotected, and a retire or release
+/// that waits for `NOTIFYING` could take the owner from under it (an object lost on a
+/// retired group heap's delayed list, or a null owner read).
+///
+/// # Safety
+/// The caller owns `gh` and `s`, its active slab.
+pub(super) unsafe fn park_full(gh: *mut GroupHeap, s: *mut Slab) -> bool {
+    // SAFETY: per the caller.
+    unsafe {
+        let r = &(*s).remote;
+        let mut backoff = Backoff::new();
+        let mut w = r.load(Ordering::Acquire);
+        // Without `FULL` no new notifier can start: this wait ends with the current one.
+        while w & NOTIFYING != 0 {
+            backoff.wait();
+            w = r.load(Ordering::Acquire);
+        }
+        if w & PTR_MASK != 0 {
+            return false;
+        }
+        // In exact mode remote frees go through the owner's lock and see the state directly.
+        if !EXACT.load(Ordering::Relaxed)
+            && r.compare_exchange(w, w | FULL, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return false;
+        }
+        (*s).state = FULL_LIST;
+        slab::push(&raw mut (*gh).full, s);
+        true
+    }
+}
+
+/// This thread's group heap for `key`, made if needed; for a removed group, its nearest live
+/// ancestor's. Null if no group heap can be made (out of memory).
+///
+/// # Safety
+/// `th` is this thread's heap, locked.
+pub(super) unsafe fn group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
+    // SAFETY: per the caller.
+    unsafe {
+        if (*th).cached_key == key {
+            return (*th).cached;
+        }
+        let kernel = key_is_kernel(key);
+        let mut c = counter(key);
+        loop {
+            while !c.is_online() {
+                c = match c.parent() {
+                    Some(p) => p,
+                    // The root is never removed: an offline root is corruption.
+                    None => platform::corrupted(b"arena: the root group is offline"),
+                };
+            }
+            let k = self::key(c.id, kernel);
+            let mut gh = (*th).table.find(k);
+            if gh.is_null() {
+                gh = new_group_heap(th, k);
+                if gh.is_null() {
+                    return null_mut();
+                }
+                // A `remove` that took the group offline before our insert may have looked at
+                // this heap before it: then we see it offline here (its store came before its
+                // lock of this heap, which came before ours).
+                if !c.is_online() {
+                    (*th).table.remove(k);
+                    retire(gh);
+                    continue;
+                }
+            }
+            // A removed group's key is not cached: its id may be reused once it is freed.
+            if k == key {
+                (*th).cached_key = key;
+                (*th).cached = gh;
+            }
+            return gh;
+        }
+    }
+}
+
+/// A fresh group heap for `key` in `th`'s table.
+///
+/// # Safety
+/// `th` is locked by its owner.
+pub(super) unsafe fn new_group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
+    let gh = GROUP_HEAPS.with(|pool| {
+        let gh = pool.free;
+        if !gh.is_null() {
+            // SAFETY: pooled group heaps are only reached under this lock.
+            pool.free = unsafe { (*gh).next_free };
+            pool.live += 1;
+            return gh;
+        }
+        let gh = pool.chunks.carve(core::mem::size_of::<GroupHeap>()) as *mut GroupHeap;
+        if !gh.is_null() {
+            pool.live += 1;
+        }
+        gh
+    });
+    if gh.is_null() {
+        return gh;
+    }
+    // SAFETY: the group heap is ours (fresh zeroed memory or retired); per the caller for `th`.
+    unsafe {
+        (*gh).delayed.store(null_mut(), Ordering::Relaxed);
+        (*gh).key = key;
+        (*gh).heap.store(th, Ordering::Relaxed);
+        (*gh).allocs = 0;
+        (*gh).frees = 0;
+        (*gh).adj = 0;
+        (*gh).left = interval();
+        (*gh).empties = 0;
+        (*gh).full = null_mut();
+        (*gh).next_free = null_mut();
+        (*gh).classes = [Queue {
+            active: slab::empty(),
+            partial: null_mut(),
+        }; CLASSES];
+        if !(*th).table.insert(key, gh) {
+            retire(gh);
+            return null_mut();
+        }
+    }
+    gh
+}

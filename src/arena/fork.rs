@@ -1,0 +1,159 @@
+//! The arena's part in `fork()`: every heap stopped and every arena lock held across it, the
+//! other threads' heaps abandoned in the child (and `NOTIFYING` bits their notifiers held
+//! cleared), and slabs emptied during the fork released once nothing of it is held.
+
+use core::cell::Cell;
+use core::ptr::null_mut;
+
+use crate::fork::{self, Participant, Rank};
+use crate::group;
+use crate::sync::Ordering;
+
+use super::flush::{flush, remove};
+use super::heap::{current, listed_heaps, release, resume, stop, FORKING, PARKED};
+use super::records::{GROUP_HEAPS, REGISTRY};
+use super::segment;
+use super::slab::{self, NOTIFYING};
+use super::table::TOMB;
+use super::types::{GroupHeap, Slab, ThreadHeap, ABANDONED};
+
+/// Registers the arena with the layers below it: its caches for `flush()` and `remove()`, and
+/// its part in `fork()` (heaps and locks held across it; parked slabs released after it, once
+/// the group registry is free too).
+pub(super) fn join_the_group_table() {
+    static CACHES: group::Caches = group::Caches { flush, remove };
+    static HEAPS: Participant = Participant {
+        prepare: fork_prepare,
+        parent: fork_release,
+        child: fork_child,
+    };
+    static PARKED: Participant = Participant {
+        prepare: || {},
+        parent: drain_parked,
+        child: drain_parked,
+    };
+    group::register_caches(&CACHES);
+    fork::join(Rank::Arena, &HEAPS);
+    fork::join(Rank::ArenaParked, &PARKED);
+}
+
+/// Holds every heap stopped and every arena lock across `fork()`, so the child inherits
+/// consistent heaps (other threads' heaps simply have no thread there) and no lock held.
+pub(super) fn fork_prepare() {
+    REGISTRY.spin.lock();
+    for th in listed_heaps() {
+        // SAFETY: listed heaps are never unmapped; this thread holds no heap's lock.
+        unsafe { stop(th) };
+    }
+    GROUP_HEAPS.spin.lock();
+    segment::fork_locks(true);
+    FORKING.with(|f| f.set(true));
+}
+
+/// In the child: the other threads' heaps have no thread here, so they are abandoned (left for
+/// the child's new threads to adopt, their slabs included) before the locks go.
+pub(super) fn fork_child() {
+    let me = current();
+    for th in listed_heaps() {
+        // SAFETY: as below; every group heap in a table is the heap's, stopped.
+        unsafe { each_group_heap(th, |gh| clear_notifying(gh)) };
+    }
+    for th in listed_heaps() {
+        // SAFETY: `fork_prepare` stopped every listed heap, and in the child no thread but this
+        // one runs: the heaps of the others are ours to change. Their slabs are not swept here
+        // (releasing takes the pool locks, held until `fork_release`): `flush` sweeps them.
+        unsafe {
+            if th != me && (*th).live.load(Ordering::Relaxed) {
+                let t = &raw mut (*th).table;
+                for i in 0..(*t).cap {
+                    let e = (*t).entries.add(i);
+                    if (*e).key != 0 && (*e).key != TOMB {
+                        (*(*e).value)
+                            .heap
+                            .store(th.map_addr(|a| a | ABANDONED), Ordering::Relaxed);
+                    }
+                }
+                (*th).cached_key = 0;
+                (*th).cached = null_mut();
+                (*th).live.store(false, Ordering::Release);
+            }
+        }
+    }
+    fork_release();
+}
+
+/// Runs `f` on every group heap in `th`'s table.
+///
+/// # Safety
+/// The caller stopped `th` (or holds it abandoned).
+pub(super) unsafe fn each_group_heap(th: *mut ThreadHeap, mut f: impl FnMut(*mut GroupHeap)) {
+    // SAFETY: per the caller, the table is ours to read.
+    unsafe {
+        let t = &raw mut (*th).table;
+        for i in 0..(*t).cap {
+            let e = (*t).entries.add(i);
+            if (*e).key != 0 && (*e).key != TOMB {
+                f((*e).value);
+            }
+        }
+    }
+}
+
+/// In a forked child: clears `NOTIFYING` on every slab of `gh`. A parent thread that was
+/// inside `notify` at the fork (between taking `NOTIFYING` and clearing it: it holds no lock,
+/// so `fork_prepare` cannot wait for it) has no thread in the child, and every wait for the bit
+/// (`park_full`, `release`, `orphan_or_release`) would hang the child. Its object is the
+/// child's loss, as any free in flight on a thread the child does not have: still counted in
+/// its slab's `used` (or, if it was handed over already, on `gh`'s delayed list, freed from
+/// there).
+///
+/// A notifier's slab is still its owner's (nothing waiting for the bit could take it away), so
+/// it is on one of `gh`'s lists: its active slabs, partial lists or full list. (One emptied
+/// already and waiting in a parent thread's `release` is lost to the child with that thread.)
+///
+/// # Safety
+/// In the child, with `gh`'s heap stopped by `fork_prepare`.
+pub(super) unsafe fn clear_notifying(gh: *mut GroupHeap) {
+    // SAFETY: per the caller, the lists are ours and consistent.
+    unsafe {
+        let clear = |mut s: *mut Slab, list: bool| {
+            while !s.is_null() && s != slab::empty() {
+                (*s).remote.fetch_and(!NOTIFYING, Ordering::Relaxed);
+                s = if list { (*s).next } else { null_mut() };
+            }
+        };
+        for q in &(*gh).classes {
+            clear(q.active, false);
+            clear(q.partial, true);
+        }
+        clear((*gh).full, true);
+    }
+}
+
+pub(super) fn fork_release() {
+    FORKING.with(|f| f.set(false));
+    segment::fork_locks(false);
+    GROUP_HEAPS.spin.unlock();
+    for th in listed_heaps() {
+        // SAFETY: `fork_prepare` stopped every listed heap.
+        unsafe { resume(th) };
+    }
+    REGISTRY.spin.unlock();
+}
+
+/// Releases the slabs `release` parked during a `fork()` on this thread, once nothing of the
+/// fork is held any more: the arena's locks and the group registry's (the last of the fork
+/// table's handlers).
+pub(super) fn drain_parked() {
+    debug_assert!(!FORKING.with(Cell::get));
+    let mut s = PARKED.with(|p| p.replace(null_mut()));
+    while !s.is_null() {
+        // SAFETY: parked slabs were given up to `release` (empty, unlinked, claimed), and only
+        // this thread reaches the list.
+        unsafe {
+            let next = (*s).next;
+            release(s);
+            s = next;
+        }
+    }
+}

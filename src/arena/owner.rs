@@ -1,0 +1,413 @@
+//! What the owner of a group heap does to it and its slabs, wherever it runs (its fast path,
+//! its slow path, or a thread that stopped its heap): frees into its own slabs, collecting
+//! remote frees and handed-over objects, counting (harvest), sweeping empty slabs, and taking a
+//! group heap apart (`detach`: its slabs released or orphaned, the group heap retired). Also the
+//! free into an orphan, which takes the missing owner's place.
+
+use core::ptr::null_mut;
+
+use crate::sync::{AtomicU32, Backoff, Ordering};
+use crate::TAG_SIZE;
+
+use super::class::CLASSES;
+use super::heap::{counter, interval, Released, EXACT, TAG};
+use super::records::GROUP_HEAPS;
+use super::segment;
+use super::slab::{self, COUNT_ONE, DEAD, FLAGS, FULL, NOTIFYING, ORPHAN, PTR_MASK};
+use super::types::{abandoned, GroupHeap, Slab, ThreadHeap, FULL_LIST, LOOSE, ORPHANED, PARTIAL};
+
+/// The owner's free: `p` goes on `s`'s free list.
+///
+/// # Safety
+/// The caller is `gh`'s owner (entered, or holding its heap stopped); `s` is `gh`'s and `p` a
+/// live object of it.
+#[inline(always)]
+pub(super) unsafe fn push_local(
+    gh: *mut GroupHeap,
+    s: *mut Slab,
+    p: *mut u8,
+    size: usize,
+    counted: bool,
+) {
+    // SAFETY: per the caller.
+    unsafe {
+        *(p as *mut *mut u8) = (*s).free;
+        (*s).free = p;
+        (*s).used -= 1;
+        (*gh).frees += counted as u64;
+        (*gh).adj += (size + TAG_SIZE) as i64;
+        (*gh).left -= 1;
+    }
+}
+
+/// After an owner's free that emptied `s`, freed into a full slab, or is due a harvest.
+/// Returns `s` if it must be released (unlinked already), else null.
+///
+/// # Safety
+/// As for `push_local`.
+#[cold]
+pub(super) unsafe fn after_free(gh: *mut GroupHeap, s: *mut Slab) -> *mut Slab {
+    // SAFETY: per the caller.
+    unsafe {
+        if (*gh).left == 0 {
+            harvest(gh);
+        }
+        let c = (*s).class as usize;
+        let q = &raw mut (*gh).classes[c];
+        if (*s).state == FULL_LIST {
+            (*s).remote.fetch_and(!FULL, Ordering::AcqRel);
+            slab::unlink(&raw mut (*gh).full, s);
+            slab::push(&raw mut (*q).partial, s);
+            (*s).state = PARTIAL;
+        }
+        if (*s).used != 0 {
+            return null_mut();
+        }
+        // An abandoned heap keeps no spare: no thread would use it.
+        if EXACT.load(Ordering::Relaxed) || abandoned((*gh).heap.load(Ordering::Relaxed)) {
+            if (*q).active == s {
+                (*q).active = slab::empty();
+            } else {
+                slab::unlink(&raw mut (*q).partial, s);
+            }
+            (*s).state = LOOSE;
+            return s;
+        }
+        if (*s).state == PARTIAL {
+            if (*gh).empties & 1 << c != 0 {
+                slab::unlink(&raw mut (*q).partial, s);
+                (*s).state = LOOSE;
+                return s;
+            }
+            (*gh).empties |= 1 << c;
+        }
+        null_mut()
+    }
+}
+
+/// A free into an orphan: counts it, and claims the slab if that was its last object.
+/// Returns the slab to release (the caller releases it), else null.
+///
+/// # Safety
+/// `s` is an orphan holding the object freed.
+pub(super) unsafe fn orphan_free(s: *mut Slab, size: usize, counted: bool) -> *mut Slab {
+    // SAFETY: an orphan's `used` is final (published by the `ORPHAN` word, read after it). The
+    // object being freed keeps the slab (and its group's record) alive until our CAS lands.
+    unsafe {
+        // Before the CAS: once it lands, another thread's last free may release the slab (and
+        // free the group's record, and recycle the slab under another key).
+        let c = counter((*s).key.load(Ordering::Relaxed));
+        c.count(0, counted as u64);
+        c.adjust_overhead(size as isize + TAG as isize);
+        let r = &(*s).remote;
+        let mut w = r.load(Ordering::Acquire);
+        let last = loop {
+            debug_assert!(w & ORPHAN != 0 && w & FLAGS != DEAD);
+            let last = slab::count(w) + 1 == (*s).used as u64;
+            let new = if last { DEAD } else { w + COUNT_ONE };
+            match r.compare_exchange_weak(w, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break last,
+                Err(now) => w = now,
+            }
+        };
+        if last {
+            (*s).state = LOOSE;
+            s
+        } else {
+            null_mut()
+        }
+    }
+}
+
+/// The counts and overhead change of `gh` go to its counter.
+///
+/// `Stat::overhead` is `TAG_SIZE * (allocs - frees) + adj`, the tag design's figure plus a
+/// correction: a slab charged adds its bytes, an object allocated from it subtracts its
+/// requested size and the `TAG_SIZE` the formula counts for it, and both go back when freed.
+/// So the overhead is the charged bytes that hold no requested byte: slab ends, class rounding,
+/// free objects and spare slabs.
+///
+/// # Safety
+/// The caller is `gh`'s owner.
+pub(super) unsafe fn harvest(gh: *mut GroupHeap) {
+    // SAFETY: per the caller.
+    unsafe {
+        let c = counter((*gh).key);
+        c.count((*gh).allocs, (*gh).frees);
+        c.adjust_overhead((*gh).adj as isize);
+        (*gh).allocs = 0;
+        (*gh).frees = 0;
+        (*gh).adj = 0;
+        (*gh).left = interval();
+    }
+}
+
+/// Takes `s`'s remote frees onto its free list and accounts for them.
+///
+/// # Safety
+/// The caller owns `gh` and `s`.
+pub(super) unsafe fn collect(gh: *mut GroupHeap, s: *mut Slab) {
+    // SAFETY: per the caller; objects on the remote list were published by the freers'
+    // release CAS, acquired here.
+    unsafe {
+        let r = &(*s).remote;
+        let mut w = r.load(Ordering::Acquire);
+        loop {
+            if w & PTR_MASK == 0 {
+                return;
+            }
+            match r.compare_exchange_weak(w, w & FLAGS, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => w = now,
+            }
+        }
+        let mut node = slab::head(w);
+        let mut n = 0;
+        while !node.is_null() {
+            let (next, size, counted) = slab::unlink_word(*(node as *const u64));
+            *(node as *mut *mut u8) = (*s).free;
+            (*s).free = node;
+            (*gh).adj += (size + TAG_SIZE) as i64;
+            (*gh).frees += counted as u64;
+            n += 1;
+            node = next;
+        }
+        (*s).used -= n;
+    }
+}
+
+/// Frees the objects other threads handed over (see `notify`): locally, or as orphan frees
+/// if their slab was orphaned since.
+///
+/// # Safety
+/// The caller owns `gh`.
+pub(super) unsafe fn take_delayed(gh: *mut GroupHeap, rel: &mut Released) {
+    // SAFETY: per the caller; the list was published by the notifiers' release CAS.
+    unsafe {
+        let mut node = (*gh).delayed.swap(null_mut(), Ordering::Acquire);
+        while !node.is_null() {
+            let (next, size, counted) = slab::unlink_word(*(node as *const u64));
+            let s = segment::slab_of(node);
+            if (*s).remote.load(Ordering::Acquire) & ORPHAN != 0 {
+                let done = orphan_free(s, size, counted);
+                if !done.is_null() {
+                    rel.push(done);
+                }
+            } else {
+                push_local(gh, s, node, size, counted);
+                let done = after_free(gh, s);
+                if !done.is_null() {
+                    rel.push(done);
+                }
+            }
+            node = next;
+        }
+    }
+}
+
+/// Returns a group heap (emptied, out of every table) to the pool.
+///
+/// # Safety
+/// The caller owns `gh`, which owns no slab.
+pub(super) unsafe fn retire(gh: *mut GroupHeap) {
+    // SAFETY: per the caller.
+    unsafe {
+        (*gh).gen = (*gh).gen.wrapping_add(1);
+        (*gh).heap.store(null_mut(), Ordering::Relaxed);
+    }
+    GROUP_HEAPS.with(|pool| {
+        // SAFETY: as above.
+        unsafe { (*gh).next_free = pool.free };
+        pool.free = gh;
+        pool.live -= 1;
+    });
+}
+
+/// Whether `gh` owns no slab and has no object handed over.
+///
+/// # Safety
+/// The caller owns `gh`.
+pub(super) unsafe fn holds_nothing(gh: *mut GroupHeap) -> bool {
+    // SAFETY: per the caller.
+    unsafe {
+        (*gh).full.is_null()
+            && (*gh).delayed.load(Ordering::Acquire).is_null()
+            && (*gh)
+                .classes
+                .iter()
+                .all(|q| q.active == slab::empty() && q.partial.is_null())
+    }
+}
+
+/// Retires a group heap: frees the objects handed over to it, releases its empty slabs,
+/// orphans the others, adds its counts to its counter and returns it to the pool.
+///
+/// # Safety
+/// The caller stopped `th`, which holds `gh`.
+pub(super) unsafe fn detach(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
+    // SAFETY: per the caller.
+    unsafe {
+        take_delayed(gh, rel);
+        for c in 0..CLASSES {
+            let q = &raw mut (*gh).classes[c];
+            let s = (*q).active;
+            if s != slab::empty() {
+                orphan_or_release(gh, s, rel);
+            }
+            (*q).active = slab::empty();
+            let mut s = (*q).partial;
+            (*q).partial = null_mut();
+            while !s.is_null() {
+                let next = (*s).next;
+                orphan_or_release(gh, s, rel);
+                s = next;
+            }
+        }
+        let mut s = (*gh).full;
+        (*gh).full = null_mut();
+        while !s.is_null() {
+            let next = (*s).next;
+            orphan_or_release(gh, s, rel);
+            s = next;
+        }
+        // Objects handed over by remote frees that raced with the loops above: their slabs
+        // are orphans now.
+        take_delayed(gh, rel);
+        harvest(gh);
+        (*th).table.remove((*gh).key);
+        if (*th).cached == gh {
+            (*th).cached_key = 0;
+            (*th).cached = null_mut();
+        }
+        retire(gh);
+    }
+}
+
+/// Takes `s` from its owner: released if empty, else an orphan.
+///
+/// The word that makes `s` an orphan (`ORPHAN`, or `DEAD` if empty) is the last thing written:
+/// once it is public, `s` is no longer the owner's. Remote frees then count down on it, and the
+/// one that frees its last object releases it to the pool, where another thread may take it at
+/// once. So the owner's fields (`owner`, the links, `state`) are written before that word,
+/// never after: a write after it could land on the slab in its next life (it did: a late
+/// `owner = null` on a slab reused and parked full by another thread's group heap, whose next
+/// notifier then read a null owner in `notify`). Nulling `owner` first is safe only once no
+/// notifier can read it: `FULL` is cleared first (waiting out a notifier that holds
+/// `NOTIFYING`), so none runs and none can start (only the owner sets `FULL` again).
+///
+/// # Safety
+/// The caller owns `gh` (its heap stopped) and `s`, one of its slabs.
+pub(super) unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released) {
+    // SAFETY: per the caller: until the publishing CAS below, `s`'s plain fields are ours.
+    unsafe {
+        let r = &(*s).remote;
+        let mut backoff = Backoff::new();
+        let mut w = r.load(Ordering::Acquire);
+        loop {
+            if w & NOTIFYING != 0 {
+                // A remote free is handing an object to `gh`: let it finish.
+                backoff.wait();
+                w = r.load(Ordering::Acquire);
+                continue;
+            }
+            if w & FULL == 0 {
+                break;
+            }
+            match r.compare_exchange(w, w & !FULL, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => w = now,
+            }
+        }
+        // Remote frees now only push to the remote list, and read `owner` only to look for an
+        // abandoned heap (whose lock the caller holds).
+        (*s).owner.store(null_mut(), Ordering::Release);
+        (*s).prev = null_mut();
+        (*s).next = null_mut();
+        loop {
+            collect(gh, s);
+            let w = r.load(Ordering::Acquire);
+            if w & PTR_MASK != 0 {
+                continue;
+            }
+            debug_assert_eq!(w & FLAGS, 0, "no flag but the owner's may be set here");
+            let empty = (*s).used == 0;
+            (*s).state = if empty { LOOSE } else { ORPHANED };
+            // `used` is final from here: published with the word.
+            let new = if empty { DEAD } else { ORPHAN };
+            if r.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                pause(&ORPHAN_PAUSE_US);
+                if empty {
+                    // Dead, so ours alone: no object is left to free it.
+                    rel.push(s);
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Microseconds `orphan_or_release` pauses right after publishing an orphan, and `notify`
+/// right after taking `NOTIFYING` (0: none), for the tests that widen those windows (see
+/// `super::pause_after_orphaning`, `super::pause_in_notify`).
+pub(super) static ORPHAN_PAUSE_US: AtomicU32 = AtomicU32::new(0);
+
+pub(super) static NOTIFY_PAUSE_US: AtomicU32 = AtomicU32::new(0);
+
+#[inline(always)]
+pub(super) fn pause(us: &AtomicU32) {
+    let us = us.load(Ordering::Relaxed);
+    if us != 0 {
+        // nanosleep(2); allocates nothing.
+        std::thread::sleep(core::time::Duration::from_micros(us.into()));
+    }
+}
+
+/// Sets the pause after each orphan's publication; returns the previous one.
+pub(crate) fn pause_after_orphaning(us: u32) -> u32 {
+    ORPHAN_PAUSE_US.swap(us, Ordering::Relaxed)
+}
+
+/// Sets the pause of each notifier holding `NOTIFYING`; returns the previous one.
+pub(crate) fn pause_in_notify(us: u32) -> u32 {
+    NOTIFY_PAUSE_US.swap(us, Ordering::Relaxed)
+}
+
+/// Collects remote frees and releases every empty slab of `gh`, spares and active ones
+/// included, then harvests: after this (and a drain of the stocks), `gh`'s group's figures
+/// are exact and it holds no slab without objects.
+///
+/// # Safety
+/// The caller stopped `gh`'s heap.
+pub(super) unsafe fn sweep(gh: *mut GroupHeap, rel: &mut Released) {
+    // SAFETY: per the caller.
+    unsafe {
+        take_delayed(gh, rel);
+        for c in 0..CLASSES {
+            let q = &raw mut (*gh).classes[c];
+            let s = (*q).active;
+            if s != slab::empty() {
+                collect(gh, s);
+                if (*s).used == 0 {
+                    (*q).active = slab::empty();
+                    (*s).state = LOOSE;
+                    rel.push(s);
+                }
+            }
+            let mut s = (*q).partial;
+            while !s.is_null() {
+                let next = (*s).next;
+                collect(gh, s);
+                if (*s).used == 0 {
+                    slab::unlink(&raw mut (*q).partial, s);
+                    (*s).state = LOOSE;
+                    rel.push(s);
+                }
+                s = next;
+            }
+        }
+        (*gh).empties = 0;
+        harvest(gh);
+    }
+}
