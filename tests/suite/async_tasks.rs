@@ -29,10 +29,10 @@ fn current_thread() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// What a group whose tasks ran on a runtime may keep once the runtime is gone (measured: 0 to
-/// 72 bytes in the tag design, from the runtime's own allocations made while polling the
-/// group's tasks; one 4 KiB slab page in the arena design, held by exited worker threads'
-/// caches, which the arena does not yet adopt). A few KiB at most, as the README says.
+/// What a group whose tasks ran on a runtime may keep once the runtime is gone: the runtime's
+/// own allocations made while polling the group's tasks (measured in this session's runs: 0 in
+/// both designs; earlier up to 72 bytes in the tag design and one 4 KiB slab page in the arena,
+/// before exited threads' heaps were adopted). A few KiB at most, as the README says.
 fn after_runtime_residue() -> usize {
     if Cost::of_size(16).per_unit > 1 {
         8 << 10
