@@ -246,7 +246,9 @@ impl std::fmt::Display for Error {
             Error::OverLimit => {
                 f.write_str("the new group's bookkeeping does not fit the parent's limits")
             }
-            Error::TooManyGroups => f.write_str("too many groups (the table holds 2^20 - 2, the root included)"),
+            Error::TooManyGroups => {
+                f.write_str("too many groups (the table holds 2^20 - 2, the root included)")
+            }
             Error::TooDeep => f.write_str("groups nest at most 32 levels below the root"),
             Error::OutOfMemory => f.write_str("out of memory for the group name table"),
         }

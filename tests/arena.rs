@@ -973,40 +973,6 @@ fn failed_commit_inner() {
     g.remove().unwrap();
 }
 
-/// Pins the calling thread (and the threads it starts later) to one CPU, the first it may use.
-fn pin_to_one_cpu() {
-    // SAFETY: a zeroed cpu_set_t is an empty set; the calls read and write only `set`.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        let size = std::mem::size_of::<libc::cpu_set_t>();
-        assert_eq!(
-            libc::sched_getaffinity(0, size, &mut set),
-            0,
-            "sched_getaffinity"
-        );
-        let cpu = (0..libc::CPU_SETSIZE as usize)
-            .find(|&c| libc::CPU_ISSET(c, &set))
-            .expect("some CPU is allowed");
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size, &set),
-            0,
-            "sched_setaffinity"
-        );
-    }
-}
-
-/// Gives the calling thread `SCHED_FIFO` at `priority`: `sched_yield` then hands its CPU only to
-/// threads of its own priority or higher. False where that is not allowed.
-fn real_time(priority: i32) -> bool {
-    let param = libc::sched_param {
-        sched_priority: priority,
-    };
-    // SAFETY: `param` is a valid sched_param for the call's duration.
-    unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) == 0 }
-}
-
 /// The child of `arena_waits_progress_on_one_cpu`: an owner thread at real-time priority 1
 /// churns small blocks of `g` (the arena's fast and slow paths, its heap's lock), and this
 /// thread, at priority 2 on the same CPU, wakes from short sleeps at random moments, preempting
@@ -1015,13 +981,13 @@ fn real_time(priority: i32) -> bool {
 /// that only spins and yields never lets the owner run again: the child hangs. Returns its
 /// failures as bits (0: passed).
 fn one_cpu_child(rounds: usize) -> i32 {
-    pin_to_one_cpu();
+    common::pin_to_one_cpu();
     let g = fresh("arena-one-cpu");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let owner = {
         let (g, stop) = (g.clone(), stop.clone());
         std::thread::spawn(move || {
-            let fifo = real_time(1);
+            let fifo = common::real_time(1);
             let mut rng = Rng::new(77);
             let mut held = Vec::with_capacity(64);
             let mut n = 0u64;
@@ -1038,7 +1004,7 @@ fn one_cpu_child(rounds: usize) -> i32 {
             (fifo, n)
         })
     };
-    let fifo = real_time(2);
+    let fifo = common::real_time(2);
     let mut rng = Rng::new(78);
     let mut failed = 0;
     for _ in 0..rounds {

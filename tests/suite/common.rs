@@ -79,6 +79,36 @@ mod common {
         left == 0
     }
 
+    /// Puts the calling thread on the first CPU it may run on, alone; threads it starts later
+    /// inherit that. Returns the CPU.
+    pub fn pin_to_one_cpu() -> usize {
+        // SAFETY: a zeroed cpu_set_t is an empty set; the calls read and write only `set`.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            assert_eq!(libc::sched_getaffinity(0, size, &mut set), 0, "sched_getaffinity");
+            let cpu = (0..libc::CPU_SETSIZE as usize)
+                .find(|&c| libc::CPU_ISSET(c, &set))
+                .expect("some CPU is allowed");
+            libc::CPU_ZERO(&mut set);
+            libc::CPU_SET(cpu, &mut set);
+            assert_eq!(libc::sched_setaffinity(0, size, &set), 0, "sched_setaffinity");
+            cpu
+        }
+    }
+
+    /// Gives the calling thread the real-time policy `SCHED_FIFO` at `priority`: it then runs until
+    /// it blocks or a thread of higher priority preempts it, and `sched_yield` hands its CPU only
+    /// to threads of its own priority or higher. False where that is not allowed (no
+    /// `CAP_SYS_NICE`).
+    pub fn real_time(priority: i32) -> bool {
+        let param = libc::sched_param {
+            sched_priority: priority,
+        };
+        // SAFETY: `param` is a valid sched_param for the call's duration.
+        unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) == 0 }
+    }
+
     /// Live blocks of a group according to its counters.
     pub fn live(s: &Stat) -> u64 {
         s.allocs - s.frees

@@ -1202,36 +1202,6 @@ fn fork_children_keep_their_pockets() {
 
 // ---- 8. waits that progress when the waiter and the owner share one CPU ------------------------
 
-/// Puts the calling thread on the first CPU it may run on, alone; threads it starts later
-/// inherit that. Returns the CPU.
-fn pin_to_one_cpu() -> usize {
-    // SAFETY: a zeroed cpu_set_t is an empty set; the calls read and write only `set`.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        let size = size_of::<libc::cpu_set_t>();
-        assert_eq!(libc::sched_getaffinity(0, size, &mut set), 0, "sched_getaffinity");
-        let cpu = (0..libc::CPU_SETSIZE as usize)
-            .find(|&c| libc::CPU_ISSET(c, &set))
-            .expect("some CPU is allowed");
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, size, &set), 0, "sched_setaffinity");
-        cpu
-    }
-}
-
-/// Gives the calling thread the real-time policy `SCHED_FIFO` at `priority`: it then runs until
-/// it blocks or a thread of higher priority preempts it, and `sched_yield` hands its CPU only
-/// to threads of its own priority or higher. False where that is not allowed (no
-/// `CAP_SYS_NICE`).
-fn real_time(priority: i32) -> bool {
-    let param = libc::sched_param {
-        sched_priority: priority,
-    };
-    // SAFETY: `param` is a valid sched_param for the call's duration.
-    unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) == 0 }
-}
-
 /// The child of `waits_progress_on_one_cpu`: an owner thread churns small blocks in `g`
 /// through its pocket (and now and then creates and removes a group, taking the registry
 /// lock), at real-time priority 1; this thread, at priority 2 on the same CPU, wakes from short
@@ -1242,13 +1212,13 @@ fn real_time(priority: i32) -> bool {
 /// registry lock). A wait that only spins or yields never lets the lower-priority owner run
 /// again: the child hangs. Returns its failures as bits (0: it passed).
 fn one_cpu_child(rounds: usize) -> i32 {
-    pin_to_one_cpu();
+    common::pin_to_one_cpu();
     let g = fresh("pk-one-cpu");
     let stop = Arc::new(AtomicBool::new(false));
     let owner = {
         let (g, stop) = (g.clone(), stop.clone());
         std::thread::spawn(move || {
-            let fifo = real_time(1);
+            let fifo = common::real_time(1);
             let mut rng = Rng::new(4242);
             let mut held = Vec::with_capacity(64);
             let mut n = 0u64;
@@ -1270,7 +1240,7 @@ fn one_cpu_child(rounds: usize) -> i32 {
             (fifo, n)
         })
     };
-    let fifo = real_time(2);
+    let fifo = common::real_time(2);
     let mut rng = Rng::new(99);
     let (mut failed, mut exact_fits) = (0, 0);
     let limited = fresh("pk-one-cpu-limited");
