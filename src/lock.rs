@@ -4,13 +4,49 @@
 use core::cell::UnsafeCell;
 
 use crate::platform;
-use crate::sync::{AtomicBool, AtomicU32, Backoff, Ordering};
+use crate::sync::{AtomicU32, Backoff, Ordering};
 
-/// A spin lock (waiting with `Backoff`: spinning, then yielding, then sleeping): usable inside `dealloc` without allocating, and
-/// lockable in a `fork()` prepare handler and unlockable in the child, which std's `Mutex` is
-/// not. For short, bounded critical sections that never call user code.
+/// The one spin lock word (waiting with `Backoff`: spinning, then yielding, then sleeping):
+/// usable inside `alloc` and `dealloc` without allocating, and lockable in a `fork()` prepare
+/// handler and unlockable in the child, which std's `Mutex` is not. For short, bounded
+/// critical sections that never call user code or the global allocator.
+pub(crate) struct Spin(AtomicU32);
+
+impl Spin {
+    pub(crate) const fn new() -> Spin {
+        Spin(AtomicU32::new(0))
+    }
+
+    pub(crate) fn lock(&self) {
+        let mut backoff = Backoff::new();
+        while self.0.swap(1, Ordering::Acquire) != 0 {
+            // Wait for it to look free before swapping again (no line bouncing meanwhile).
+            while self.0.load(Ordering::Relaxed) != 0 {
+                backoff.wait();
+            }
+        }
+    }
+
+    /// Takes the lock if it is free; never waits.
+    pub(crate) fn try_lock(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == 0 && self.0.swap(1, Ordering::Acquire) == 0
+    }
+
+    pub(crate) fn unlock(&self) {
+        self.0.store(0, Ordering::Release);
+    }
+
+    /// Sequentially consistent: the arena's allocation fast path pairs it with its `busy`
+    /// store (see `arena::heap::enter`).
+    #[inline(always)]
+    pub(crate) fn is_locked(&self) -> bool {
+        self.0.load(Ordering::SeqCst) != 0
+    }
+}
+
+/// A value behind a [`Spin`].
 pub(crate) struct SpinLock<T> {
-    locked: AtomicBool,
+    spin: Spin,
     value: UnsafeCell<T>,
 }
 
@@ -22,7 +58,7 @@ pub(crate) struct SpinGuard<'a, T>(&'a SpinLock<T>);
 impl<T> SpinLock<T> {
     pub(crate) const fn new(value: T) -> Self {
         SpinLock {
-            locked: AtomicBool::new(false),
+            spin: Spin::new(),
             value: UnsafeCell::new(value),
         }
     }
@@ -32,18 +68,18 @@ impl<T> SpinLock<T> {
         SpinGuard(self)
     }
 
+    /// Runs `f` on the value with the lock held.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut guard = self.lock();
+        f(&mut guard)
+    }
+
     pub(crate) fn raw_lock(&self) {
-        let mut backoff = Backoff::new();
-        while self.locked.swap(true, Ordering::Acquire) {
-            // Wait for it to look free before swapping again (no line bouncing meanwhile).
-            while self.locked.load(Ordering::Relaxed) {
-                backoff.wait();
-            }
-        }
+        self.spin.lock();
     }
 
     pub(crate) fn raw_unlock(&self) {
-        self.locked.store(false, Ordering::Release);
+        self.spin.unlock();
     }
 }
 

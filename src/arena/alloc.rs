@@ -54,7 +54,7 @@ pub(super) fn new_slab(key: Key, class: usize) -> Result<*mut Slab, Slow> {
     let s = segment::take(class::kind(class));
     if s.is_null() {
         thread::uncharge(key, bytes, 0);
-        return Err(Slow::Tag);
+        return Err(Slow::Inner);
     }
     counter(key).adjust_overhead(bytes as isize);
     let size = class::SIZES[class] as usize;
@@ -93,7 +93,7 @@ pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> 
         th = create_heap();
     }
     if !usable(th) || FORKING.with(Cell::get) {
-        return Slow::Tag;
+        return Slow::Inner;
     }
     let mut rel = Released::new();
     // SAFETY: `th` is this thread's heap; under its lock, its group heaps and their slabs are
@@ -104,7 +104,7 @@ pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> 
             let gh = group_heap(th, key);
             if gh.is_null() {
                 (*th).lock.unlock();
-                break Slow::Tag;
+                break Slow::Inner;
             }
             let p = refill(gh, class, size, counted, &mut rel);
             if !p.is_null() {
@@ -138,7 +138,7 @@ pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> 
             let p = refill(gh, class, size, counted, &mut rel);
             (*th).lock.unlock();
             break if p.is_null() {
-                Slow::Tag
+                Slow::Inner
             } else {
                 Slow::Done(p)
             };

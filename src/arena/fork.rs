@@ -11,7 +11,7 @@ use crate::sync::Ordering;
 
 use super::flush::{flush, remove};
 use super::heap::{current, listed_heaps, release, resume, stop, FORKING, PARKED};
-use super::records::{GROUP_HEAPS, REGISTRY};
+use super::records::{GROUP_HEAPS, THREAD_HEAPS};
 use super::segment;
 use super::slab::{self, NOTIFYING};
 use super::table::TOMB;
@@ -40,12 +40,12 @@ pub(super) fn join_the_group_table() {
 /// Holds every heap stopped and every arena lock across `fork()`, so the child inherits
 /// consistent heaps (other threads' heaps simply have no thread there) and no lock held.
 pub(super) fn fork_prepare() {
-    REGISTRY.spin.lock();
+    THREAD_HEAPS.raw_lock();
     for th in listed_heaps() {
         // SAFETY: listed heaps are never unmapped; this thread holds no heap's lock.
         unsafe { stop(th) };
     }
-    GROUP_HEAPS.spin.lock();
+    GROUP_HEAPS.raw_lock();
     segment::fork_locks(true);
     FORKING.with(|f| f.set(true));
 }
@@ -133,12 +133,12 @@ pub(super) unsafe fn clear_notifying(gh: *mut GroupHeap) {
 pub(super) fn fork_release() {
     FORKING.with(|f| f.set(false));
     segment::fork_locks(false);
-    GROUP_HEAPS.spin.unlock();
+    GROUP_HEAPS.raw_unlock();
     for th in listed_heaps() {
         // SAFETY: `fork_prepare` stopped every listed heap.
         unsafe { resume(th) };
     }
-    REGISTRY.spin.unlock();
+    THREAD_HEAPS.raw_unlock();
 }
 
 /// Releases the slabs `release` parked during a `fork()` on this thread, once nothing of the

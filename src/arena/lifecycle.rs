@@ -11,12 +11,12 @@ use super::fork::join_the_group_table;
 use super::heap::{
     ready, Released, ASYM, EXACT, EXIT_KEY, FORK_HANDLERS, HEAP, HEAPS, READY, STATE, UNAVAILABLE,
 };
-use super::lock::Spin;
 use super::owner::{detach, holds_nothing, sweep};
-use super::records::REGISTRY;
+use super::records::THREAD_HEAPS;
 use super::segment;
-use super::table::{Table, TOMB};
+use super::table::{KeyTable, TOMB};
 use super::types::{abandoned, Slab, ThreadHeap, ABANDONED, DEAD_HEAP};
+use crate::lock::Spin;
 
 /// `MEMGROUP_ARENA_POOL`: the resident bytes of empty slabs the pool keeps, by default and at
 /// most (a larger value is taken as this one, with a warning).
@@ -58,7 +58,7 @@ pub(super) fn create_heap() -> *mut ThreadHeap {
     if !ready() && !init() {
         return null_mut();
     }
-    let th = REGISTRY.with(|chunks| {
+    let th = THREAD_HEAPS.with(|chunks| {
         let mut h = HEAPS.load(Ordering::Acquire);
         // SAFETY: listed heaps are never unmapped; `live` tells whether one is taken, and is
         // only set under this lock.
@@ -76,7 +76,7 @@ pub(super) fn create_heap() -> *mut ThreadHeap {
                     lock: Spin::new(),
                     cached_key: 0,
                     cached: null_mut(),
-                    table: Table::new(),
+                    table: KeyTable::new(),
                     live: AtomicBool::new(false),
                     next: HEAPS.load(Ordering::Relaxed),
                 });

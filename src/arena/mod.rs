@@ -1,4 +1,4 @@
-//! The arena design (Glauber Costa's per-memcg slab caches, seeds/000): small blocks come from
+//! The arena design (Glauber Costa's per-memcg slab caches, Kernel Summit 2012): small blocks come from
 //! slabs that belong to one group key only, in memory the arena maps itself, so no page ever
 //! holds two groups' objects and a group is charged per slab, not per object. Large blocks go
 //! to the inner allocator with the tag design's 8-byte tag.
@@ -20,6 +20,8 @@
 //!   all, for the next thread to adopt).
 //! - `fork`: `fork()` support.
 //!
+//! Its locks are `crate::lock`'s `Spin` and `SpinLock`, as everywhere in memgroup.
+//!
 //! Charging goes through the same core as the tag design (`thread::charge`, the stocks): a slab
 //! is one charge, so limits, `OnLimit`, `fallible`, `nofail` and kmem all behave as there, in
 //! slab-sized steps.
@@ -31,7 +33,6 @@ mod fork;
 mod free;
 mod heap;
 mod lifecycle;
-mod lock;
 mod owner;
 mod records;
 mod segment;
@@ -126,7 +127,7 @@ impl<A: GlobalAlloc> ArenaAlloc<A> {
             }
             types::Slow::Refused => core::ptr::null_mut(),
             // SAFETY: forwarded caller contract.
-            types::Slow::Tag => unsafe { self.alloc_large(layout, zeroed) },
+            types::Slow::Inner => unsafe { self.alloc_large(layout, zeroed) },
         }
     }
 
@@ -146,7 +147,7 @@ impl<A: GlobalAlloc> ArenaAlloc<A> {
                 match alloc::alloc_slow(key, class, layout.size(), false) {
                     types::Slow::Done(p) => return p,
                     types::Slow::Refused => return core::ptr::null_mut(),
-                    types::Slow::Tag => {}
+                    types::Slow::Inner => {}
                 }
             }
         }

@@ -6,16 +6,17 @@ use core::ptr::null_mut;
 use crate::platform;
 use crate::sync::Ordering;
 
-use super::lock::Locked;
 use super::table::TABLE_BYTES;
 use super::types::GroupHeap;
+use crate::lock::SpinLock;
 
 /// Bytes mapped at a time for heaps and group heaps.
 pub(super) const CHUNK: usize = 256 << 10;
 
-pub(super) static REGISTRY: Locked<Chunks> = Locked::new(Chunks::new());
+/// The chunks thread heaps are cut from.
+pub(super) static THREAD_HEAPS: SpinLock<Chunks> = SpinLock::new(Chunks::new());
 
-pub(super) static GROUP_HEAPS: Locked<GroupHeapPool> = Locked::new(GroupHeapPool {
+pub(super) static GROUP_HEAPS: SpinLock<GroupHeapPool> = SpinLock::new(GroupHeapPool {
     free: null_mut(),
     chunks: Chunks::new(),
     live: 0,
@@ -66,7 +67,7 @@ unsafe impl Send for GroupHeapPool {}
 
 /// Bytes mapped for heaps, their key tables and group heaps, and group heaps in use.
 pub(crate) fn metadata() -> (usize, usize) {
-    let heaps = REGISTRY.with(|c| c.mapped);
+    let heaps = THREAD_HEAPS.with(|c| c.mapped);
     let (ghs, live) = GROUP_HEAPS.with(|p| (p.chunks.mapped, p.live));
     (heaps + TABLE_BYTES.load(Ordering::Relaxed) + ghs, live)
 }

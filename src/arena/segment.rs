@@ -29,9 +29,9 @@ use crate::platform;
 use crate::sync::{AtomicUsize, Ordering};
 
 use super::class::{KINDS, MIN_SLAB_SHIFT};
-use super::lock::Locked;
 use super::slab;
 use super::types::{self, Slab};
+use crate::lock::SpinLock;
 
 pub(crate) const SEGMENT_SHIFT: u32 = 22;
 const SEGMENT: usize = 1 << SEGMENT_SHIFT;
@@ -70,7 +70,7 @@ struct Header {
 
 /// Free segments (every slab of theirs was pooled, their memory given back), linked through
 /// their headers' `next_free`; 0 if none. And the bytes they span.
-static FREE: Locked<usize> = Locked::new(0);
+static FREE: SpinLock<usize> = SpinLock::new(0);
 static FREE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// The pool and the segment being cut, for one slab size.
@@ -91,8 +91,8 @@ struct Kind {
 // only reached under its lock.
 unsafe impl Send for Kind {}
 
-static KIND: [Locked<Kind>; KINDS] = [const {
-    Locked::new(Kind {
+static KIND: [SpinLock<Kind>; KINDS] = [const {
+    SpinLock::new(Kind {
         warm: core::ptr::null_mut(),
         cold: core::ptr::null_mut(),
         pooled: 0,
@@ -443,14 +443,14 @@ pub(crate) fn footprint() -> (usize, usize, usize) {
 pub(crate) fn fork_locks(lock: bool) {
     for k in &KIND {
         if lock {
-            k.spin.lock();
+            k.raw_lock();
         } else {
-            k.spin.unlock();
+            k.raw_unlock();
         }
     }
     if lock {
-        FREE.spin.lock();
+        FREE.raw_lock();
     } else {
-        FREE.spin.unlock();
+        FREE.raw_unlock();
     }
 }

@@ -13,7 +13,7 @@ pub(super) static TABLE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// Records (a heap's group heaps) by key: open addressing, mapped directly (never through the
 /// global allocator). Only touched by the owner under its lock, or by a thread that stopped it.
-pub(super) struct Table<T> {
+pub(super) struct KeyTable<T> {
     pub(super) entries: *mut Entry<T>,
     pub(super) cap: usize,
     pub(super) len: usize,
@@ -29,9 +29,9 @@ pub(super) struct Entry<T> {
 /// A removed entry (no key is `u32::MAX`: ids stop at 2^20).
 pub(super) const TOMB: Key = u32::MAX;
 
-impl<T> Table<T> {
-    pub(super) const fn new() -> Table<T> {
-        Table {
+impl<T> KeyTable<T> {
+    pub(super) const fn new() -> KeyTable<T> {
+        KeyTable {
             entries: null_mut(),
             cap: 0,
             len: 0,
@@ -134,7 +134,7 @@ impl<T> Table<T> {
         TABLE_BYTES.fetch_add(bytes, Ordering::Relaxed);
         let old = core::mem::replace(
             self,
-            Table {
+            KeyTable {
                 entries,
                 cap,
                 len: 0,

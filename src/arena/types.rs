@@ -20,8 +20,8 @@ use crate::core::stock::Key;
 use crate::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64};
 
 use super::class::CLASSES;
-use super::lock::Spin;
-use super::table::Table;
+use super::table::KeyTable;
+use crate::lock::Spin;
 
 /// Where a slab is, as its owner (or the pool) sees it. In the pool: resident (`POOLED`),
 /// given back to the OS (`COLD`), or waiting in a batch to be given back (`DOOMED`).
@@ -107,7 +107,7 @@ pub(crate) struct ThreadHeap {
     /// The key the fast path serves without a lookup, and its group heap.
     pub(super) cached_key: Key,
     pub(super) cached: *mut GroupHeap,
-    pub(super) table: Table<GroupHeap>,
+    pub(super) table: KeyTable<GroupHeap>,
     /// Owned by a running thread (false: free for the next new thread).
     pub(super) live: AtomicBool,
     /// The next heap on `HEAPS`; fixed once published.
@@ -158,5 +158,5 @@ pub(crate) enum Slow {
     /// A limit refused the slab's charge.
     Refused,
     /// The arena cannot serve this thread or has no memory: use the inner allocator.
-    Tag,
+    Inner,
 }
