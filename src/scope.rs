@@ -11,7 +11,7 @@ use core::cell::Cell;
 use core::marker::PhantomData;
 
 use crate::core::pocket::Pocket;
-use crate::core::stock::{key, Key, Mode};
+use crate::core::stock::{checked, key, Key, Mode};
 use crate::group::{kmem_enabled, Group, Node, ROOT_ID};
 
 const KERNEL: u8 = 1;
@@ -52,6 +52,9 @@ struct Local {
     /// scope bits say (the kernel bit is kept equal to `ctx & KERNEL` by every change of
     /// either).
     key: Cell<u64>,
+    /// The same key as the pocket's word check needs it (`checked`), so a pocket charge does
+    /// not recompute it. Set with `key`, always (`set_key`).
+    check: Cell<u64>,
     /// What `crate::pocket` says of `pocket`.
     pocket_state: Cell<u8>,
     /// The entered group's record, holding a reference; null for the root.
@@ -67,6 +70,7 @@ thread_local! {
         Local {
             pocket: Pocket::new(),
             key: Cell::new(sealed(ROOT_KEY)),
+            check: Cell::new(checked(ROOT_KEY)),
             pocket_state: Cell::new(0),
             node: Cell::new(core::ptr::null()),
             ctx: Cell::new(0),
@@ -82,11 +86,20 @@ pub(crate) fn current_key() -> Key {
     LOCAL.with(|l| l.key.get() as Key)
 }
 
-/// The key to charge a new allocation to, sealed, and the thread's pocket: one thread-local
-/// block.
+/// The key to charge a new allocation to, sealed and as the pocket's check needs it
+/// (`checked`), and the thread's pocket: one thread-local block.
 #[inline(always)]
-pub(crate) fn sealed_key_and_pocket() -> (u64, &'static Pocket) {
-    LOCAL.with(|l| (l.key.get(), own(&l.pocket)))
+pub(crate) fn sealed_key_and_pocket() -> (u64, u64, &'static Pocket) {
+    LOCAL.with(|l| (l.key.get(), l.check.get(), own(&l.pocket)))
+}
+
+impl Local {
+    /// Sets the key (sealed) and its checked form together; returns the previous sealed key.
+    #[inline(always)]
+    fn set_key(&self, sealed_key: u64) -> u64 {
+        self.check.set(checked(sealed_key as Key));
+        self.key.replace(sealed_key)
+    }
 }
 
 /// The thread's pocket (whether it is on the list: `pocket_state`).
@@ -174,7 +187,7 @@ fn enter(group: &Group) -> Entered {
         l.depth.set(depth);
         Entered {
             prev_node: l.node.replace(node),
-            prev_key: l.key.replace(of_kind(key, l.ctx.get())) as Key,
+            prev_key: l.set_key(of_kind(key, l.ctx.get())) as Key,
             depth,
             _not_send: PhantomData,
         }
@@ -191,7 +204,7 @@ impl Drop for Entered {
             LOCAL.with(|l| {
                 l.depth.set(self.depth - 1);
                 // Of the kind the scope is of now (a guard may outlive a `kernel` scope).
-                l.key.set(of_kind(self.prev_key, l.ctx.get()));
+                l.set_key(of_kind(self.prev_key, l.ctx.get()));
                 l.node.replace(self.prev_node)
             })
         };
@@ -226,7 +239,7 @@ fn with_ctx<R>(set: impl FnOnce(u8) -> u8, f: impl FnOnce() -> R) -> R {
         fn drop(&mut self) {
             LOCAL.with(|l| {
                 l.ctx.set(self.0);
-                l.key.set(of_kind(l.key.get() as Key, self.0));
+                l.set_key(of_kind(l.key.get() as Key, self.0));
             });
         }
     }
@@ -234,7 +247,7 @@ fn with_ctx<R>(set: impl FnOnce(u8) -> u8, f: impl FnOnce() -> R) -> R {
         let prev = l.ctx.get();
         let ctx = set(prev);
         l.ctx.set(ctx);
-        l.key.set(of_kind(l.key.get() as Key, ctx));
+        l.set_key(of_kind(l.key.get() as Key, ctx));
         Restore(prev)
     });
     f()
@@ -268,14 +281,14 @@ pub(crate) fn as_root<R>(f: impl FnOnce() -> R) -> R {
     let (prev_node, prev_key) = LOCAL.with(|l| {
         (
             l.node.replace(core::ptr::null()),
-            l.key.replace(sealed(ROOT_KEY)),
+            l.set_key(sealed(ROOT_KEY)),
         )
     });
     let r = with_ctx(|ctx| ctx & RECLAIMING, f);
     LOCAL.with(|l| {
         l.node.set(prev_node);
         // `with_ctx` has restored the scope bits `prev_key`'s kind was set from.
-        l.key.set(prev_key);
+        l.set_key(prev_key);
     });
     r
 }

@@ -147,10 +147,10 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let Some(at) = place(layout) else {
             return core::ptr::null_mut();
         };
-        let (sealed, p) = scope::sealed_key_and_pocket();
+        let (sealed, check, p) = scope::sealed_key_and_pocket();
         let key = sealed as Key;
         let bytes = at.inner.size();
-        if !CORE.charge_block(&Thread, p, key, bytes, at.pad) {
+        if !CORE.charge_block(&Thread, p, key, check, bytes, at.pad) {
             // SAFETY: forwarded caller contract.
             return unsafe { self.alloc_slow(layout, key, zeroed) };
         }

@@ -33,7 +33,7 @@ mod harness {
     use crate::core::charge::Caller;
     use crate::core::counter::{Counter, Snapshot};
     use crate::core::pocket::{Place, Pocket};
-    use crate::core::stock::{key, Groups, Key, Mode, Stocks};
+    use crate::core::stock::{checked, key, Groups, Key, Mode, Stocks};
     use crate::sync::{AtomicUsize, Ordering};
 
     /// The model's group table: counters by id (ids start at 1), and what the stocks called:
@@ -249,7 +249,7 @@ mod harness {
                 },
                 key(id, kernel),
             );
-            if self.stocks.charge_block(&on, p, k, bytes, pad) {
+            if self.stocks.charge_block(&on, p, k, checked(k), bytes, pad) {
                 return Some(k);
             }
             self.stocks.charge_block_slow(&on, k, bytes, pad)

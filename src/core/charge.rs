@@ -16,7 +16,9 @@
 
 use super::counter::{Counter, Event, CRITICAL};
 use super::pocket::Pocket;
-use super::stock::{has_content, key, key_id, key_is_kernel, word, word_allocs, word_bytes};
+use super::stock::{
+    checked, has_content, key, key_id, key_is_kernel, word, word_allocs, word_bytes,
+};
 use super::stock::{word_frees, word_key, CpuStock, Groups, Key, Mode, Stocks, COUNT_MAX, SLOTS};
 use crate::sync::{Backoff, Ordering};
 
@@ -75,17 +77,20 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// or, for a thread that has no pocket, the CPU's stock. `pad` is the block's overhead
     /// beyond the tag formula (see `Counter::adjust_overhead`). False when neither can serve
     /// it; then call `charge_block_slow`. A thread whose pocket is not on the list fails here
-    /// (its pocket holds nothing), and its slow path gives it its pocket.
+    /// (its pocket holds nothing), and its slow path gives it its pocket. `check` is the key in the form the pocket's word check needs (`checked(key)`), as
+    /// the thread keeps it.
     #[inline(always)]
     pub(crate) fn charge_block(
         &self,
         t: &impl Caller,
         p: &Pocket,
         key: Key,
+        check: u64,
         bytes: usize,
         pad: usize,
     ) -> bool {
-        self.pocket_charge(p, key, bytes, pad)
+        debug_assert_eq!(check, checked(key));
+        self.pocket_charge(p, check, bytes, pad)
             || t.pocketless() && self.consume(t.cpu(), key, bytes, 1) && {
                 self.pad_overhead(key, pad as isize);
                 true

@@ -123,9 +123,11 @@ pub(super) const fn word(key: Key, bytes: u64, allocs: u64, frees: u64) -> u64 {
         | bytes
 }
 
-/// What `word(key, ..)` has under `CHECK_MASK`.
+/// What `word(key, ..)` has under `CHECK_MASK`: the form of `key` a fast path compares with.
+/// The thread keeps its key in this form too (beside the sealed one), so a pocket charge
+/// does not recompute it.
 #[inline(always)]
-pub(super) const fn checked(key: Key) -> u64 {
+pub(crate) const fn checked(key: Key) -> u64 {
     (key as u64) << KEY_SHIFT | GUARDS
 }
 
@@ -260,12 +262,17 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     }
 
     /// `charge` on this thread's pocket, with no locked instruction, of a block (`objects`
-    /// is 1) whose overhead is `pad` bytes more than the tag formula counts (see
-    /// `Counter::adjust_overhead`). False when the pocket cannot serve it; then charge the
+    /// is 1) of the key whose `checked` form is `check`, whose overhead is `pad` bytes more
+    /// than the tag formula counts (see `Counter::adjust_overhead`). False when the pocket cannot serve it; then charge the
     /// stocks, and refill the pocket (`refill_pocket`).
     #[inline(always)]
-    pub(crate) fn pocket_charge(&self, p: &Pocket, key: Key, bytes: usize, pad: usize) -> bool {
-        bytes <= MAX_BATCH && p.update(&self.pockets.stop, pad as u64, take(key, bytes, 1))
+    pub(crate) fn pocket_charge(&self, p: &Pocket, check: u64, bytes: usize, pad: usize) -> bool {
+        bytes <= MAX_BATCH
+            && p.update(
+                &self.pockets.stop,
+                pad as u64,
+                take_checked(check, bytes, 1),
+            )
     }
 
     /// `uncharge` on this thread's pocket of a block, as `pocket_charge` charged it. False
@@ -336,11 +343,17 @@ pub(super) struct Draining(pub(super) AtomicU32);
 /// from a slot or pocket word of `key`, if it has them.
 #[inline(always)]
 fn take(key: Key, bytes: usize, objects: u64) -> impl Fn(u64) -> Option<u64> {
+    take_checked(checked(key), bytes, objects)
+}
+
+/// `take` with the key as `checked(key)`.
+#[inline(always)]
+fn take_checked(check: u64, bytes: usize, objects: u64) -> impl Fn(u64) -> Option<u64> {
     // The callers check `bytes <= MAX_BATCH`: small enough not to reach past the guards.
     let take = bytes as u64 + (objects << ALLOCS_SHIFT);
     move |w| {
         let new = w.wrapping_sub(take);
-        (new & CHECK_MASK == checked(key)).then_some(new)
+        (new & CHECK_MASK == check).then_some(new)
     }
 }
 
