@@ -22,27 +22,9 @@ const RECLAIMING: u8 = 8;
 
 const ROOT_KEY: Key = key(ROOT_ID, false);
 
-/// The upper half of a sealed key is the key xor this.
-pub(crate) const SEAL: u32 = 0x9e37_79b9;
-
-/// A key with a check half: `key | (key ^ SEAL) << 32`. The tag design stores this with
-/// every block (so a damaged tag is seen), and the thread keeps its key in this form, so a new
-/// block's tag is one thread-local load.
-#[inline(always)]
-pub(crate) const fn sealed(key: Key) -> u64 {
-    key as u64 | ((key ^ SEAL) as u64) << 32
-}
-
-/// The key of a sealed key, if the seal holds.
-#[inline(always)]
-pub(crate) const fn unseal(word: u64) -> Option<Key> {
-    let key = word as Key;
-    if (word >> 32) as u32 == key ^ SEAL {
-        Some(key)
-    } else {
-        None
-    }
-}
+// The sealed form of a key (what the tag design stores with every block) is the core's, since
+// a pocket keeps its key in that form too (see `crate::core::stock::sealed`).
+pub(crate) use crate::core::stock::{sealed, unseal};
 
 #[repr(C, align(64))]
 struct Local {

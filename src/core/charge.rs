@@ -17,7 +17,7 @@
 use super::counter::{Counter, Event, CRITICAL};
 use super::pocket::Pocket;
 use super::stock::{
-    checked, has_content, key, key_id, key_is_kernel, word, word_allocs, word_bytes,
+    checked, has_content, key, key_id, key_is_kernel, sealed, word, word_allocs, word_bytes,
 };
 use super::stock::{word_frees, word_key, CpuStock, Groups, Key, Mode, Stocks, COUNT_MAX, SLOTS};
 use crate::sync::{Backoff, Ordering};
@@ -132,26 +132,32 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         Some(charged)
     }
 
-    /// The fast path of a block's uncharge, as `charge_block` charged it: into the thread's
-    /// pocket `p`, or, for a thread that has no pocket, to the CPU's stock (through its slow
-    /// path if need be). False when the pocket cannot take it; then call
+    /// The fast path of a block's uncharge, as `charge_block` charged it, whose tag is `tag`
+    /// (its key, sealed): into the thread's pocket `p`. False when the pocket cannot take it;
+    /// then check the tag's seal (`unseal`) and call `uncharge_block_unpocketed`.
+    #[inline(always)]
+    pub(crate) fn uncharge_block(&self, p: &Pocket, tag: u64, bytes: usize, pad: usize) -> bool {
+        self.pocket_uncharge(p, tag, bytes, pad)
+    }
+
+    /// A block's uncharge that the thread's pocket did not take: for a thread that has no
+    /// pocket, to the CPU's stock (through its slow path if need be), else
     /// `uncharge_block_slow`.
     #[inline(always)]
-    pub(crate) fn uncharge_block(
+    pub(crate) fn uncharge_block_unpocketed(
         &self,
         t: &impl Caller,
-        p: &Pocket,
         key: Key,
         bytes: usize,
         pad: usize,
-    ) -> bool {
-        self.pocket_uncharge(p, key, bytes, pad)
-            || t.pocketless() && {
-                // Before the bytes go: they keep a removed group's record alive.
-                self.pad_overhead(key, -(pad as isize));
-                self.uncharge(t, key, bytes, 1);
-                true
-            }
+    ) {
+        if t.pocketless() {
+            // Before the bytes go: they keep a removed group's record alive.
+            self.pad_overhead(key, -(pad as isize));
+            self.uncharge(t, key, bytes, 1);
+        } else {
+            self.uncharge_block_slow(t, key, bytes, pad);
+        }
     }
 
     /// A block's uncharge that the thread's pocket could not take: it goes to the CPU's
@@ -202,6 +208,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 0
             };
             let new = word(key, bytes as u64, 0, 0);
+            p.set_key(sealed(key), checked(key));
             if p.with(stop, |p| p.word.store(new, Ordering::Relaxed))
                 .is_none()
                 && bytes != 0

@@ -82,6 +82,29 @@ pub(crate) const fn key_is_kernel(key: Key) -> bool {
     key & 1 != 0
 }
 
+/// The upper half of a sealed key is the key xor this.
+pub(crate) const SEAL: u32 = 0x9e37_79b9;
+
+/// A key with a check half: `key | (key ^ SEAL) << 32`. The tag design stores this with
+/// every block (so a damaged tag is seen), the thread keeps its key in this form, so a new
+/// block's tag is one thread-local load, and a pocket its own key, so a free's tag is checked
+/// against it with one compare.
+#[inline(always)]
+pub(crate) const fn sealed(key: Key) -> u64 {
+    key as u64 | ((key ^ SEAL) as u64) << 32
+}
+
+/// The key of a sealed key, if the seal holds.
+#[inline(always)]
+pub(crate) const fn unseal(word: u64) -> Option<Key> {
+    let key = word as Key;
+    if (word >> 32) as u32 == key ^ SEAL {
+        Some(key)
+    } else {
+        None
+    }
+}
+
 /// What may happen when a charge would pass a limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -275,14 +298,20 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             )
     }
 
-    /// `uncharge` on this thread's pocket of a block, as `pocket_charge` charged it. False
-    /// when the pocket cannot take it; then uncharge the stocks, and refill the pocket (`refill_pocket`) if it
-    /// holds `key` (it is full).
+    /// `uncharge` on this thread's pocket of a block, as `pocket_charge` charged it, whose
+    /// tag is `tag` (its key, sealed). False when the pocket cannot take it (its key is
+    /// another, or it would be over its size); then uncharge the stocks, and refill the pocket
+    /// (`refill_pocket`) if it holds the key (it is full). A tag equal to the pocket's sealed
+    /// key is a valid one: only a tag that is not needs the seal checked (`unseal`).
     #[inline(always)]
-    pub(crate) fn pocket_uncharge(&self, p: &Pocket, key: Key, bytes: usize, pad: usize) -> bool {
+    pub(crate) fn pocket_uncharge(&self, p: &Pocket, tag: u64, bytes: usize, pad: usize) -> bool {
+        let (sealed, check) = p.key();
+        if tag != sealed {
+            return false;
+        }
         let cap = self.batch() / POCKET_SHARE;
         let pad = (pad as u64).wrapping_neg();
-        p.update(&self.pockets.stop, pad, give(key, bytes, 1, cap))
+        p.update(&self.pockets.stop, pad, give_checked(check, bytes, 1, cap))
     }
 
     /// The most bytes a pocket holds (`batch / POCKET_SHARE`).
@@ -361,11 +390,16 @@ fn take_checked(check: u64, bytes: usize, objects: u64) -> impl Fn(u64) -> Optio
 /// or pocket word of `key`, if it stays within `cap` bytes and has counts left.
 #[inline(always)]
 fn give(key: Key, bytes: usize, objects: u64, cap: usize) -> impl Fn(u64) -> Option<u64> {
+    give_checked(checked(key), bytes, objects, cap)
+}
+
+/// `give` with the key as `checked(key)`.
+#[inline(always)]
+fn give_checked(check: u64, bytes: usize, objects: u64, cap: usize) -> impl Fn(u64) -> Option<u64> {
     let give = (bytes as u64).wrapping_sub(objects << FREES_SHIFT);
     move |w| {
         let new = w.wrapping_add(give);
         // `bytes <= cap` (checked first) keeps the addition below the guards' reach.
-        (word_bytes(w) + bytes as u64 <= cap as u64 && new & CHECK_MASK == checked(key))
-            .then_some(new)
+        (word_bytes(w) + bytes as u64 <= cap as u64 && new & CHECK_MASK == check).then_some(new)
     }
 }
