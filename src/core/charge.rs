@@ -208,7 +208,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 0
             };
             let new = word(key, bytes as u64, 0, 0);
-            p.set_key(sealed(key), checked(key));
+            p.set_key(sealed(key), checked(key), self.pocket_size() as u64);
             if p.with(stop, |p| p.word.store(new, Ordering::Relaxed))
                 .is_none()
                 && bytes != 0

@@ -56,9 +56,12 @@ pub(crate) struct Pocket {
     /// the word check refuses an unclaimed word (see `super::stock`).
     sealed: Cell<u64>,
     check: Cell<u64>,
+    /// The most bytes the word may hold (`batch / POCKET_SHARE`), set with the key: a free
+    /// reads it here rather than computing it from the batch. The owner's alone, as above.
+    cap: Cell<u64>,
 }
 
-// SAFETY: the only fields that are not atomics, `sealed` and `check`, are read and written
+// SAFETY: the only fields that are not atomics, `sealed`, `check` and `cap`, are read and written
 // by the pocket's owner alone (`key`, `set_key`, called by the owner's fast and slow paths);
 // other threads reach a pocket only to take its word and extra, through the atomics.
 unsafe impl Sync for Pocket {}
@@ -74,6 +77,7 @@ impl Pocket {
             extra: AtomicU64::new(0),
             sealed: Cell::new(0),
             check: Cell::new(0),
+            cap: Cell::new(0),
         }
     }
 
@@ -86,20 +90,24 @@ impl Pocket {
             extra: AtomicU64::new(0),
             sealed: Cell::new(0),
             check: Cell::new(0),
+            cap: Cell::new(0),
         }
     }
 
-    /// The key the owner last gave its word, sealed and `checked` (only for the owner).
+    /// The key the owner last gave its word, sealed and `checked`, and its cap (only for the
+    /// owner).
     #[inline(always)]
-    pub(super) fn key(&self) -> (u64, u64) {
-        (self.sealed.get(), self.check.get())
+    pub(super) fn key(&self) -> (u64, u64, u64) {
+        (self.sealed.get(), self.check.get(), self.cap.get())
     }
 
-    /// Records the key the owner gives its word (only for the owner, before the word).
+    /// Records the key the owner gives its word, and its cap (only for the owner, before the
+    /// word).
     #[inline(always)]
-    pub(super) fn set_key(&self, sealed: u64, check: u64) {
+    pub(super) fn set_key(&self, sealed: u64, check: u64, cap: u64) {
         self.sealed.set(sealed);
         self.check.set(check);
+        self.cap.set(cap);
     }
 
     /// Whether it is on the list.

@@ -305,11 +305,11 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// key is a valid one: only a tag that is not needs the seal checked (`unseal`).
     #[inline(always)]
     pub(crate) fn pocket_uncharge(&self, p: &Pocket, tag: u64, bytes: usize, pad: usize) -> bool {
-        let (sealed, check) = p.key();
+        let (sealed, check, cap) = p.key();
         if tag != sealed {
             return false;
         }
-        let cap = self.batch() / POCKET_SHARE;
+        let cap = cap as usize;
         let pad = (pad as u64).wrapping_neg();
         p.update(&self.pockets.stop, pad, give_checked(check, bytes, 1, cap))
     }
