@@ -305,13 +305,15 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// key is a valid one: only a tag that is not needs the seal checked (`unseal`).
     #[inline(always)]
     pub(crate) fn pocket_uncharge(&self, p: &Pocket, tag: u64, bytes: usize, pad: usize) -> bool {
-        let (sealed, check, cap) = p.key();
-        if tag != sealed {
+        if tag != p.key().0 {
             return false;
         }
-        let cap = cap as usize;
         let pad = (pad as u64).wrapping_neg();
-        p.update(&self.pockets.stop, pad, give_checked(check, bytes, 1, cap))
+        // The check and the cap are read in the step, where they are compared.
+        p.update(&self.pockets.stop, pad, |w| {
+            let (_, check, cap) = p.key();
+            give_checked(check, bytes, 1, cap as usize)(w)
+        })
     }
 
     /// The most bytes a pocket holds (`batch / POCKET_SHARE`).
