@@ -19,7 +19,9 @@ use super::pocket::Pocket;
 use super::stock::{
     checked, has_content, key, key_id, key_is_kernel, sealed, word, word_allocs, word_bytes,
 };
-use super::stock::{word_frees, word_key, CpuStock, Groups, Key, Mode, Stocks, COUNT_MAX, SLOTS};
+use super::stock::{
+    pad_total, word_frees, word_key, CpuStock, Groups, Key, Mode, Stocks, COUNT_MAX, SLOTS,
+};
 use crate::sync::{Backoff, Ordering};
 
 /// How many times a charge refused at a limit drains the stocks under it and retries before
@@ -235,7 +237,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         let key = word_key(w);
         let c = self.groups.counter(key_id(key));
         // Before the bytes go: they keep an offline group's record alive.
-        c.adjust_overhead(extra as i64 as isize);
+        c.adjust_overhead(pad_total(w, extra) as i64 as isize);
         if c.is_online() {
             let bytes = word_bytes(w) as usize;
             self.refill_slot(cpu, key, c, bytes, word_allocs(w), word_frees(w));

@@ -60,6 +60,21 @@ const EMPTY: u64 = GUARDS | COUNT_MAX << ALLOCS_SHIFT | COUNT_MAX << FREES_SHIFT
 /// The bits a fast path checks after its arithmetic: the key and the guards.
 const CHECK_MASK: u64 = !CONTENT_MASK | GUARDS;
 
+/// What a pocket adds to its `extra` per block besides the block's pad (and takes off per
+/// free). Any value would do: `pad_total` takes it out again, from the word's counts that
+/// moved with it. It is the tag design's tag size, so that `pad + PAD_BIAS` is the block's
+/// header, a value the tag design has at hand: one instruction on each side (added or
+/// subtracted in place), where the bare pad, derived from the header, took two on an
+/// allocation and five on a free.
+pub(super) const PAD_BIAS: u64 = 8;
+
+/// The pad bytes a pocket's `extra` stands for, with the word it was counted with.
+#[inline(always)]
+pub(super) const fn pad_total(w: u64, extra: u64) -> u64 {
+    let blocks = word_allocs(w).wrapping_sub(word_frees(w));
+    extra.wrapping_sub(PAD_BIAS.wrapping_mul(blocks))
+}
+
 /// The largest group id a key can hold. The all-ones key is left out: an unclaimed word (0)
 /// minus a charge would read as it.
 pub(crate) const MAX_ID: u32 = (1 << (64 - KEY_SHIFT - 1)) - 2;
@@ -293,7 +308,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         bytes <= MAX_BATCH
             && p.update(
                 &self.pockets.stop,
-                pad as u64,
+                pad as u64 + PAD_BIAS,
                 take_checked(check, bytes, 1),
             )
     }
@@ -308,7 +323,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         if tag != p.key().0 {
             return false;
         }
-        let pad = (pad as u64).wrapping_neg();
+        let pad = (pad as u64 + PAD_BIAS).wrapping_neg();
         // The check and the cap are read in the step, where they are compared.
         p.update(&self.pockets.stop, pad, |w| {
             let (_, check, cap) = p.key();
