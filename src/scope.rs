@@ -11,7 +11,7 @@ use core::cell::Cell;
 use core::marker::PhantomData;
 
 use crate::core::pocket::Pocket;
-use crate::core::stock::{key, Key, Mode};
+use crate::core::stock::{checked, key, Key, Mode};
 use crate::group::{kmem_enabled, Group, Node, ROOT_ID};
 
 const KERNEL: u8 = 1;
@@ -22,27 +22,9 @@ const RECLAIMING: u8 = 8;
 
 const ROOT_KEY: Key = key(ROOT_ID, false);
 
-/// The upper half of a sealed key is the key xor this.
-pub(crate) const SEAL: u32 = 0x9e37_79b9;
-
-/// A key with a check half: `key | (key ^ SEAL) << 32`. The tag design stores this with
-/// every block (so a damaged tag is seen), and the thread keeps its key in this form, so a new
-/// block's tag is one thread-local load.
-#[inline(always)]
-pub(crate) const fn sealed(key: Key) -> u64 {
-    key as u64 | ((key ^ SEAL) as u64) << 32
-}
-
-/// The key of a sealed key, if the seal holds.
-#[inline(always)]
-pub(crate) const fn unseal(word: u64) -> Option<Key> {
-    let key = word as Key;
-    if (word >> 32) as u32 == key ^ SEAL {
-        Some(key)
-    } else {
-        None
-    }
-}
+// The sealed form of a key (what the tag design stores with every block) is the core's, since
+// a pocket keeps its key in that form too (see `crate::core::stock::sealed`).
+pub(crate) use crate::core::stock::{sealed, unseal};
 
 #[repr(C, align(64))]
 struct Local {
@@ -52,6 +34,9 @@ struct Local {
     /// scope bits say (the kernel bit is kept equal to `ctx & KERNEL` by every change of
     /// either).
     key: Cell<u64>,
+    /// The same key as the pocket's word check needs it (`checked`), so a pocket charge does
+    /// not recompute it. Set with `key`, always (`set_key`).
+    check: Cell<u64>,
     /// What `crate::pocket` says of `pocket`.
     pocket_state: Cell<u8>,
     /// The entered group's record, holding a reference; null for the root.
@@ -67,6 +52,7 @@ thread_local! {
         Local {
             pocket: Pocket::new(),
             key: Cell::new(sealed(ROOT_KEY)),
+            check: Cell::new(checked(ROOT_KEY)),
             pocket_state: Cell::new(0),
             node: Cell::new(core::ptr::null()),
             ctx: Cell::new(0),
@@ -82,11 +68,20 @@ pub(crate) fn current_key() -> Key {
     LOCAL.with(|l| l.key.get() as Key)
 }
 
-/// The key to charge a new allocation to, sealed, and the thread's pocket: one thread-local
-/// block.
+/// The key to charge a new allocation to, sealed and as the pocket's check needs it
+/// (`checked`), and the thread's pocket: one thread-local block.
 #[inline(always)]
-pub(crate) fn sealed_key_and_pocket() -> (u64, &'static Pocket) {
-    LOCAL.with(|l| (l.key.get(), own(&l.pocket)))
+pub(crate) fn sealed_key_and_pocket() -> (u64, u64, &'static Pocket) {
+    LOCAL.with(|l| (l.key.get(), l.check.get(), own(&l.pocket)))
+}
+
+impl Local {
+    /// Sets the key (sealed) and its checked form together; returns the previous sealed key.
+    #[inline(always)]
+    fn set_key(&self, sealed_key: u64) -> u64 {
+        self.check.set(checked(sealed_key as Key));
+        self.key.replace(sealed_key)
+    }
 }
 
 /// The thread's pocket (whether it is on the list: `pocket_state`).
@@ -174,7 +169,7 @@ fn enter(group: &Group) -> Entered {
         l.depth.set(depth);
         Entered {
             prev_node: l.node.replace(node),
-            prev_key: l.key.replace(of_kind(key, l.ctx.get())) as Key,
+            prev_key: l.set_key(of_kind(key, l.ctx.get())) as Key,
             depth,
             _not_send: PhantomData,
         }
@@ -191,7 +186,7 @@ impl Drop for Entered {
             LOCAL.with(|l| {
                 l.depth.set(self.depth - 1);
                 // Of the kind the scope is of now (a guard may outlive a `kernel` scope).
-                l.key.set(of_kind(self.prev_key, l.ctx.get()));
+                l.set_key(of_kind(self.prev_key, l.ctx.get()));
                 l.node.replace(self.prev_node)
             })
         };
@@ -226,7 +221,7 @@ fn with_ctx<R>(set: impl FnOnce(u8) -> u8, f: impl FnOnce() -> R) -> R {
         fn drop(&mut self) {
             LOCAL.with(|l| {
                 l.ctx.set(self.0);
-                l.key.set(of_kind(l.key.get() as Key, self.0));
+                l.set_key(of_kind(l.key.get() as Key, self.0));
             });
         }
     }
@@ -234,7 +229,7 @@ fn with_ctx<R>(set: impl FnOnce(u8) -> u8, f: impl FnOnce() -> R) -> R {
         let prev = l.ctx.get();
         let ctx = set(prev);
         l.ctx.set(ctx);
-        l.key.set(of_kind(l.key.get() as Key, ctx));
+        l.set_key(of_kind(l.key.get() as Key, ctx));
         Restore(prev)
     });
     f()
@@ -268,14 +263,14 @@ pub(crate) fn as_root<R>(f: impl FnOnce() -> R) -> R {
     let (prev_node, prev_key) = LOCAL.with(|l| {
         (
             l.node.replace(core::ptr::null()),
-            l.key.replace(sealed(ROOT_KEY)),
+            l.set_key(sealed(ROOT_KEY)),
         )
     });
     let r = with_ctx(|ctx| ctx & RECLAIMING, f);
     LOCAL.with(|l| {
         l.node.set(prev_node);
         // `with_ctx` has restored the scope bits `prev_key`'s kind was set from.
-        l.key.set(prev_key);
+        l.set_key(prev_key);
     });
     r
 }

@@ -147,10 +147,10 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         let Some(at) = place(layout) else {
             return core::ptr::null_mut();
         };
-        let (sealed, p) = scope::sealed_key_and_pocket();
+        let (sealed, check, p) = scope::sealed_key_and_pocket();
         let key = sealed as Key;
         let bytes = at.inner.size();
-        if !CORE.charge_block(&Thread, p, key, bytes, at.pad) {
+        if !CORE.charge_block(&Thread, p, key, check, bytes, at.pad) {
             // SAFETY: forwarded caller contract.
             return unsafe { self.alloc_slow(layout, key, zeroed) };
         }
@@ -268,22 +268,39 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         }
     }
 
+    /// Reads a block's tag: where its inner allocation starts, and its owner's key sealed
+    /// (unchecked: see `owner`).
+    ///
+    /// # Safety
+    /// `ptr` was returned by this allocator for `layout`, placed as `at`, and is live.
+    #[inline(always)]
+    unsafe fn tag(ptr: *mut u8, at: Placement) -> (*mut u8, u64) {
+        // SAFETY: per the caller, `ptr - at.block` is the inner allocation and its tag is at
+        // `at.tag` inside it.
+        unsafe {
+            let base = ptr.sub(at.block);
+            (base, base.add(at.tag).cast::<u64>().read_unaligned())
+        }
+    }
+
     /// Reads the owner's key of a block.
     ///
     /// # Safety
     /// `ptr` was returned by this allocator for `layout`, placed as `at`, and is live.
     #[inline(always)]
     unsafe fn owner(ptr: *mut u8, at: Placement) -> (*mut u8, Key) {
-        // SAFETY: per the caller, `ptr - at.block` is the inner allocation and its tag is at
-        // `at.tag` inside it.
-        let (base, tag) = unsafe {
-            let base = ptr.sub(at.block);
-            (base, base.add(at.tag).cast::<u64>().read_unaligned())
-        };
-        let Some(key) = scope::unseal(tag) else {
-            platform::corrupted(b"a block's owner tag is damaged (heap corruption, or a pointer this allocator did not return)");
-        };
-        (base, key)
+        // SAFETY: forwarded.
+        let (base, tag) = unsafe { Self::tag(ptr, at) };
+        (base, checked_tag(tag))
+    }
+}
+
+/// The key a block's tag seals; a damaged tag ends the process.
+#[inline(always)]
+fn checked_tag(tag: u64) -> Key {
+    match scope::unseal(tag) {
+        Some(key) => key,
+        None => platform::corrupted(b"a block's owner tag is damaged (heap corruption, or a pointer this allocator did not return)"),
     }
 }
 
@@ -309,14 +326,15 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
     #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed.
-        let (base, key, at) = unsafe {
+        let (base, tag, at) = unsafe {
             let at = placed(layout);
-            let (base, key) = Self::owner(ptr, at);
-            (base, key, at)
+            let (base, tag) = Self::tag(ptr, at);
+            (base, tag, at)
         };
         let bytes = at.inner.size();
-        if !CORE.uncharge_block(&Thread, scope::pocket(), key, bytes, at.pad) {
-            CORE.uncharge_block_slow(&Thread, key, bytes, at.pad);
+        // A tag the pocket takes is its own sealed key: only another one needs its seal checked.
+        if !CORE.uncharge_block(scope::pocket(), tag, bytes, at.pad) {
+            CORE.uncharge_block_unpocketed(&Thread, checked_tag(tag), bytes, at.pad);
         }
         // SAFETY: `base` is the inner allocation made with `at.inner`.
         unsafe { self.inner.dealloc(base, at.inner) }

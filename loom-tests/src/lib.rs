@@ -33,7 +33,7 @@ mod harness {
     use crate::core::charge::Caller;
     use crate::core::counter::{Counter, Snapshot};
     use crate::core::pocket::{Place, Pocket};
-    use crate::core::stock::{key, Groups, Key, Mode, Stocks};
+    use crate::core::stock::{checked, key, sealed, Groups, Key, Mode, Stocks};
     use crate::sync::{AtomicUsize, Ordering};
 
     /// The model's group table: counters by id (ids start at 1), and what the stocks called:
@@ -249,15 +249,16 @@ mod harness {
                 },
                 key(id, kernel),
             );
-            if self.stocks.charge_block(&on, p, k, bytes, pad) {
+            if self.stocks.charge_block(&on, p, k, checked(k), bytes, pad) {
                 return Some(k);
             }
             self.stocks.charge_block_slow(&on, k, bytes, pad)
         }
 
         /// Frees a block of `bytes` and `pad` charged to `key`, by the owner of pocket `p` on
-        /// `cpu`, as the tag design uncharges it: `Stocks::uncharge_block` (the pocket), then
-        /// `Stocks::uncharge_block_slow` (the stock, and a refill of the pocket if it was full).
+        /// `cpu`, as the tag design uncharges it: `Stocks::uncharge_block` (the pocket, given the block's tag), then
+        /// `Stocks::uncharge_block_unpocketed` (the stock, and a refill of the pocket if it was
+        /// full).
         pub(crate) fn pocket_free(
             &self,
             cpu: usize,
@@ -270,8 +271,8 @@ mod harness {
                 cpu,
                 pocket: Some(p),
             };
-            if !self.stocks.uncharge_block(&on, p, key, bytes, pad) {
-                self.stocks.uncharge_block_slow(&on, key, bytes, pad);
+            if !self.stocks.uncharge_block(p, sealed(key), bytes, pad) {
+                self.stocks.uncharge_block_unpocketed(&on, key, bytes, pad);
             }
         }
 

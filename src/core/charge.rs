@@ -16,8 +16,12 @@
 
 use super::counter::{Counter, Event, CRITICAL};
 use super::pocket::Pocket;
-use super::stock::{has_content, key, key_id, key_is_kernel, word, word_allocs, word_bytes};
-use super::stock::{word_frees, word_key, CpuStock, Groups, Key, Mode, Stocks, COUNT_MAX, SLOTS};
+use super::stock::{
+    checked, has_content, key, key_id, key_is_kernel, sealed, word, word_allocs, word_bytes,
+};
+use super::stock::{
+    pad_total, word_frees, word_key, CpuStock, Groups, Key, Mode, Stocks, COUNT_MAX, SLOTS,
+};
 use crate::sync::{Backoff, Ordering};
 
 /// How many times a charge refused at a limit drains the stocks under it and retries before
@@ -75,17 +79,20 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// or, for a thread that has no pocket, the CPU's stock. `pad` is the block's overhead
     /// beyond the tag formula (see `Counter::adjust_overhead`). False when neither can serve
     /// it; then call `charge_block_slow`. A thread whose pocket is not on the list fails here
-    /// (its pocket holds nothing), and its slow path gives it its pocket.
+    /// (its pocket holds nothing), and its slow path gives it its pocket. `check` is the key in the form the pocket's word check needs (`checked(key)`), as
+    /// the thread keeps it.
     #[inline(always)]
     pub(crate) fn charge_block(
         &self,
         t: &impl Caller,
         p: &Pocket,
         key: Key,
+        check: u64,
         bytes: usize,
         pad: usize,
     ) -> bool {
-        self.pocket_charge(p, key, bytes, pad)
+        debug_assert_eq!(check, checked(key));
+        self.pocket_charge(p, check, bytes, pad)
             || t.pocketless() && self.consume(t.cpu(), key, bytes, 1) && {
                 self.pad_overhead(key, pad as isize);
                 true
@@ -127,26 +134,32 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         Some(charged)
     }
 
-    /// The fast path of a block's uncharge, as `charge_block` charged it: into the thread's
-    /// pocket `p`, or, for a thread that has no pocket, to the CPU's stock (through its slow
-    /// path if need be). False when the pocket cannot take it; then call
+    /// The fast path of a block's uncharge, as `charge_block` charged it, whose tag is `tag`
+    /// (its key, sealed): into the thread's pocket `p`. False when the pocket cannot take it;
+    /// then check the tag's seal (`unseal`) and call `uncharge_block_unpocketed`.
+    #[inline(always)]
+    pub(crate) fn uncharge_block(&self, p: &Pocket, tag: u64, bytes: usize, pad: usize) -> bool {
+        self.pocket_uncharge(p, tag, bytes, pad)
+    }
+
+    /// A block's uncharge that the thread's pocket did not take: for a thread that has no
+    /// pocket, to the CPU's stock (through its slow path if need be), else
     /// `uncharge_block_slow`.
     #[inline(always)]
-    pub(crate) fn uncharge_block(
+    pub(crate) fn uncharge_block_unpocketed(
         &self,
         t: &impl Caller,
-        p: &Pocket,
         key: Key,
         bytes: usize,
         pad: usize,
-    ) -> bool {
-        self.pocket_uncharge(p, key, bytes, pad)
-            || t.pocketless() && {
-                // Before the bytes go: they keep a removed group's record alive.
-                self.pad_overhead(key, -(pad as isize));
-                self.uncharge(t, key, bytes, 1);
-                true
-            }
+    ) {
+        if t.pocketless() {
+            // Before the bytes go: they keep a removed group's record alive.
+            self.pad_overhead(key, -(pad as isize));
+            self.uncharge(t, key, bytes, 1);
+        } else {
+            self.uncharge_block_slow(t, key, bytes, pad);
+        }
     }
 
     /// A block's uncharge that the thread's pocket could not take: it goes to the CPU's
@@ -197,6 +210,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 0
             };
             let new = word(key, bytes as u64, 0, 0);
+            p.set_key(sealed(key), checked(key), self.pocket_size() as u64);
             if p.with(stop, |p| p.word.store(new, Ordering::Relaxed))
                 .is_none()
                 && bytes != 0
@@ -223,7 +237,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         let key = word_key(w);
         let c = self.groups.counter(key_id(key));
         // Before the bytes go: they keep an offline group's record alive.
-        c.adjust_overhead(extra as i64 as isize);
+        c.adjust_overhead(pad_total(w, extra) as i64 as isize);
         if c.is_online() {
             let bytes = word_bytes(w) as usize;
             self.refill_slot(cpu, key, c, bytes, word_allocs(w), word_frees(w));

@@ -17,7 +17,7 @@
 use super::counter::Counter;
 use super::pocket::Pocket;
 use super::stock::{has_content, key_id, key_is_kernel, word_allocs, word_bytes, word_frees};
-use super::stock::{word_key, Groups, Stocks};
+use super::stock::{pad_total, word_key, Groups, Stocks};
 use crate::sync::{fence, AtomicU64, Backoff, Ordering};
 
 /// How long `wait_for_holders` waits, in `Backoff` rounds: through the spins and the yields
@@ -181,7 +181,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         }
         let c = self.groups.counter(key_id(word_key(w)));
         // Before the bytes go: they keep an offline group's record alive.
-        c.adjust_overhead(extra as i64 as isize);
+        c.adjust_overhead(pad_total(w, extra) as i64 as isize);
         self.drain_word(w);
     }
 

@@ -26,6 +26,8 @@
 //! so no walker can still hold a pointer into its thread-local block (both sides sequentially
 //! consistent: either the walker's count is seen, or the cleared place is).
 
+use core::cell::Cell;
+
 use crate::sync::{
     fence, light_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Backoff, Ordering,
 };
@@ -47,7 +49,22 @@ pub(crate) struct Pocket {
     /// of +pad per allocation and -pad per free), due to the group of `word` with it. Changed
     /// only with counts in `word`, so a word without content has none.
     pub(super) extra: AtomicU64,
+    /// The key the owner last gave `word`, sealed (as a block's tag holds it: a free's tag
+    /// is compared with it, so a block of the pocket's key needs no other check of its tag)
+    /// and as `checked` (for the word check). The owner's alone: no taker reads or writes
+    /// them (they are plain cells). Stale once a taker took the word (0), which is harmless:
+    /// the word check refuses an unclaimed word (see `super::stock`).
+    sealed: Cell<u64>,
+    check: Cell<u64>,
+    /// The most bytes the word may hold (`batch / POCKET_SHARE`), set with the key: a free
+    /// reads it here rather than computing it from the batch. The owner's alone, as above.
+    cap: Cell<u64>,
 }
+
+// SAFETY: the only fields that are not atomics, `sealed`, `check` and `cap`, are read and written
+// by the pocket's owner alone (`key`, `set_key`, called by the owner's fast and slow paths);
+// other threads reach a pocket only to take its word and extra, through the atomics.
+unsafe impl Sync for Pocket {}
 
 impl Pocket {
     /// A thread's pocket, off the list.
@@ -58,6 +75,9 @@ impl Pocket {
             live: AtomicBool::new(false),
             word: AtomicU64::new(0),
             extra: AtomicU64::new(0),
+            sealed: Cell::new(0),
+            check: Cell::new(0),
+            cap: Cell::new(0),
         }
     }
 
@@ -68,7 +88,26 @@ impl Pocket {
             live: AtomicBool::new(false),
             word: AtomicU64::new(0),
             extra: AtomicU64::new(0),
+            sealed: Cell::new(0),
+            check: Cell::new(0),
+            cap: Cell::new(0),
         }
+    }
+
+    /// The key the owner last gave its word, sealed and `checked`, and its cap (only for the
+    /// owner).
+    #[inline(always)]
+    pub(super) fn key(&self) -> (u64, u64, u64) {
+        (self.sealed.get(), self.check.get(), self.cap.get())
+    }
+
+    /// Records the key the owner gives its word, and its cap (only for the owner, before the
+    /// word).
+    #[inline(always)]
+    pub(super) fn set_key(&self, sealed: u64, check: u64, cap: u64) {
+        self.sealed.set(sealed);
+        self.check.set(check);
+        self.cap.set(cap);
     }
 
     /// Whether it is on the list.

@@ -60,6 +60,21 @@ const EMPTY: u64 = GUARDS | COUNT_MAX << ALLOCS_SHIFT | COUNT_MAX << FREES_SHIFT
 /// The bits a fast path checks after its arithmetic: the key and the guards.
 const CHECK_MASK: u64 = !CONTENT_MASK | GUARDS;
 
+/// What a pocket adds to its `extra` per block besides the block's pad (and takes off per
+/// free). Any value would do: `pad_total` takes it out again, from the word's counts that
+/// moved with it. It is the tag design's tag size, so that `pad + PAD_BIAS` is the block's
+/// header, a value the tag design has at hand: one instruction on each side (added or
+/// subtracted in place), where the bare pad, derived from the header, took two on an
+/// allocation and five on a free.
+pub(super) const PAD_BIAS: u64 = 8;
+
+/// The pad bytes a pocket's `extra` stands for, with the word it was counted with.
+#[inline(always)]
+pub(super) const fn pad_total(w: u64, extra: u64) -> u64 {
+    let blocks = word_allocs(w).wrapping_sub(word_frees(w));
+    extra.wrapping_sub(PAD_BIAS.wrapping_mul(blocks))
+}
+
 /// The largest group id a key can hold. The all-ones key is left out: an unclaimed word (0)
 /// minus a charge would read as it.
 pub(crate) const MAX_ID: u32 = (1 << (64 - KEY_SHIFT - 1)) - 2;
@@ -80,6 +95,29 @@ pub(crate) const fn key_id(key: Key) -> u32 {
 #[inline(always)]
 pub(crate) const fn key_is_kernel(key: Key) -> bool {
     key & 1 != 0
+}
+
+/// The upper half of a sealed key is the key xor this.
+pub(crate) const SEAL: u32 = 0x9e37_79b9;
+
+/// A key with a check half: `key | (key ^ SEAL) << 32`. The tag design stores this with
+/// every block (so a damaged tag is seen), the thread keeps its key in this form, so a new
+/// block's tag is one thread-local load, and a pocket its own key, so a free's tag is checked
+/// against it with one compare.
+#[inline(always)]
+pub(crate) const fn sealed(key: Key) -> u64 {
+    key as u64 | ((key ^ SEAL) as u64) << 32
+}
+
+/// The key of a sealed key, if the seal holds.
+#[inline(always)]
+pub(crate) const fn unseal(word: u64) -> Option<Key> {
+    let key = word as Key;
+    if (word >> 32) as u32 == key ^ SEAL {
+        Some(key)
+    } else {
+        None
+    }
 }
 
 /// What may happen when a charge would pass a limit.
@@ -123,9 +161,11 @@ pub(super) const fn word(key: Key, bytes: u64, allocs: u64, frees: u64) -> u64 {
         | bytes
 }
 
-/// What `word(key, ..)` has under `CHECK_MASK`.
+/// What `word(key, ..)` has under `CHECK_MASK`: the form of `key` a fast path compares with.
+/// The thread keeps its key in this form too (beside the sealed one), so a pocket charge
+/// does not recompute it.
 #[inline(always)]
-pub(super) const fn checked(key: Key) -> u64 {
+pub(crate) const fn checked(key: Key) -> u64 {
     (key as u64) << KEY_SHIFT | GUARDS
 }
 
@@ -260,22 +300,35 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     }
 
     /// `charge` on this thread's pocket, with no locked instruction, of a block (`objects`
-    /// is 1) whose overhead is `pad` bytes more than the tag formula counts (see
-    /// `Counter::adjust_overhead`). False when the pocket cannot serve it; then charge the
+    /// is 1) of the key whose `checked` form is `check`, whose overhead is `pad` bytes more
+    /// than the tag formula counts (see `Counter::adjust_overhead`). False when the pocket cannot serve it; then charge the
     /// stocks, and refill the pocket (`refill_pocket`).
     #[inline(always)]
-    pub(crate) fn pocket_charge(&self, p: &Pocket, key: Key, bytes: usize, pad: usize) -> bool {
-        bytes <= MAX_BATCH && p.update(&self.pockets.stop, pad as u64, take(key, bytes, 1))
+    pub(crate) fn pocket_charge(&self, p: &Pocket, check: u64, bytes: usize, pad: usize) -> bool {
+        bytes <= MAX_BATCH
+            && p.update(
+                &self.pockets.stop,
+                pad as u64 + PAD_BIAS,
+                take_checked(check, bytes, 1),
+            )
     }
 
-    /// `uncharge` on this thread's pocket of a block, as `pocket_charge` charged it. False
-    /// when the pocket cannot take it; then uncharge the stocks, and refill the pocket (`refill_pocket`) if it
-    /// holds `key` (it is full).
+    /// `uncharge` on this thread's pocket of a block, as `pocket_charge` charged it, whose
+    /// tag is `tag` (its key, sealed). False when the pocket cannot take it (its key is
+    /// another, or it would be over its size); then uncharge the stocks, and refill the pocket
+    /// (`refill_pocket`) if it holds the key (it is full). A tag equal to the pocket's sealed
+    /// key is a valid one: only a tag that is not needs the seal checked (`unseal`).
     #[inline(always)]
-    pub(crate) fn pocket_uncharge(&self, p: &Pocket, key: Key, bytes: usize, pad: usize) -> bool {
-        let cap = self.batch() / POCKET_SHARE;
-        let pad = (pad as u64).wrapping_neg();
-        p.update(&self.pockets.stop, pad, give(key, bytes, 1, cap))
+    pub(crate) fn pocket_uncharge(&self, p: &Pocket, tag: u64, bytes: usize, pad: usize) -> bool {
+        if tag != p.key().0 {
+            return false;
+        }
+        let pad = (pad as u64 + PAD_BIAS).wrapping_neg();
+        // The check and the cap are read in the step, where they are compared.
+        p.update(&self.pockets.stop, pad, |w| {
+            let (_, check, cap) = p.key();
+            give_checked(check, bytes, 1, cap as usize)(w)
+        })
     }
 
     /// The most bytes a pocket holds (`batch / POCKET_SHARE`).
@@ -336,11 +389,17 @@ pub(super) struct Draining(pub(super) AtomicU32);
 /// from a slot or pocket word of `key`, if it has them.
 #[inline(always)]
 fn take(key: Key, bytes: usize, objects: u64) -> impl Fn(u64) -> Option<u64> {
+    take_checked(checked(key), bytes, objects)
+}
+
+/// `take` with the key as `checked(key)`.
+#[inline(always)]
+fn take_checked(check: u64, bytes: usize, objects: u64) -> impl Fn(u64) -> Option<u64> {
     // The callers check `bytes <= MAX_BATCH`: small enough not to reach past the guards.
     let take = bytes as u64 + (objects << ALLOCS_SHIFT);
     move |w| {
         let new = w.wrapping_sub(take);
-        (new & CHECK_MASK == checked(key)).then_some(new)
+        (new & CHECK_MASK == check).then_some(new)
     }
 }
 
@@ -348,11 +407,16 @@ fn take(key: Key, bytes: usize, objects: u64) -> impl Fn(u64) -> Option<u64> {
 /// or pocket word of `key`, if it stays within `cap` bytes and has counts left.
 #[inline(always)]
 fn give(key: Key, bytes: usize, objects: u64, cap: usize) -> impl Fn(u64) -> Option<u64> {
+    give_checked(checked(key), bytes, objects, cap)
+}
+
+/// `give` with the key as `checked(key)`.
+#[inline(always)]
+fn give_checked(check: u64, bytes: usize, objects: u64, cap: usize) -> impl Fn(u64) -> Option<u64> {
     let give = (bytes as u64).wrapping_sub(objects << FREES_SHIFT);
     move |w| {
         let new = w.wrapping_add(give);
         // `bytes <= cap` (checked first) keeps the addition below the guards' reach.
-        (word_bytes(w) + bytes as u64 <= cap as u64 && new & CHECK_MASK == checked(key))
-            .then_some(new)
+        (word_bytes(w) + bytes as u64 <= cap as u64 && new & CHECK_MASK == check).then_some(new)
     }
 }
