@@ -7,9 +7,7 @@ static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
 
 include!("suite/common.rs");
 
-use common::{
-    exact, fresh, fresh_child, in_child_process, live, run_in_child_process, wait_child, Block, Rng,
-};
+use common::{exact, fresh, fresh_child, live, wait_child, Block, Rng};
 use memgroup::{dying_groups, kernel, Group, SlabInfo};
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -336,141 +334,126 @@ fn a_group_with_10000_siblings() {
     p.remove().unwrap();
 }
 
-/// Removing a group with live objects on several live threads: its caches go at once (its
-/// slabs become orphans), its record waits for its last object (freed on any thread), and
-/// the threads carry on in the parent.
-#[test]
-fn dying_caches_are_freed_with_their_last_object() {
-    // Alone in a process: it counts the group heaps of the whole process.
-    run_in_child_process("dying_caches_inner", &[]);
-}
-
-#[test]
-#[ignore = "run by dying_caches_are_freed_with_their_last_object in a child process"]
-fn dying_caches_inner() {
-    if !in_child_process() {
-        return;
-    }
-    let dying0 = dying_groups();
-    let heaps0 = memgroup::arena_footprint().group_heaps;
-    let p = fresh("dying-p");
-    let c = fresh_child(&p, "c");
-    let start = Arc::new(Barrier::new(4));
-    let removed = Arc::new(Barrier::new(4));
-    let (tx, rx) = mpsc::channel::<Vec<Block>>();
-    let handles: Vec<_> = (0..3)
-        .map(|t| {
-            let (c, start, removed, tx) = (c.clone(), start.clone(), removed.clone(), tx.clone());
-            std::thread::spawn(move || {
-                let _in = c.enter();
-                let blocks: Vec<Block> = (0..500)
-                    .map(|i| Block::new(8 + (i * 7 + t) % 3000, 8))
-                    .collect();
-                tx.send(blocks).unwrap();
-                start.wait();
-                removed.wait();
-                // Inside the removed group: new blocks are the parent's.
-                let after = Block::new(50, 8);
-                let info = slab(&after);
-                drop(_in);
-                (info.group, after)
+child_test! {
+    /// Removing a group with live objects on several live threads: its caches go at once (its
+    /// slabs become orphans), its record waits for its last object (freed on any thread), and
+    /// the threads carry on in the parent.
+    ///
+    /// Alone in a process: it counts the group heaps of the whole process.
+    fn dying_caches_are_freed_with_their_last_object => dying_caches_inner() {
+        let dying0 = dying_groups();
+        let heaps0 = memgroup::arena_footprint().group_heaps;
+        let p = fresh("dying-p");
+        let c = fresh_child(&p, "c");
+        let start = Arc::new(Barrier::new(4));
+        let removed = Arc::new(Barrier::new(4));
+        let (tx, rx) = mpsc::channel::<Vec<Block>>();
+        let handles: Vec<_> = (0..3)
+            .map(|t| {
+                let (c, start, removed, tx) = (c.clone(), start.clone(), removed.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    let _in = c.enter();
+                    let blocks: Vec<Block> = (0..500)
+                        .map(|i| Block::new(8 + (i * 7 + t) % 3000, 8))
+                        .collect();
+                    tx.send(blocks).unwrap();
+                    start.wait();
+                    removed.wait();
+                    // Inside the removed group: new blocks are the parent's.
+                    let after = Block::new(50, 8);
+                    let info = slab(&after);
+                    drop(_in);
+                    (info.group, after)
+                })
             })
-        })
-        .collect();
-    drop(tx);
-    let blocks: Vec<Vec<Block>> = rx.iter().take(3).collect();
-    start.wait();
-    assert!(memgroup::arena_footprint().group_heaps >= heaps0 + 3);
-    let cs = exact(&c);
-    assert!(
-        live(&cs) >= 1500 + 3,
-        "the blocks, the threads' vectors (and the channel's)"
-    );
-    let p0 = exact(&p);
-    let ch = c.clone();
-    c.remove().unwrap();
-    assert_eq!(dying_groups(), dying0 + 1);
-    assert!(
-        blocks.iter().flatten().all(|b| slab(b).orphan),
-        "a removed group's slabs have no cache any more"
-    );
-    assert_eq!(
-        exact(&p).usage,
-        p0.usage,
-        "charges stay, counted in the parent"
-    );
-    removed.wait();
-    let after: Vec<(Group, Block)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    assert!(
-        after.iter().all(|(g, _)| *g == p),
-        "a thread inside a removed group charges the parent"
-    );
-    drop((ch, rx)); // the channel's buffer was allocated in c too
-                    // Free from another thread: the record goes with the last object, no flush needed.
-    std::thread::spawn(move || drop(blocks)).join().unwrap();
-    assert_eq!(dying_groups(), dying0);
-    drop(after);
-    let s = exact(&p);
-    assert_eq!(
-        (s.usage, s.kmem, s.overhead, live(&s)),
-        (0, 0, 0, 0),
-        "{s:?}"
-    );
-    // The exited threads' and the removed group's group heaps are gone too.
-    assert!(memgroup::arena_footprint().group_heaps <= heaps0 + 1);
-    p.remove().unwrap();
-}
-
-/// Empty slabs go to a shared pool (uncharged); past `MEMGROUP_ARENA_POOL` resident bytes the
-/// pool gives their memory back to the OS.
-#[test]
-fn the_pool_gives_memory_back() {
-    run_in_child_process("pool_inner", &[("MEMGROUP_ARENA_POOL", "1M")]);
-}
-
-#[test]
-#[ignore = "run by the_pool_gives_memory_back with MEMGROUP_ARENA_POOL=1M"]
-fn pool_inner() {
-    if !in_child_process() {
-        return;
+            .collect();
+        drop(tx);
+        let blocks: Vec<Vec<Block>> = rx.iter().take(3).collect();
+        start.wait();
+        assert!(memgroup::arena_footprint().group_heaps >= heaps0 + 3);
+        let cs = exact(&c);
+        assert!(
+            live(&cs) >= 1500 + 3,
+            "the blocks, the threads' vectors (and the channel's)"
+        );
+        let p0 = exact(&p);
+        let ch = c.clone();
+        c.remove().unwrap();
+        assert_eq!(dying_groups(), dying0 + 1);
+        assert!(
+            blocks.iter().flatten().all(|b| slab(b).orphan),
+            "a removed group's slabs have no cache any more"
+        );
+        assert_eq!(
+            exact(&p).usage,
+            p0.usage,
+            "charges stay, counted in the parent"
+        );
+        removed.wait();
+        let after: Vec<(Group, Block)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(
+            after.iter().all(|(g, _)| *g == p),
+            "a thread inside a removed group charges the parent"
+        );
+        drop((ch, rx)); // the channel's buffer was allocated in c too
+                        // Free from another thread: the record goes with the last object, no flush needed.
+        std::thread::spawn(move || drop(blocks)).join().unwrap();
+        assert_eq!(dying_groups(), dying0);
+        drop(after);
+        let s = exact(&p);
+        assert_eq!(
+            (s.usage, s.kmem, s.overhead, live(&s)),
+            (0, 0, 0, 0),
+            "{s:?}"
+        );
+        // The exited threads' and the removed group's group heaps are gone too.
+        assert!(memgroup::arena_footprint().group_heaps <= heaps0 + 1);
+        p.remove().unwrap();
     }
-    let g = fresh("pool");
-    let blocks: Vec<Block> = g.run(|| {
-        (0..100_000)
-            .map(|i| Block::filled(64 + i % 200, 1))
-            .collect()
-    });
-    let used = exact(&g).usage;
-    // Every block is in a slab; the vector's buffer is a large block (inner allocator).
-    let slabs = used - (blocks.capacity() * std::mem::size_of::<Block>() + memgroup::TAG_SIZE);
-    assert!(slabs > 10 << 20);
-    drop(blocks);
-    assert_eq!(exact(&g).usage, 0, "every slab uncharged");
-    let f = memgroup::arena_footprint();
-    assert!(
-        f.pooled + f.free_segments >= slabs,
-        "the slabs are pooled, or went back with their whole segment: {slabs} {f:?}"
-    );
-    // 1 MiB, and up to a batch of slabs per slab size waiting to be given back.
-    let batches = 128 * ((4 + 8 + 16 + 32) << 10);
-    assert!(
-        f.pooled_resident <= (1 << 20) + batches,
-        "at most 1 MiB (and the batches) stays resident: {f:?}"
-    );
-    // Pooled slabs are reused, by any group.
-    let h = fresh("pool-reuse");
-    let again: Vec<Block> = h.run(|| {
-        (0..100_000)
-            .map(|i| Block::filled(64 + i % 200, 1))
-            .collect()
-    });
-    let f2 = memgroup::arena_footprint();
-    assert_eq!(
-        f2.segments, f.segments,
-        "no new segment: pooled slabs and free segments were reused"
-    );
-    drop(again);
-    assert_eq!(exact(&h).usage, 0);
+}
+
+child_test! {
+    /// Empty slabs go to a shared pool (uncharged); past `MEMGROUP_ARENA_POOL` resident bytes the
+    /// pool gives their memory back to the OS.
+    fn the_pool_gives_memory_back => pool_inner("MEMGROUP_ARENA_POOL" = "1M") {
+        let g = fresh("pool");
+        let blocks: Vec<Block> = g.run(|| {
+            (0..100_000)
+                .map(|i| Block::filled(64 + i % 200, 1))
+                .collect()
+        });
+        let used = exact(&g).usage;
+        // Every block is in a slab; the vector's buffer is a large block (inner allocator).
+        let slabs = used - (blocks.capacity() * std::mem::size_of::<Block>() + memgroup::TAG_SIZE);
+        assert!(slabs > 10 << 20);
+        drop(blocks);
+        assert_eq!(exact(&g).usage, 0, "every slab uncharged");
+        let f = memgroup::arena_footprint();
+        assert!(
+            f.pooled + f.free_segments >= slabs,
+            "the slabs are pooled, or went back with their whole segment: {slabs} {f:?}"
+        );
+        // 1 MiB, and up to a batch of slabs per slab size waiting to be given back.
+        let batches = 128 * ((4 + 8 + 16 + 32) << 10);
+        assert!(
+            f.pooled_resident <= (1 << 20) + batches,
+            "at most 1 MiB (and the batches) stays resident: {f:?}"
+        );
+        // Pooled slabs are reused, by any group.
+        let h = fresh("pool-reuse");
+        let again: Vec<Block> = h.run(|| {
+            (0..100_000)
+                .map(|i| Block::filled(64 + i % 200, 1))
+                .collect()
+        });
+        let f2 = memgroup::arena_footprint();
+        assert_eq!(
+            f2.segments, f.segments,
+            "no new segment: pooled slabs and free segments were reused"
+        );
+        drop(again);
+        assert_eq!(exact(&h).usage, 0);
+    }
 }
 
 // A free inside `fork()` (between the arena's prepare and release handlers, on the forking
@@ -528,449 +511,397 @@ mod fork_window {
     }
 }
 
-#[cfg(target_os = "linux")]
-#[test]
-fn a_free_inside_fork_releases_the_last_slab_of_a_removed_group() {
-    run_in_child_process("fork_window_inner", &[]);
+child_test! {
+    fn a_free_inside_fork_releases_the_last_slab_of_a_removed_group => fork_window_inner() {
+        let dying0 = dying_groups();
+        let p = fresh("fork-p");
+        let c = fresh_child(&p, "c");
+        // Allocated by a thread that exits: its slab stays with the exited thread's abandoned heap,
+        // this block its only object, until the group's removal makes it an orphan.
+        let cc = c.clone();
+        let b = std::thread::spawn(move || cc.run(|| Block::new(2000, 8)))
+            .join()
+            .unwrap();
+        assert!(slab(&b).abandoned && !slab(&b).orphan);
+        c.remove().unwrap();
+        assert!(slab(&b).orphan, "a removed group's slabs have no owner");
+        assert_eq!(dying_groups(), dying0 + 1, "the block keeps the record");
+        *fork_window::ARMED.lock().unwrap() = Some(b);
+        assert_eq!(fork_window::fork_and_wait(), 0, "the child exited cleanly");
+        assert!(
+            fork_window::ARMED.lock().unwrap().is_none(),
+            "freed inside fork"
+        );
+        assert_eq!(
+            dying_groups(),
+            dying0,
+            "the slab was released, the record freed"
+        );
+        assert_eq!(exact(&p).usage, 0);
+        p.remove().unwrap();
+    }
 }
 
-#[cfg(target_os = "linux")]
-#[test]
-#[ignore = "run by a_free_inside_fork_releases_the_last_slab_of_a_removed_group"]
-fn fork_window_inner() {
-    if !in_child_process() {
-        return;
-    }
-    let dying0 = dying_groups();
-    let p = fresh("fork-p");
-    let c = fresh_child(&p, "c");
-    // Allocated by a thread that exits: its slab stays with the exited thread's abandoned heap,
-    // this block its only object, until the group's removal makes it an orphan.
-    let cc = c.clone();
-    let b = std::thread::spawn(move || cc.run(|| Block::new(2000, 8)))
+child_test! {
+    /// A thread that exits leaves its heap, slabs still holding objects included, for the next new
+    /// thread: that thread allocates from those slabs instead of new ones, frees into an abandoned
+    /// heap's slabs still release an emptied slab (and its group heap) without a flush, and the
+    /// figures stay exact. In exact mode (`MEMGROUP_BATCH=0`) too.
+    fn a_new_thread_adopts_an_exited_threads_slabs => adoption_inner("MEMGROUP_BATCH" = "0") {
+        let g = fresh("adopt");
+        // Thread A: ten blocks in one slab, still live when it exits. (The vectors are this
+        // thread's, so that only the blocks are in the exited threads' slabs.)
+        let ga = g.clone();
+        let mut v: Vec<Block> = Vec::with_capacity(40);
+        let mut blocks = std::thread::spawn(move || {
+            ga.run(|| v.extend((0..10).map(|_| Block::new(100, 8))));
+            v
+        })
         .join()
         .unwrap();
-    assert!(slab(&b).abandoned && !slab(&b).orphan);
-    c.remove().unwrap();
-    assert!(slab(&b).orphan, "a removed group's slabs have no owner");
-    assert_eq!(dying_groups(), dying0 + 1, "the block keeps the record");
-    *fork_window::ARMED.lock().unwrap() = Some(b);
-    assert_eq!(fork_window::fork_and_wait(), 0, "the child exited cleanly");
-    assert!(
-        fork_window::ARMED.lock().unwrap().is_none(),
-        "freed inside fork"
-    );
-    assert_eq!(
-        dying_groups(),
-        dying0,
-        "the slab was released, the record freed"
-    );
-    assert_eq!(exact(&p).usage, 0);
-    p.remove().unwrap();
-}
-
-/// A thread that exits leaves its heap, slabs still holding objects included, for the next new
-/// thread: that thread allocates from those slabs instead of new ones, frees into an abandoned
-/// heap's slabs still release an emptied slab (and its group heap) without a flush, and the
-/// figures stay exact. In exact mode (`MEMGROUP_BATCH=0`) too.
-#[test]
-fn a_new_thread_adopts_an_exited_threads_slabs() {
-    run_in_child_process("adoption_inner", &[]);
-    run_in_child_process("adoption_inner", &[("MEMGROUP_BATCH", "0")]);
-}
-
-#[test]
-#[ignore = "run by a_new_thread_adopts_an_exited_threads_slabs in a child process"]
-fn adoption_inner() {
-    if !in_child_process() {
-        return;
+        let first = slab(&blocks[0]);
+        assert!(blocks.iter().all(|b| slab(b).start == first.start));
+        assert!(
+            first.abandoned && !first.orphan,
+            "an exited thread's slab waits for adoption: {first:?}"
+        );
+        let s = exact(&g);
+        assert_eq!((s.usage, live(&s)), (first.len, 10), "{s:?}");
+        let segments = memgroup::arena_footprint().segments;
+        // Thread B (the next new thread) takes A's heap: its blocks come from A's slab, which is
+        // its own again while it runs.
+        let gb = g.clone();
+        let mut v: Vec<Block> = Vec::with_capacity(10);
+        let (more, owned) = std::thread::spawn(move || {
+            gb.run(|| v.extend((0..10).map(|_| Block::new(100, 8))));
+            let owned = v.iter().all(|b| {
+                let info = slab(b);
+                !info.abandoned && info.start == first.start
+            });
+            (v, owned)
+        })
+        .join()
+        .unwrap();
+        assert!(
+            owned,
+            "the new thread allocated from the exited thread's slab, as its owner"
+        );
+        assert_eq!(
+            memgroup::arena_footprint().segments,
+            segments,
+            "no new segment"
+        );
+        blocks.extend(more);
+        let s = exact(&g);
+        assert_eq!(
+            (s.usage, live(&s), s.allocs),
+            (first.len, 20, 20),
+            "one slab holds both threads' blocks: {s:?}"
+        );
+        assert!(slab(&blocks[0]).abandoned, "B exited too");
+        // Freed from this thread: the emptied slab goes back and the group heap is retired at the
+        // last free, without a flush.
+        let heaps = memgroup::arena_footprint().group_heaps;
+        drop(blocks);
+        assert_eq!(
+            memgroup::arena_footprint().group_heaps,
+            heaps - 1,
+            "the abandoned heap's group heap went with its last slab"
+        );
+        let s = exact(&g);
+        assert_eq!(
+            (s.usage, s.kmem, s.overhead, s.allocs, s.frees),
+            (0, 0, 0, 20, 20),
+            "{s:?}"
+        );
+        g.remove().unwrap();
     }
-    let g = fresh("adopt");
-    // Thread A: ten blocks in one slab, still live when it exits. (The vectors are this
-    // thread's, so that only the blocks are in the exited threads' slabs.)
-    let ga = g.clone();
-    let mut v: Vec<Block> = Vec::with_capacity(40);
-    let mut blocks = std::thread::spawn(move || {
-        ga.run(|| v.extend((0..10).map(|_| Block::new(100, 8))));
-        v
-    })
-    .join()
-    .unwrap();
-    let first = slab(&blocks[0]);
-    assert!(blocks.iter().all(|b| slab(b).start == first.start));
-    assert!(
-        first.abandoned && !first.orphan,
-        "an exited thread's slab waits for adoption: {first:?}"
-    );
-    let s = exact(&g);
-    assert_eq!((s.usage, live(&s)), (first.len, 10), "{s:?}");
-    let segments = memgroup::arena_footprint().segments;
-    // Thread B (the next new thread) takes A's heap: its blocks come from A's slab, which is
-    // its own again while it runs.
-    let gb = g.clone();
-    let mut v: Vec<Block> = Vec::with_capacity(10);
-    let (more, owned) = std::thread::spawn(move || {
-        gb.run(|| v.extend((0..10).map(|_| Block::new(100, 8))));
-        let owned = v.iter().all(|b| {
-            let info = slab(b);
-            !info.abandoned && info.start == first.start
-        });
-        (v, owned)
-    })
-    .join()
-    .unwrap();
-    assert!(
-        owned,
-        "the new thread allocated from the exited thread's slab, as its owner"
-    );
-    assert_eq!(
-        memgroup::arena_footprint().segments,
-        segments,
-        "no new segment"
-    );
-    blocks.extend(more);
-    let s = exact(&g);
-    assert_eq!(
-        (s.usage, live(&s), s.allocs),
-        (first.len, 20, 20),
-        "one slab holds both threads' blocks: {s:?}"
-    );
-    assert!(slab(&blocks[0]).abandoned, "B exited too");
-    // Freed from this thread: the emptied slab goes back and the group heap is retired at the
-    // last free, without a flush.
-    let heaps = memgroup::arena_footprint().group_heaps;
-    drop(blocks);
-    assert_eq!(
-        memgroup::arena_footprint().group_heaps,
-        heaps - 1,
-        "the abandoned heap's group heap went with its last slab"
-    );
-    let s = exact(&g);
-    assert_eq!(
-        (s.usage, s.kmem, s.overhead, s.allocs, s.frees),
-        (0, 0, 0, 20, 20),
-        "{s:?}"
-    );
-    g.remove().unwrap();
 }
 
-/// A segment whose slabs are all empty goes back whole: its memory to the OS, the segment to a
-/// free list from which the next segment cut, for any slab size, is taken.
-#[test]
-fn empty_segments_go_back_and_serve_other_slab_sizes() {
-    run_in_child_process("segments_inner", &[]);
-}
-
-#[test]
-#[ignore = "run by empty_segments_go_back_and_serve_other_slab_sizes in a child process"]
-fn segments_inner() {
-    if !in_child_process() {
-        return;
+child_test! {
+    /// A segment whose slabs are all empty goes back whole: its memory to the OS, the segment to a
+    /// free list from which the next segment cut, for any slab size, is taken.
+    fn empty_segments_go_back_and_serve_other_slab_sizes => segments_inner() {
+        let g = fresh("segments");
+        let rss0 = resident();
+        let f0 = memgroup::arena_footprint();
+        assert_eq!(f0.free_segments, 0, "{f0:?}");
+        // 64-byte blocks live in one-page slabs: 200,000 of them fill about three segments.
+        let mut small = Vec::with_capacity(200_000);
+        g.run(|| small.extend((0..200_000).map(|_| Block::filled(64, 1))));
+        let f1 = memgroup::arena_footprint();
+        let rss1 = resident();
+        assert!(
+            f1.segments >= f0.segments + (8 << 20),
+            "at least two segments cut: {f1:?}"
+        );
+        drop(small);
+        assert_eq!(exact(&g).usage, 0);
+        let f2 = memgroup::arena_footprint();
+        let rss2 = resident();
+        eprintln!(
+            "segments: resident {} KiB, {} KiB with 200,000 blocks of 64 bytes, {} KiB once freed; \
+             {f2:?}",
+            rss0 >> 10,
+            rss1 >> 10,
+            rss2 >> 10
+        );
+        assert!(
+            rss1 - rss2 >= f2.free_segments / 2,
+            "the free segments' memory went back to the OS: {} KiB of {} KiB",
+            (rss1 - rss2) >> 10,
+            (rss1 - rss0) >> 10
+        );
+        assert!(
+            f2.free_segments >= 8 << 20,
+            "the emptied segments (all but the one being cut) went back: {f2:?}"
+        );
+        assert_eq!(f2.segments, f1.segments);
+        // The pool's 4 MiB, and up to a batch of slabs per slab size waiting to be given back.
+        let batches = 128 * ((4 + 8 + 16 + 32) << 10);
+        assert!(
+            f2.pooled_resident <= (4 << 20) + batches,
+            "what stays pooled is within the pool's limit: {f2:?}"
+        );
+        // 8 KiB blocks live in eight-page slabs: another slab size, served from the free segments
+        // (no new address space) until they run out.
+        let per_segment = (4 << 20) / 8192;
+        let n = per_segment * (f2.free_segments >> 22) / 2;
+        let big: Vec<Block> = g.run(|| (0..n).map(|_| Block::filled(8192, 2)).collect());
+        let f3 = memgroup::arena_footprint();
+        assert_eq!(
+            f3.segments, f2.segments,
+            "no new segment while free ones remain: {f3:?}"
+        );
+        assert!(f3.free_segments < f2.free_segments, "{f3:?}");
+        drop(big);
+        let s = exact(&g);
+        assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
+        g.remove().unwrap();
     }
-    let g = fresh("segments");
-    let rss0 = resident();
-    let f0 = memgroup::arena_footprint();
-    assert_eq!(f0.free_segments, 0, "{f0:?}");
-    // 64-byte blocks live in one-page slabs: 200,000 of them fill about three segments.
-    let mut small = Vec::with_capacity(200_000);
-    g.run(|| small.extend((0..200_000).map(|_| Block::filled(64, 1))));
-    let f1 = memgroup::arena_footprint();
-    let rss1 = resident();
-    assert!(
-        f1.segments >= f0.segments + (8 << 20),
-        "at least two segments cut: {f1:?}"
-    );
-    drop(small);
-    assert_eq!(exact(&g).usage, 0);
-    let f2 = memgroup::arena_footprint();
-    let rss2 = resident();
-    eprintln!(
-        "segments: resident {} KiB, {} KiB with 200,000 blocks of 64 bytes, {} KiB once freed; \
-         {f2:?}",
-        rss0 >> 10,
-        rss1 >> 10,
-        rss2 >> 10
-    );
-    assert!(
-        rss1 - rss2 >= f2.free_segments / 2,
-        "the free segments' memory went back to the OS: {} KiB of {} KiB",
-        (rss1 - rss2) >> 10,
-        (rss1 - rss0) >> 10
-    );
-    assert!(
-        f2.free_segments >= 8 << 20,
-        "the emptied segments (all but the one being cut) went back: {f2:?}"
-    );
-    assert_eq!(f2.segments, f1.segments);
-    // The pool's 4 MiB, and up to a batch of slabs per slab size waiting to be given back.
-    let batches = 128 * ((4 + 8 + 16 + 32) << 10);
-    assert!(
-        f2.pooled_resident <= (4 << 20) + batches,
-        "what stays pooled is within the pool's limit: {f2:?}"
-    );
-    // 8 KiB blocks live in eight-page slabs: another slab size, served from the free segments
-    // (no new address space) until they run out.
-    let per_segment = (4 << 20) / 8192;
-    let n = per_segment * (f2.free_segments >> 22) / 2;
-    let big: Vec<Block> = g.run(|| (0..n).map(|_| Block::filled(8192, 2)).collect());
-    let f3 = memgroup::arena_footprint();
-    assert_eq!(
-        f3.segments, f2.segments,
-        "no new segment while free ones remain: {f3:?}"
-    );
-    assert!(f3.free_segments < f2.free_segments, "{f3:?}");
-    drop(big);
-    let s = exact(&g);
-    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
-    g.remove().unwrap();
 }
 
-/// A group removed while other threads free its blocks: the removal makes the group heap's
-/// slabs orphans, and the free of an orphan's last object releases the slab to the pool, where
-/// another thread's group heap may take it at once. The removal must not touch a slab after
-/// the word that made it an orphan: it once nulled the owner (and the links and state) of a
-/// slab reused and parked full meanwhile, and the next remote free into it crashed in
-/// `notify` on the null owner (the thread-churn test's rare abort). `pause_after_orphaning`
-/// holds the removal in that window for long enough that the reuse happens inside it.
-#[test]
-fn a_slab_reused_while_its_old_group_heap_is_removed() {
-    run_in_child_process("orphan_reuse_inner", &[]);
-}
-
-#[test]
-#[ignore = "run by a_slab_reused_while_its_old_group_heap_is_removed in a child process"]
-fn orphan_reuse_inner() {
-    if !in_child_process() {
-        return;
+child_test! {
+    /// A group removed while other threads free its blocks: the removal makes the group heap's
+    /// slabs orphans, and the free of an orphan's last object releases the slab to the pool, where
+    /// another thread's group heap may take it at once. The removal must not touch a slab after
+    /// the word that made it an orphan: it once nulled the owner (and the links and state) of a
+    /// slab reused and parked full meanwhile, and the next remote free into it crashed in
+    /// `notify` on the null owner (the thread-churn test's rare abort). `pause_after_orphaning`
+    /// holds the removal in that window for long enough that the reuse happens inside it.
+    fn a_slab_reused_while_its_old_group_heap_is_removed => orphan_reuse_inner() {
+        const SIZE: usize = 64;
+        const PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+        let dying0 = dying_groups();
+        memgroup::pause_after_orphaning(PAUSE.as_micros() as u32);
+        let mut reused = 0;
+        for round in 0..10 {
+            let g = fresh("orphan-reuse-g");
+            let h = fresh("orphan-reuse-h");
+            // The owner of `g`'s blocks stays alive through the removal: its group heap is live.
+            let (blocks_tx, blocks_rx) = mpsc::channel::<Vec<Block>>();
+            let (quit_tx, quit_rx) = mpsc::channel::<()>();
+            let g2 = g.clone();
+            let owner = std::thread::spawn(move || {
+                let mut blocks = Vec::with_capacity(200);
+                g2.run(|| blocks.extend((0..200).map(|_| Block::new(SIZE, 8))));
+                blocks_tx.send(blocks).unwrap();
+                quit_rx.recv().unwrap();
+            });
+            let blocks = blocks_rx.recv().unwrap();
+            let starts: Vec<usize> = blocks.iter().map(|b| slab(b).start).collect();
+            let go = Arc::new(Barrier::new(3));
+            // Frees every block of `g` once the removal has orphaned its first slab.
+            let freer = {
+                let go = go.clone();
+                std::thread::spawn(move || {
+                    go.wait();
+                    std::thread::sleep(PAUSE / 5);
+                    drop(blocks);
+                })
+            };
+            // Allocates in `h` until it gets an object of one of `g`'s slabs (the orphan its last
+            // free released), then fills that slab, so it is parked full, owned by this thread.
+            let reuser = {
+                let (go, h) = (go.clone(), h.clone());
+                std::thread::spawn(move || {
+                    go.wait();
+                    std::thread::sleep(PAUSE / 5 + PAUSE / 10);
+                    let mut mine = Vec::with_capacity(4096);
+                    let mut target = None;
+                    h.run(|| {
+                        while mine.len() < 4000 {
+                            let b = Block::new(SIZE, 8);
+                            let s = slab(&b).start;
+                            match target {
+                                None if starts.contains(&s) => target = Some(s),
+                                Some(t) if s != t => {
+                                    mine.push(b);
+                                    break;
+                                }
+                                _ => {}
+                            }
+                            mine.push(b);
+                        }
+                    });
+                    (target, mine)
+                })
+            };
+            go.wait();
+            g.remove().unwrap();
+            freer.join().unwrap();
+            let (target, mine) = reuser.join().unwrap();
+            // Remote frees (this thread owns none of them): the first one into the slab parked
+            // full hands its object to the owner through `notify`, which reads the slab's owner.
+            drop(mine);
+            quit_tx.send(()).unwrap();
+            owner.join().unwrap();
+            let s = exact(&h);
+            assert_eq!(
+                (s.usage, s.kmem, s.overhead, live(&s)),
+                (0, 0, 0, 0),
+                "round {round}: {s:?}"
+            );
+            h.remove().unwrap();
+            if target.is_some() {
+                reused += 1;
+                if reused == 3 {
+                    break;
+                }
+            }
+        }
+        memgroup::pause_after_orphaning(0);
+        assert_eq!(dying_groups(), dying0, "every removed group's record went");
+        assert!(
+            reused > 0,
+            "no round had the orphan's slab reused inside the removal's window"
+        );
     }
-    const SIZE: usize = 64;
-    const PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
-    let dying0 = dying_groups();
-    memgroup::pause_after_orphaning(PAUSE.as_micros() as u32);
-    let mut reused = 0;
-    for round in 0..10 {
-        let g = fresh("orphan-reuse-g");
-        let h = fresh("orphan-reuse-h");
-        // The owner of `g`'s blocks stays alive through the removal: its group heap is live.
+}
+
+child_test! {
+    /// A fork while another thread is inside `notify` (the first remote free into a slab parked
+    /// full, holding the slab's `NOTIFYING` bit until it has handed its object to the owner): that
+    /// thread holds no lock, so the fork does not wait for it, and in the child, where it does not
+    /// run, the bit must not stay set, or the child hangs in the first wait for it (here the
+    /// removal of the slab's group, which orphans the slab).
+    fn a_fork_during_a_notify_leaves_no_wait_hanging_in_the_child => fork_notify_inner() {
+        const SIZE: usize = 64;
+        const PAUSE: std::time::Duration = std::time::Duration::from_millis(400);
+        let g = fresh("fork-notify");
+        // The owner fills a slab and takes another: the first is parked full.
         let (blocks_tx, blocks_rx) = mpsc::channel::<Vec<Block>>();
         let (quit_tx, quit_rx) = mpsc::channel::<()>();
         let g2 = g.clone();
         let owner = std::thread::spawn(move || {
-            let mut blocks = Vec::with_capacity(200);
-            g2.run(|| blocks.extend((0..200).map(|_| Block::new(SIZE, 8))));
-            blocks_tx.send(blocks).unwrap();
+            let mut v = Vec::with_capacity(4096);
+            g2.run(|| {
+                v.push(Block::new(SIZE, 8));
+                let first = slab(&v[0]).start;
+                while v.len() < 4000 {
+                    let b = Block::new(SIZE, 8);
+                    let next = slab(&b).start != first;
+                    v.push(b);
+                    if next {
+                        break;
+                    }
+                }
+            });
+            blocks_tx.send(v).unwrap();
             quit_rx.recv().unwrap();
         });
-        let blocks = blocks_rx.recv().unwrap();
-        let starts: Vec<usize> = blocks.iter().map(|b| slab(b).start).collect();
-        let go = Arc::new(Barrier::new(3));
-        // Frees every block of `g` once the removal has orphaned its first slab.
-        let freer = {
-            let go = go.clone();
-            std::thread::spawn(move || {
-                go.wait();
-                std::thread::sleep(PAUSE / 5);
-                drop(blocks);
-            })
-        };
-        // Allocates in `h` until it gets an object of one of `g`'s slabs (the orphan its last
-        // free released), then fills that slab, so it is parked full, owned by this thread.
-        let reuser = {
-            let (go, h) = (go.clone(), h.clone());
-            std::thread::spawn(move || {
-                go.wait();
-                std::thread::sleep(PAUSE / 5 + PAUSE / 10);
-                let mut mine = Vec::with_capacity(4096);
-                let mut target = None;
-                h.run(|| {
-                    while mine.len() < 4000 {
-                        let b = Block::new(SIZE, 8);
-                        let s = slab(&b).start;
-                        match target {
-                            None if starts.contains(&s) => target = Some(s),
-                            Some(t) if s != t => {
-                                mine.push(b);
-                                break;
-                            }
-                            _ => {}
-                        }
-                        mine.push(b);
-                    }
-                });
-                (target, mine)
-            })
-        };
-        go.wait();
-        g.remove().unwrap();
-        freer.join().unwrap();
-        let (target, mine) = reuser.join().unwrap();
-        // Remote frees (this thread owns none of them): the first one into the slab parked
-        // full hands its object to the owner through `notify`, which reads the slab's owner.
-        drop(mine);
+        let mut blocks = blocks_rx.recv().unwrap();
+        assert!(
+            slab(&blocks[0]).start != slab(blocks.last().unwrap()).start,
+            "the owner filled its first slab"
+        );
+        let b = blocks.swap_remove(0);
+        memgroup::pause_in_notify(PAUSE.as_micros() as u32);
+        let notifier = std::thread::spawn(move || drop(b));
+        std::thread::sleep(PAUSE / 4);
+        // SAFETY: the child only removes a group (allocation and the group registry, which the
+        // allocator and its fork handlers support after fork) and leaves with _exit, never
+        // returning into the test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            memgroup::pause_in_notify(0);
+            let ok = g.remove().is_ok();
+            // SAFETY: _exit is async-signal-safe and skips atexit handlers and destructors.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let status = wait_child(pid, std::time::Duration::from_secs(20));
+        notifier.join().unwrap();
+        memgroup::pause_in_notify(0);
+        assert_eq!(
+            status,
+            Some(0),
+            "the child removed the group and exited (None: it hung)"
+        );
+        drop(blocks);
         quit_tx.send(()).unwrap();
         owner.join().unwrap();
-        let s = exact(&h);
+        let s = exact(&g);
         assert_eq!(
             (s.usage, s.kmem, s.overhead, live(&s)),
             (0, 0, 0, 0),
-            "round {round}: {s:?}"
+            "{s:?}"
         );
-        h.remove().unwrap();
-        if target.is_some() {
-            reused += 1;
-            if reused == 3 {
-                break;
-            }
-        }
+        g.remove().unwrap();
     }
-    memgroup::pause_after_orphaning(0);
-    assert_eq!(dying_groups(), dying0, "every removed group's record went");
-    assert!(
-        reused > 0,
-        "no round had the orphan's slab reused inside the removal's window"
-    );
 }
 
-/// A fork while another thread is inside `notify` (the first remote free into a slab parked
-/// full, holding the slab's `NOTIFYING` bit until it has handed its object to the owner): that
-/// thread holds no lock, so the fork does not wait for it, and in the child, where it does not
-/// run, the bit must not stay set, or the child hangs in the first wait for it (here the
-/// removal of the slab's group, which orphans the slab).
-#[test]
-fn a_fork_during_a_notify_leaves_no_wait_hanging_in_the_child() {
-    run_in_child_process("fork_notify_inner", &[]);
-}
-
-#[cfg(target_os = "linux")]
-#[test]
-#[ignore = "run by a_fork_during_a_notify_leaves_no_wait_hanging_in_the_child"]
-fn fork_notify_inner() {
-    if !in_child_process() {
-        return;
-    }
-    const SIZE: usize = 64;
-    const PAUSE: std::time::Duration = std::time::Duration::from_millis(400);
-    let g = fresh("fork-notify");
-    // The owner fills a slab and takes another: the first is parked full.
-    let (blocks_tx, blocks_rx) = mpsc::channel::<Vec<Block>>();
-    let (quit_tx, quit_rx) = mpsc::channel::<()>();
-    let g2 = g.clone();
-    let owner = std::thread::spawn(move || {
-        let mut v = Vec::with_capacity(4096);
-        g2.run(|| {
-            v.push(Block::new(SIZE, 8));
-            let first = slab(&v[0]).start;
-            while v.len() < 4000 {
+child_test! {
+    /// A segment whose memory cannot be committed costs no address space: the range cut for it
+    /// goes back, so failures (here injected, every commit refused) do not eat the region 4 MiB at
+    /// a time; the blocks go to the inner allocator meanwhile, and the next commit that works cuts
+    /// the very range again.
+    fn a_failed_commit_gives_its_segment_back => failed_commit_inner() {
+        const SIZE: usize = 8192;
+        const ASKED: u32 = 1_000_000;
+        let g = fresh("failed-commit");
+        let mut blocks = Vec::with_capacity(4096);
+        // This thread's heap, key table and group heap exist before any failure.
+        g.run(|| blocks.push(Block::new(SIZE, 8)));
+        let segments = memgroup::arena_footprint().segments;
+        assert_eq!(memgroup::fail_next_maps(ASKED), 0);
+        // Slabs come from the pool and the segment being cut until a new segment is needed: its
+        // commit fails, and every later one.
+        let mut outside = 0;
+        g.run(|| {
+            while blocks.len() < 4000 && outside < 50 {
                 let b = Block::new(SIZE, 8);
-                let next = slab(&b).start != first;
-                v.push(b);
-                if next {
-                    break;
-                }
+                outside += slab_of(b.ptr()).is_none() as usize;
+                blocks.push(b);
             }
         });
-        blocks_tx.send(v).unwrap();
-        quit_rx.recv().unwrap();
-    });
-    let mut blocks = blocks_rx.recv().unwrap();
-    assert!(
-        slab(&blocks[0]).start != slab(blocks.last().unwrap()).start,
-        "the owner filled its first slab"
-    );
-    let b = blocks.swap_remove(0);
-    memgroup::pause_in_notify(PAUSE.as_micros() as u32);
-    let notifier = std::thread::spawn(move || drop(b));
-    std::thread::sleep(PAUSE / 4);
-    // SAFETY: the child only removes a group (allocation and the group registry, which the
-    // allocator and its fork handlers support after fork) and leaves with _exit, never
-    // returning into the test harness.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
-        memgroup::pause_in_notify(0);
-        let ok = g.remove().is_ok();
-        // SAFETY: _exit is async-signal-safe and skips atexit handlers and destructors.
-        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        let failed = ASKED - memgroup::fail_next_maps(0);
+        assert_eq!(
+            outside, 50,
+            "the segment's commit failed: blocks went to the inner allocator"
+        );
+        assert!(failed >= 50, "{failed} commits failed");
+        assert_eq!(
+            memgroup::arena_footprint().segments,
+            segments,
+            "{failed} failed commits cut no address space"
+        );
+        let b = g.run(|| Block::new(SIZE, 8));
+        assert!(slab_of(b.ptr()).is_some(), "commits work again");
+        assert_eq!(
+            memgroup::arena_footprint().segments,
+            segments + (4 << 20),
+            "one segment cut"
+        );
+        drop((b, blocks));
+        let s = exact(&g);
+        assert_eq!(
+            (s.usage, s.kmem, s.overhead, live(&s)),
+            (0, 0, 0, 0),
+            "{s:?}"
+        );
+        g.remove().unwrap();
     }
-    let status = wait_child(pid, std::time::Duration::from_secs(20));
-    notifier.join().unwrap();
-    memgroup::pause_in_notify(0);
-    assert_eq!(
-        status,
-        Some(0),
-        "the child removed the group and exited (None: it hung)"
-    );
-    drop(blocks);
-    quit_tx.send(()).unwrap();
-    owner.join().unwrap();
-    let s = exact(&g);
-    assert_eq!(
-        (s.usage, s.kmem, s.overhead, live(&s)),
-        (0, 0, 0, 0),
-        "{s:?}"
-    );
-    g.remove().unwrap();
-}
-
-/// A segment whose memory cannot be committed costs no address space: the range cut for it
-/// goes back, so failures (here injected, every commit refused) do not eat the region 4 MiB at
-/// a time; the blocks go to the inner allocator meanwhile, and the next commit that works cuts
-/// the very range again.
-#[test]
-fn a_failed_commit_gives_its_segment_back() {
-    run_in_child_process("failed_commit_inner", &[]);
-}
-
-#[test]
-#[ignore = "run by a_failed_commit_gives_its_segment_back in a child process"]
-fn failed_commit_inner() {
-    if !in_child_process() {
-        return;
-    }
-    const SIZE: usize = 8192;
-    const ASKED: u32 = 1_000_000;
-    let g = fresh("failed-commit");
-    let mut blocks = Vec::with_capacity(4096);
-    // This thread's heap, key table and group heap exist before any failure.
-    g.run(|| blocks.push(Block::new(SIZE, 8)));
-    let segments = memgroup::arena_footprint().segments;
-    assert_eq!(memgroup::fail_next_maps(ASKED), 0);
-    // Slabs come from the pool and the segment being cut until a new segment is needed: its
-    // commit fails, and every later one.
-    let mut outside = 0;
-    g.run(|| {
-        while blocks.len() < 4000 && outside < 50 {
-            let b = Block::new(SIZE, 8);
-            outside += slab_of(b.ptr()).is_none() as usize;
-            blocks.push(b);
-        }
-    });
-    let failed = ASKED - memgroup::fail_next_maps(0);
-    assert_eq!(
-        outside, 50,
-        "the segment's commit failed: blocks went to the inner allocator"
-    );
-    assert!(failed >= 50, "{failed} commits failed");
-    assert_eq!(
-        memgroup::arena_footprint().segments,
-        segments,
-        "{failed} failed commits cut no address space"
-    );
-    let b = g.run(|| Block::new(SIZE, 8));
-    assert!(slab_of(b.ptr()).is_some(), "commits work again");
-    assert_eq!(
-        memgroup::arena_footprint().segments,
-        segments + (4 << 20),
-        "one segment cut"
-    );
-    drop((b, blocks));
-    let s = exact(&g);
-    assert_eq!(
-        (s.usage, s.kmem, s.overhead, live(&s)),
-        (0, 0, 0, 0),
-        "{s:?}"
-    );
-    g.remove().unwrap();
 }
 
 /// The child of `arena_waits_progress_on_one_cpu`: an owner thread at real-time priority 1

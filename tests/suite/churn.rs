@@ -6,7 +6,7 @@
 
 include!("common.rs");
 
-use common::{exact, fresh, fresh_child, in_child_process, live, run_in_child_process, wait_child};
+use common::{exact, fresh, fresh_child, live, wait_child};
 use common::{Block, Rng};
 use memgroup::{dying_groups, Group};
 use std::collections::VecDeque;
@@ -171,73 +171,65 @@ fn churn(shared: &Group, tenant: &Group) -> (usize, usize, [usize; 5]) {
     )
 }
 
-#[test]
-fn ten_thousand_short_lived_threads_leave_exact_counters_and_bounded_memory() {
-    // Alone in a process, so the resident memory is the churn's own.
-    run_in_child_process("thread_churn_inner", &[]);
-}
-
-#[test]
-#[ignore = "run by ten_thousand_short_lived_threads_leave_exact_counters_and_bounded_memory"]
-fn thread_churn_inner() {
-    if !in_child_process() {
-        return;
+child_test! {
+    /// Alone in a process, so the resident memory is the churn's own.
+    fn ten_thousand_short_lived_threads_leave_exact_counters_and_bounded_memory => thread_churn_inner() {
+        let dying0 = dying_groups();
+        let shared = fresh("churn-shared");
+        let tenant = fresh("churn-tenant");
+        let (n_shared, n_own, [start, most_rss, end, at_2000, late]) = churn(&shared, &tenant);
+        eprintln!(
+            "churn: resident {} KiB at the start, at most {} KiB, {} KiB after {THREADS} threads; \
+             outside the arena's pool (medians of {WINDOW} waves) {} KiB from 2,000 threads, {} KiB \
+             at the end",
+            start >> 10,
+            most_rss >> 10,
+            end >> 10,
+            at_2000 >> 10,
+            late >> 10,
+        );
+        assert_eq!(
+            (n_shared, n_own),
+            (THREADS / 2 * (BLOCKS + 1), THREADS / 2 * BLOCKS)
+        );
+        // Every block was allocated inside its group, and every one is freed.
+        let s = exact(&shared);
+        assert_eq!(
+            (s.usage, s.kmem, s.overhead, s.allocs, s.frees),
+            (0, 0, 0, n_shared as u64, n_shared as u64),
+            "the shared group after the churn: {s:?}"
+        );
+        let t = exact(&tenant);
+        assert_eq!(
+            (t.usage, t.kmem, t.overhead, t.allocs, t.frees),
+            (0, 0, 0, n_own as u64, n_own as u64),
+            "the tenant of the threads' own groups after the churn: {t:?}"
+        );
+        assert!(
+            tenant.children().is_empty(),
+            "every own group was removed"
+        );
+        assert_eq!(
+            dying_groups(),
+            dying0,
+            "the removed groups' records went with their last byte"
+        );
+        assert!(
+            late.saturating_sub(at_2000) < GROWTH,
+            "resident memory (outside the arena's pool) grew by {} KiB between 2,000 and {THREADS} \
+             threads",
+            late.saturating_sub(at_2000) >> 10
+        );
+        assert!(
+            most_rss - start < TOTAL,
+            "resident memory grew by {} KiB over the churn",
+            (most_rss - start) >> 10
+        );
+        let root = exact(&Group::root());
+        assert_eq!(root.allocs - root.frees, live(&root), "sanity");
+        shared.remove().unwrap();
+        tenant.remove().unwrap();
     }
-    let dying0 = dying_groups();
-    let shared = fresh("churn-shared");
-    let tenant = fresh("churn-tenant");
-    let (n_shared, n_own, [start, most_rss, end, at_2000, late]) = churn(&shared, &tenant);
-    eprintln!(
-        "churn: resident {} KiB at the start, at most {} KiB, {} KiB after {THREADS} threads; \
-         outside the arena's pool (medians of {WINDOW} waves) {} KiB from 2,000 threads, {} KiB \
-         at the end",
-        start >> 10,
-        most_rss >> 10,
-        end >> 10,
-        at_2000 >> 10,
-        late >> 10,
-    );
-    assert_eq!(
-        (n_shared, n_own),
-        (THREADS / 2 * (BLOCKS + 1), THREADS / 2 * BLOCKS)
-    );
-    // Every block was allocated inside its group, and every one is freed.
-    let s = exact(&shared);
-    assert_eq!(
-        (s.usage, s.kmem, s.overhead, s.allocs, s.frees),
-        (0, 0, 0, n_shared as u64, n_shared as u64),
-        "the shared group after the churn: {s:?}"
-    );
-    let t = exact(&tenant);
-    assert_eq!(
-        (t.usage, t.kmem, t.overhead, t.allocs, t.frees),
-        (0, 0, 0, n_own as u64, n_own as u64),
-        "the tenant of the threads' own groups after the churn: {t:?}"
-    );
-    assert!(
-        tenant.children().is_empty(),
-        "every own group was removed"
-    );
-    assert_eq!(
-        dying_groups(),
-        dying0,
-        "the removed groups' records went with their last byte"
-    );
-    assert!(
-        late.saturating_sub(at_2000) < GROWTH,
-        "resident memory (outside the arena's pool) grew by {} KiB between 2,000 and {THREADS} \
-         threads",
-        late.saturating_sub(at_2000) >> 10
-    );
-    assert!(
-        most_rss - start < TOTAL,
-        "resident memory grew by {} KiB over the churn",
-        (most_rss - start) >> 10
-    );
-    let root = exact(&Group::root());
-    assert_eq!(root.allocs - root.frees, live(&root), "sanity");
-    shared.remove().unwrap();
-    tenant.remove().unwrap();
 }
 
 /// What a forked child does: spawns a thread (which may take over a heap the parent's other
