@@ -42,32 +42,33 @@ impl<A> Cap<A> {
     }
 }
 
-// SAFETY: forwards every call to `inner` with the caller's layout unchanged; only counts.
-unsafe impl<A: GlobalAlloc> GlobalAlloc for Cap<A> {
+impl<A> Cap<A> {
+    /// Charges `layout`'s size, then allocates with `alloc`; undoes the charge if it fails.
     #[inline(always)]
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+    fn charged(&self, layout: Layout, alloc: impl FnOnce() -> *mut u8) -> *mut u8 {
         if !self.charge(layout.size()) {
             return null_mut();
         }
-        // SAFETY: the caller's contract for `alloc` is passed on unchanged.
-        let ptr = unsafe { self.inner.alloc(layout) };
+        let ptr = alloc();
         if ptr.is_null() {
             self.allocated.fetch_sub(layout.size(), Ordering::Relaxed);
         }
         ptr
     }
+}
+
+// SAFETY: forwards every call to `inner` with the caller's layout unchanged; only counts.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for Cap<A> {
+    #[inline(always)]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc` is passed on unchanged.
+        self.charged(layout, || unsafe { self.inner.alloc(layout) })
+    }
 
     #[inline(always)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !self.charge(layout.size()) {
-            return null_mut();
-        }
         // SAFETY: the caller's contract for `alloc_zeroed` is passed on unchanged.
-        let ptr = unsafe { self.inner.alloc_zeroed(layout) };
-        if ptr.is_null() {
-            self.allocated.fetch_sub(layout.size(), Ordering::Relaxed);
-        }
-        ptr
+        self.charged(layout, || unsafe { self.inner.alloc_zeroed(layout) })
     }
 
     #[inline(always)]
