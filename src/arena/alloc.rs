@@ -1,12 +1,14 @@
 //! Allocating a slab object: the fast path (the cached group heap's active slab), and the slow
 //! path, which finds or makes the thread's group heap, refills the active slab (remote frees,
 //! the partial list, a fresh slab charged to the group) and parks exhausted slabs as full.
+//! Before its first slab of a class, a group heap has its blocks of that class served the tag
+//! way (`Slow::Inner`) until it has asked for `slab_after` of them (see `class`).
 
 use core::cell::Cell;
 use core::ptr::null_mut;
 
 use crate::core::stock::{key, key_is_kernel, Key};
-use crate::sync::{Backoff, Ordering};
+use crate::sync::{AtomicU32, Backoff, Ordering};
 use crate::{platform, thread, TAG_SIZE};
 
 use super::class::{self, CLASSES};
@@ -43,6 +45,28 @@ pub(crate) fn alloc_fast(key: Key, class: usize, size: usize, counted: bool) -> 
         leave(th);
         p
     }
+}
+
+/// Per class, `class::slab_after` for `MEMGROUP_ARENA_SLAB_AFTER`, set by `read_slab_after` at
+/// the arena's setup (before any thread heap exists, so before any slow path reads it).
+static SLAB_AFTER: [AtomicU32; CLASSES] = [const { AtomicU32::new(0) }; CLASSES];
+
+/// Reads `MEMGROUP_ARENA_SLAB_AFTER` (once, from the arena's setup). Allocates nothing.
+pub(super) fn read_slab_after() {
+    let bytes = platform::env_size_in(
+        c"MEMGROUP_ARENA_SLAB_AFTER",
+        class::SLAB_AFTER_DEFAULT,
+        class::SLAB_AFTER_MAX,
+    );
+    for (c, n) in SLAB_AFTER.iter().enumerate() {
+        n.store(class::slab_after(bytes, c) as u32, Ordering::Relaxed);
+    }
+}
+
+/// Blocks of `class` a group heap has served the tag way before it takes a slab of `class`.
+#[inline(always)]
+fn slab_after(class: usize) -> u16 {
+    SLAB_AFTER[class].load(Ordering::Relaxed) as u16
 }
 
 /// A fresh slab of `class`, charged to `key`: its free list holds every object.
@@ -84,7 +108,9 @@ pub(super) fn new_slab(key: Key, class: usize) -> Result<*mut Slab, Slow> {
 
 /// The slow path of a small allocation for `key`: finds or makes this thread's group heap
 /// for it (its nearest live ancestor's, if its group was removed), refills the class's active
-/// slab from remote frees, the partial list or a fresh slab, and allocates from it.
+/// slab from remote frees, the partial list or a fresh slab, and allocates from it. A group
+/// heap that has not yet asked for `slab_after(class)` blocks of the class takes no slab:
+/// `Slow::Inner`, the block goes the tag way (and counts toward the slab).
 #[cold]
 #[inline(never)]
 pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> Slow {
@@ -110,6 +136,13 @@ pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> 
             if !p.is_null() {
                 (*th).lock.unlock();
                 break Slow::Done(p);
+            }
+            // Not asked for enough of the class yet: the tag way, charged exactly.
+            let asked = &raw mut (*gh).asked[class];
+            if *asked < slab_after(class) {
+                *asked += 1;
+                (*th).lock.unlock();
+                break Slow::Inner;
             }
             let (gkey, gen) = ((*gh).key, (*gh).gen);
             // Charging may reclaim (run shrinkers, which allocate and free): hold nothing.
@@ -342,6 +375,7 @@ pub(super) unsafe fn new_group_heap(th: *mut ThreadHeap, key: Key) -> *mut Group
             active: slab::empty(),
             partial: null_mut(),
         }; CLASSES];
+        (*gh).asked = [0; CLASSES];
         if !(*th).table.insert(key, gh) {
             retire(gh);
             return null_mut();

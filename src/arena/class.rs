@@ -15,6 +15,13 @@
 //! A slab is one to eight pages: the smallest that holds at least [`MIN_OBJECTS`] objects and
 //! wastes at most an eighth of itself at its end. Small slabs keep the per-group cost low: a
 //! group holding one 24-byte object is charged one page, not a segment.
+//!
+//! A group is charged slabs of a class only once it has asked for enough of it (issue 12.3):
+//! a thread's group heap serves its first blocks of each class from the inner allocator with
+//! the tag design's 8-byte tag (charged exactly), and takes a slab of the class only once it has
+//! asked for [`slab_after`] of them: `MEMGROUP_ARENA_SLAB_AFTER` bytes (default
+//! [`SLAB_AFTER_DEFAULT`]), and never fewer than a slab holds. So a small tenant costs what the
+//! tag design charges, and a busy one pays the tag path for its first few pages of each class.
 
 /// The largest block served from slabs.
 pub(crate) const MAX_SMALL: usize = 8192;
@@ -147,6 +154,28 @@ fn aligned(size: usize, align: usize) -> Option<usize> {
     Some(c)
 }
 
+/// `MEMGROUP_ARENA_SLAB_AFTER`: bytes a thread's group heap asks for in one class, served the
+/// tag way, before it takes a slab of that class; by default four pages. `0` takes slabs from
+/// the first block (the arena before issue 12.3).
+pub(crate) const SLAB_AFTER_DEFAULT: usize = 16 << 10;
+
+/// The largest `MEMGROUP_ARENA_SLAB_AFTER` (a larger value is taken as this one, with a
+/// warning): 32,768 blocks of 8 bytes, so a count fits in 16 bits.
+pub(crate) const SLAB_AFTER_MAX: usize = 256 << 10;
+
+/// Blocks of class `c` a group heap allocates the tag way before it takes a slab of `c`, for a
+/// threshold of `bytes` (`MEMGROUP_ARENA_SLAB_AFTER`): enough blocks to make `bytes`, and at
+/// least a slab's worth (a slab of eight 8 KiB objects is taken after eight of them, not two);
+/// 0 if `bytes` is 0. At most `u16::MAX` for `bytes <= SLAB_AFTER_MAX`.
+pub(crate) fn slab_after(bytes: usize, c: usize) -> u16 {
+    if bytes == 0 {
+        return 0;
+    }
+    let size = SIZES[c] as usize;
+    let n = bytes.max(slab_bytes(c)).div_ceil(size);
+    n.min(u16::MAX as usize) as u16
+}
+
 /// Bytes of a slab of class `c`.
 #[inline(always)]
 pub(crate) fn slab_bytes(c: usize) -> usize {
@@ -193,5 +222,26 @@ mod tests {
             assert!(slab - used <= slab / 8, "class {}", SIZES[c]);
             assert!(kind(c) < KINDS);
         }
+    }
+
+    #[test]
+    fn slab_after_is_at_least_a_slab_and_fits() {
+        for c in 0..CLASSES {
+            let size = SIZES[c] as usize;
+            assert_eq!(slab_after(0, c), 0);
+            let n = slab_after(SLAB_AFTER_DEFAULT, c) as usize;
+            assert!(
+                n * size >= SLAB_AFTER_DEFAULT.max(slab_bytes(c)),
+                "class {size}"
+            );
+            assert!(
+                (n - 1) * size < SLAB_AFTER_DEFAULT.max(slab_bytes(c)),
+                "class {size}"
+            );
+            assert!(n >= CAPACITY[c] as usize);
+            let most = slab_after(SLAB_AFTER_MAX, c) as usize;
+            assert!(most * size >= SLAB_AFTER_MAX && most < u16::MAX as usize);
+        }
+        assert_eq!(slab_after(1, 0), CAPACITY[0]);
     }
 }

@@ -141,6 +141,10 @@ pub(crate) struct GroupHeap {
     pub(super) full: *mut Slab,
     pub(super) next_free: *mut GroupHeap,
     pub(super) classes: [Queue; CLASSES],
+    /// Blocks of each class this group heap has had served the tag way, counted up to the
+    /// class's `super::alloc::slab_after` (then it takes slabs of the class; see `class`).
+    /// Cumulative: frees do not count it down (they may run on any thread).
+    pub(super) asked: [u16; CLASSES],
 }
 
 #[repr(C)]
