@@ -6,6 +6,7 @@
 static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
 
 include!("suite/common.rs");
+include!("suite/slabs_first.rs");
 
 use common::{exact, fresh, fresh_child, live, wait_child, Block, Rng};
 use memgroup::{dying_groups, kernel, Group, SlabInfo};

@@ -4,4 +4,5 @@
 #[global_allocator]
 static ALLOC: memgroup::ArenaAlloc<memgroup::Jemalloc> =
     memgroup::ArenaAlloc::new(memgroup::Jemalloc);
+include!("suite/slabs_first.rs");
 include!("suite/limits.rs");

@@ -2,4 +2,5 @@
 #![cfg(feature = "arena")]
 #[global_allocator]
 static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
+include!("suite/slabs_first.rs");
 include!("suite/model.rs");

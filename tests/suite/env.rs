@@ -18,6 +18,9 @@
 //                             fallback fast path)
 //   MEMGROUP_ARENA_POOL  4M   a size 0..=1024G (arena only: empty slabs kept resident); over
 //                             1024G: 1024G
+//   MEMGROUP_ARENA_SLAB_AFTER 16K a size 0..=256K (arena only: bytes of a class a thread's
+//                             group heap has served the tag way before it takes a slab); over
+//                             256K: 256K
 
 include!("common.rs");
 
@@ -36,13 +39,27 @@ struct Seen {
     kmem: bool,
     /// None where the probe cannot tell (see `pockets_on`).
     pockets: Option<bool>,
+    /// Blocks of 24 bytes a fresh group served the tag way before its first slab (see
+    /// `tag_way`); 0 in the tag design.
+    tag_way: usize,
 }
 
 const DEFAULTS: Seen = Seen {
     batch: 64 << 10,
     kmem: true,
     pockets: Some(true),
+    tag_way: tag_way_for(16 << 10),
 };
+
+/// What `tag_way` reports for `MEMGROUP_ARENA_SLAB_AFTER=bytes`: enough 24-byte blocks to make
+/// `bytes`, and at least a 4 KiB slab's worth; 0 for 0, and in the tag design.
+const fn tag_way_for(bytes: usize) -> usize {
+    if !ARENA || bytes == 0 {
+        return 0;
+    }
+    let bytes = if bytes > 4096 { bytes } else { 4096 };
+    bytes.div_ceil(24)
+}
 
 /// Runs the child with `name=value` (raw bytes) and returns its stderr and what it saw.
 fn child(name: &str, value: &[u8]) -> (String, Seen) {
@@ -78,6 +95,7 @@ fn child(name: &str, value: &[u8]) -> (String, Seen) {
             2 => None,
             p => Some(p == 1),
         },
+        tag_way: field("tag_way"),
     };
     (stderr, seen)
 }
@@ -225,15 +243,8 @@ fn kmem_values() {
 #[test]
 fn pockets_values() {
     let n = "MEMGROUP_POCKETS";
-    if ARENA {
-        // Only the tag design's small blocks take pockets: the arena serves those from slabs
-        // and never reads the variable (unless the arena cannot work and everything goes to
-        // the tag design).
-        for value in ["0", "1", "", "2", "yes"] {
-            case(n, value.as_bytes(), None, Seen { pockets: Some(false), ..DEFAULTS });
-        }
-        return;
-    }
+    // The arena reads it too: a group's first blocks of each class go the tag way, through the
+    // tag design's pockets (which `pockets_on` does not probe there).
     switch_values(
         n,
         Seen {
@@ -291,6 +302,65 @@ fn arena_pool_values() {
             quiet(value);
         }
     }
+}
+
+#[test]
+fn arena_slab_after_values() {
+    let n = "MEMGROUP_ARENA_SLAB_AFTER";
+    let with = |bytes| Seen {
+        pockets: Some(!ARENA),
+        tag_way: tag_way_for(bytes),
+        ..DEFAULTS
+    };
+    // Good values, the boundaries included (256K, the largest): no output, the value in force
+    // (under the tag design, which does not read it: nothing).
+    for (value, bytes) in [
+        ("0", 0),
+        ("1", 1),
+        ("4096", 4096),
+        ("4097", 4097),
+        ("16K", 16 << 10),
+        ("100000", 100_000),
+        ("256K", 256 << 10),
+        ("262144", 256 << 10),
+    ] {
+        case(n, value.as_bytes(), None, with(bytes));
+    }
+    // Over the range, overflowing 64 bits included: the largest, in the one format.
+    for value in ["262145", "257K", "1M", "18446744073709551616", "17179869184G"] {
+        let warning = warning(n, value, "is over 256K", "256K");
+        case(n, value.as_bytes(), ARENA.then_some(warning.as_str()), with(256 << 10));
+    }
+    // Garbage and negative values: the default, in the one format.
+    for value in ["", "-1", "abc", "16 K", "1T", "0x1000", "16KB"] {
+        let warning = warning(n, value, NOT_A_SIZE, "16K");
+        case(n, value.as_bytes(), ARENA.then_some(warning.as_str()), DEFAULTS);
+    }
+}
+
+/// Under the arena, the blocks of 24 bytes a fresh group has this thread serve the tag way
+/// before its first slab (`MEMGROUP_ARENA_SLAB_AFTER` in blocks; at most 40,000 are tried);
+/// 0 in the tag design.
+fn tag_way() -> usize {
+    #[cfg(feature = "arena")]
+    if ARENA {
+        let g = fresh("env-tag-way");
+        let mut held = Vec::new();
+        let n = g.run(|| loop {
+            let b = Block::new(24, 1);
+            // SAFETY: a live block of this binary's global allocator.
+            let in_slab = unsafe { memgroup::slab_of(b.ptr()) }.is_some();
+            held.push(b);
+            if in_slab || held.len() > 40_000 {
+                break held.len() - 1;
+            }
+        });
+        drop(held);
+        assert_eq!(exact(&g).usage, 0, "the probe group ends at 0");
+        g.remove().expect("removing the probe group");
+        return n;
+    }
+    0
 }
 
 /// Whether pockets are on: the probe of the pockets suite (a group whose max is half a batch:
@@ -363,9 +433,10 @@ fn env_child() {
     }
     workload();
     println!(
-        "seen: batch={} kmem={} pockets={}",
+        "seen: batch={} kmem={} pockets={} tag_way={}",
         stock_batch(),
         kmem_accounting() as u8,
-        pockets_on().map_or(2, u8::from)
+        pockets_on().map_or(2, u8::from),
+        tag_way()
     );
 }

@@ -721,9 +721,11 @@ child_test! {
         if IS_ARENA {
             #[cfg(feature = "arena")]
             {
-                let b = h.run(|| Block::filled(64, 9));
+                // A group's first blocks of a class go the tag way (16 KiB of them, by
+                // default): past those, slabs.
+                let b: Vec<Block> = h.run(|| (0..=(16 << 10) / 64).map(|_| Block::filled(64, 9)).collect());
                 // SAFETY: a live block of this binary's global allocator.
-                let slab = unsafe { memgroup::slab_of(b.ptr()) };
+                let slab = unsafe { memgroup::slab_of(b[b.len() - 1].ptr()) };
                 assert!(slab.is_some(), "small blocks come from slabs again");
                 println!("arena after the failures: {:?}", memgroup::arena_footprint());
             }

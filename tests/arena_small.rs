@@ -1,0 +1,321 @@
+//! Small groups the tag way (issue 12.3), under the arena design with its defaults: a thread's
+//! group heap has its first blocks of each size class served by the inner allocator with the
+//! tag design's 8-byte tag (charged exactly, no slab), and takes a slab of the class only once it
+//! has asked for `MEMGROUP_ARENA_SLAB_AFTER` bytes of it (16 KiB by default, at least a slab's
+//! worth). Counters return to exactly 0 whoever frees; reallocs across the boundary stay exact.
+//! Run without `MEMGROUP_ARENA_SLAB_AFTER` in the environment (the figures are the default's).
+#![cfg(feature = "arena")]
+#[global_allocator]
+static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
+
+include!("suite/common.rs");
+
+use common::{exact, fresh, live, Block};
+use memgroup::{Group, SlabInfo};
+
+/// The default `MEMGROUP_ARENA_SLAB_AFTER`.
+const SLAB_AFTER: usize = 16 << 10;
+
+/// Blocks of `size` (a class size, at most 4 KiB slabs) a group heap serves the tag way first.
+fn tag_way(size: usize, slab: usize) -> usize {
+    SLAB_AFTER.max(slab).div_ceil(size)
+}
+
+fn slab_of(b: &Block) -> Option<SlabInfo> {
+    // SAFETY: every block here is a live block of this binary's global allocator.
+    unsafe { memgroup::slab_of(b.ptr()) }
+}
+
+/// The tag design's charge for one block: its size and its 8-byte tag (a 16-byte header at
+/// alignment 16; above 16 the tag trails the block).
+fn tagged(size: usize, align: usize) -> usize {
+    size + if align == 16 { 16 } else { 8 }
+}
+
+/// `n` blocks of `size` allocated in `g` on this thread, into a vector made outside the group.
+fn blocks(g: &Group, n: usize, size: usize, align: usize) -> Vec<Block> {
+    let mut v = Vec::with_capacity(n);
+    g.run(|| {
+        for _ in 0..n {
+            v.push(Block::new(size, align));
+        }
+    });
+    v
+}
+
+#[test]
+fn a_small_groups_blocks_are_charged_like_the_tag_designs() {
+    let g = fresh("small");
+    let sizes = [
+        (1, 1),
+        (8, 8),
+        (24, 8),
+        (40, 8),
+        (100, 4),
+        (512, 8),
+        (4000, 8),
+        (8192, 8),
+    ];
+    let aligned = [(16, 16), (48, 16), (64, 64), (1000, 128)];
+    let mut held = Vec::with_capacity(64);
+    let mut charge = 0;
+    for &(size, align) in sizes.iter().chain(&aligned) {
+        for _ in 0..3 {
+            held.push(g.run(|| Block::new(size, align)));
+            charge += tagged(size, align);
+        }
+    }
+    assert!(
+        held.iter().all(|b| slab_of(b).is_none()),
+        "no slab for a small group"
+    );
+    let s = exact(&g);
+    assert_eq!(s.usage, charge, "exactly size + tag per block: {s:?}");
+    assert_eq!(
+        s.usage,
+        held.iter().map(Block::size).sum::<usize>() + s.overhead
+    );
+    assert_eq!(live(&s), held.len() as u64);
+    drop(held);
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, live(&s)),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    g.remove().expect("remove");
+}
+
+#[test]
+fn past_the_threshold_a_group_takes_a_slab() {
+    let g = fresh("graduate");
+    let first = tag_way(24, 4096);
+    let mut held = blocks(&g, first, 24, 8);
+    assert!(held.iter().all(|b| slab_of(b).is_none()));
+    let before = exact(&g);
+    assert_eq!(before.usage, first * tagged(24, 8));
+    // flush() leaves the count: the next block still takes the slab.
+    g.run(|| held.push(Block::new(24, 8)));
+    let info = slab_of(&held[first]).expect("past the threshold: a slab");
+    assert_eq!(
+        (info.len, info.object_size, info.group),
+        (4096, 24, g.clone())
+    );
+    let after = exact(&g);
+    assert_eq!(
+        after.usage,
+        before.usage + 4096,
+        "the charge jumps by a slab"
+    );
+    // The slab's other objects come free.
+    held.extend(blocks(&g, 10, 24, 8));
+    assert!(held[first..]
+        .iter()
+        .all(|b| slab_of(b).map(|i| i.start) == Some(info.start)));
+    assert_eq!(exact(&g).usage, after.usage);
+    // Other classes have not asked for enough: still the tag way.
+    let other = g.run(|| Block::new(100, 8));
+    assert!(slab_of(&other).is_none());
+    assert_eq!(exact(&g).usage, after.usage + tagged(100, 8));
+    drop((held, other));
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, live(&s)),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    g.remove().expect("remove");
+}
+
+/// Kernel blocks count on their own (a kernel key has its own group heap): a group's kernel
+/// blocks go the tag way, charged as kmem, even once its user blocks took slabs.
+#[test]
+fn kernel_blocks_count_on_their_own() {
+    let g = fresh("small-kmem");
+    let user = blocks(&g, tag_way(64, 4096) + 1, 64, 8);
+    assert!(slab_of(&user[user.len() - 1]).is_some());
+    let before = exact(&g);
+    let k = g.run(|| memgroup::kernel(|| Block::new(64, 8)));
+    assert!(slab_of(&k).is_none());
+    let s = exact(&g);
+    if memgroup::kmem_accounting() {
+        assert_eq!(s.kmem, tagged(64, 8));
+    }
+    assert_eq!(s.usage, before.usage + tagged(64, 8));
+    drop((user, k));
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, live(&s)),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    g.remove().expect("remove");
+}
+
+#[test]
+fn counters_return_to_zero_when_another_thread_frees() {
+    let g = fresh("small-remote");
+    // Tag-way blocks of many classes and, past the threshold, slab objects of one.
+    let mut held = Vec::with_capacity(2048);
+    for size in [8, 24, 100, 300, 2000] {
+        held.extend(blocks(&g, 5, size, 8));
+    }
+    held.extend(blocks(&g, tag_way(48, 4096) + 50, 48, 8));
+    assert!(held.iter().any(|b| slab_of(b).is_some()) && held.iter().any(|b| slab_of(b).is_none()));
+    let s = exact(&g);
+    assert_eq!(live(&s), held.len() as u64);
+    // Half freed here, half on another thread.
+    let theirs = held.split_off(held.len() / 2);
+    std::thread::spawn(move || drop(theirs))
+        .join()
+        .expect("freeing thread");
+    drop(held);
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, live(&s)),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    g.remove().expect("remove");
+}
+
+/// A thread of its own allocates (so its group heap is fresh) and another frees everything.
+#[test]
+fn a_thread_that_exits_leaves_exact_counters() {
+    let g = fresh("small-exit");
+    let g2 = g.clone();
+    let held = std::thread::spawn(move || {
+        let mut v = blocks(&g2, 20, 24, 8);
+        v.extend(blocks(&g2, tag_way(16, 4096) + 3, 16, 8));
+        v
+    })
+    .join()
+    .expect("allocating thread");
+    let tag_blocks = held.iter().filter(|b| slab_of(b).is_none()).count();
+    assert_eq!(tag_blocks, 20 + tag_way(16, 4096));
+    let s = exact(&g);
+    assert_eq!(
+        s.usage,
+        20 * tagged(24, 8) + tag_way(16, 4096) * tagged(16, 8) + 4096
+    );
+    drop(held);
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, live(&s)),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    g.remove().expect("remove");
+}
+
+#[test]
+fn reallocs_across_the_boundary_stay_exact() {
+    let g = fresh("small-realloc");
+    // Class 24 past the threshold: two objects in its slab.
+    let mut held = blocks(&g, tag_way(24, 4096) + 2, 24, 8);
+    let s0 = exact(&g);
+    let slab_block = held.pop().expect("a block");
+    assert!(slab_of(&slab_block).is_some());
+    let tag_block = held.pop().expect("a block");
+    assert!(slab_of(&tag_block).is_some());
+    let tag_block2 = held.remove(0);
+    assert!(slab_of(&tag_block2).is_none());
+
+    // Slab object to a class that has not asked for enough (40 -> class 48): the tag way. The
+    // slab stays charged (it holds another object).
+    let moved = g
+        .run(|| slab_block.realloc(40))
+        .unwrap_or_else(|_| panic!("realloc"));
+    assert!(slab_of(&moved).is_none());
+    let s = exact(&g);
+    assert_eq!(s.usage, s0.usage + tagged(40, 8), "{s:?}");
+    // A tagged block into the graduated class: it stays tagged, charged its new size.
+    let back = g
+        .run(|| tag_block2.realloc(20))
+        .unwrap_or_else(|_| panic!("realloc"));
+    assert!(slab_of(&back).is_none());
+    assert_eq!(exact(&g).usage, s.usage - 4);
+    // A tagged block past the slab sizes and back.
+    let big = g
+        .run(|| back.realloc(20_000))
+        .unwrap_or_else(|_| panic!("realloc"));
+    assert_eq!(exact(&g).usage, s.usage - 24 + 20_000);
+    let small = g
+        .run(|| big.realloc(100))
+        .unwrap_or_else(|_| panic!("realloc"));
+    assert!(slab_of(&small).is_none());
+    assert_eq!(exact(&g).usage, s.usage - 24 + 100);
+    // The slab object in place, within its class.
+    let tag_block = g
+        .run(|| tag_block.realloc(17))
+        .unwrap_or_else(|_| panic!("realloc"));
+    assert!(slab_of(&tag_block).is_some());
+    let s = exact(&g);
+    // The slab object became a tagged 40; a tagged 24 became a tagged 100.
+    assert_eq!(
+        s.usage,
+        s0.usage + tagged(40, 8) - tagged(24, 8) + tagged(100, 8)
+    );
+    assert_eq!(
+        s.usage,
+        held.iter().map(Block::size).sum::<usize>() + 40 + 100 + 17 + s.overhead
+    );
+    drop((held, moved, small, tag_block));
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, live(&s)),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    g.remove().expect("remove");
+}
+
+/// A tiny group that churns one block forever: the count is cumulative, so past the threshold
+/// it takes one slab, and keeps it while it churns (what a cumulative count costs: one slab of
+/// the class per thread and group, here 4 KiB for one live 32-byte block).
+#[test]
+fn a_churning_group_takes_one_slab_past_the_threshold() {
+    let g = fresh("small-churn");
+    let n = tag_way(32, 4096);
+    for i in 0..n {
+        let b = g.run(|| Block::new(32, 8));
+        assert!(slab_of(&b).is_none(), "block {i}");
+        drop(b);
+    }
+    let s = exact(&g);
+    assert_eq!((s.usage, live(&s)), (0, 0));
+    let mut start = None;
+    for _ in 0..1000 {
+        let b = g.run(|| Block::new(32, 8));
+        let info = slab_of(&b).expect("past the threshold: the slab");
+        assert_eq!(*start.get_or_insert(info.start), info.start, "one slab");
+        drop(b);
+    }
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, live(&s)),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    g.remove().expect("remove");
+}
+
+/// A removed group's thread caches go: a new group (which may reuse its id) starts counting
+/// from 0.
+#[test]
+fn a_removed_groups_count_does_not_carry_over() {
+    for round in 0..3 {
+        let g = fresh("small-removed");
+        let held = blocks(&g, tag_way(24, 4096) + 1, 24, 8);
+        assert!(slab_of(&held[0]).is_none(), "round {round}: a fresh count");
+        assert!(slab_of(&held[held.len() - 1]).is_some(), "round {round}");
+        drop(held);
+        let s = exact(&g);
+        assert_eq!(
+            (s.usage, s.kmem, s.overhead, live(&s)),
+            (0, 0, 0, 0),
+            "{s:?}"
+        );
+        g.remove().expect("remove");
+    }
+}
