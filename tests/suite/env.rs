@@ -334,7 +334,7 @@ fn arena_slab_after_values() {
     // Garbage and negative values: the default, in the one format.
     for value in ["", "-1", "abc", "16 K", "1T", "0x1000", "16KB"] {
         let warning = warning(n, value, NOT_A_SIZE, "16K");
-        case(n, value.as_bytes(), ARENA.then_some(warning.as_str()), DEFAULTS);
+        case(n, value.as_bytes(), ARENA.then_some(warning.as_str()), with(16 << 10));
     }
 }
 
