@@ -1,8 +1,8 @@
 //! Small groups the tag way (issue 12.3), under the arena design with its defaults: a thread's
 //! group heap has its first blocks of each size class served by the inner allocator with the
 //! tag design's 8-byte tag (charged exactly, no slab), and takes a slab of the class only once it
-//! has asked for `MEMGROUP_ARENA_SLAB_AFTER` bytes of it (16 KiB by default, at least a slab's
-//! worth). Counters return to exactly 0 whoever frees; reallocs across the boundary stay exact.
+//! has asked for `MEMGROUP_ARENA_SLAB_AFTER` bytes of it (4 KiB by default, at least a slab's
+//! worth: a slab's worth in every class). Counters return to exactly 0 whoever frees; reallocs across the boundary stay exact.
 //! Run without `MEMGROUP_ARENA_SLAB_AFTER` in the environment (the figures are the default's).
 #![cfg(feature = "arena")]
 #[global_allocator]
@@ -14,7 +14,7 @@ use common::{exact, fresh, live, Block};
 use memgroup::{Group, SlabInfo};
 
 /// The default `MEMGROUP_ARENA_SLAB_AFTER`.
-const SLAB_AFTER: usize = 16 << 10;
+const SLAB_AFTER: usize = 4 << 10;
 
 /// Blocks of `size` (a class size, at most 4 KiB slabs) a group heap serves the tag way first.
 fn tag_way(size: usize, slab: usize) -> usize {

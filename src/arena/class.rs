@@ -20,8 +20,11 @@
 //! a thread's group heap serves its first blocks of each class from the inner allocator with
 //! the tag design's 8-byte tag (charged exactly), and takes a slab of the class only once it has
 //! asked for [`slab_after`] of them: `MEMGROUP_ARENA_SLAB_AFTER` bytes (default
-//! [`SLAB_AFTER_DEFAULT`]), and never fewer than a slab holds. So a small tenant costs what the
-//! tag design charges, and a busy one pays the tag path for its first few pages of each class.
+//! [`SLAB_AFTER_DEFAULT`], a page), and never fewer than a slab's bytes. So a small tenant costs
+//! what the tag design charges, and a busy one pays the tag path for its first slab's worth of
+//! each class. The count is cumulative (frees, which may run on any thread, do not count it
+//! down): a tiny group that churns one block long enough ends up with one slab of the class per
+//! thread, the price of a count that costs the slow path one compare and nothing elsewhere.
 
 /// The largest block served from slabs.
 pub(crate) const MAX_SMALL: usize = 8192;
@@ -155,9 +158,11 @@ fn aligned(size: usize, align: usize) -> Option<usize> {
 }
 
 /// `MEMGROUP_ARENA_SLAB_AFTER`: bytes a thread's group heap asks for in one class, served the
-/// tag way, before it takes a slab of that class; by default four pages. `0` takes slabs from
-/// the first block (the arena before issue 12.3).
-pub(crate) const SLAB_AFTER_DEFAULT: usize = 16 << 10;
+/// tag way, before it takes a slab of that class; by default a page, which with the floor of
+/// a slab's worth in `slab_after` means a slab's worth in every class: a group heap takes a
+/// slab once it has asked for enough blocks to fill one. `0` takes slabs from the first block
+/// (the arena before issue 12.3).
+pub(crate) const SLAB_AFTER_DEFAULT: usize = 4 << 10;
 
 /// The largest `MEMGROUP_ARENA_SLAB_AFTER` (a larger value is taken as this one, with a
 /// warning): 32,768 blocks of 8 bytes, so a count fits in 16 bits.

@@ -18,7 +18,7 @@
 //                             fallback fast path)
 //   MEMGROUP_ARENA_POOL  4M   a size 0..=1024G (arena only: empty slabs kept resident); over
 //                             1024G: 1024G
-//   MEMGROUP_ARENA_SLAB_AFTER 16K a size 0..=256K (arena only: bytes of a class a thread's
+//   MEMGROUP_ARENA_SLAB_AFTER 4K a size 0..=256K (arena only: bytes of a class a thread's
 //                             group heap has served the tag way before it takes a slab); over
 //                             256K: 256K
 
@@ -48,7 +48,7 @@ const DEFAULTS: Seen = Seen {
     batch: 64 << 10,
     kmem: true,
     pockets: Some(true),
-    tag_way: tag_way_for(16 << 10),
+    tag_way: tag_way_for(4 << 10),
 };
 
 /// What `tag_way` reports for `MEMGROUP_ARENA_SLAB_AFTER=bytes`: enough 24-byte blocks to make
@@ -333,8 +333,8 @@ fn arena_slab_after_values() {
     }
     // Garbage and negative values: the default, in the one format.
     for value in ["", "-1", "abc", "16 K", "1T", "0x1000", "16KB"] {
-        let warning = warning(n, value, NOT_A_SIZE, "16K");
-        case(n, value.as_bytes(), ARENA.then_some(warning.as_str()), with(16 << 10));
+        let warning = warning(n, value, NOT_A_SIZE, "4K");
+        case(n, value.as_bytes(), ARENA.then_some(warning.as_str()), with(4 << 10));
     }
 }
 

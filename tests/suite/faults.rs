@@ -721,8 +721,8 @@ child_test! {
         if IS_ARENA {
             #[cfg(feature = "arena")]
             {
-                // A group's first blocks of a class go the tag way (16 KiB of them, by
-                // default): past those, slabs.
+                // A group's first blocks of a class go the tag way (a slab's worth by
+                // default; 16 KiB is more than any threshold up to 16K): past those, slabs.
                 let b: Vec<Block> = h.run(|| (0..=(16 << 10) / 64).map(|_| Block::filled(64, 9)).collect());
                 // SAFETY: a live block of this binary's global allocator.
                 let slab = unsafe { memgroup::slab_of(b[b.len() - 1].ptr()) };
