@@ -20,9 +20,10 @@
 //! Reported: bytes requested, bytes charged (the groups' `usage`, bookkeeping of the groups'
 //! records excluded), charged per requested byte, and the memory the design really holds for
 //! them: for `tag`, the inner allocator's in-use bytes (glibc `mallinfo2().uordblks`, which
-//! counts each chunk's header and rounding but not free memory); for `arena`, the slabs charged
-//! plus the memory it mapped for its per-group caches (group heaps and key tables), charged to
-//! no one.
+//! counts each chunk's header and rounding but not free memory); for `arena`, the slabs holding
+//! the blocks, plus the inner allocator's in-use bytes for the blocks a group's thread had served
+//! the tag way before taking slabs of their class (`MEMGROUP_ARENA_SLAB_AFTER`), plus the memory
+//! it mapped for its per-group caches (group heaps and key tables), charged to no one.
 //!
 //! Commands:
 //!
@@ -79,7 +80,7 @@ mod bench {
 
     use crate::workload::{
         alloc_one, env_usize, free_one, load_average, make_table, median, min, run_one, run_two,
-        Req, RunOut, REMOTE, TABLE_LEN,
+        Req, RunOut, Slot, REMOTE, TABLE_LEN,
     };
 
     #[global_allocator]
@@ -354,6 +355,32 @@ mod bench {
         detail: String,
     }
 
+    /// What the arena really holds for `held`: the distinct slabs holding its blocks, the inner
+    /// allocator's in-use growth (`malloc`, the blocks served the tag way) and the caches'
+    /// growth (`meta`, with `heaps` group heaps); and the detail column.
+    fn arena_real(held: &[Slot], malloc: usize, meta: usize, heaps: usize) -> (usize, String) {
+        let mut slabs = std::collections::HashMap::new();
+        let mut tagged = 0;
+        for s in held {
+            // SAFETY: every held block is a live block of `ARENA`.
+            match unsafe { memgroup::slab_of(s.ptr) } {
+                Some(info) => {
+                    slabs.insert(info.start, info.len);
+                }
+                None => tagged += 1,
+            }
+        }
+        let slab_bytes: usize = slabs.values().sum();
+        (
+            slab_bytes + malloc + meta,
+            format!(
+                "{} slabs {slab_bytes} + malloc in use {malloc} ({tagged} blocks the tag way) + \
+                 caches {meta} ({heaps} group heaps)",
+                slabs.len()
+            ),
+        )
+    }
+
     /// `groups` groups under one parent, `per` blocks each, allocated with `a`.
     fn many_groups<A: GlobalAlloc>(a: &A, design: &str, groups: usize, per: usize) -> Mem {
         let table = make_table(3, 0);
@@ -363,8 +390,10 @@ mod bench {
             .collect();
         parent.flush();
         let base = parent.stat();
-        let (malloc0, arena0) = (malloc_in_use(), memgroup::arena_footprint());
+        // The vector first: its buffer comes from glibc (the bench's own allocator), whose
+        // in-use figure is read next.
         let mut held = Vec::with_capacity(groups * per);
+        let (malloc0, arena0) = (malloc_in_use(), memgroup::arena_footprint());
         let mut requested = 0;
         for (i, g) in kids.iter().enumerate() {
             let _in = g.enter();
@@ -382,13 +411,11 @@ mod bench {
             let real = malloc1 - malloc0;
             (real, format!("malloc in use {real}"))
         } else {
-            let meta = arena1.metadata - arena0.metadata;
-            (
-                charged + meta,
-                format!(
-                    "slabs {charged} + caches {meta} ({} group heaps)",
-                    arena1.group_heaps - arena0.group_heaps
-                ),
+            arena_real(
+                &held,
+                malloc1 - malloc0,
+                arena1.metadata - arena0.metadata,
+                arena1.group_heaps - arena0.group_heaps,
             )
         };
         for s in held {
@@ -418,8 +445,8 @@ mod bench {
     fn one_group<A: GlobalAlloc>(a: &A, design: &str, n: usize) -> (Mem, f64, f64) {
         let table = make_table(4, 0);
         let g = Group::new(&format!("mem-{design}-one")).expect("group");
-        let (malloc0, arena0) = (malloc_in_use(), memgroup::arena_footprint());
         let mut held = Vec::with_capacity(n);
+        let (malloc0, arena0) = (malloc_in_use(), memgroup::arena_footprint());
         let mut requested = 0;
         let t0 = Instant::now();
         {
@@ -438,8 +465,12 @@ mod bench {
             let real = malloc1 - malloc0;
             (real, format!("malloc in use {real}"))
         } else {
-            let meta = arena1.metadata - arena0.metadata;
-            (charged + meta, format!("slabs {charged} + caches {meta}"))
+            arena_real(
+                &held,
+                malloc1 - malloc0,
+                arena1.metadata - arena0.metadata,
+                arena1.group_heaps - arena0.group_heaps,
+            )
         };
         let t1 = Instant::now();
         for s in held {
@@ -514,8 +545,9 @@ mod bench {
         println!(
             "Block sizes from the churn's distribution (8..=512 bytes, mean about 100). charged: \
              the groups' usage (their records' bookkeeping excluded). real: what the design \
-             holds for the blocks (tag: glibc's in-use bytes; arena: slabs charged + per-group \
-             caches, uncharged).\n"
+             holds for the blocks (tag: glibc's in-use bytes; arena: the slabs holding them + \
+             glibc's in-use bytes for the blocks served the tag way + per-group caches, \
+             uncharged).\n"
         );
         println!("| workload | design | requested B | charged B | charged / requested | real B | real / requested | detail |");
         println!("|---|---|---:|---:|---:|---:|---:|---|");
