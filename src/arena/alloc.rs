@@ -4,12 +4,15 @@
 //! Before its first slab of a class, a group heap has its blocks of that class served the tag
 //! way (`Slow::Inner`) until it has asked for `slab_after` of them (see `class`).
 
+use core::alloc::Layout;
 use core::cell::Cell;
 use core::ptr::null_mut;
 
 use crate::core::stock::{key, key_is_kernel, Key};
+use crate::group::CORE;
 use crate::sync::{AtomicU32, Backoff, Ordering};
-use crate::{platform, thread, TAG_SIZE};
+use crate::thread::Thread;
+use crate::{platform, TAG_SIZE};
 
 use super::class::{self, CLASSES};
 use super::heap::{
@@ -69,16 +72,14 @@ fn slab_after(class: usize) -> u16 {
     SLAB_AFTER[class].load(Ordering::Relaxed) as u16
 }
 
-/// A fresh slab of `class`, charged to `key`: its free list holds every object.
-pub(super) fn new_slab(key: Key, class: usize) -> Result<*mut Slab, Slow> {
+/// A fresh slab of `class` for `key`, whose charge (`class::slab_bytes(class)`) the caller
+/// made: its free list holds every object. Null if there is no memory, the charge given back.
+pub(super) fn new_slab(key: Key, class: usize) -> *mut Slab {
     let bytes = class::slab_bytes(class);
-    if thread::charge(key, bytes, 0).is_none() {
-        return Err(Slow::Refused);
-    }
     let s = segment::take(class::kind(class));
     if s.is_null() {
-        thread::uncharge(key, bytes, 0);
-        return Err(Slow::Inner);
+        CORE.uncharge(&Thread, key, bytes, 0);
+        return s;
     }
     counter(key).adjust_overhead(bytes as isize);
     let size = class::SIZES[class] as usize;
@@ -103,23 +104,47 @@ pub(super) fn new_slab(key: Key, class: usize) -> Result<*mut Slab, Slow> {
         (*s).prev = null_mut();
         (*s).next = null_mut();
     }
-    Ok(s)
+    s
 }
 
-/// The slow path of a small allocation for `key`: finds or makes this thread's group heap
-/// for it (its nearest live ancestor's, if its group was removed), refills the class's active
-/// slab from remote frees, the partial list or a fresh slab, and allocates from it. A group
-/// heap that has not yet asked for `slab_after(class)` blocks of the class takes no slab:
-/// `Slow::Inner`, the block goes the tag way (and counts toward the slab).
+/// What a slow path is asked for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ask {
+    /// A new block (`GlobalAlloc::alloc`).
+    New,
+    /// A new block, zeroed (`GlobalAlloc::alloc_zeroed`).
+    Zeroed,
+    /// A new home for a block a realloc moves: not counted as an allocation (and, the tag
+    /// way, still owned by `key`: `TagAlloc::alloc_for`).
+    Moved,
+}
+
+/// The slow path of a small allocation of `layout` (served by `class`) for `key`: finds or
+/// makes this thread's group heap for it (its nearest live ancestor's, if its group was
+/// removed), refills the class's active slab from remote frees, the partial list or a fresh
+/// slab (charged here), and allocates from it. A group heap that has not yet asked for
+/// `slab_after(class)` blocks of the class takes no slab: the block goes the tag way,
+/// `inner()` (and counts toward the slab), as when the arena cannot serve this thread or has
+/// no memory. Null if a limit refused the slab's charge.
+///
+/// Not generic (`inner` is a trait object), so it is compiled, with what it inlines, once in
+/// this crate.
 #[cold]
 #[inline(never)]
-pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> Slow {
+pub(crate) fn alloc_slow(
+    layout: Layout,
+    class: usize,
+    key: Key,
+    ask: Ask,
+    inner: &dyn Fn() -> *mut u8,
+) -> *mut u8 {
+    let (size, counted) = (layout.size(), ask != Ask::Moved);
     let mut th = current();
     if th.is_null() {
         th = create_heap();
     }
     if !usable(th) || FORKING.with(Cell::get) {
-        return Slow::Inner;
+        return inner();
     }
     let mut rel = Released::new();
     // SAFETY: `th` is this thread's heap; under its lock, its group heaps and their slabs are
@@ -148,10 +173,17 @@ pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> 
             // Charging may reclaim (run shrinkers, which allocate and free): hold nothing.
             (*th).lock.unlock();
             rel.release_all();
-            let s = match new_slab(gkey, class) {
-                Ok(s) => s,
-                Err(e) => break e,
-            };
+            // The slab's charge: the one call from here to the stocks and the counters.
+            if CORE
+                .charge(&Thread, gkey, class::slab_bytes(class), 0)
+                .is_none()
+            {
+                break Slow::Refused;
+            }
+            let s = new_slab(gkey, class);
+            if s.is_null() {
+                break Slow::Inner;
+            }
             (*th).lock.lock();
             if (*gh).gen != gen {
                 // The group heap was retired meanwhile (its group removed): start over.
@@ -178,7 +210,17 @@ pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> 
         }
     };
     rel.release_all();
-    out
+    match out {
+        Slow::Done(p) => {
+            if ask == Ask::Zeroed {
+                // SAFETY: `p` is a fresh object of at least `size` bytes.
+                unsafe { core::ptr::write_bytes(p, 0, size) };
+            }
+            p
+        }
+        Slow::Refused => null_mut(),
+        Slow::Inner => inner(),
+    }
 }
 
 /// Takes the first free object of slab `s` of `gh` for a block of `size` bytes, and counts it

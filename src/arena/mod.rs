@@ -45,6 +45,7 @@ use std::alloc::System;
 
 use crate::core::stock::{key_id, key_is_kernel, Key};
 use crate::{group, scope, Group, TagAlloc};
+use alloc::Ask;
 
 /// The arena design: a [`GlobalAlloc`] that serves small blocks (up to 8 KiB, aligned up to
 /// 4 KiB) from per-group slabs it maps itself, charged a slab at a time, and large blocks
@@ -88,8 +89,10 @@ impl<A: GlobalAlloc> ArenaAlloc<A> {
         let key = scope::current_key();
         let p = alloc::alloc_fast(key, class, layout.size(), true);
         if p.is_null() {
+            let ask = if zeroed { Ask::Zeroed } else { Ask::New };
             // SAFETY: forwarded caller contract.
-            return unsafe { self.alloc_slow(layout, class, key, zeroed) };
+            let inner = move || unsafe { self.alloc_large(layout, zeroed) };
+            return alloc::alloc_slow(layout, class, key, ask, &inner);
         }
         if zeroed {
             // SAFETY: `p` is a fresh object of at least `layout.size()` bytes.
@@ -112,25 +115,6 @@ impl<A: GlobalAlloc> ArenaAlloc<A> {
         }
     }
 
-    /// # Safety
-    /// As for [`GlobalAlloc::alloc`]; `class` serves `layout`.
-    #[cold]
-    #[inline(never)]
-    unsafe fn alloc_slow(&self, layout: Layout, class: usize, key: Key, zeroed: bool) -> *mut u8 {
-        match alloc::alloc_slow(key, class, layout.size(), true) {
-            types::Slow::Done(p) => {
-                if zeroed {
-                    // SAFETY: `p` is a fresh object of at least `layout.size()` bytes.
-                    unsafe { core::ptr::write_bytes(p, 0, layout.size()) };
-                }
-                p
-            }
-            types::Slow::Refused => core::ptr::null_mut(),
-            // SAFETY: forwarded caller contract.
-            types::Slow::Inner => unsafe { self.alloc_large(layout, zeroed) },
-        }
-    }
-
     /// A new home for a block of `key` that a realloc moves: its owner stays `key` (even a
     /// removed group's), and no allocation is counted. Null if refused.
     ///
@@ -144,11 +128,9 @@ impl<A: GlobalAlloc> ArenaAlloc<A> {
                 if !p.is_null() {
                     return p;
                 }
-                match alloc::alloc_slow(key, class, layout.size(), false) {
-                    types::Slow::Done(p) => return p,
-                    types::Slow::Refused => return core::ptr::null_mut(),
-                    types::Slow::Inner => {}
-                }
+                // SAFETY: forwarded caller contract.
+                let inner = move || unsafe { self.tag.alloc_for(layout, key) };
+                return alloc::alloc_slow(layout, class, key, Ask::Moved, &inner);
             }
         }
         // SAFETY: forwarded caller contract.
