@@ -71,8 +71,10 @@
 //! batch goes from `charge_block_slow` to `Stocks::charge_exact` (drains under the limit,
 //! direct reclaim, then the mode and the policies), and from there to `Counter::try_charge`,
 //! also the fifth; a refill refused at a limit goes on from `charge_slow` to `charge_exact`.
-//! The arena design charges a slab at a time through `thread::charge`, which calls
-//! `Stocks::charge` and from there the same `charge_slow`.
+//! The arena design charges a slab at a time: `ArenaAlloc::alloc` calls `alloc_any`, which
+//! calls `alloc::alloc_slow` when the class's slabs are full, which calls `Stocks::charge`
+//! (the CPU's stock slot), which calls the same `charge_slow`, and that `Counter::try_charge`:
+//! the fifth call too.
 //!
 //! **Verbs.** Memory goes back and forth between three levels, the counters, the per-CPU stock
 //! slots and the threads' pockets, with the kernel's verbs (memcg's `consume_stock`,

@@ -22,9 +22,11 @@
 //!
 //! Its locks are `crate::lock`'s `Spin` and `SpinLock`, as everywhere in memgroup.
 //!
-//! Charging goes through the same core as the tag design (`thread::charge`, the stocks): a slab
+//! Charging goes through the same core as the tag design (`Stocks::charge`): a slab
 //! is one charge, so limits, `OnLimit`, `fallible`, `nofail` and kmem all behave as there, in
-//! slab-sized steps.
+//! slab-sized steps. A thread's group heap takes slabs of a class only once it has asked for a
+//! slab's worth of it (`MEMGROUP_ARENA_SLAB_AFTER`, see `class`); until then its blocks of
+//! that class go to the inner allocator with a tag, charged exactly, as in the tag design.
 
 mod alloc;
 mod class;
@@ -49,7 +51,9 @@ use alloc::Ask;
 
 /// The arena design: a [`GlobalAlloc`] that serves small blocks (up to 8 KiB, aligned up to
 /// 4 KiB) from per-group slabs it maps itself, charged a slab at a time, and large blocks
-/// from the inner allocator with a tag, as [`TagAlloc`] does.
+/// from the inner allocator with a tag, as [`TagAlloc`] does. A group's first small blocks of
+/// each size class on a thread (a slab's worth, `MEMGROUP_ARENA_SLAB_AFTER`) go the tag way
+/// too, so a group holding a few small blocks is charged what the tag design charges.
 ///
 /// ```no_run
 /// #[global_allocator]
