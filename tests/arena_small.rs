@@ -43,6 +43,17 @@ fn blocks(g: &Group, n: usize, size: usize, align: usize) -> Vec<Block> {
     v
 }
 
+/// Every counter of `g` back to exactly 0 (after a flush), then `g` removed.
+fn back_to_zero(g: Group) {
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, live(&s)),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
+    g.remove().expect("remove");
+}
+
 #[test]
 fn a_small_groups_blocks_are_charged_like_the_tag_designs() {
     let g = fresh("small");
@@ -77,13 +88,7 @@ fn a_small_groups_blocks_are_charged_like_the_tag_designs() {
     );
     assert_eq!(live(&s), held.len() as u64);
     drop(held);
-    let s = exact(&g);
-    assert_eq!(
-        (s.usage, s.kmem, s.overhead, live(&s)),
-        (0, 0, 0, 0),
-        "{s:?}"
-    );
-    g.remove().expect("remove");
+    back_to_zero(g);
 }
 
 #[test]
@@ -118,13 +123,7 @@ fn past_the_threshold_a_group_takes_a_slab() {
     assert!(slab_of(&other).is_none());
     assert_eq!(exact(&g).usage, after.usage + tagged(100, 8));
     drop((held, other));
-    let s = exact(&g);
-    assert_eq!(
-        (s.usage, s.kmem, s.overhead, live(&s)),
-        (0, 0, 0, 0),
-        "{s:?}"
-    );
-    g.remove().expect("remove");
+    back_to_zero(g);
 }
 
 /// Kernel blocks count on their own (a kernel key has its own group heap): a group's kernel
@@ -143,13 +142,7 @@ fn kernel_blocks_count_on_their_own() {
     }
     assert_eq!(s.usage, before.usage + tagged(64, 8));
     drop((user, k));
-    let s = exact(&g);
-    assert_eq!(
-        (s.usage, s.kmem, s.overhead, live(&s)),
-        (0, 0, 0, 0),
-        "{s:?}"
-    );
-    g.remove().expect("remove");
+    back_to_zero(g);
 }
 
 #[test]
@@ -170,13 +163,7 @@ fn counters_return_to_zero_when_another_thread_frees() {
         .join()
         .expect("freeing thread");
     drop(held);
-    let s = exact(&g);
-    assert_eq!(
-        (s.usage, s.kmem, s.overhead, live(&s)),
-        (0, 0, 0, 0),
-        "{s:?}"
-    );
-    g.remove().expect("remove");
+    back_to_zero(g);
 }
 
 /// A thread of its own allocates (so its group heap is fresh) and another frees everything.
@@ -199,13 +186,7 @@ fn a_thread_that_exits_leaves_exact_counters() {
         20 * tagged(24, 8) + tag_way(16, 4096) * tagged(16, 8) + 4096
     );
     drop(held);
-    let s = exact(&g);
-    assert_eq!(
-        (s.usage, s.kmem, s.overhead, live(&s)),
-        (0, 0, 0, 0),
-        "{s:?}"
-    );
-    g.remove().expect("remove");
+    back_to_zero(g);
 }
 
 #[test]
@@ -216,8 +197,8 @@ fn reallocs_across_the_boundary_stay_exact() {
     let s0 = exact(&g);
     let slab_block = held.pop().expect("a block");
     assert!(slab_of(&slab_block).is_some());
-    let tag_block = held.pop().expect("a block");
-    assert!(slab_of(&tag_block).is_some());
+    let other_slab_block = held.pop().expect("a block");
+    assert!(slab_of(&other_slab_block).is_some());
     let tag_block2 = held.remove(0);
     assert!(slab_of(&tag_block2).is_none());
 
@@ -246,10 +227,10 @@ fn reallocs_across_the_boundary_stay_exact() {
     assert!(slab_of(&small).is_none());
     assert_eq!(exact(&g).usage, s.usage - 24 + 100);
     // The slab object in place, within its class.
-    let tag_block = g
-        .run(|| tag_block.realloc(17))
+    let in_place = g
+        .run(|| other_slab_block.realloc(17))
         .unwrap_or_else(|_| panic!("realloc"));
-    assert!(slab_of(&tag_block).is_some());
+    assert!(slab_of(&in_place).is_some());
     let s = exact(&g);
     // The slab object became a tagged 40; a tagged 24 became a tagged 100.
     assert_eq!(
@@ -260,14 +241,8 @@ fn reallocs_across_the_boundary_stay_exact() {
         s.usage,
         held.iter().map(Block::size).sum::<usize>() + 40 + 100 + 17 + s.overhead
     );
-    drop((held, moved, small, tag_block));
-    let s = exact(&g);
-    assert_eq!(
-        (s.usage, s.kmem, s.overhead, live(&s)),
-        (0, 0, 0, 0),
-        "{s:?}"
-    );
-    g.remove().expect("remove");
+    drop((held, moved, small, in_place));
+    back_to_zero(g);
 }
 
 /// A tiny group that churns one block forever: the count is cumulative, so past the threshold
@@ -291,13 +266,7 @@ fn a_churning_group_takes_one_slab_past_the_threshold() {
         assert_eq!(*start.get_or_insert(info.start), info.start, "one slab");
         drop(b);
     }
-    let s = exact(&g);
-    assert_eq!(
-        (s.usage, s.kmem, s.overhead, live(&s)),
-        (0, 0, 0, 0),
-        "{s:?}"
-    );
-    g.remove().expect("remove");
+    back_to_zero(g);
 }
 
 /// A removed group's thread caches go: a new group (which may reuse its id) starts counting
@@ -310,12 +279,6 @@ fn a_removed_groups_count_does_not_carry_over() {
         assert!(slab_of(&held[0]).is_none(), "round {round}: a fresh count");
         assert!(slab_of(&held[held.len() - 1]).is_some(), "round {round}");
         drop(held);
-        let s = exact(&g);
-        assert_eq!(
-            (s.usage, s.kmem, s.overhead, live(&s)),
-            (0, 0, 0, 0),
-            "{s:?}"
-        );
-        g.remove().expect("remove");
+        back_to_zero(g);
     }
 }
