@@ -1,9 +1,11 @@
-//! Small groups the tag way (issue 12.3), under the arena design with its defaults: a thread's
-//! group heap has its first blocks of each size class served by the inner allocator with the
-//! tag design's 8-byte tag (charged exactly, no slab), and takes a slab of the class only once it
-//! has asked for `MEMGROUP_ARENA_SLAB_AFTER` bytes of it (4 KiB by default, at least a slab's
-//! worth: a slab's worth in every class). Counters return to exactly 0 whoever frees; reallocs across the boundary stay exact.
-//! Run without `MEMGROUP_ARENA_SLAB_AFTER` in the environment (the figures are the default's).
+//! Small groups the tag way (issue 12.3), under the arena design with its defaults: a group's
+//! first small blocks on a thread are served by the inner allocator with the tag design's 8-byte
+//! tag (charged exactly, no slab, no per-group cache) until it has asked that thread for
+//! `MEMGROUP_ARENA_SLAB_AFTER` bytes (4 KiB by default); then the thread makes it a group heap,
+//! which takes a slab of a class only once it has asked for that many bytes of the class (and
+//! at least a slab's worth). Counters return to exactly 0 whoever frees; reallocs across the
+//! boundary stay exact. Run without `MEMGROUP_ARENA_SLAB_AFTER` in the environment (the figures
+//! are the default's).
 #![cfg(feature = "arena")]
 #[global_allocator]
 static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
@@ -16,9 +18,17 @@ use memgroup::{Group, SlabInfo};
 /// The default `MEMGROUP_ARENA_SLAB_AFTER`.
 const SLAB_AFTER: usize = 4 << 10;
 
-/// Blocks of `size` (a class size, at most 4 KiB slabs) a group heap serves the tag way first.
+/// Blocks of class size `size` (slabs of `slab` bytes) a group heap serves the tag way before
+/// its first slab of the class.
 fn tag_way(size: usize, slab: usize) -> usize {
     SLAB_AFTER.max(slab).div_ceil(size)
+}
+
+/// Blocks of class size `size` a fresh group serves the tag way on a thread before its first
+/// slab, when they are its first blocks there: on trial (no group heap) until the block that
+/// makes `SLAB_AFTER` bytes, which makes the group heap; then `tag_way` more.
+fn tag_way_first(size: usize, slab: usize) -> usize {
+    SLAB_AFTER.div_ceil(size) - 1 + tag_way(size, slab)
 }
 
 fn slab_of(b: &Block) -> Option<SlabInfo> {
@@ -94,7 +104,7 @@ fn a_small_groups_blocks_are_charged_like_the_tag_designs() {
 #[test]
 fn past_the_threshold_a_group_takes_a_slab() {
     let g = fresh("graduate");
-    let first = tag_way(24, 4096);
+    let first = tag_way_first(24, 4096);
     let mut held = blocks(&g, first, 24, 8);
     assert!(held.iter().all(|b| slab_of(b).is_none()));
     let before = exact(&g);
@@ -131,7 +141,7 @@ fn past_the_threshold_a_group_takes_a_slab() {
 #[test]
 fn kernel_blocks_count_on_their_own() {
     let g = fresh("small-kmem");
-    let user = blocks(&g, tag_way(64, 4096) + 1, 64, 8);
+    let user = blocks(&g, tag_way_first(64, 4096) + 1, 64, 8);
     assert!(slab_of(&user[user.len() - 1]).is_some());
     let before = exact(&g);
     let k = g.run(|| memgroup::kernel(|| Block::new(64, 8)));
@@ -170,20 +180,24 @@ fn counters_return_to_zero_when_another_thread_frees() {
 #[test]
 fn a_thread_that_exits_leaves_exact_counters() {
     let g = fresh("small-exit");
+    // 480 bytes of 24-byte blocks on trial; the 16-byte blocks finish the trial (the one that
+    // makes 4 KiB makes the group heap), then a slab's worth of them, then 3 in a slab.
+    let on_trial = (SLAB_AFTER - 20 * 24).div_ceil(16) - 1;
     let g2 = g.clone();
     let held = std::thread::spawn(move || {
         let mut v = blocks(&g2, 20, 24, 8);
-        v.extend(blocks(&g2, tag_way(16, 4096) + 3, 16, 8));
+        v.extend(blocks(&g2, on_trial + tag_way(16, 4096) + 3, 16, 8));
         v
     })
     .join()
     .expect("allocating thread");
     let tag_blocks = held.iter().filter(|b| slab_of(b).is_none()).count();
-    assert_eq!(tag_blocks, 20 + tag_way(16, 4096));
+    assert_eq!(tag_blocks, 20 + on_trial + tag_way(16, 4096));
+    assert!(held[held.len() - 3..].iter().all(|b| slab_of(b).is_some()));
     let s = exact(&g);
     assert_eq!(
         s.usage,
-        20 * tagged(24, 8) + tag_way(16, 4096) * tagged(16, 8) + 4096
+        20 * tagged(24, 8) + (on_trial + tag_way(16, 4096)) * tagged(16, 8) + 4096
     );
     drop(held);
     back_to_zero(g);
@@ -193,7 +207,7 @@ fn a_thread_that_exits_leaves_exact_counters() {
 fn reallocs_across_the_boundary_stay_exact() {
     let g = fresh("small-realloc");
     // Class 24 past the threshold: two objects in its slab.
-    let mut held = blocks(&g, tag_way(24, 4096) + 2, 24, 8);
+    let mut held = blocks(&g, tag_way_first(24, 4096) + 2, 24, 8);
     let s0 = exact(&g);
     let slab_block = held.pop().expect("a block");
     assert!(slab_of(&slab_block).is_some());
@@ -251,7 +265,7 @@ fn reallocs_across_the_boundary_stay_exact() {
 #[test]
 fn a_churning_group_takes_one_slab_past_the_threshold() {
     let g = fresh("small-churn");
-    let n = tag_way(32, 4096);
+    let n = tag_way_first(32, 4096);
     for i in 0..n {
         let b = g.run(|| Block::new(32, 8));
         assert!(slab_of(&b).is_none(), "block {i}");
@@ -275,10 +289,42 @@ fn a_churning_group_takes_one_slab_past_the_threshold() {
 fn a_removed_groups_count_does_not_carry_over() {
     for round in 0..3 {
         let g = fresh("small-removed");
-        let held = blocks(&g, tag_way(24, 4096) + 1, 24, 8);
+        let held = blocks(&g, tag_way_first(24, 4096) + 1, 24, 8);
         assert!(slab_of(&held[0]).is_none(), "round {round}: a fresh count");
         assert!(slab_of(&held[held.len() - 1]).is_some(), "round {round}");
         drop(held);
         back_to_zero(g);
+    }
+}
+
+child_test! {
+    /// Small groups make no per-group cache: 500 groups of 4 small blocks each on one thread
+    /// leave the arena's group heaps as they were (give or take the root's own, which this
+    /// test's names are allocated in), and one group past the trial makes exactly one. In a
+    /// child process: the count is process-wide.
+    fn small_groups_make_no_group_heap => no_group_heap_inner() {
+        let heaps = || memgroup::arena_footprint().group_heaps;
+        let mut groups = Vec::with_capacity(501);
+        let mut held = Vec::with_capacity(2100);
+        let before = heaps();
+        for i in 0..500 {
+            let g = fresh("tiny");
+            for size in [16, 100, 300, 500] {
+                held.push(g.run(|| Block::new(size + i % 7, 8)));
+            }
+            groups.push(g);
+        }
+        let after = heaps();
+        assert!(after - before <= 2, "{} group heaps for 500 small groups", after - before);
+        assert!(held.iter().all(|b| slab_of(b).is_none()));
+        let big = fresh("past-trial");
+        let n = SLAB_AFTER.div_ceil(64);
+        held.extend(blocks(&big, n, 64, 8));
+        assert_eq!(heaps(), after + 1, "the block that ends the trial makes the group heap");
+        groups.push(big);
+        drop(held);
+        for g in groups {
+            back_to_zero(g);
+        }
     }
 }

@@ -64,6 +64,71 @@ pub(super) fn read_slab_after() {
     for (c, n) in SLAB_AFTER.iter().enumerate() {
         n.store(class::slab_after(bytes, c) as u32, Ordering::Relaxed);
     }
+    TRIAL_BYTES.store(bytes as u32, Ordering::Relaxed);
+}
+
+/// `MEMGROUP_ARENA_SLAB_AFTER` in bytes (at most 256 KiB): what a group must have asked this
+/// thread for, in small blocks of any class, before the thread makes it a group heap.
+static TRIAL_BYTES: AtomicU32 = AtomicU32::new(0);
+
+/// A group key this thread has no group heap for, and the bytes (of its blocks' classes) it
+/// has had served the tag way meanwhile. Key 0 is no key (`key()` of a group id is never 0).
+#[derive(Clone, Copy)]
+struct Trial {
+    key: Key,
+    asked: u32,
+}
+
+const NO_TRIAL: Trial = Trial { key: 0, asked: 0 };
+
+/// The trial table: 16 sets of 4 (512 bytes a thread).
+const TRIAL_SETS: usize = 16;
+const TRIAL_WAYS: usize = 4;
+
+std::thread_local! {
+    /// This thread's groups on trial: a group heap (about 800 bytes, per thread and group) is
+    /// made only for a group that asked for `TRIAL_BYTES` here. Plain thread-local cells, no
+    /// destructor: usable in any thread state, and only ever touched by their thread.
+    static TRIALS: [[Cell<Trial>; TRIAL_WAYS]; TRIAL_SETS] =
+        const { [const { [const { Cell::new(NO_TRIAL) }; TRIAL_WAYS] }; TRIAL_SETS] };
+}
+
+/// Counts `bytes` more asked of this thread by `key`, which has no group heap here: true while
+/// the group is on trial (the block goes the tag way), false once it has asked for
+/// `TRIAL_BYTES` (its entry is cleared: the caller makes its group heap). A new key takes the
+/// entry of its set that asked least, so a group evicted by others (more than four small
+/// groups of one set taking turns on one thread) starts over: it keeps going the tag way,
+/// charged exactly, and pays only in speed.
+fn on_trial(key: Key, bytes: usize) -> bool {
+    let limit = TRIAL_BYTES.load(Ordering::Relaxed);
+    if limit == 0 {
+        return false;
+    }
+    let bytes = bytes as u32;
+    TRIALS.with(|sets| {
+        let set = &sets[(key.wrapping_mul(0x9e37_79b9) >> 28) as usize % TRIAL_SETS];
+        let mut pick = 0;
+        for (i, t) in set.iter().enumerate() {
+            let e = t.get();
+            if e.key == key {
+                let asked = e.asked + bytes;
+                t.set(if asked >= limit {
+                    NO_TRIAL
+                } else {
+                    Trial { key, asked }
+                });
+                return asked < limit;
+            }
+            if e.asked < set[pick].get().asked {
+                pick = i;
+            }
+        }
+        if bytes >= limit {
+            return false;
+        }
+        set[pick].set(Trial { key, asked: bytes });
+        true
+    })
 }
 
 /// Blocks of `class` a group heap has served the tag way before it takes a slab of `class`.
@@ -152,7 +217,7 @@ pub(crate) fn alloc_slow(
     let out = unsafe {
         loop {
             (*th).lock.lock();
-            let gh = group_heap(th, key);
+            let gh = group_heap(th, key, class::SIZES[class] as usize);
             if gh.is_null() {
                 (*th).lock.unlock();
                 break Slow::Inner;
@@ -332,12 +397,13 @@ pub(super) unsafe fn park_full(gh: *mut GroupHeap, s: *mut Slab) -> bool {
     }
 }
 
-/// This thread's group heap for `key`, made if needed; for a removed group, its nearest live
-/// ancestor's. Null if no group heap can be made (out of memory).
+/// This thread's group heap for `key`, made if needed, for a block of `bytes`; for a removed
+/// group, its nearest live ancestor's. Null if the group is on trial here (`on_trial`: the
+/// block goes the tag way) or no group heap can be made (out of memory).
 ///
 /// # Safety
 /// `th` is this thread's heap, locked.
-pub(super) unsafe fn group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
+pub(super) unsafe fn group_heap(th: *mut ThreadHeap, key: Key, bytes: usize) -> *mut GroupHeap {
     // SAFETY: per the caller.
     unsafe {
         if (*th).cached_key == key {
@@ -356,6 +422,9 @@ pub(super) unsafe fn group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap
             let k = self::key(c.id, kernel);
             let mut gh = (*th).table.find(k);
             if gh.is_null() {
+                if on_trial(k, bytes) {
+                    return null_mut();
+                }
                 gh = new_group_heap(th, k);
                 if gh.is_null() {
                     return null_mut();

@@ -18,9 +18,9 @@
 //                             fallback fast path)
 //   MEMGROUP_ARENA_POOL  4M   a size 0..=1024G (arena only: empty slabs kept resident); over
 //                             1024G: 1024G
-//   MEMGROUP_ARENA_SLAB_AFTER 4K a size 0..=256K (arena only: bytes of a class a thread's
-//                             group heap has served the tag way before it takes a slab); over
-//                             256K: 256K
+//   MEMGROUP_ARENA_SLAB_AFTER 4K a size 0..=256K (arena only: bytes a group has a thread
+//                             serve the tag way before its cache there, and of a class before
+//                             a slab); over 256K: 256K
 
 include!("common.rs");
 
@@ -51,14 +51,16 @@ const DEFAULTS: Seen = Seen {
     tag_way: tag_way_for(4 << 10),
 };
 
-/// What `tag_way` reports for `MEMGROUP_ARENA_SLAB_AFTER=bytes`: enough 24-byte blocks to make
-/// `bytes`, and at least a 4 KiB slab's worth; 0 for 0, and in the tag design.
+/// What `tag_way` reports for `MEMGROUP_ARENA_SLAB_AFTER=bytes`: 24-byte blocks on trial (no
+/// group heap) until the one that makes `bytes`, then enough to make `bytes` and at least a
+/// 4 KiB slab's worth; 0 for 0, and in the tag design.
 const fn tag_way_for(bytes: usize) -> usize {
     if !ARENA || bytes == 0 {
         return 0;
     }
-    let bytes = if bytes > 4096 { bytes } else { 4096 };
-    bytes.div_ceil(24)
+    let trial = bytes.div_ceil(24) - 1;
+    let slab = if bytes > 4096 { bytes } else { 4096 };
+    trial + slab.div_ceil(24)
 }
 
 /// Runs the child with `name=value` (raw bytes) and returns its stderr and what it saw.
@@ -345,7 +347,8 @@ fn tag_way() -> usize {
     #[cfg(feature = "arena")]
     if ARENA {
         let g = fresh("env-tag-way");
-        let mut held = Vec::new();
+        // Made outside the group: its buffer's growth would count toward the trial.
+        let mut held = Vec::with_capacity(40_001);
         let n = g.run(|| loop {
             let b = Block::new(24, 1);
             // SAFETY: a live block of this binary's global allocator.
