@@ -1,8 +1,9 @@
 //! Allocating a slab object: the fast path (the cached group heap's active slab), and the slow
 //! path, which finds or makes the thread's group heap, refills the active slab (remote frees,
 //! the partial list, a fresh slab charged to the group) and parks exhausted slabs as full.
-//! Before its first slab of a class, a group heap has its blocks of that class served the tag
-//! way (`Slow::Inner`) until it has asked for `slab_after` of them (see `class`).
+//! A group's first small blocks on a thread are served the tag way (`Slow::Inner`): while it
+//! is on trial there (`on_trial`: no group heap yet), then, per class, until its group heap has
+//! asked for `slab_after` of them (see `class`).
 
 use core::alloc::Layout;
 use core::cell::Cell;

@@ -16,15 +16,17 @@
 //! wastes at most an eighth of itself at its end. Small slabs keep the per-group cost low: a
 //! group holding one 24-byte object is charged one page, not a segment.
 //!
-//! A group is charged slabs of a class only once it has asked for enough of it (issue 12.3):
-//! a thread's group heap serves its first blocks of each class from the inner allocator with
-//! the tag design's 8-byte tag (charged exactly), and takes a slab of the class only once it has
-//! asked for [`slab_after`] of them: `MEMGROUP_ARENA_SLAB_AFTER` bytes (default
-//! [`SLAB_AFTER_DEFAULT`], a page), and never fewer than a slab's bytes. So a small tenant costs
-//! what the tag design charges, and a busy one pays the tag path for its first slab's worth of
-//! each class. The count is cumulative (frees, which may run on any thread, do not count it
-//! down): a tiny group that churns one block long enough ends up with one slab of the class per
-//! thread, the price of a count that costs the slow path one compare and nothing elsewhere.
+//! A group is charged slabs of a class only once it has asked for enough of it (issue 12.3).
+//! Its first small blocks on a thread go to the inner allocator with the tag design's 8-byte
+//! tag (charged exactly): until it has asked the thread for `MEMGROUP_ARENA_SLAB_AFTER` bytes
+//! (default [`SLAB_AFTER_DEFAULT`], a page) it has no group heap there (`alloc::on_trial`), and
+//! then its group heap takes a slab of a class only once it has asked for [`slab_after`] blocks
+//! of it: as many bytes, and never fewer than a slab's. So a small tenant costs what the tag
+//! design charges, and a busy one pays the tag path for its first page, then its first slab's
+//! worth of each class. The counts are cumulative (frees, which may run on any thread, do not
+//! count them down): a tiny group that churns one block long enough ends up with a group heap
+//! and one slab of the class per thread, the price of counts that cost the slow path a compare
+//! and nothing elsewhere.
 
 /// The largest block served from slabs.
 pub(crate) const MAX_SMALL: usize = 8192;
@@ -157,10 +159,11 @@ fn aligned(size: usize, align: usize) -> Option<usize> {
     Some(c)
 }
 
-/// `MEMGROUP_ARENA_SLAB_AFTER`: bytes a thread's group heap asks for in one class, served the
-/// tag way, before it takes a slab of that class; by default a page, which with the floor of
-/// a slab's worth in `slab_after` means a slab's worth in every class: a group heap takes a
-/// slab once it has asked for enough blocks to fill one. `0` takes slabs from the first block
+/// `MEMGROUP_ARENA_SLAB_AFTER`: bytes a group asks a thread for, served the tag way, before
+/// the thread makes it a group heap; and bytes that group heap asks for in one class before it
+/// takes a slab of that class. By default a page, which with the floor of a slab's worth in
+/// `slab_after` means a slab's worth in every class: a group heap takes a slab once it has
+/// asked for enough blocks to fill one. `0` makes group heaps and slabs from the first block
 /// (the arena before issue 12.3).
 pub(crate) const SLAB_AFTER_DEFAULT: usize = 4 << 10;
 

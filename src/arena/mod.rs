@@ -24,9 +24,10 @@
 //!
 //! Charging goes through the same core as the tag design (`Stocks::charge`): a slab
 //! is one charge, so limits, `OnLimit`, `fallible`, `nofail` and kmem all behave as there, in
-//! slab-sized steps. A thread's group heap takes slabs of a class only once it has asked for a
-//! slab's worth of it (`MEMGROUP_ARENA_SLAB_AFTER`, see `class`); until then its blocks of
-//! that class go to the inner allocator with a tag, charged exactly, as in the tag design.
+//! slab-sized steps. A group's first small blocks on a thread go to the inner allocator with a
+//! tag, charged exactly, as in the tag design: until it has asked the thread for a page it has
+//! no group heap there, and then a class of its group heap takes slabs only once it has asked
+//! for a slab's worth of it (`MEMGROUP_ARENA_SLAB_AFTER`, see `class`).
 
 mod alloc;
 mod class;
@@ -51,9 +52,10 @@ use alloc::Ask;
 
 /// The arena design: a [`GlobalAlloc`] that serves small blocks (up to 8 KiB, aligned up to
 /// 4 KiB) from per-group slabs it maps itself, charged a slab at a time, and large blocks
-/// from the inner allocator with a tag, as [`TagAlloc`] does. A group's first small blocks of
-/// each size class on a thread (a slab's worth, `MEMGROUP_ARENA_SLAB_AFTER`) go the tag way
-/// too, so a group holding a few small blocks is charged what the tag design charges.
+/// from the inner allocator with a tag, as [`TagAlloc`] does. A group's first small blocks on
+/// a thread (a page, then a slab's worth of each size class, `MEMGROUP_ARENA_SLAB_AFTER`) go
+/// the tag way too, so a group holding a few small blocks is charged what the tag design
+/// charges, and has no cache on the thread.
 ///
 /// ```no_run
 /// #[global_allocator]
