@@ -220,25 +220,24 @@ pub(crate) fn alloc_slow(
             (*th).lock.lock();
             let gh = group_heap(th, key, class::SIZES[class] as usize);
             if gh.is_null() {
-                (*th).lock.unlock();
+                rel.release_after(th, || (*th).lock.unlock());
                 break Slow::Inner;
             }
             let p = refill(gh, class, size, counted, &mut rel);
             if !p.is_null() {
-                (*th).lock.unlock();
+                rel.release_after(th, || (*th).lock.unlock());
                 break Slow::Done(p);
             }
             // Not asked for enough of the class yet: the tag way, charged exactly.
             let asked = &raw mut (*gh).asked[class];
             if *asked < slab_after(class) {
                 *asked += 1;
-                (*th).lock.unlock();
+                rel.release_after(th, || (*th).lock.unlock());
                 break Slow::Inner;
             }
             let (gkey, gen) = ((*gh).key, (*gh).gen);
             // Charging may reclaim (run shrinkers, which allocate and free): hold nothing.
-            (*th).lock.unlock();
-            rel.release_all();
+            rel.release_after(th, || (*th).lock.unlock());
             // The slab's charge: the one call from here to the stocks and the counters.
             if CORE
                 .charge(&Thread, gkey, class::slab_bytes(class), 0)
@@ -253,7 +252,7 @@ pub(crate) fn alloc_slow(
             (*th).lock.lock();
             if (*gh).gen != gen {
                 // The group heap was retired meanwhile (its group removed): start over.
-                (*th).lock.unlock();
+                rel.release_after(th, || (*th).lock.unlock());
                 release(s);
                 continue;
             }
@@ -267,7 +266,7 @@ pub(crate) fn alloc_slow(
                 slab::push(&raw mut (*q).partial, s);
             }
             let p = refill(gh, class, size, counted, &mut rel);
-            (*th).lock.unlock();
+            rel.release_after(th, || (*th).lock.unlock());
             break if p.is_null() {
                 Slow::Inner
             } else {
@@ -275,7 +274,6 @@ pub(crate) fn alloc_slow(
             };
         }
     };
-    rel.release_all();
     match out {
         Slow::Done(p) => {
             if ask == Ask::Zeroed {

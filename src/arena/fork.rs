@@ -56,7 +56,13 @@ pub(super) fn fork_child() {
     let me = current();
     for th in listed_heaps() {
         // SAFETY: as below; every group heap in a table is the heap's, stopped.
-        unsafe { each_group_heap(th, |gh| clear_notifying(gh)) };
+        unsafe {
+            each_group_heap(th, |gh| clear_notifying(gh));
+            // A parent thread that was releasing slabs taken out of `th` has no thread here:
+            // its slabs are lost to the child (still charged, as a stock slot's content in a
+            // thread's hands at the fork is), and no flush may wait for it.
+            (*th).releasing.store(0, Ordering::Relaxed);
+        }
     }
     for th in listed_heaps() {
         // SAFETY: `fork_prepare` stopped every listed heap, and in the child no thread but this

@@ -143,8 +143,7 @@ pub(super) unsafe fn free_abandoned(
                 detach(th, gh, &mut rel);
             }
         }
-        (*th).lock.unlock();
-        rel.release_all();
+        rel.release_after(th, || (*th).lock.unlock());
         true
     }
 }
@@ -218,9 +217,8 @@ pub(super) unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, count
                     }
                 }
             }
-            resume(th);
+            rel.release_after(th, || resume(th));
             if owned {
-                rel.release_all();
                 return;
             }
         }

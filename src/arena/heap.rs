@@ -62,6 +62,7 @@ use crate::sync::{
 use crate::{group, platform, thread, TAG_SIZE};
 
 use super::class;
+use super::owner::{pause, RELEASE_PAUSE_US};
 use super::segment;
 use super::slab::NOTIFYING;
 use super::types::{Slab, ThreadHeap, DEAD_HEAP};
@@ -197,6 +198,18 @@ pub(super) unsafe fn wait_out(th: *mut ThreadHeap) {
     }
 }
 
+/// Waits for the threads releasing slabs taken out of `th` (see `Released::release_after`)
+/// that the caller's lock of `th` came after: their slabs are uncharged when this returns.
+/// Unbounded, as a wait for `th`'s lock is: a release is a few hundred instructions and takes
+/// no lock the caller may hold (the caller holds none).
+pub(super) fn wait_released(th: *mut ThreadHeap) {
+    let mut backoff = Backoff::new();
+    // SAFETY: heaps are never unmapped.
+    while unsafe { (*th).releasing.load(Ordering::Acquire) } != 0 {
+        backoff.wait();
+    }
+}
+
 /// # Safety
 /// The caller stopped `th`.
 pub(super) unsafe fn resume(th: *mut ThreadHeap) {
@@ -221,7 +234,28 @@ impl Released {
         self.0 = s;
     }
 
-    pub(super) fn release_all(&mut self) {
+    /// Lets `th` go (`unlock`), then releases the slabs, counted in `th`'s `releasing`
+    /// meanwhile: the count is raised before the unlock, so whoever takes `th`'s lock next sees
+    /// it, and a flush that did waits for it (`wait_released`) rather than finding the slabs
+    /// neither in the heap nor uncharged yet.
+    ///
+    /// # Safety
+    /// The caller holds `th` (locked or stopped); `unlock` lets it go.
+    pub(super) unsafe fn release_after(&mut self, th: *mut ThreadHeap, unlock: impl FnOnce()) {
+        if self.0.is_null() {
+            unlock();
+            return;
+        }
+        // SAFETY: heaps are never unmapped.
+        let releasing = unsafe { &(*th).releasing };
+        releasing.fetch_add(1, Ordering::Relaxed);
+        unlock();
+        pause(&RELEASE_PAUSE_US);
+        self.release_all();
+        releasing.fetch_sub(1, Ordering::Release);
+    }
+
+    fn release_all(&mut self) {
         while !self.0.is_null() {
             let s = self.0;
             // SAFETY: the list holds slabs given up by `push`.
@@ -292,8 +326,8 @@ pub(super) fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
         unsafe {
             (*th).lock.lock();
             f(th, &mut rel);
-            (*th).lock.unlock();
-            rel.release_all();
+            rel.release_after(th, || (*th).lock.unlock());
+            wait_released(th);
         }
     }
 }

@@ -79,6 +79,7 @@ pub(super) fn create_heap() -> *mut ThreadHeap {
                     cached: null_mut(),
                     table: KeyTable::new(),
                     live: AtomicBool::new(false),
+                    releasing: AtomicU32::new(0),
                     next: HEAPS.load(Ordering::Relaxed),
                 });
                 HEAPS.store(h, Ordering::Release);
@@ -117,8 +118,7 @@ pub(super) unsafe extern "C" fn thread_exit(arg: *mut core::ffi::c_void) {
         (*th).lock.lock();
         abandon(th, &mut rel);
         HEAP.with(|h| h.set(DEAD_HEAP as *mut ThreadHeap));
-        (*th).lock.unlock();
-        rel.release_all();
+        rel.release_after(th, || (*th).lock.unlock());
         (*th).live.store(false, Ordering::Release);
     }
 }
