@@ -64,7 +64,7 @@ use crate::{group, platform, thread, TAG_SIZE};
 use super::class;
 use super::segment;
 use super::slab::NOTIFYING;
-use super::types::{Slab, ThreadHeap, DEAD_HEAP};
+use super::types::{Locked, Owner, Slab, Stopped, ThreadHeap, DEAD_HEAP};
 
 /// Operations between two harvests of a group heap's counts into its counter.
 pub(super) const HARVEST: u32 = 256;
@@ -131,14 +131,16 @@ pub(super) fn interval() -> u32 {
     }
 }
 
-/// Raises `busy` for a fast-path operation on the thread's own heap; false if another thread
-/// holds the heap (then take the slow path).
-///
-/// # Safety
-/// `th` is this thread's heap.
+/// Enters this thread's heap for a fast-path operation: raises `busy`, and gives the proof
+/// that the heap is this thread's until `leave`. `None` if the thread has no usable heap or
+/// another thread holds it (then take the slow path).
 #[inline(always)]
-pub(super) unsafe fn enter(th: *mut ThreadHeap) -> bool {
-    // SAFETY: `th` is a live heap (heaps are never unmapped).
+pub(super) fn enter<'a>() -> Option<Owner<'a>> {
+    let th = current();
+    if !usable(th) {
+        return None;
+    }
+    // SAFETY: a usable `HEAP` is a heap (heaps are never unmapped).
     let (busy, lock) = unsafe { (&(*th).busy, &(*th).lock) };
     if ASYM.load(Ordering::Relaxed) {
         busy.store(1, Ordering::Relaxed);
@@ -149,38 +151,82 @@ pub(super) unsafe fn enter(th: *mut ThreadHeap) -> bool {
     }
     if lock.is_locked() {
         busy.store(0, Ordering::Release);
-        return false;
+        return None;
     }
-    true
+    // SAFETY: `busy` is raised and the lock was free after it: a thread that takes the lock
+    // now waits for `busy` to drop before it touches the heap (`wait_out`), and no other
+    // thread touches it without the lock. So the heap is ours until `leave` drops `busy`.
+    Some(unsafe { Owner::new(th) })
 }
 
-/// # Safety
-/// `th` is this thread's heap, entered.
+/// Ends a fast-path operation: the heap is open to a thread that holds its lock again.
 #[inline(always)]
-pub(super) unsafe fn leave(th: *mut ThreadHeap) {
-    // SAFETY: as for `enter`.
-    unsafe { (*th).busy.store(0, Ordering::Release) };
+pub(super) fn leave(o: Owner<'_>) {
+    // SAFETY: heaps are never unmapped.
+    unsafe { (*o.th()).busy.store(0, Ordering::Release) };
 }
 
-/// Takes `th` from its owner: locks it and, unless it is this thread's own, waits until the
-/// owner is out of its fast path. Until `resume`, only the caller touches the heap.
+/// Locks `th`. Its owner may still be in its fast path: `Locked::stop` waits it out.
+///
+/// # Safety
+/// `th` names a heap (from `HEAPS`, `HEAP`, or a group heap's `heap` word, untagged); the
+/// caller holds no other heap's lock, and gives this one up only through `Locked::unlock`.
+pub(super) unsafe fn lock<'a>(th: *mut ThreadHeap) -> Locked<'a> {
+    // SAFETY: per the caller (heaps are never unmapped).
+    unsafe {
+        (*th).lock.lock();
+        Locked::new(th)
+    }
+}
+
+/// `lock`, unless the lock is taken.
+///
+/// # Safety
+/// As for `lock`.
+pub(super) unsafe fn try_lock<'a>(th: *mut ThreadHeap) -> Option<Locked<'a>> {
+    // SAFETY: per the caller.
+    unsafe { (*th).lock.try_lock().then(|| Locked::new(th)) }
+}
+
+impl<'a> Locked<'a> {
+    /// Completes the stop of the heap: after the owner's next check of the lock it stays out
+    /// of its fast path, and one it is in now ends. At once for this thread's own heap.
+    pub(super) fn stop(&self) -> Stopped<'_> {
+        wait_out(self.th());
+        // SAFETY: locked, with no fast path running (just waited out, or this thread's own).
+        unsafe { self.assume_stopped() }
+    }
+
+    /// The locked heap as stopped, without waiting.
+    ///
+    /// # Safety
+    /// No fast path runs on the heap while it is locked: its thread is this one, or gone (the
+    /// heap abandoned: its group heaps marked `ABANDONED`, unmarked only by an adopting thread
+    /// under this lock, before its first fast path).
+    pub(super) unsafe fn assume_stopped(&self) -> Stopped<'_> {
+        Stopped {
+            locked: self,
+            // SAFETY: per the caller; the owner ends with the borrow of this lock.
+            owner: unsafe { Owner::new(self.th()) },
+        }
+    }
+}
+
+/// Locks `th` and, unless it is this thread's own, waits until the owner is out of its fast
+/// path, for a stop that outlives one function (`fork`): ended by `resume`. Until then, only
+/// the caller touches the heap.
 ///
 /// # Safety
 /// `th` is a heap from `HEAPS`; the caller holds no other heap's lock.
 pub(super) unsafe fn stop(th: *mut ThreadHeap) {
     // SAFETY: heaps are never unmapped.
-    unsafe {
-        (*th).lock.lock();
-        wait_out(th);
-    }
+    unsafe { (*th).lock.lock() };
+    wait_out(th);
 }
 
-/// The second half of `stop`, for a heap the caller has locked: after the owner's next check
+/// The second half of a stop, for a heap the caller has locked: after the owner's next check
 /// of the lock it stays out of its fast path, and one it is in now ends.
-///
-/// # Safety
-/// The caller holds `th`'s lock.
-pub(super) unsafe fn wait_out(th: *mut ThreadHeap) {
+fn wait_out(th: *mut ThreadHeap) {
     if th == current() {
         return;
     }
@@ -191,14 +237,14 @@ pub(super) unsafe fn wait_out(th: *mut ThreadHeap) {
         platform::corrupted(b"membarrier failed after registration");
     }
     let mut backoff = Backoff::new();
-    // SAFETY: heaps are never unmapped.
+    // SAFETY: heaps are never unmapped (every caller has a heap from a `Locked` or `stop`).
     while unsafe { (*th).busy.load(Ordering::SeqCst) } != 0 {
         backoff.wait();
     }
 }
 
 /// # Safety
-/// The caller stopped `th`.
+/// The caller stopped `th` with `stop`.
 pub(super) unsafe fn resume(th: *mut ThreadHeap) {
     // SAFETY: as for `stop`.
     unsafe { (*th).lock.unlock() };
@@ -280,20 +326,18 @@ pub(super) fn listed_heaps() -> impl Iterator<Item = *mut ThreadHeap> {
     })
 }
 
-/// Runs `f` on every heap, live or abandoned, locked (the caller completes the stop with
-/// `settle` before touching it), then releases what `f` unlinked.
-pub(super) fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
+/// Runs `f` on every heap, live or abandoned, locked (`f` completes the stop before it
+/// touches a group heap), then releases what `f` unlinked.
+pub(super) fn each_heap(mut f: impl FnMut(&Locked<'_>, &mut Released)) {
     if !ready() {
         return;
     }
     for th in listed_heaps() {
         let mut rel = Released::new();
-        // SAFETY: listed heaps are never unmapped.
-        unsafe {
-            (*th).lock.lock();
-            f(th, &mut rel);
-            (*th).lock.unlock();
-            rel.release_all();
-        }
+        // SAFETY: a listed heap; this thread holds no other heap's lock.
+        let l = unsafe { lock(th) };
+        f(&l, &mut rel);
+        l.unlock();
+        rel.release_all();
     }
 }

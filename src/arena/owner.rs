@@ -7,79 +7,79 @@
 use core::ptr::null_mut;
 
 use crate::sync::{AtomicU32, Backoff, Ordering};
-use crate::TAG_SIZE;
+use crate::{platform, TAG_SIZE};
 
 use super::class::CLASSES;
 use super::heap::{counter, interval, Released, EXACT, TAG};
 use super::records::GROUP_HEAPS;
 use super::segment;
 use super::slab::{self, COUNT_ONE, DEAD, FLAGS, FULL, NOTIFYING, ORPHAN, PTR_MASK};
-use super::types::{abandoned, GroupHeap, Slab, ThreadHeap, FULL_LIST, LOOSE, ORPHANED, PARTIAL};
+use super::types::{abandoned, untagged, Mine, Slab, Stopped, FULL_LIST, LOOSE, ORPHANED, PARTIAL};
 
 /// The owner's free: `p` goes on `s`'s free list.
 ///
 /// # Safety
-/// The caller is `gh`'s owner (entered, or holding its heap stopped); `s` is `gh`'s and `p` a
-/// live object of it.
+/// `s` is one of `gh`'s slabs and `p` a live object of it.
 #[inline(always)]
 pub(super) unsafe fn push_local(
-    gh: *mut GroupHeap,
+    gh: Mine<'_>,
     s: *mut Slab,
     p: *mut u8,
     size: usize,
     counted: bool,
 ) {
-    // SAFETY: per the caller.
+    // SAFETY: per the caller, `s` is `gh`'s: its plain fields are ours while `gh` is, and
+    // `p` is an object of it, free to hold the link.
     unsafe {
         *(p as *mut *mut u8) = (*s).free;
         (*s).free = p;
         (*s).used -= 1;
-        (*gh).frees += counted as u64;
-        (*gh).adj += (size + TAG_SIZE) as i64;
-        (*gh).left -= 1;
     }
+    gh.set_frees(gh.frees() + counted as u64);
+    gh.set_adj(gh.adj() + (size + TAG_SIZE) as i64);
+    gh.set_left(gh.left() - 1);
 }
 
 /// After an owner's free that emptied `s`, freed into a full slab, or is due a harvest.
 /// Returns `s` if it must be released (unlinked already), else null.
 ///
 /// # Safety
-/// As for `push_local`.
+/// `s` is one of `gh`'s slabs.
 #[cold]
-pub(super) unsafe fn after_free(gh: *mut GroupHeap, s: *mut Slab) -> *mut Slab {
-    // SAFETY: per the caller.
+pub(super) unsafe fn after_free(gh: Mine<'_>, s: *mut Slab) -> *mut Slab {
+    if gh.left() == 0 {
+        harvest(gh);
+    }
+    // SAFETY: per the caller, `s` is `gh`'s: its plain fields and links are ours, and the
+    // lists it is on are `gh`'s.
     unsafe {
-        if (*gh).left == 0 {
-            harvest(gh);
-        }
         let c = (*s).class as usize;
-        let q = &raw mut (*gh).classes[c];
         if (*s).state == FULL_LIST {
             (*s).remote.fetch_and(!FULL, Ordering::AcqRel);
-            slab::unlink(&raw mut (*gh).full, s);
-            slab::push(&raw mut (*q).partial, s);
+            slab::unlink(gh.full_list(), s);
+            slab::push(gh.partial_list(c), s);
             (*s).state = PARTIAL;
         }
         if (*s).used != 0 {
             return null_mut();
         }
         // An abandoned heap keeps no spare: no thread would use it.
-        if EXACT.load(Ordering::Relaxed) || abandoned((*gh).heap.load(Ordering::Relaxed)) {
-            if (*q).active == s {
-                (*q).active = slab::empty();
+        if EXACT.load(Ordering::Relaxed) || abandoned(gh.heap().load(Ordering::Relaxed)) {
+            if gh.active(c) == s {
+                gh.set_active(c, slab::empty());
             } else {
-                slab::unlink(&raw mut (*q).partial, s);
+                slab::unlink(gh.partial_list(c), s);
             }
             (*s).state = LOOSE;
             return s;
         }
         if (*s).state == PARTIAL {
-            if (*gh).empties & 1 << c != 0 {
-                slab::unlink(&raw mut (*q).partial, s);
+            if gh.empties() & 1 << c != 0 {
+                slab::unlink(gh.partial_list(c), s);
                 (*s).state = LOOSE;
                 return s;
             }
-            (*gh).empties |= 1 << c;
+            gh.set_empties(gh.empties() | 1 << c);
         }
         null_mut()
     }
@@ -126,29 +126,23 @@ pub(super) unsafe fn orphan_free(s: *mut Slab, size: usize, counted: bool) -> *m
 /// requested size and the `TAG_SIZE` the formula counts for it, and both go back when freed.
 /// So the overhead is the charged bytes that hold no requested byte: slab ends, class rounding,
 /// free objects and spare slabs.
-///
-/// # Safety
-/// The caller is `gh`'s owner.
-pub(super) unsafe fn harvest(gh: *mut GroupHeap) {
-    // SAFETY: per the caller.
-    unsafe {
-        let c = counter((*gh).key);
-        c.count((*gh).allocs, (*gh).frees);
-        c.adjust_overhead((*gh).adj as isize);
-        (*gh).allocs = 0;
-        (*gh).frees = 0;
-        (*gh).adj = 0;
-        (*gh).left = interval();
-    }
+pub(super) fn harvest(gh: Mine<'_>) {
+    let c = counter(gh.key());
+    c.count(gh.allocs(), gh.frees());
+    c.adjust_overhead(gh.adj() as isize);
+    gh.set_allocs(0);
+    gh.set_frees(0);
+    gh.set_adj(0);
+    gh.set_left(interval());
 }
 
 /// Takes `s`'s remote frees onto its free list and accounts for them.
 ///
 /// # Safety
-/// The caller owns `gh` and `s`.
-pub(super) unsafe fn collect(gh: *mut GroupHeap, s: *mut Slab) {
-    // SAFETY: per the caller; objects on the remote list were published by the freers'
-    // release CAS, acquired here.
+/// `s` is one of `gh`'s slabs.
+pub(super) unsafe fn collect(gh: Mine<'_>, s: *mut Slab) {
+    // SAFETY: per the caller, `s`'s plain fields are ours; objects on the remote list were
+    // published by the freers' release CAS, acquired here, and are ours to relink.
     unsafe {
         let r = &(*s).remote;
         let mut w = r.load(Ordering::Acquire);
@@ -167,8 +161,8 @@ pub(super) unsafe fn collect(gh: *mut GroupHeap, s: *mut Slab) {
             let (next, size, counted) = slab::unlink_word(*(node as *const u64));
             *(node as *mut *mut u8) = (*s).free;
             (*s).free = node;
-            (*gh).adj += (size + TAG_SIZE) as i64;
-            (*gh).frees += counted as u64;
+            gh.set_adj(gh.adj() + (size + TAG_SIZE) as i64);
+            gh.set_frees(gh.frees() + counted as u64);
             n += 1;
             node = next;
         }
@@ -178,14 +172,15 @@ pub(super) unsafe fn collect(gh: *mut GroupHeap, s: *mut Slab) {
 
 /// Frees the objects other threads handed over (see `notify`): locally, or as orphan frees
 /// if their slab was orphaned since.
-///
-/// # Safety
-/// The caller owns `gh`.
-pub(super) unsafe fn take_delayed(gh: *mut GroupHeap, rel: &mut Released) {
-    // SAFETY: per the caller; the list was published by the notifiers' release CAS.
-    unsafe {
-        let mut node = (*gh).delayed.swap(null_mut(), Ordering::Acquire);
-        while !node.is_null() {
+pub(super) fn take_delayed(gh: Mine<'_>, rel: &mut Released) {
+    let mut node = gh.delayed().swap(null_mut(), Ordering::Acquire);
+    while !node.is_null() {
+        // SAFETY: the list was published by the notifiers' release CAS, acquired above. Each
+        // object on it is live, of a slab that was `gh`'s when it was handed over (`notify`
+        // holds `NOTIFYING` until it is published, so the slab could not leave `gh` before);
+        // a slab that left `gh` since is an orphan (`orphan_or_release` takes the rest of the
+        // list in before publishing), and one without `ORPHAN` is still `gh`'s.
+        unsafe {
             let (next, size, counted) = slab::unlink_word(*(node as *const u64));
             let s = segment::slab_of(node);
             if (*s).remote.load(Ordering::Acquire) & ORPHAN != 0 {
@@ -208,79 +203,70 @@ pub(super) unsafe fn take_delayed(gh: *mut GroupHeap, rel: &mut Released) {
 /// Returns a group heap (emptied, out of every table) to the pool.
 ///
 /// # Safety
-/// The caller owns `gh`, which owns no slab.
-pub(super) unsafe fn retire(gh: *mut GroupHeap) {
-    // SAFETY: per the caller.
-    unsafe {
-        (*gh).gen = (*gh).gen.wrapping_add(1);
-        (*gh).heap.store(null_mut(), Ordering::Relaxed);
-    }
+/// `gh` owns no slab and is in no table nor cache; the caller does not use it afterwards.
+pub(super) unsafe fn retire(gh: Mine<'_>) {
+    gh.set_gen(gh.gen().wrapping_add(1));
+    gh.heap().store(null_mut(), Ordering::Relaxed);
     GROUP_HEAPS.with(|pool| {
-        // SAFETY: as above.
-        unsafe { (*gh).next_free = pool.free };
-        pool.free = gh;
+        gh.set_next_free(pool.free);
+        pool.free = gh.ptr();
         pool.live -= 1;
     });
 }
 
 /// Whether `gh` owns no slab and has no object handed over.
-///
-/// # Safety
-/// The caller owns `gh`.
-pub(super) unsafe fn holds_nothing(gh: *mut GroupHeap) -> bool {
-    // SAFETY: per the caller.
-    unsafe {
-        (*gh).full.is_null()
-            && (*gh).delayed.load(Ordering::Acquire).is_null()
-            && (*gh)
-                .classes
-                .iter()
-                .all(|q| q.active == slab::empty() && q.partial.is_null())
-    }
+pub(super) fn holds_nothing(gh: Mine<'_>) -> bool {
+    gh.full().is_null()
+        && gh.delayed().load(Ordering::Acquire).is_null()
+        && (0..CLASSES).all(|c| gh.active(c) == slab::empty() && gh.partial(c).is_null())
 }
 
-/// Retires a group heap: frees the objects handed over to it, releases its empty slabs,
-/// orphans the others, adds its counts to its counter and returns it to the pool.
-///
-/// # Safety
-/// The caller stopped `th`, which holds `gh`.
-pub(super) unsafe fn detach(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
-    // SAFETY: per the caller.
-    unsafe {
-        take_delayed(gh, rel);
-        for c in 0..CLASSES {
-            let q = &raw mut (*gh).classes[c];
-            let s = (*q).active;
-            if s != slab::empty() {
-                orphan_or_release(gh, s, rel);
-            }
-            (*q).active = slab::empty();
-            let mut s = (*q).partial;
-            (*q).partial = null_mut();
-            while !s.is_null() {
+/// Retires a group heap of the stopped heap `st`: frees the objects handed over to it,
+/// releases its empty slabs, orphans the others, adds its counts to its counter, takes it out
+/// of the table and the cache and returns it to the pool.
+pub(super) fn detach(st: &Stopped<'_>, gh: Mine<'_>, rel: &mut Released) {
+    if untagged(gh.heap().load(Ordering::Relaxed)) != st.th() {
+        // Every caller has `gh` from `st` (its table, or a slab it checked under the lock).
+        platform::corrupted(b"arena: detach of another heap's group heap");
+    }
+    take_delayed(gh, rel);
+    for c in 0..CLASSES {
+        let s = gh.active(c);
+        gh.set_active(c, slab::empty());
+        if s != slab::empty() {
+            // SAFETY: `gh`'s active slab is `gh`'s.
+            unsafe { orphan_or_release(gh, s, rel) };
+        }
+        let mut s = gh.partial(c);
+        gh.set_partial(c, null_mut());
+        while !s.is_null() {
+            // SAFETY: a slab of `gh`'s partial list is `gh`'s; its link is read before it goes.
+            unsafe {
                 let next = (*s).next;
                 orphan_or_release(gh, s, rel);
                 s = next;
             }
         }
-        let mut s = (*gh).full;
-        (*gh).full = null_mut();
-        while !s.is_null() {
+    }
+    let mut s = gh.full();
+    gh.set_full(null_mut());
+    while !s.is_null() {
+        // SAFETY: as for the partial lists.
+        unsafe {
             let next = (*s).next;
             orphan_or_release(gh, s, rel);
             s = next;
         }
-        // Objects handed over by remote frees that raced with the loops above: their slabs
-        // are orphans now.
-        take_delayed(gh, rel);
-        harvest(gh);
-        (*th).table.remove((*gh).key);
-        if (*th).cached == gh {
-            (*th).cached_key = 0;
-            (*th).cached = null_mut();
-        }
-        retire(gh);
     }
+    // Objects handed over by remote frees that raced with the loops above: their slabs
+    // are orphans now.
+    take_delayed(gh, rel);
+    harvest(gh);
+    st.locked.table().remove(gh.key());
+    st.uncache(Some(gh));
+    // SAFETY: every slab of `gh` was released or orphaned above, and it is out of the table
+    // and the cache; callers drop `gh` here.
+    unsafe { retire(gh) };
 }
 
 /// Takes `s` from its owner: released if empty, else an orphan.
@@ -296,8 +282,8 @@ pub(super) unsafe fn detach(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut R
 /// `NOTIFYING`), so none runs and none can start (only the owner sets `FULL` again).
 ///
 /// # Safety
-/// The caller owns `gh` (its heap stopped) and `s`, one of its slabs.
-pub(super) unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released) {
+/// `s` is one of `gh`'s slabs, on none of its lists any more (its links are rewritten here).
+pub(super) unsafe fn orphan_or_release(gh: Mine<'_>, s: *mut Slab, rel: &mut Released) {
     // SAFETY: per the caller: until the publishing CAS below, `s`'s plain fields are ours.
     unsafe {
         let r = &(*s).remote;
@@ -377,37 +363,37 @@ pub(crate) fn pause_in_notify(us: u32) -> u32 {
 /// Collects remote frees and releases every empty slab of `gh`, spares and active ones
 /// included, then harvests: after this (and a drain of the stocks), `gh`'s group's figures
 /// are exact and it holds no slab without objects.
-///
-/// # Safety
-/// The caller stopped `gh`'s heap.
-pub(super) unsafe fn sweep(gh: *mut GroupHeap, rel: &mut Released) {
-    // SAFETY: per the caller.
-    unsafe {
-        take_delayed(gh, rel);
-        for c in 0..CLASSES {
-            let q = &raw mut (*gh).classes[c];
-            let s = (*q).active;
-            if s != slab::empty() {
+pub(super) fn sweep(gh: Mine<'_>, rel: &mut Released) {
+    take_delayed(gh, rel);
+    for c in 0..CLASSES {
+        let s = gh.active(c);
+        if s != slab::empty() {
+            // SAFETY: `gh`'s active slab is `gh`'s.
+            unsafe {
                 collect(gh, s);
                 if (*s).used == 0 {
-                    (*q).active = slab::empty();
+                    gh.set_active(c, slab::empty());
                     (*s).state = LOOSE;
                     rel.push(s);
                 }
             }
-            let mut s = (*q).partial;
-            while !s.is_null() {
+        }
+        let mut s = gh.partial(c);
+        while !s.is_null() {
+            // SAFETY: a slab on `gh`'s partial list is `gh`'s; its link is read before it may
+            // be unlinked.
+            unsafe {
                 let next = (*s).next;
                 collect(gh, s);
                 if (*s).used == 0 {
-                    slab::unlink(&raw mut (*q).partial, s);
+                    slab::unlink(gh.partial_list(c), s);
                     (*s).state = LOOSE;
                     rel.push(s);
                 }
                 s = next;
             }
         }
-        (*gh).empties = 0;
-        harvest(gh);
     }
+    gh.set_empties(0);
+    harvest(gh);
 }
