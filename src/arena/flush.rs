@@ -8,22 +8,24 @@ use crate::sync::Ordering;
 
 use super::heap::{counter, each_heap, Released};
 use super::owner::{detach, holds_nothing, sweep};
-use super::types::{abandoned, GroupHeap, Locked, Mine, Stopped};
+use super::types::{abandoned, Locked, Mine, Stopped};
 
-/// Completes the stop of `l`'s heap, found holding `any`, unless the heap is abandoned: then it
-/// has no thread to wait for (its group heaps are all marked, and a thread adopting it unmarks
-/// them under the lock before its first fast path).
-///
-/// # Safety
-/// `any` is a group heap in `l`'s table.
-unsafe fn settle<'l>(l: &'l Locked<'_>, any: *mut GroupHeap) -> Stopped<'l> {
-    // SAFETY: per the caller, a group heap (never unmapped); its word changes only under
-    // the lock we hold.
+/// Completes the stop of `l`'s heap if it holds a group heap for one of `keys` (`None` if it
+/// holds none), unless the heap is abandoned: then it has no thread to wait for (its group
+/// heaps are all marked, and a thread adopting it unmarks them under the lock before its first
+/// fast path).
+fn settle<'l>(l: &'l Locked<'_>, keys: &[Key]) -> Option<Stopped<'l>> {
+    let any = keys
+        .iter()
+        .map(|&k| l.table().find(k))
+        .find(|gh| !gh.is_null())?;
+    // SAFETY: a group heap from the table (never unmapped); its word changes only under the
+    // lock we hold.
     if abandoned(unsafe { (*any).heap.load(Ordering::Relaxed) }) {
         // SAFETY: abandoned, as just read: no fast path runs on the heap.
-        unsafe { l.assume_stopped() }
+        Some(unsafe { l.assume_stopped() })
     } else {
-        l.stop()
+        Some(l.stop())
     }
 }
 
@@ -40,14 +42,10 @@ fn sweep_or_retire(st: &Stopped<'_>, gh: Mine<'_>, rel: &mut Released) {
 pub(crate) fn flush(g: &Counter, leaf: bool) {
     let own = [key(g.id, false), key(g.id, true)];
     each_heap(|l, rel| {
-        let t = l.table();
         if leaf {
-            let ghs = own.map(|k| t.find(k));
-            let Some(&any) = ghs.iter().find(|gh| !gh.is_null()) else {
+            let Some(st) = settle(l, &own) else {
                 return;
             };
-            // SAFETY: `any` is in the table.
-            let st = unsafe { settle(l, any) };
             for k in own {
                 if let Some(gh) = st.find(k) {
                     sweep_or_retire(&st, gh, rel);
@@ -56,12 +54,12 @@ pub(crate) fn flush(g: &Counter, leaf: bool) {
             return;
         }
         let under = |k: Key| counter(k).is_under(g);
-        let any = t.first(under);
-        if any.is_null() {
+        let Some(any) = l.table().first(under) else {
             return;
-        }
-        // SAFETY: `any` is in the table.
-        let st = unsafe { settle(l, any) };
+        };
+        let Some(st) = settle(l, &[any]) else {
+            return;
+        };
         st.each(|k, gh| {
             if under(k) {
                 sweep_or_retire(&st, gh, rel);
@@ -75,12 +73,9 @@ pub(crate) fn flush(g: &Counter, leaf: bool) {
 pub(crate) fn remove(id: u32) {
     let keys = [key(id, false), key(id, true)];
     each_heap(|l, rel| {
-        let ghs = keys.map(|k| l.table().find(k));
-        let Some(&any) = ghs.iter().find(|gh| !gh.is_null()) else {
+        let Some(st) = settle(l, &keys) else {
             return;
         };
-        // SAFETY: `any` is in the table.
-        let st = unsafe { settle(l, any) };
         for k in keys {
             if let Some(gh) = st.find(k) {
                 detach(&st, gh, rel);

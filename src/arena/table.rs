@@ -104,11 +104,9 @@ impl<T> KeyTable<T> {
         })
     }
 
-    /// The value of the first key satisfying `pred`, or null.
-    pub(super) fn first(&self, pred: impl Fn(Key) -> bool) -> *mut T {
-        self.entries()
-            .find_map(|(k, v)| pred(k).then_some(v))
-            .unwrap_or(null_mut())
+    /// The first key satisfying `pred`.
+    pub(super) fn first(&self, pred: impl Fn(Key) -> bool) -> Option<Key> {
+        self.entries().map(|(k, _)| k).find(|&k| pred(k))
     }
 
     pub(super) fn insert(&self, key: Key, value: *mut T) -> bool {

@@ -168,9 +168,26 @@ pub(super) struct Queue {
 /// `Locked::assume_stopped`); it ends with `super::heap::leave` or with the lock it borrows.
 /// It does not give the heap's key table, which the lock alone guards (a thread holding it
 /// reads the table while the owner may still be in its fast path): that is `Locked`'s.
-pub(crate) struct Owner<'a> {
+pub(crate) struct Owner<'a>(HeapRef<'a>);
+
+/// A heap named by a proof type (`Owner`, `Locked`): a pointer bound to the proof's lifetime,
+/// on this thread only.
+struct HeapRef<'a> {
     th: NonNull<ThreadHeap>,
     _p: PhantomData<(&'a ThreadHeap, *mut ())>,
+}
+
+impl HeapRef<'_> {
+    /// # Safety
+    /// `th` names a heap.
+    #[inline(always)]
+    unsafe fn new(th: *mut ThreadHeap) -> Self {
+        HeapRef {
+            // SAFETY: per the caller.
+            th: unsafe { NonNull::new_unchecked(th) },
+            _p: PhantomData,
+        }
+    }
 }
 
 impl<'a> Owner<'a> {
@@ -179,25 +196,23 @@ impl<'a> Owner<'a> {
     /// of `th` is in use meanwhile on another thread.
     #[inline(always)]
     pub(super) unsafe fn new(th: *mut ThreadHeap) -> Owner<'a> {
-        Owner {
-            // SAFETY: per the caller, `th` names a heap.
-            th: unsafe { NonNull::new_unchecked(th) },
-            _p: PhantomData,
-        }
+        // SAFETY: per the caller, `th` names a heap.
+        Owner(unsafe { HeapRef::new(th) })
     }
 
     /// The heap owned.
     #[inline(always)]
     pub(super) fn th(&self) -> *mut ThreadHeap {
-        self.th.as_ptr()
+        self.0.th.as_ptr()
     }
 
     /// The group heap the fast path serves `key` from without a lookup, if `key` is cached.
     #[inline(always)]
     pub(super) fn cached(&self, key: Key) -> Option<Mine<'_>> {
-        let th = self.th.as_ptr();
+        let th = self.th();
         // SAFETY: heaps are never unmapped; the cached pair is the owner's to read and write.
-        // A cached group heap is one of this heap's (`set_cached`, cleared when it goes).
+        // A cached group heap is one of this heap's (set by `super::alloc::group_heap` from
+        // the table, cleared when it goes).
         unsafe {
             if (*th).cached_key != key {
                 return None;
@@ -209,7 +224,7 @@ impl<'a> Owner<'a> {
     /// Forgets the cached group heap (if it is `gh`, or any if `None`).
     #[inline(always)]
     pub(super) fn uncache(&self, gh: Option<Mine<'_>>) {
-        let th = self.th.as_ptr();
+        let th = self.th();
         // SAFETY: as in `cached`.
         unsafe {
             if gh.is_none_or(|gh| (*th).cached == gh.ptr()) {
@@ -236,27 +251,21 @@ impl<'a> Owner<'a> {
 /// read and change (the owner's fast path never touches it). Made by `super::heap::lock`,
 /// ended by `Locked::unlock`. To touch its group heaps, complete the stop (`stop`).
 #[must_use = "a heap stays locked until `unlock`"]
-pub(crate) struct Locked<'a> {
-    th: NonNull<ThreadHeap>,
-    _p: PhantomData<(&'a ThreadHeap, *mut ())>,
-}
+pub(crate) struct Locked<'a>(HeapRef<'a>);
 
 impl<'a> Locked<'a> {
     /// # Safety
     /// This thread holds `th`'s lock for `'a` and gives it up only through `unlock`.
     #[inline(always)]
     pub(super) unsafe fn new(th: *mut ThreadHeap) -> Locked<'a> {
-        Locked {
-            // SAFETY: per the caller, `th` names a heap.
-            th: unsafe { NonNull::new_unchecked(th) },
-            _p: PhantomData,
-        }
+        // SAFETY: per the caller, `th` names a heap.
+        Locked(unsafe { HeapRef::new(th) })
     }
 
     /// The heap locked.
     #[inline(always)]
     pub(super) fn th(&self) -> *mut ThreadHeap {
-        self.th.as_ptr()
+        self.0.th.as_ptr()
     }
 
     /// The heap's key table.
@@ -265,14 +274,14 @@ impl<'a> Locked<'a> {
         // SAFETY: heaps are never unmapped, and the table is only reached under the lock,
         // through a `Locked` (this one, until `unlock`): no other thread reads or writes it.
         // Its changes go through its cells, so shared references are all there are.
-        unsafe { &(*self.th.as_ptr()).table }
+        unsafe { &(*self.th()).table }
     }
 
     /// Lets the lock go.
     #[inline(always)]
     pub(super) fn unlock(self) {
         // SAFETY: heaps are never unmapped; this thread holds the lock (see `new`).
-        unsafe { (*self.th.as_ptr()).lock.unlock() };
+        unsafe { (*self.th()).lock.unlock() };
     }
 }
 
