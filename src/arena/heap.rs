@@ -204,11 +204,8 @@ impl<'a> Locked<'a> {
     /// heap abandoned: its group heaps marked `ABANDONED`, unmarked only by an adopting thread
     /// under this lock, before its first fast path).
     pub(super) unsafe fn assume_stopped(&self) -> Stopped<'_> {
-        Stopped {
-            locked: self,
-            // SAFETY: per the caller; the owner ends with the borrow of this lock.
-            owner: unsafe { Owner::new(self.th()) },
-        }
+        // SAFETY: per the caller.
+        unsafe { Stopped::new(self) }
     }
 }
 

@@ -262,7 +262,7 @@ pub(super) fn detach(st: &Stopped<'_>, gh: Mine<'_>, rel: &mut Released) {
     // are orphans now.
     take_delayed(gh, rel);
     harvest(gh);
-    st.locked.table().remove(gh.key());
+    st.table().remove(gh.key());
     st.uncache(Some(gh));
     // SAFETY: every slab of `gh` was released or orphaned above, and it is out of the table
     // and the cache; callers drop `gh` here.

@@ -289,11 +289,30 @@ impl<'a> Locked<'a> {
 /// paths and every thread that works on another's heap (flush, remove, an abandoned heap's
 /// frees) need both: a group heap goes from the table and from the owner's cache together.
 pub(crate) struct Stopped<'l> {
-    pub(super) locked: &'l Locked<'l>,
-    pub(super) owner: Owner<'l>,
+    locked: &'l Locked<'l>,
+    owner: Owner<'l>,
 }
 
 impl<'l> Stopped<'l> {
+    /// # Safety
+    /// No fast path runs on `locked`'s heap until the borrow ends: its owner was waited out,
+    /// or its thread is this one or gone (see `super::heap::Locked::stop`, `assume_stopped`).
+    #[inline(always)]
+    pub(super) unsafe fn new(locked: &'l Locked<'l>) -> Stopped<'l> {
+        Stopped {
+            locked,
+            // SAFETY: per the caller, with the lock held: the heap is ours until the borrow
+            // of the lock ends.
+            owner: unsafe { Owner::new(locked.th()) },
+        }
+    }
+
+    /// The heap's key table.
+    #[inline(always)]
+    pub(super) fn table(&self) -> &KeyTable<GroupHeap> {
+        self.locked.table()
+    }
+
     /// The group heap of `key` in the table, if any.
     #[inline(always)]
     pub(super) fn find(&self, key: Key) -> Option<Mine<'_>> {
