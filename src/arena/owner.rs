@@ -141,33 +141,36 @@ pub(super) fn harvest(gh: Mine<'_>) {
 /// # Safety
 /// `s` is one of `gh`'s slabs.
 pub(super) unsafe fn collect(gh: Mine<'_>, s: *mut Slab) {
-    // SAFETY: per the caller, `s`'s plain fields are ours; objects on the remote list were
-    // published by the freers' release CAS, acquired here, and are ours to relink.
-    unsafe {
-        let r = &(*s).remote;
-        let mut w = r.load(Ordering::Acquire);
-        loop {
-            if w & PTR_MASK == 0 {
-                return;
-            }
-            match r.compare_exchange_weak(w, w & FLAGS, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(now) => w = now,
-            }
+    // SAFETY: slab metadata is never unmapped; the word is atomic, shared by design.
+    let r = unsafe { &(*s).remote };
+    let mut w = r.load(Ordering::Acquire);
+    loop {
+        if w & PTR_MASK == 0 {
+            return;
         }
-        let mut node = slab::head(w);
-        let mut n = 0;
-        while !node.is_null() {
+        match r.compare_exchange_weak(w, w & FLAGS, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => break,
+            Err(now) => w = now,
+        }
+    }
+    let mut node = slab::head(w);
+    let mut n = 0;
+    while !node.is_null() {
+        // SAFETY: per the caller, `s`'s plain fields are ours; the objects on the remote list
+        // were published by the freers' release CAS, acquired above, and are ours to relink.
+        let (size, counted) = unsafe {
             let (next, size, counted) = slab::unlink_word(*(node as *const u64));
             *(node as *mut *mut u8) = (*s).free;
             (*s).free = node;
-            gh.set_adj(gh.adj() + (size + TAG_SIZE) as i64);
-            gh.set_frees(gh.frees() + counted as u64);
-            n += 1;
             node = next;
-        }
-        (*s).used -= n;
+            (size, counted)
+        };
+        gh.set_adj(gh.adj() + (size + TAG_SIZE) as i64);
+        gh.set_frees(gh.frees() + counted as u64);
+        n += 1;
     }
+    // SAFETY: as above.
+    unsafe { (*s).used -= n };
 }
 
 /// Frees the objects other threads handed over (see `notify`): locally, or as orphan frees
@@ -178,8 +181,9 @@ pub(super) fn take_delayed(gh: Mine<'_>, rel: &mut Released) {
         // SAFETY: the list was published by the notifiers' release CAS, acquired above. Each
         // object on it is live, of a slab that was `gh`'s when it was handed over (`notify`
         // holds `NOTIFYING` until it is published, so the slab could not leave `gh` before);
-        // a slab that left `gh` since is an orphan (`orphan_or_release` takes the rest of the
-        // list in before publishing), and one without `ORPHAN` is still `gh`'s.
+        // a slab that left `gh` since is an orphan (it still holds this object, so it was not
+        // released; `detach` takes the list in again after orphaning), and one without
+        // `ORPHAN` is still `gh`'s.
         unsafe {
             let (next, size, counted) = slab::unlink_word(*(node as *const u64));
             let s = segment::slab_of(node);
@@ -284,52 +288,60 @@ pub(super) fn detach(st: &Stopped<'_>, gh: Mine<'_>, rel: &mut Released) {
 /// # Safety
 /// `s` is one of `gh`'s slabs, on none of its lists any more (its links are rewritten here).
 pub(super) unsafe fn orphan_or_release(gh: Mine<'_>, s: *mut Slab, rel: &mut Released) {
-    // SAFETY: per the caller: until the publishing CAS below, `s`'s plain fields are ours.
-    unsafe {
-        let r = &(*s).remote;
-        let mut backoff = Backoff::new();
-        let mut w = r.load(Ordering::Acquire);
-        loop {
-            if w & NOTIFYING != 0 {
-                // A remote free is handing an object to `gh`: let it finish.
-                backoff.wait();
-                w = r.load(Ordering::Acquire);
-                continue;
-            }
-            if w & FULL == 0 {
-                break;
-            }
-            match r.compare_exchange(w, w & !FULL, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(now) => w = now,
-            }
+    // SAFETY: slab metadata is never unmapped; the word is atomic, shared by design.
+    let r = unsafe { &(*s).remote };
+    let mut backoff = Backoff::new();
+    let mut w = r.load(Ordering::Acquire);
+    loop {
+        if w & NOTIFYING != 0 {
+            // A remote free is handing an object to `gh`: let it finish.
+            backoff.wait();
+            w = r.load(Ordering::Acquire);
+            continue;
         }
-        // Remote frees now only push to the remote list, and read `owner` only to look for an
-        // abandoned heap (whose lock the caller holds).
+        if w & FULL == 0 {
+            break;
+        }
+        match r.compare_exchange(w, w & !FULL, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => break,
+            Err(now) => w = now,
+        }
+    }
+    // Remote frees now only push to the remote list, and read `owner` only to look for an
+    // abandoned heap (whose lock the caller holds).
+    // SAFETY: per the caller, `s` is `gh`'s: until the publishing CAS below, its plain fields
+    // are ours.
+    unsafe {
         (*s).owner.store(null_mut(), Ordering::Release);
         (*s).prev = null_mut();
         (*s).next = null_mut();
-        loop {
-            collect(gh, s);
-            let w = r.load(Ordering::Acquire);
-            if w & PTR_MASK != 0 {
-                continue;
-            }
-            debug_assert_eq!(w & FLAGS, 0, "no flag but the owner's may be set here");
+    }
+    loop {
+        // SAFETY: as above.
+        unsafe { collect(gh, s) };
+        let w = r.load(Ordering::Acquire);
+        if w & PTR_MASK != 0 {
+            continue;
+        }
+        debug_assert_eq!(w & FLAGS, 0, "no flag but the owner's may be set here");
+        // SAFETY: as above (the CAS has not landed yet).
+        let empty = unsafe {
             let empty = (*s).used == 0;
             (*s).state = if empty { LOOSE } else { ORPHANED };
-            // `used` is final from here: published with the word.
-            let new = if empty { DEAD } else { ORPHAN };
-            if r.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                pause(&ORPHAN_PAUSE_US);
-                if empty {
-                    // Dead, so ours alone: no object is left to free it.
-                    rel.push(s);
-                }
-                return;
+            empty
+        };
+        // `used` is final from here: published with the word.
+        let new = if empty { DEAD } else { ORPHAN };
+        if r.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            pause(&ORPHAN_PAUSE_US);
+            if empty {
+                // SAFETY: dead, so ours alone (no object is left to free it): empty,
+                // unlinked, claimed.
+                unsafe { rel.push(s) };
             }
+            return;
         }
     }
 }
