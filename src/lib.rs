@@ -132,8 +132,8 @@ pub use arena::ArenaAlloc;
 #[cfg(feature = "arena")]
 #[doc(hidden)]
 pub use arena::{
-    footprint as arena_footprint, pause_after_orphaning, pause_in_notify, slab_of, Footprint,
-    SlabInfo,
+    footprint as arena_footprint, pause_after_orphaning, pause_before_release, pause_in_notify,
+    slab_of, Footprint, SlabInfo,
 };
 
 /// The allocator to install: the tag design ([`TagAlloc`]).

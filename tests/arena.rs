@@ -989,3 +989,57 @@ fn arena_waits_progress_on_one_cpu() {
         libc::WEXITSTATUS(status)
     );
 }
+
+child_test! {
+    /// A flush must not miss slabs another thread is releasing. Sweeping a heap takes its empty
+    /// slabs out under the heap's lock and uncharges them after letting it go (uncharging may
+    /// free a group's record, which takes other locks); a flush that took the lock in between
+    /// found the slabs neither in the heap nor uncharged, and the group's figures stayed off
+    /// by whole slabs (the limits suite's rare `usage == 0` failure after all blocks were
+    /// freed, there with a test thread adopting and then abandoning an exited racer's heap).
+    /// `pause_before_release` holds a parent's flush in that window while the group's own
+    /// flush runs.
+    fn a_flush_waits_for_slabs_being_released => release_window_inner() {
+        const PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
+        memgroup::pause_before_release(PAUSE.as_micros() as u32);
+        let mut hits = 0;
+        for round in 0..5 {
+            let p = fresh("release-p");
+            let g = fresh_child(&p, "g");
+            // The owner of `g`'s slabs stays alive, so only a sweep releases them.
+            let (blocks_tx, blocks_rx) = mpsc::channel::<Vec<Block>>();
+            let (quit_tx, quit_rx) = mpsc::channel::<()>();
+            let g2 = g.clone();
+            let owner = std::thread::spawn(move || {
+                let mut blocks = Vec::with_capacity(100);
+                g2.run(|| blocks.extend((0..100).map(|_| Block::new(300, 8))));
+                blocks_tx.send(blocks).unwrap();
+                quit_rx.recv().unwrap();
+            });
+            // Remote frees: the slabs are empty but still the owner's, and charged.
+            drop(blocks_rx.recv().unwrap());
+            let flusher = {
+                let p = p.clone();
+                std::thread::spawn(move || p.flush())
+            };
+            std::thread::sleep(PAUSE / 3);
+            let t = std::time::Instant::now();
+            let s = exact(&g);
+            let waited = t.elapsed() > PAUSE / 3;
+            assert_eq!(
+                (s.usage, s.overhead, live(&s)),
+                (0, 0, 0),
+                "round {round}: the group's figures once its blocks are freed and it is flushed"
+            );
+            flusher.join().unwrap();
+            quit_tx.send(()).unwrap();
+            owner.join().unwrap();
+            hits += waited as u32;
+            if hits == 2 {
+                break;
+            }
+        }
+        memgroup::pause_before_release(0);
+        assert!(hits > 0, "no round's flush ran while the parent's flush was releasing");
+    }
+}

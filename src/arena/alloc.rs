@@ -97,23 +97,22 @@ pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> 
     let mut rel = Released::new();
     // SAFETY: `th` is this thread's heap; under its lock, its group heaps and their slabs are
     // ours (no fast path runs: this thread is here; other threads take the lock first).
-    let out = unsafe {
+    unsafe {
         loop {
             (*th).lock.lock();
             let gh = group_heap(th, key);
             if gh.is_null() {
-                (*th).lock.unlock();
+                rel.release_after(th, || (*th).lock.unlock());
                 break Slow::Inner;
             }
             let p = refill(gh, class, size, counted, &mut rel);
             if !p.is_null() {
-                (*th).lock.unlock();
+                rel.release_after(th, || (*th).lock.unlock());
                 break Slow::Done(p);
             }
             let (gkey, gen) = ((*gh).key, (*gh).gen);
             // Charging may reclaim (run shrinkers, which allocate and free): hold nothing.
-            (*th).lock.unlock();
-            rel.release_all();
+            rel.release_after(th, || (*th).lock.unlock());
             let s = match new_slab(gkey, class) {
                 Ok(s) => s,
                 Err(e) => break e,
@@ -121,7 +120,7 @@ pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> 
             (*th).lock.lock();
             if (*gh).gen != gen {
                 // The group heap was retired meanwhile (its group removed): start over.
-                (*th).lock.unlock();
+                rel.release_after(th, || (*th).lock.unlock());
                 release(s);
                 continue;
             }
@@ -135,16 +134,14 @@ pub(crate) fn alloc_slow(key: Key, class: usize, size: usize, counted: bool) -> 
                 slab::push(&raw mut (*q).partial, s);
             }
             let p = refill(gh, class, size, counted, &mut rel);
-            (*th).lock.unlock();
+            rel.release_after(th, || (*th).lock.unlock());
             break if p.is_null() {
                 Slow::Inner
             } else {
                 Slow::Done(p)
             };
         }
-    };
-    rel.release_all();
-    out
+    }
 }
 
 /// Takes the first free object of slab `s` of `gh` for a block of `size` bytes, and counts it

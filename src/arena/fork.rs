@@ -61,6 +61,11 @@ pub(super) fn fork_child() {
         let st = unsafe { l.assume_stopped() };
         // SAFETY: in the child.
         st.each(|_, gh| unsafe { clear_notifying(gh) });
+        // A parent thread that was releasing slabs taken out of `th` has no thread here: its
+        // slabs are lost to the child (still charged, as a stock slot's content in a thread's
+        // hands at the fork is), and no flush may wait for it.
+        // SAFETY: heaps are never unmapped.
+        unsafe { (*th).releasing.store(0, Ordering::Relaxed) };
     }
     for th in listed_heaps() {
         // SAFETY: as above.

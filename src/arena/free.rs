@@ -161,8 +161,7 @@ pub(super) unsafe fn free_abandoned(
             }
         }
     }
-    l.unlock();
-    rel.release_all();
+    rel.release_after_unlock(l);
     true
 }
 
@@ -247,9 +246,8 @@ pub(super) unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, count
                 }
             }
         }
-        l.unlock();
+        rel.release_after_unlock(l);
         if owned {
-            rel.release_all();
             return;
         }
     }

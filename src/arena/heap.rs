@@ -62,6 +62,7 @@ use crate::sync::{
 use crate::{group, platform, thread, TAG_SIZE};
 
 use super::class;
+use super::owner::{pause, RELEASE_PAUSE_US};
 use super::segment;
 use super::slab::NOTIFYING;
 use super::types::{Locked, Owner, Slab, Stopped, ThreadHeap, DEAD_HEAP};
@@ -240,6 +241,18 @@ fn wait_out(th: *mut ThreadHeap) {
     }
 }
 
+/// Waits for the threads releasing slabs taken out of `th` (see `Released::release_after`)
+/// that the caller's lock of `th` came after: their slabs are uncharged when this returns.
+/// Unbounded, as a wait for `th`'s lock is: a release is a few hundred instructions and takes
+/// no lock the caller may hold (the caller holds none).
+pub(super) fn wait_released(th: *mut ThreadHeap) {
+    let mut backoff = Backoff::new();
+    // SAFETY: heaps are never unmapped.
+    while unsafe { (*th).releasing.load(Ordering::Acquire) } != 0 {
+        backoff.wait();
+    }
+}
+
 /// # Safety
 /// The caller stopped `th` with `stop`.
 pub(super) unsafe fn resume(th: *mut ThreadHeap) {
@@ -264,7 +277,35 @@ impl Released {
         self.0 = s;
     }
 
-    pub(super) fn release_all(&mut self) {
+    /// Lets `th` go (`unlock`), then releases the slabs, counted in `th`'s `releasing`
+    /// meanwhile: the count is raised before the unlock, so whoever takes `th`'s lock next sees
+    /// it, and a flush that did waits for it (`wait_released`) rather than finding the slabs
+    /// neither in the heap nor uncharged yet.
+    ///
+    /// # Safety
+    /// The caller holds `th` (locked or stopped); `unlock` lets it go.
+    pub(super) unsafe fn release_after(&mut self, th: *mut ThreadHeap, unlock: impl FnOnce()) {
+        if self.0.is_null() {
+            unlock();
+            return;
+        }
+        // SAFETY: heaps are never unmapped.
+        let releasing = unsafe { &(*th).releasing };
+        releasing.fetch_add(1, Ordering::Relaxed);
+        unlock();
+        pause(&RELEASE_PAUSE_US);
+        self.release_all();
+        releasing.fetch_sub(1, Ordering::Release);
+    }
+
+    /// `release_after` for a heap locked through a `Locked`, which it lets go.
+    pub(super) fn release_after_unlock(&mut self, l: Locked<'_>) {
+        let th = l.th();
+        // SAFETY: `l` proves this thread holds `th`'s lock; `unlock` lets it go.
+        unsafe { self.release_after(th, || l.unlock()) }
+    }
+
+    fn release_all(&mut self) {
         while !self.0.is_null() {
             let s = self.0;
             // SAFETY: the list holds slabs given up by `push`.
@@ -334,7 +375,7 @@ pub(super) fn each_heap(mut f: impl FnMut(&Locked<'_>, &mut Released)) {
         // SAFETY: a listed heap; this thread holds no other heap's lock.
         let l = unsafe { lock(th) };
         f(&l, &mut rel);
-        l.unlock();
-        rel.release_all();
+        rel.release_after_unlock(l);
+        wait_released(th);
     }
 }

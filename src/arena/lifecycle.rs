@@ -79,6 +79,7 @@ pub(super) fn create_heap() -> *mut ThreadHeap {
                     cached: null_mut(),
                     table: KeyTable::new(),
                     live: AtomicBool::new(false),
+                    releasing: AtomicU32::new(0),
                     next: HEAPS.load(Ordering::Relaxed),
                 });
                 HEAPS.store(h, Ordering::Release);
@@ -119,8 +120,7 @@ pub(super) unsafe extern "C" fn thread_exit(arg: *mut core::ffi::c_void) {
     // SAFETY: the thread is exiting, past its last fast path on the heap.
     unsafe { abandon(&st, &mut rel) };
     HEAP.with(|h| h.set(DEAD_HEAP as *mut ThreadHeap));
-    l.unlock();
-    rel.release_all();
+    rel.release_after_unlock(l);
     // SAFETY: heaps are never unmapped.
     unsafe { (*th).live.store(false, Ordering::Release) };
 }

@@ -287,6 +287,15 @@ pub fn pause_in_notify(us: u32) -> u32 {
     owner::pause_in_notify(us)
 }
 
+/// For tests: makes each thread that releases slabs after letting their heap's lock go (a
+/// flush's sweep, a thread's exit, a slow path) pause `us` microseconds first (0, the default:
+/// no pause), which widens the window in which another flush finds the heap without those
+/// slabs while they are still charged; returns the previous value.
+#[doc(hidden)]
+pub fn pause_before_release(us: u32) -> u32 {
+    owner::pause_before_release(us)
+}
+
 /// What the arena holds, in bytes (none of it is charged to a group as such: slabs are
 /// charged to their groups while out of the pool).
 #[doc(hidden)]

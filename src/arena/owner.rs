@@ -353,6 +353,10 @@ pub(super) static ORPHAN_PAUSE_US: AtomicU32 = AtomicU32::new(0);
 
 pub(super) static NOTIFY_PAUSE_US: AtomicU32 = AtomicU32::new(0);
 
+/// Microseconds a thread releasing slabs after letting their heap go pauses first (0: none),
+/// for the test that widens that window (see `super::pause_before_release`).
+pub(super) static RELEASE_PAUSE_US: AtomicU32 = AtomicU32::new(0);
+
 #[inline(always)]
 pub(super) fn pause(us: &AtomicU32) {
     let us = us.load(Ordering::Relaxed);
@@ -370,6 +374,12 @@ pub(crate) fn pause_after_orphaning(us: u32) -> u32 {
 /// Sets the pause of each notifier holding `NOTIFYING`; returns the previous one.
 pub(crate) fn pause_in_notify(us: u32) -> u32 {
     NOTIFY_PAUSE_US.swap(us, Ordering::Relaxed)
+}
+
+/// Sets the pause before each release of slabs after their heap's unlock; returns the
+/// previous one.
+pub(crate) fn pause_before_release(us: u32) -> u32 {
+    RELEASE_PAUSE_US.swap(us, Ordering::Relaxed)
 }
 
 /// Collects remote frees and releases every empty slab of `gh`, spares and active ones

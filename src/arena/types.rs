@@ -117,6 +117,9 @@ pub(crate) struct ThreadHeap {
     pub(super) table: KeyTable<GroupHeap>,
     /// Owned by a running thread (false: free for the next new thread).
     pub(super) live: AtomicBool,
+    /// Threads releasing slabs they took out of this heap under its lock, after letting it go
+    /// (see `Released::release_after`): a flush that finds the heap waits for them.
+    pub(super) releasing: AtomicU32,
     /// The next heap on `HEAPS`; fixed once published.
     pub(super) next: *mut ThreadHeap,
 }

@@ -232,6 +232,50 @@ child_test! {
     }
 }
 
+/// Runs `f` on a thread started with `pthread_create`, and returns what it returned (`None` if
+/// it panicked or no thread could start). A forked child of this multi-threaded test cannot use
+/// `std::thread::spawn`: a new std thread takes a lock of std's own (the thread-info map of its
+/// stack-overflow handler) that a parent thread starting a thread at the fork may hold, and the
+/// child then hangs there (seen: 2 children in 80 runs of this test, stuck in std's
+/// `set_current_info`). glibc's `pthread_create` is safe after fork.
+fn on_a_raw_thread<T: Send>(f: impl FnOnce() -> T + Send) -> Option<T> {
+    struct Job<F, T> {
+        f: Option<F>,
+        out: Option<T>,
+    }
+    extern "C" fn start<F: FnOnce() -> T, T>(arg: *mut libc::c_void) -> *mut libc::c_void {
+        // SAFETY: `arg` is the `Job` below, which outlives the thread (joined before it goes)
+        // and which no other thread touches meanwhile.
+        let job = unsafe { &mut *arg.cast::<Job<F, T>>() };
+        if let Some(f) = job.f.take() {
+            job.out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok();
+        }
+        std::ptr::null_mut()
+    }
+    fn run<F: FnOnce() -> T, T>(f: F) -> Option<T> {
+        let mut job = Job { f: Some(f), out: None };
+        let mut tid: libc::pthread_t = 0;
+        // SAFETY: `start` matches the job type; the job lives until the join below.
+        let rc = unsafe {
+            libc::pthread_create(
+                &mut tid,
+                std::ptr::null(),
+                start::<F, T>,
+                (&raw mut job).cast(),
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        // SAFETY: `tid` is a joinable thread started above, joined once.
+        if unsafe { libc::pthread_join(tid, std::ptr::null_mut()) } != 0 {
+            return None;
+        }
+        job.out
+    }
+    run(f)
+}
+
 /// What a forked child does: spawns a thread (which may take over a heap the parent's other
 /// threads left behind), allocates in a group made before the fork and in one of its own,
 /// and checks exact figures after each flush. No panic escapes.
@@ -240,7 +284,7 @@ fn forked_child_work(pre: &Group, i: usize) -> bool {
         let before = exact(pre);
         let mut ok = (before.usage, live(&before)) == (0, 0);
         let pre2 = pre.clone();
-        let t = std::thread::spawn(move || {
+        let Some(blocks) = on_a_raw_thread(move || {
             let blocks: Vec<Block> = Vec::with_capacity(60);
             let mut blocks = std::hint::black_box(blocks);
             pre2.run(|| {
@@ -249,8 +293,7 @@ fn forked_child_work(pre: &Group, i: usize) -> bool {
                 }
             });
             blocks
-        });
-        let Ok(blocks) = t.join() else {
+        }) else {
             return false;
         };
         let requested: usize = blocks.iter().map(Block::size).sum();
