@@ -167,8 +167,9 @@ pub(super) struct Queue {
 /// the heap's fast path (`super::heap::enter`: its own heap, `busy` raised and the lock seen
 /// free), or holds the heap's lock with no fast path running on it (`Locked::stop`).
 ///
-/// A pointer, neither `Copy` nor `Send`, made only by `super::heap` (`enter`, `Locked::stop`,
-/// `Locked::assume_stopped`); it ends with `super::heap::leave` or with the lock it borrows.
+/// A pointer, neither `Copy` nor `Send`, made only by `super::heap::enter` and by `Stopped::new`
+/// (through `Locked::stop` or `Locked::assume_stopped`); it ends with `super::heap::leave` or
+/// with the borrow of the lock.
 /// It does not give the heap's key table, which the lock alone guards (a thread holding it
 /// reads the table while the owner may still be in its fast path): that is `Locked`'s.
 pub(crate) struct Owner<'a>(HeapRef<'a>);
