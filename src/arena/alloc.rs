@@ -19,7 +19,7 @@ use super::records::GROUP_HEAPS;
 use super::segment;
 use super::slab::{self, FULL, NOTIFYING, PTR_MASK};
 use super::types::{
-    GroupHeap, Mine, Queue, Slab, Slow, ThreadHeap, ACTIVE, FULL_LIST, LOOSE, PARTIAL,
+    GroupHeap, Held, Mine, Queue, Slab, Slow, ThreadHeap, ACTIVE, FULL_LIST, LOOSE, PARTIAL,
 };
 
 /// Allocates an object of `class` for `key` from the cached group heap's active slab; null if
@@ -190,7 +190,7 @@ pub(super) unsafe fn refill(
             let s = (*q).active;
             if s != slab::empty() {
                 if (*s).free.is_null() {
-                    collect(Mine::assume(gh), s);
+                    collect(Held::of(Mine::assume(gh), s));
                 }
                 if !(*s).free.is_null() {
                     return pop(gh, s, size, counted);

@@ -14,8 +14,8 @@ use super::flush::{flush, remove};
 use super::heap::{current, listed_heaps, release, resume, stop, FORKING, PARKED};
 use super::records::{GROUP_HEAPS, THREAD_HEAPS};
 use super::segment;
-use super::slab::{self, NOTIFYING};
-use super::types::{Locked, Mine, Slab, ABANDONED};
+use super::slab::NOTIFYING;
+use super::types::{Locked, Mine, ABANDONED};
 
 /// Registers the arena with the layers below it: its caches for `flush()` and `remove()`, and
 /// its part in `fork()` (heaps and locks held across it; parked slabs released after it, once
@@ -103,18 +103,14 @@ pub(super) fn fork_child() {
 /// In the child, where no notifier runs (clearing a live notifier's bit would let its group
 /// heap be retired under it).
 pub(super) unsafe fn clear_notifying(gh: Mine<'_>) {
-    // SAFETY: `gh`'s lists are ours and consistent (`Mine`); slabs on them are its.
-    let clear = |mut s: *mut Slab, list: bool| unsafe {
-        while !s.is_null() && s != slab::empty() {
-            (*s).remote.fetch_and(!NOTIFYING, Ordering::Relaxed);
-            s = if list { (*s).next } else { null_mut() };
-        }
-    };
     for c in 0..CLASSES {
-        clear(gh.active(c), false);
-        clear(gh.partial(c), true);
+        for h in gh.active_slab(c).into_iter().chain(gh.partial_slabs(c)) {
+            h.remote().fetch_and(!NOTIFYING, Ordering::Relaxed);
+        }
     }
-    clear(gh.full(), true);
+    for h in gh.full_slabs() {
+        h.remote().fetch_and(!NOTIFYING, Ordering::Relaxed);
+    }
 }
 
 pub(super) fn fork_release() {

@@ -13,7 +13,7 @@ use super::owner::{
 };
 use super::segment;
 use super::slab::{self, FLAGS, FULL, NOTIFYING, ORPHAN};
-use super::types::{abandoned, untagged, GroupHeap, Slab, FULL_LIST};
+use super::types::{abandoned, untagged, GroupHeap, Held, Slab, FULL_LIST};
 
 /// Frees a slab object. `counted`: a free to count (false for a realloc's move).
 ///
@@ -30,14 +30,12 @@ pub(crate) unsafe fn free(p: *mut u8, size: usize, counted: bool) {
         // whose owner it is is one of its slabs: both words change only under an owner of
         // this heap, and we are it.
         if !gh.is_null() && unsafe { (*gh).heap.load(Ordering::Relaxed) } == o.th() {
-            // SAFETY: as just said, `gh` is ours.
-            let gh = unsafe { o.mine(gh) };
-            // SAFETY: `s` is `gh`'s, `p` a live object of it (per the caller).
-            unsafe { push_local(gh, s, p, size, counted) };
-            // SAFETY: `s`'s plain fields are ours.
-            if unsafe { (*s).used == 0 || (*s).state == FULL_LIST } || gh.left() == 0 {
-                // SAFETY: `s` is `gh`'s.
-                let r = unsafe { after_free(gh, s) };
+            // SAFETY: as just said, `gh` is ours, and `s` is one of its slabs.
+            let h = unsafe { Held::of(o.mine(gh), s) };
+            // SAFETY: `p` is a live object of `s` (per the caller).
+            unsafe { push_local(h, p, size, counted) };
+            if h.used() == 0 || h.state() == FULL_LIST || h.gh().left() == 0 {
+                let r = after_free(h);
                 leave(o);
                 if !r.is_null() {
                     // SAFETY: `after_free` gave it up: empty, unlinked, claimed.
@@ -145,14 +143,14 @@ pub(super) unsafe fn free_abandoned(
         // SAFETY: locked, with the group heap still marked abandoned: the heap has no thread
         // (adoption unmarks under this lock, before the adopter's first fast path).
         let st = unsafe { l.assume_stopped() };
-        // SAFETY: `gh`'s word names the heap stopped.
-        let gh = unsafe { st.mine(gh) };
-        // SAFETY: `s` is `gh`'s (checked under the lock), `p` a live object of it.
-        let done = unsafe {
-            push_local(gh, s, p, size, counted);
-            collect(gh, s);
-            after_free(gh, s)
-        };
+        // SAFETY: `gh`'s word names the heap stopped, and `s`'s owner is `gh` (both checked
+        // under the lock).
+        let h = unsafe { Held::of(st.mine(gh), s) };
+        let gh = h.gh();
+        // SAFETY: `p` is a live object of `s` (per the caller).
+        unsafe { push_local(h, p, size, counted) };
+        collect(h);
+        let done = after_free(h);
         if !done.is_null() {
             // SAFETY: `after_free` gave it up.
             unsafe { rel.push(done) };
@@ -231,13 +229,13 @@ pub(super) unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, count
         };
         let mut rel = Released::new();
         if owned {
-            // SAFETY: `gh`'s word names the heap stopped (checked with it stopped).
-            let gh = unsafe { st.mine(gh) };
-            // SAFETY: `s` is `gh`'s (checked), `p` a live object of it.
-            let done = unsafe {
-                push_local(gh, s, p, size, counted);
-                after_free(gh, s)
-            };
+            // SAFETY: `gh`'s word names the heap stopped, and `s`'s owner is `gh` (both checked
+            // with it stopped).
+            let h = unsafe { Held::of(st.mine(gh), s) };
+            let gh = h.gh();
+            // SAFETY: `p` is a live object of `s` (per the caller).
+            unsafe { push_local(h, p, size, counted) };
+            let done = after_free(h);
             if !done.is_null() {
                 // SAFETY: `after_free` gave it up.
                 unsafe { rel.push(done) };

@@ -14,75 +14,68 @@ use super::heap::{counter, interval, Released, EXACT, TAG};
 use super::records::GROUP_HEAPS;
 use super::segment;
 use super::slab::{self, COUNT_ONE, DEAD, FLAGS, FULL, NOTIFYING, ORPHAN, PTR_MASK};
-use super::types::{abandoned, untagged, Mine, Slab, Stopped, FULL_LIST, LOOSE, ORPHANED, PARTIAL};
+use super::types::{
+    abandoned, untagged, Held, Mine, Slab, Stopped, FULL_LIST, LOOSE, ORPHANED, PARTIAL,
+};
 
-/// The owner's free: `p` goes on `s`'s free list.
+/// The owner's free: `p` goes on `h`'s free list.
 ///
 /// # Safety
-/// `s` is one of `gh`'s slabs and `p` a live object of it.
+/// `p` is a live object of `h`.
 #[inline(always)]
-pub(super) unsafe fn push_local(
-    gh: Mine<'_>,
-    s: *mut Slab,
-    p: *mut u8,
-    size: usize,
-    counted: bool,
-) {
-    // SAFETY: per the caller, `s` is `gh`'s: its plain fields are ours while `gh` is, and
-    // `p` is an object of it, free to hold the link.
-    unsafe {
-        *(p as *mut *mut u8) = (*s).free;
-        (*s).free = p;
-        (*s).used -= 1;
-    }
+pub(super) unsafe fn push_local(h: Held<'_>, p: *mut u8, size: usize, counted: bool) {
+    // SAFETY: per the caller, `p` is an object of `h`, free to hold the link.
+    unsafe { *(p as *mut *mut u8) = h.free() };
+    h.set_free(p);
+    h.set_used(h.used() - 1);
+    let gh = h.gh();
     gh.set_frees(gh.frees() + counted as u64);
     gh.set_adj(gh.adj() + (size + TAG_SIZE) as i64);
     gh.set_left(gh.left() - 1);
 }
 
-/// After an owner's free that emptied `s`, freed into a full slab, or is due a harvest.
-/// Returns `s` if it must be released (unlinked already), else null.
-///
-/// # Safety
-/// `s` is one of `gh`'s slabs.
+/// After an owner's free that emptied `h`, freed into a full slab, or is due a harvest.
+/// Returns the slab if it must be released (unlinked already), else null.
 #[cold]
-pub(super) unsafe fn after_free(gh: Mine<'_>, s: *mut Slab) -> *mut Slab {
+pub(super) fn after_free(h: Held<'_>) -> *mut Slab {
+    let (gh, s) = (h.gh(), h.ptr());
     if gh.left() == 0 {
         harvest(gh);
     }
-    // SAFETY: per the caller, `s` is `gh`'s: its plain fields and links are ours, and the
-    // lists it is on are `gh`'s.
-    unsafe {
-        let c = (*s).class as usize;
-        if (*s).state == FULL_LIST {
-            (*s).remote.fetch_and(!FULL, Ordering::AcqRel);
+    let c = h.class() as usize;
+    if h.state() == FULL_LIST {
+        h.remote().fetch_and(!FULL, Ordering::AcqRel);
+        // SAFETY: the state says which of `gh`'s lists `s` is on.
+        unsafe {
             slab::unlink(gh.full_list(), s);
             slab::push(gh.partial_list(c), s);
-            (*s).state = PARTIAL;
         }
-        if (*s).used != 0 {
-            return null_mut();
+        h.set_state(PARTIAL);
+    }
+    if h.used() != 0 {
+        return null_mut();
+    }
+    // An abandoned heap keeps no spare: no thread would use it.
+    if EXACT.load(Ordering::Relaxed) || abandoned(gh.heap().load(Ordering::Relaxed)) {
+        if gh.active(c) == s {
+            gh.set_active(c, slab::empty());
+        } else {
+            // SAFETY: not active, it is on the partial list (it has free objects).
+            unsafe { slab::unlink(gh.partial_list(c), s) };
         }
-        // An abandoned heap keeps no spare: no thread would use it.
-        if EXACT.load(Ordering::Relaxed) || abandoned(gh.heap().load(Ordering::Relaxed)) {
-            if gh.active(c) == s {
-                gh.set_active(c, slab::empty());
-            } else {
-                slab::unlink(gh.partial_list(c), s);
-            }
-            (*s).state = LOOSE;
+        h.set_state(LOOSE);
+        return s;
+    }
+    if h.state() == PARTIAL {
+        if gh.empties() & 1 << c != 0 {
+            // SAFETY: as the state says.
+            unsafe { slab::unlink(gh.partial_list(c), s) };
+            h.set_state(LOOSE);
             return s;
         }
-        if (*s).state == PARTIAL {
-            if gh.empties() & 1 << c != 0 {
-                slab::unlink(gh.partial_list(c), s);
-                (*s).state = LOOSE;
-                return s;
-            }
-            gh.set_empties(gh.empties() | 1 << c);
-        }
-        null_mut()
+        gh.set_empties(gh.empties() | 1 << c);
     }
+    null_mut()
 }
 
 /// A free into an orphan: counts it, and claims the slab if that was its last object.
@@ -136,13 +129,9 @@ pub(super) fn harvest(gh: Mine<'_>) {
     gh.set_left(interval());
 }
 
-/// Takes `s`'s remote frees onto its free list and accounts for them.
-///
-/// # Safety
-/// `s` is one of `gh`'s slabs.
-pub(super) unsafe fn collect(gh: Mine<'_>, s: *mut Slab) {
-    // SAFETY: slab metadata is never unmapped; the word is atomic, shared by design.
-    let r = unsafe { &(*s).remote };
+/// Takes `h`'s remote frees onto its free list and accounts for them.
+pub(super) fn collect(h: Held<'_>) {
+    let r = h.remote();
     let mut w = r.load(Ordering::Acquire);
     loop {
         if w & PTR_MASK == 0 {
@@ -153,24 +142,22 @@ pub(super) unsafe fn collect(gh: Mine<'_>, s: *mut Slab) {
             Err(now) => w = now,
         }
     }
+    let gh = h.gh();
     let mut node = slab::head(w);
     let mut n = 0;
     while !node.is_null() {
-        // SAFETY: per the caller, `s`'s plain fields are ours; the objects on the remote list
-        // were published by the freers' release CAS, acquired above, and are ours to relink.
-        let (size, counted) = unsafe {
-            let (next, size, counted) = slab::unlink_word(*(node as *const u64));
-            *(node as *mut *mut u8) = (*s).free;
-            (*s).free = node;
-            node = next;
-            (size, counted)
-        };
+        // SAFETY: the objects on the remote list were published by the freers' release CAS,
+        // acquired above: they are ours, each holding its link word.
+        let (next, size, counted) = unsafe { slab::unlink_word(*(node as *const u64)) };
+        // SAFETY: as above: the object is ours to relink.
+        unsafe { *(node as *mut *mut u8) = h.free() };
+        h.set_free(node);
         gh.set_adj(gh.adj() + (size + TAG_SIZE) as i64);
         gh.set_frees(gh.frees() + counted as u64);
         n += 1;
+        node = next;
     }
-    // SAFETY: as above.
-    unsafe { (*s).used -= n };
+    h.set_used(h.used() - n);
 }
 
 /// Frees the objects other threads handed over (see `notify`): locally, or as orphan frees
@@ -193,8 +180,9 @@ pub(super) fn take_delayed(gh: Mine<'_>, rel: &mut Released) {
                     rel.push(done);
                 }
             } else {
-                push_local(gh, s, node, size, counted);
-                let done = after_free(gh, s);
+                let h = Held::of(gh, s);
+                push_local(h, node, size, counted);
+                let done = after_free(h);
                 if !done.is_null() {
                     rel.push(done);
                 }
@@ -235,32 +223,20 @@ pub(super) fn detach(st: &Stopped<'_>, gh: Mine<'_>, rel: &mut Released) {
     }
     take_delayed(gh, rel);
     for c in 0..CLASSES {
-        let s = gh.active(c);
+        let active = gh.active_slab(c);
+        let partial = gh.partial_slabs(c);
         gh.set_active(c, slab::empty());
-        if s != slab::empty() {
-            // SAFETY: `gh`'s active slab is `gh`'s.
-            unsafe { orphan_or_release(gh, s, rel) };
-        }
-        let mut s = gh.partial(c);
         gh.set_partial(c, null_mut());
-        while !s.is_null() {
-            // SAFETY: a slab of `gh`'s partial list is `gh`'s; its link is read before it goes.
-            unsafe {
-                let next = (*s).next;
-                orphan_or_release(gh, s, rel);
-                s = next;
-            }
+        for h in active.into_iter().chain(partial) {
+            // SAFETY: the class's lists are emptied above; each slab's link was read before.
+            unsafe { orphan_or_release(h, rel) };
         }
     }
-    let mut s = gh.full();
+    let full = gh.full_slabs();
     gh.set_full(null_mut());
-    while !s.is_null() {
-        // SAFETY: as for the partial lists.
-        unsafe {
-            let next = (*s).next;
-            orphan_or_release(gh, s, rel);
-            s = next;
-        }
+    for h in full {
+        // SAFETY: as for the classes.
+        unsafe { orphan_or_release(h, rel) };
     }
     // Objects handed over by remote frees that raced with the loops above: their slabs
     // are orphans now.
@@ -273,7 +249,7 @@ pub(super) fn detach(st: &Stopped<'_>, gh: Mine<'_>, rel: &mut Released) {
     unsafe { retire(gh) };
 }
 
-/// Takes `s` from its owner: released if empty, else an orphan.
+/// Takes slab `s` (`h`) from its owner: released if empty, else an orphan.
 ///
 /// The word that makes `s` an orphan (`ORPHAN`, or `DEAD` if empty) is the last thing written:
 /// once it is public, `s` is no longer the owner's. Remote frees then count down on it, and the
@@ -286,15 +262,15 @@ pub(super) fn detach(st: &Stopped<'_>, gh: Mine<'_>, rel: &mut Released) {
 /// `NOTIFYING`), so none runs and none can start (only the owner sets `FULL` again).
 ///
 /// # Safety
-/// `s` is one of `gh`'s slabs, on none of its lists any more (its links are rewritten here).
-pub(super) unsafe fn orphan_or_release(gh: Mine<'_>, s: *mut Slab, rel: &mut Released) {
-    // SAFETY: slab metadata is never unmapped; the word is atomic, shared by design.
-    let r = unsafe { &(*s).remote };
+/// `h` is on none of its group heap's lists any more (its links are rewritten here), and the
+/// caller does not use `h` afterwards (the slab is no longer the owner's).
+pub(super) unsafe fn orphan_or_release(h: Held<'_>, rel: &mut Released) {
+    let r = h.remote();
     let mut backoff = Backoff::new();
     let mut w = r.load(Ordering::Acquire);
     loop {
         if w & NOTIFYING != 0 {
-            // A remote free is handing an object to `gh`: let it finish.
+            // A remote free is handing an object to the group heap: let it finish.
             backoff.wait();
             w = r.load(Ordering::Acquire);
             continue;
@@ -308,28 +284,19 @@ pub(super) unsafe fn orphan_or_release(gh: Mine<'_>, s: *mut Slab, rel: &mut Rel
         }
     }
     // Remote frees now only push to the remote list, and read `owner` only to look for an
-    // abandoned heap (whose lock the caller holds).
-    // SAFETY: per the caller, `s` is `gh`'s: until the publishing CAS below, its plain fields
-    // are ours.
-    unsafe {
-        (*s).owner.store(null_mut(), Ordering::Release);
-        (*s).prev = null_mut();
-        (*s).next = null_mut();
-    }
+    // abandoned heap (whose lock the caller holds). Until the publishing CAS below, the
+    // slab's plain fields are still the owner's (`h`).
+    h.owner().store(null_mut(), Ordering::Release);
+    h.clear_links();
     loop {
-        // SAFETY: as above.
-        unsafe { collect(gh, s) };
+        collect(h);
         let w = r.load(Ordering::Acquire);
         if w & PTR_MASK != 0 {
             continue;
         }
         debug_assert_eq!(w & FLAGS, 0, "no flag but the owner's may be set here");
-        // SAFETY: as above (the CAS has not landed yet).
-        let empty = unsafe {
-            let empty = (*s).used == 0;
-            (*s).state = if empty { LOOSE } else { ORPHANED };
-            empty
-        };
+        let empty = h.used() == 0;
+        h.set_state(if empty { LOOSE } else { ORPHANED });
         // `used` is final from here: published with the word.
         let new = if empty { DEAD } else { ORPHAN };
         if r.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
@@ -339,7 +306,7 @@ pub(super) unsafe fn orphan_or_release(gh: Mine<'_>, s: *mut Slab, rel: &mut Rel
             if empty {
                 // SAFETY: dead, so ours alone (no object is left to free it): empty,
                 // unlinked, claimed.
-                unsafe { rel.push(s) };
+                unsafe { rel.push(h.ptr()) };
             }
             return;
         }
@@ -388,31 +355,23 @@ pub(crate) fn pause_before_release(us: u32) -> u32 {
 pub(super) fn sweep(gh: Mine<'_>, rel: &mut Released) {
     take_delayed(gh, rel);
     for c in 0..CLASSES {
-        let s = gh.active(c);
-        if s != slab::empty() {
-            // SAFETY: `gh`'s active slab is `gh`'s.
-            unsafe {
-                collect(gh, s);
-                if (*s).used == 0 {
-                    gh.set_active(c, slab::empty());
-                    (*s).state = LOOSE;
-                    rel.push(s);
-                }
+        if let Some(h) = gh.active_slab(c) {
+            collect(h);
+            if h.used() == 0 {
+                gh.set_active(c, slab::empty());
+                h.set_state(LOOSE);
+                // SAFETY: empty, no longer active: given up.
+                unsafe { rel.push(h.ptr()) };
             }
         }
-        let mut s = gh.partial(c);
-        while !s.is_null() {
-            // SAFETY: a slab on `gh`'s partial list is `gh`'s; its link is read before it may
-            // be unlinked.
-            unsafe {
-                let next = (*s).next;
-                collect(gh, s);
-                if (*s).used == 0 {
-                    slab::unlink(gh.partial_list(c), s);
-                    (*s).state = LOOSE;
-                    rel.push(s);
-                }
-                s = next;
+        for h in gh.partial_slabs(c) {
+            collect(h);
+            if h.used() == 0 {
+                // SAFETY: on the partial list, its link already read by the walk.
+                unsafe { slab::unlink(gh.partial_list(c), h.ptr()) };
+                h.set_state(LOOSE);
+                // SAFETY: unlinked, empty, `LOOSE`: given up.
+                unsafe { rel.push(h.ptr()) };
             }
         }
     }

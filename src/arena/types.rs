@@ -477,6 +477,155 @@ impl<'a> Mine<'a> {
         // SAFETY: as in `delayed`.
         unsafe { &(*self.gh.as_ptr()).heap }
     }
+
+    /// Class `c`'s active slab, unless it has none (`EMPTY`).
+    #[inline(always)]
+    pub(super) fn active_slab(self, c: usize) -> Option<Held<'a>> {
+        let s = self.active(c);
+        // An active slab other than `EMPTY` is the group heap's.
+        (s != super::slab::empty()).then(|| Held::new(self, s))
+    }
+
+    /// The slabs on class `c`'s partial list, each one's link read before it is yielded (so
+    /// the caller may unlink or relink it).
+    #[inline(always)]
+    pub(super) fn partial_slabs(self, c: usize) -> Slabs<'a> {
+        Slabs {
+            gh: self,
+            next: self.partial(c),
+        }
+    }
+
+    /// The slabs on the full list, as in `partial_slabs`.
+    #[inline(always)]
+    pub(super) fn full_slabs(self) -> Slabs<'a> {
+        Slabs {
+            gh: self,
+            next: self.full(),
+        }
+    }
+}
+
+/// A walk along one of a group heap's slab lists (see `Mine::partial_slabs`).
+pub(crate) struct Slabs<'a> {
+    gh: Mine<'a>,
+    next: *mut Slab,
+}
+
+impl<'a> Iterator for Slabs<'a> {
+    type Item = Held<'a>;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Held<'a>> {
+        if self.next.is_null() {
+            return None;
+        }
+        // A slab on one of the group heap's lists is the group heap's.
+        let h = Held::new(self.gh, self.next);
+        self.next = h.next();
+        Some(h)
+    }
+}
+
+/// A slab of a group heap this thread owns, with that group heap, for as long as its `Mine`:
+/// the only way to the slab's owner-side fields (its free list, `used`, `state`, its links).
+/// Made from the group heap's lists and active slabs (`Mine::active_slab`, `partial_slabs`,
+/// `full_slabs`), or by `Held::new` from a slab whose owner it is. Never `EMPTY`.
+#[derive(Clone, Copy)]
+pub(crate) struct Held<'a> {
+    gh: Mine<'a>,
+    s: NonNull<Slab>,
+}
+
+macro_rules! slab_fields {
+    ($($get:ident $(/ $set:ident)?: $t:ty;)*) => {
+        $(
+            #[inline(always)]
+            pub(super) fn $get(self) -> $t {
+                // SAFETY: see the comment on the accessors below.
+                unsafe { (*self.s.as_ptr()).$get }
+            }
+
+            $(
+                #[inline(always)]
+                pub(super) fn $set(self, v: $t) {
+                    // SAFETY: see the comment on the accessors below.
+                    unsafe { (*self.s.as_ptr()).$get = v }
+                }
+            )?
+        )*
+    };
+}
+
+impl<'a> Held<'a> {
+    #[inline(always)]
+    fn new(gh: Mine<'a>, s: *mut Slab) -> Held<'a> {
+        debug_assert!(!s.is_null() && s != super::slab::empty());
+        Held {
+            gh,
+            // SAFETY: every caller passes a slab.
+            s: unsafe { NonNull::new_unchecked(s) },
+        }
+    }
+
+    /// `s` as a slab of `gh`.
+    ///
+    /// # Safety
+    /// `s` is one of `gh`'s slabs (its `owner` is `gh`, which only `gh`'s owner changes), and
+    /// not `EMPTY`.
+    #[inline(always)]
+    pub(super) unsafe fn of(gh: Mine<'a>, s: *mut Slab) -> Held<'a> {
+        // SAFETY: per the caller, `s` is slab metadata (never unmapped).
+        debug_assert!(unsafe { (*s).owner.load(Ordering::Relaxed) } == gh.ptr());
+        Held::new(gh, s)
+    }
+
+    /// The group heap the slab is of.
+    #[inline(always)]
+    pub(super) fn gh(self) -> Mine<'a> {
+        self.gh
+    }
+
+    #[inline(always)]
+    pub(super) fn ptr(self) -> *mut Slab {
+        self.s.as_ptr()
+    }
+
+    // The slab's owner-side fields, by value. SAFETY (for every accessor): slab metadata is
+    // never unmapped, and a slab of a group heap is written by no one but that group heap's
+    // owner (other threads go through its atomics), which the `Mine` proves this thread is;
+    // `Held` is never `EMPTY`, which is never written. No reference to a field escapes.
+    slab_fields! {
+        free / set_free: *mut u8;
+        used / set_used: u32;
+        class: u8;
+        state / set_state: u8;
+        next: *mut Slab;
+    }
+
+    /// Clears the slab's list links (it is on no list).
+    #[inline(always)]
+    pub(super) fn clear_links(self) {
+        // SAFETY: as for the fields above.
+        unsafe {
+            (*self.s.as_ptr()).prev = core::ptr::null_mut();
+            (*self.s.as_ptr()).next = core::ptr::null_mut();
+        }
+    }
+
+    /// The word other threads free through (atomic).
+    #[inline(always)]
+    pub(super) fn remote(self) -> &'a AtomicU64 {
+        // SAFETY: slab metadata is never unmapped; an atomic is shared by design.
+        unsafe { &(*self.s.as_ptr()).remote }
+    }
+
+    /// The owning group heap's word (atomic: remote frees read it).
+    #[inline(always)]
+    pub(super) fn owner(self) -> &'a AtomicPtr<GroupHeap> {
+        // SAFETY: as in `remote`.
+        unsafe { &(*self.s.as_ptr()).owner }
+    }
 }
 
 /// The allocator's verdict when the fast path could not serve.
