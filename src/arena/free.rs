@@ -7,9 +7,11 @@ use core::cell::Cell;
 use crate::core::stock::Key;
 use crate::sync::{Backoff, Ordering};
 
-use super::heap::{counter, enter, leave, lock, release, try_lock, Released, EXACT, FORKING};
+use super::heap::{
+    counter, enter, leave, lock, pause, release, try_lock, Released, EXACT, FORKING,
+};
 use super::owner::{
-    after_free, collect, detach, holds_nothing, orphan_free, pause, push_local, NOTIFY_PAUSE_US,
+    after_free, collect, detach, holds_nothing, orphan_free, push_local, NOTIFY_PAUSE_US,
 };
 use super::segment;
 use super::slab::{self, FLAGS, FULL, NOTIFYING, ORPHAN};

@@ -62,7 +62,6 @@ use crate::sync::{
 use crate::{group, platform, thread, TAG_SIZE};
 
 use super::class;
-use super::owner::{pause, RELEASE_PAUSE_US};
 use super::segment;
 use super::slab::NOTIFYING;
 use super::types::{Locked, Owner, Slab, Stopped, ThreadHeap, DEAD_HEAP};
@@ -258,6 +257,20 @@ pub(super) fn wait_released(th: *mut ThreadHeap) {
 pub(super) unsafe fn resume(th: *mut ThreadHeap) {
     // SAFETY: as for `stop`.
     unsafe { (*th).lock.unlock() };
+}
+
+/// Microseconds a thread releasing slabs after letting their heap go pauses first (0: none),
+/// for the test that widens that window (see `super::pause_before_release`).
+pub(super) static RELEASE_PAUSE_US: AtomicU32 = AtomicU32::new(0);
+
+/// Sleeps `us` microseconds if set (the tests' pauses, see `super::owner`).
+#[inline(always)]
+pub(super) fn pause(us: &AtomicU32) {
+    let us = us.load(Ordering::Relaxed);
+    if us != 0 {
+        // nanosleep(2); allocates nothing.
+        std::thread::sleep(core::time::Duration::from_micros(us.into()));
+    }
 }
 
 /// Slabs unlinked under a heap's lock, released after it is let go (a release uncharges,

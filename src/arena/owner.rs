@@ -10,7 +10,7 @@ use crate::sync::{AtomicU32, Backoff, Ordering};
 use crate::{platform, TAG_SIZE};
 
 use super::class::CLASSES;
-use super::heap::{counter, interval, Released, EXACT, TAG};
+use super::heap::{counter, interval, pause, Released, EXACT, RELEASE_PAUSE_US, TAG};
 use super::records::GROUP_HEAPS;
 use super::segment;
 use super::slab::{self, COUNT_ONE, DEAD, FLAGS, FULL, NOTIFYING, ORPHAN, PTR_MASK};
@@ -319,19 +319,6 @@ pub(super) unsafe fn orphan_or_release(h: Held<'_>, rel: &mut Released) {
 pub(super) static ORPHAN_PAUSE_US: AtomicU32 = AtomicU32::new(0);
 
 pub(super) static NOTIFY_PAUSE_US: AtomicU32 = AtomicU32::new(0);
-
-/// Microseconds a thread releasing slabs after letting their heap go pauses first (0: none),
-/// for the test that widens that window (see `super::pause_before_release`).
-pub(super) static RELEASE_PAUSE_US: AtomicU32 = AtomicU32::new(0);
-
-#[inline(always)]
-pub(super) fn pause(us: &AtomicU32) {
-    let us = us.load(Ordering::Relaxed);
-    if us != 0 {
-        // nanosleep(2); allocates nothing.
-        std::thread::sleep(core::time::Duration::from_micros(us.into()));
-    }
-}
 
 /// Sets the pause after each orphan's publication; returns the previous one.
 pub(crate) fn pause_after_orphaning(us: u32) -> u32 {

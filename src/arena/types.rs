@@ -85,6 +85,16 @@ impl Slab {
     }
 }
 
+/// The active slab of a class that has none: its free list is empty, so the allocation fast
+/// path needs no null check. Never written (no `Held` is ever made of it).
+static EMPTY: Slab = Slab::empty();
+
+/// `EMPTY`, as the pointer the queues hold (also `super::slab::empty`).
+#[inline(always)]
+pub(crate) fn empty() -> *mut Slab {
+    &EMPTY as *const Slab as *mut Slab
+}
+
 /// `HEAP` of a thread whose exit hook ran: its small blocks go to the inner allocator.
 pub(super) const DEAD_HEAP: usize = 1;
 
@@ -483,7 +493,7 @@ impl<'a> Mine<'a> {
     pub(super) fn active_slab(self, c: usize) -> Option<Held<'a>> {
         let s = self.active(c);
         // An active slab other than `EMPTY` is the group heap's.
-        (s != super::slab::empty()).then(|| Held::new(self, s))
+        (s != empty()).then(|| Held::new(self, s))
     }
 
     /// The slabs on class `c`'s partial list, each one's link read before it is yielded (so
@@ -560,7 +570,7 @@ macro_rules! slab_fields {
 impl<'a> Held<'a> {
     #[inline(always)]
     fn new(gh: Mine<'a>, s: *mut Slab) -> Held<'a> {
-        debug_assert!(!s.is_null() && s != super::slab::empty());
+        debug_assert!(!s.is_null() && s != empty());
         Held {
             gh,
             // SAFETY: every caller passes a slab.
