@@ -13,10 +13,16 @@
 //!   (inside its fast path, between `enter` and `leave`, or holding the heap's lock), or a thread
 //!   that stopped the heap (`super::heap::stop`), or, while the heap is `ABANDONED` (its thread
 //!   exited), a thread holding its lock. Only `delayed` is written by other threads.
-//!   That ownership is a value, not a comment: an `Owner` proves the caller holds a heap that
-//!   way (made only by `super::heap`: `enter` on the fast path, `Locked::stop` on a locked
-//!   heap), and a `Mine` is a group heap of that heap, reached through it; the owner-only
-//!   fields of a group heap are read and written only through a `Mine`.
+//!
+//! That ownership is a value, not a comment. `Locked` proves the caller holds a heap's lock
+//! (which guards its key table); an `Owner` proves it owns the heap as above (`enter` on the
+//! fast path; `Locked::stop`, which waits the owner out, for a `Stopped`: lock and owner
+//! together); a `Mine` is a group heap of the owned heap, and a `Held` a slab of a `Mine`, each
+//! reached through the proof before it and living no longer. The owner-only fields of a group
+//! heap and the owner-side fields of its slabs are read and written through those two (the
+//! allocation paths in `super::alloc` still do it by hand, on the contract "the caller owns
+//! `gh`"). What is left unsafe is where such a proof is first made from a pointer: "this
+//! group heap's `heap` word names our heap", "this slab's owner is this group heap".
 //! - A `ThreadHeap` is live (owned by a running thread) or free for the next new thread; heaps,
 //!   group heaps and their tables are never unmapped, only reused.
 
