@@ -370,20 +370,22 @@ pub(crate) struct Mine<'a> {
     _p: PhantomData<&'a Owner<'a>>,
 }
 
-macro_rules! owner_fields {
-    ($($get:ident $(/ $set:ident)?: $t:ty;)*) => {
+/// Accessors by value for the plain fields of the record `self.$ptr` points to (see the
+/// SAFETY comment where it is used).
+macro_rules! by_value {
+    ($ptr:ident; $($get:ident $(/ $set:ident)?: $t:ty;)*) => {
         $(
             #[inline(always)]
             pub(super) fn $get(self) -> $t {
-                // SAFETY: see the comment on the accessors below.
-                unsafe { (*self.gh.as_ptr()).$get }
+                // SAFETY: see the comment on the accessors' list.
+                unsafe { (*self.$ptr.as_ptr()).$get }
             }
 
             $(
                 #[inline(always)]
                 pub(super) fn $set(self, v: $t) {
-                    // SAFETY: see the comment on the accessors below.
-                    unsafe { (*self.gh.as_ptr()).$get = v }
+                    // SAFETY: see the comment on the accessors' list.
+                    unsafe { (*self.$ptr.as_ptr()).$get = v }
                 }
             )?
         )*
@@ -422,7 +424,8 @@ impl<'a> Mine<'a> {
     // heaps are never unmapped; a `Mine` lives no longer than the `Owner` it came from, and
     // while that `Owner` lives no other thread reads or writes these fields. No reference to a
     // field escapes, so two copies of a `Mine` on this thread cannot alias one.
-    owner_fields! {
+    by_value! {
+        gh;
         key: Key;
         gen / set_gen: u32;
         allocs / set_allocs: u64;
@@ -553,26 +556,6 @@ pub(crate) struct Held<'a> {
     s: NonNull<Slab>,
 }
 
-macro_rules! slab_fields {
-    ($($get:ident $(/ $set:ident)?: $t:ty;)*) => {
-        $(
-            #[inline(always)]
-            pub(super) fn $get(self) -> $t {
-                // SAFETY: see the comment on the accessors below.
-                unsafe { (*self.s.as_ptr()).$get }
-            }
-
-            $(
-                #[inline(always)]
-                pub(super) fn $set(self, v: $t) {
-                    // SAFETY: see the comment on the accessors below.
-                    unsafe { (*self.s.as_ptr()).$get = v }
-                }
-            )?
-        )*
-    };
-}
-
 impl<'a> Held<'a> {
     #[inline(always)]
     fn new(gh: Mine<'a>, s: *mut Slab) -> Held<'a> {
@@ -611,7 +594,8 @@ impl<'a> Held<'a> {
     // never unmapped, and a slab of a group heap is written by no one but that group heap's
     // owner (other threads go through its atomics), which the `Mine` proves this thread is;
     // `Held` is never `EMPTY`, which is never written. No reference to a field escapes.
-    slab_fields! {
+    by_value! {
+        s;
         free / set_free: *mut u8;
         used / set_used: u32;
         class: u8;
