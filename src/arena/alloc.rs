@@ -24,31 +24,30 @@ use super::owner::{collect, harvest, retire, take_delayed};
 use super::records::GROUP_HEAPS;
 use super::segment;
 use super::slab::{self, FULL, NOTIFYING, PTR_MASK};
-use super::types::{GroupHeap, Queue, Slab, Slow, ThreadHeap, ACTIVE, FULL_LIST, LOOSE, PARTIAL};
+use super::types::{
+    GroupHeap, Held, Mine, Queue, Slab, Slow, ThreadHeap, ACTIVE, FULL_LIST, LOOSE, PARTIAL,
+};
 
 /// Allocates an object of `class` for `key` from the cached group heap's active slab; null if
 /// the slow path must serve. `counted`: a new allocation (false for a realloc's move).
 #[inline(always)]
 pub(crate) fn alloc_fast(key: Key, class: usize, size: usize, counted: bool) -> *mut u8 {
-    let th = current();
-    // SAFETY: a usable `HEAP` is this thread's heap.
-    if !usable(th) || !unsafe { enter(th) } {
+    let Some(o) = enter() else {
         return null_mut();
-    }
-    // SAFETY: entered: no other thread touches the heap, its cached group heap or the slabs
-    // that group heap owns (other than through their atomics) until `leave`.
-    unsafe {
-        let mut p = null_mut();
-        if (*th).cached_key == key {
-            let gh = (*th).cached;
-            let s = (*gh).classes[class].active;
+    };
+    let mut p = null_mut();
+    if let Some(gh) = o.cached(key) {
+        let s = gh.active(class);
+        // SAFETY: entered: `gh` and the slabs it owns are ours (other than their atomics)
+        // until `leave`; its active slab is one of them (or `EMPTY`, whose list is empty).
+        unsafe {
             if !(*s).free.is_null() {
-                p = pop(gh, s, size, counted);
+                p = pop(gh.ptr(), s, size, counted);
             }
         }
-        leave(th);
-        p
     }
+    leave(o);
+    p
 }
 
 /// Per class, `class::slab_after` for `MEMGROUP_ARENA_SLAB_AFTER`, set by `read_slab_after` at
@@ -304,7 +303,7 @@ pub(super) unsafe fn pop(gh: *mut GroupHeap, s: *mut Slab, size: usize, counted:
         (*gh).adj -= (size + TAG_SIZE) as i64;
         (*gh).left -= 1;
         if (*gh).left == 0 {
-            harvest(gh);
+            harvest(Mine::assume(gh));
         }
         p
     }
@@ -326,14 +325,14 @@ pub(super) unsafe fn refill(
     // SAFETY: per the caller.
     unsafe {
         if !(*gh).delayed.load(Ordering::Relaxed).is_null() {
-            take_delayed(gh, rel);
+            take_delayed(Mine::assume(gh), rel);
         }
         let q = &raw mut (*gh).classes[class];
         loop {
             let s = (*q).active;
             if s != slab::empty() {
                 if (*s).free.is_null() {
-                    collect(gh, s);
+                    collect(Held::of(Mine::assume(gh), s));
                 }
                 if !(*s).free.is_null() {
                     return pop(gh, s, size, counted);
@@ -433,7 +432,7 @@ pub(super) unsafe fn group_heap(th: *mut ThreadHeap, key: Key, bytes: usize) -> 
                 // lock of this heap, which came before ours).
                 if !c.is_online() {
                     (*th).table.remove(k);
-                    retire(gh);
+                    retire(Mine::assume(gh));
                     continue;
                 }
             }
@@ -487,7 +486,7 @@ pub(super) unsafe fn new_group_heap(th: *mut ThreadHeap, key: Key) -> *mut Group
         }; CLASSES];
         (*gh).asked = [0; CLASSES];
         if !(*th).table.insert(key, gh) {
-            retire(gh);
+            retire(Mine::assume(gh));
             return null_mut();
         }
     }

@@ -6,37 +6,34 @@ use crate::core::counter::Counter;
 use crate::core::stock::{key, Key};
 use crate::sync::Ordering;
 
-use super::heap::{counter, each_heap, wait_out, Released};
+use super::heap::{counter, each_heap, Released};
 use super::owner::{detach, holds_nothing, sweep};
-use super::table::TOMB;
-use super::types::{abandoned, GroupHeap, ThreadHeap};
+use super::types::{abandoned, Locked, Mine, Stopped};
 
-/// Completes the stop of `th`, locked by the caller and found holding `gh`, unless `th` is
-/// abandoned: then it has no thread to wait for (its group heaps are all marked, and a thread
-/// adopting it unmarks them under the lock before its first fast path).
-///
-/// # Safety
-/// The caller holds `th`'s lock; `gh` is one of `th`'s group heaps.
-pub(super) unsafe fn settle(th: *mut ThreadHeap, gh: *mut GroupHeap) {
-    // SAFETY: per the caller.
-    unsafe {
-        if !abandoned((*gh).heap.load(Ordering::Relaxed)) {
-            wait_out(th);
-        }
+/// Completes the stop of `l`'s heap if it holds a group heap for one of `keys` (`None` if it
+/// holds none), unless the heap is abandoned: then it has no thread to wait for (its group
+/// heaps are all marked, and a thread adopting it unmarks them under the lock before its first
+/// fast path).
+fn settle<'l>(l: &'l Locked<'_>, keys: &[Key]) -> Option<Stopped<'l>> {
+    let any = keys
+        .iter()
+        .map(|&k| l.table().find(k))
+        .find(|gh| !gh.is_null())?;
+    // SAFETY: a group heap from the table (never unmapped); its word changes only under the
+    // lock we hold.
+    if abandoned(unsafe { (*any).heap.load(Ordering::Relaxed) }) {
+        // SAFETY: abandoned, as just read: no fast path runs on the heap.
+        Some(unsafe { l.assume_stopped() })
+    } else {
+        Some(l.stop())
     }
 }
 
 /// Sweeps `gh`; an abandoned one left with no slab is retired.
-///
-/// # Safety
-/// The caller stopped `th` (or holds it abandoned), which holds `gh`.
-pub(super) unsafe fn sweep_or_retire(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
-    // SAFETY: per the caller.
-    unsafe {
-        sweep(gh, rel);
-        if abandoned((*gh).heap.load(Ordering::Relaxed)) && holds_nothing(gh) {
-            detach(th, gh, rel);
-        }
+fn sweep_or_retire(st: &Stopped<'_>, gh: Mine<'_>, rel: &mut Released) {
+    sweep(gh, rel);
+    if abandoned(gh.heap().load(Ordering::Relaxed)) && holds_nothing(gh) {
+        detach(st, gh, rel);
     }
 }
 
@@ -44,34 +41,30 @@ pub(super) unsafe fn sweep_or_retire(th: *mut ThreadHeap, gh: *mut GroupHeap, re
 /// `leaf`, with no live child) the groups below it is swept (see `sweep`).
 pub(crate) fn flush(g: &Counter, leaf: bool) {
     let own = [key(g.id, false), key(g.id, true)];
-    each_heap(|th, rel| {
-        // SAFETY: `each_heap` locked `th`; `settle` completes the stop before any change.
-        unsafe {
-            let t = &raw mut (*th).table;
-            if leaf {
-                let ghs = own.map(|k| (*t).find(k));
-                let Some(&any) = ghs.iter().find(|gh| !gh.is_null()) else {
-                    return;
-                };
-                settle(th, any);
-                for gh in ghs.into_iter().filter(|gh| !gh.is_null()) {
-                    sweep_or_retire(th, gh, rel);
-                }
+    each_heap(|l, rel| {
+        if leaf {
+            let Some(st) = settle(l, &own) else {
                 return;
-            }
-            let under = |k: Key| counter(k).is_under(g);
-            let any = (*t).first(under);
-            if any.is_null() {
-                return;
-            }
-            settle(th, any);
-            for i in 0..(*t).cap {
-                let e = (*t).entries.add(i);
-                if (*e).key != 0 && (*e).key != TOMB && under((*e).key) {
-                    sweep_or_retire(th, (*e).value, rel);
+            };
+            for k in own {
+                if let Some(gh) = st.find(k) {
+                    sweep_or_retire(&st, gh, rel);
                 }
             }
+            return;
         }
+        let under = |k: Key| counter(k).is_under(g);
+        let Some(any) = l.table().first(under) else {
+            return;
+        };
+        let Some(st) = settle(l, &[any]) else {
+            return;
+        };
+        st.each(|k, gh| {
+            if under(k) {
+                sweep_or_retire(&st, gh, rel);
+            }
+        });
     });
 }
 
@@ -79,16 +72,13 @@ pub(crate) fn flush(g: &Counter, leaf: bool) {
 /// retired. Called once the group is offline, so no new group heap can appear for it.
 pub(crate) fn remove(id: u32) {
     let keys = [key(id, false), key(id, true)];
-    each_heap(|th, rel| {
-        // SAFETY: as in `flush`.
-        unsafe {
-            let ghs = keys.map(|k| (*th).table.find(k));
-            let Some(&any) = ghs.iter().find(|gh| !gh.is_null()) else {
-                return;
-            };
-            settle(th, any);
-            for gh in ghs.into_iter().filter(|gh| !gh.is_null()) {
-                detach(th, gh, rel);
+    each_heap(|l, rel| {
+        let Some(st) = settle(l, &keys) else {
+            return;
+        };
+        for k in keys {
+            if let Some(gh) = st.find(k) {
+                detach(&st, gh, rel);
             }
         }
     });

@@ -9,13 +9,13 @@ use crate::fork::{self, Participant, Rank};
 use crate::group;
 use crate::sync::Ordering;
 
+use super::class::CLASSES;
 use super::flush::{flush, remove};
 use super::heap::{current, listed_heaps, release, resume, stop, FORKING, PARKED};
 use super::records::{GROUP_HEAPS, THREAD_HEAPS};
 use super::segment;
-use super::slab::{self, NOTIFYING};
-use super::table::TOMB;
-use super::types::{GroupHeap, Slab, ThreadHeap, ABANDONED};
+use super::slab::NOTIFYING;
+use super::types::{Locked, Mine, ABANDONED};
 
 /// Registers the arena with the layers below it: its caches for `flush()` and `remove()`, and
 /// its part in `fork()` (heaps and locks held across it; parked slabs released after it, once
@@ -55,54 +55,36 @@ pub(super) fn fork_prepare() {
 pub(super) fn fork_child() {
     let me = current();
     for th in listed_heaps() {
-        // SAFETY: as below; every group heap in a table is the heap's, stopped.
-        unsafe {
-            each_group_heap(th, |gh| clear_notifying(gh));
-            // A parent thread that was releasing slabs taken out of `th` has no thread here:
-            // its slabs are lost to the child (still charged, as a stock slot's content in a
-            // thread's hands at the fork is), and no flush may wait for it.
-            (*th).releasing.store(0, Ordering::Relaxed);
-        }
+        // SAFETY: `fork_prepare` locked every listed heap, `fork_release` unlocks them.
+        let l = unsafe { Locked::new(th) };
+        // SAFETY: `fork_prepare` stopped it, and in the child no thread but this one runs.
+        let st = unsafe { l.assume_stopped() };
+        // SAFETY: in the child.
+        st.each(|_, gh| unsafe { clear_notifying(gh) });
+        // A parent thread that was releasing slabs taken out of `th` has no thread here: its
+        // slabs are lost to the child (still charged, as a stock slot's content in a thread's
+        // hands at the fork is), and no flush may wait for it.
+        // SAFETY: heaps are never unmapped.
+        unsafe { (*th).releasing.store(0, Ordering::Relaxed) };
     }
     for th in listed_heaps() {
-        // SAFETY: `fork_prepare` stopped every listed heap, and in the child no thread but this
-        // one runs: the heaps of the others are ours to change. Their slabs are not swept here
-        // (releasing takes the pool locks, held until `fork_release`): `flush` sweeps them.
-        unsafe {
-            if th != me && (*th).live.load(Ordering::Relaxed) {
-                let t = &raw mut (*th).table;
-                for i in 0..(*t).cap {
-                    let e = (*t).entries.add(i);
-                    if (*e).key != 0 && (*e).key != TOMB {
-                        (*(*e).value)
-                            .heap
-                            .store(th.map_addr(|a| a | ABANDONED), Ordering::Relaxed);
-                    }
-                }
-                (*th).cached_key = 0;
-                (*th).cached = null_mut();
-                (*th).live.store(false, Ordering::Release);
-            }
+        // SAFETY: as above.
+        let l = unsafe { Locked::new(th) };
+        // SAFETY: as above: the heaps of the other threads are ours to change. Their slabs are
+        // not swept here (releasing takes the pool locks, held until `fork_release`): `flush`
+        // sweeps them.
+        let st = unsafe { l.assume_stopped() };
+        // SAFETY: heaps are never unmapped.
+        if th != me && unsafe { (*th).live.load(Ordering::Relaxed) } {
+            let marked = th.map_addr(|a| a | ABANDONED);
+            st.each(|_, gh| gh.heap().store(marked, Ordering::Relaxed));
+            st.uncache(None);
+            // SAFETY: as above.
+            unsafe { (*th).live.store(false, Ordering::Release) };
         }
+        // `l` is dropped still locked: `fork_release` unlocks every heap.
     }
     fork_release();
-}
-
-/// Runs `f` on every group heap in `th`'s table.
-///
-/// # Safety
-/// The caller stopped `th` (or holds it abandoned).
-pub(super) unsafe fn each_group_heap(th: *mut ThreadHeap, mut f: impl FnMut(*mut GroupHeap)) {
-    // SAFETY: per the caller, the table is ours to read.
-    unsafe {
-        let t = &raw mut (*th).table;
-        for i in 0..(*t).cap {
-            let e = (*t).entries.add(i);
-            if (*e).key != 0 && (*e).key != TOMB {
-                f((*e).value);
-            }
-        }
-    }
 }
 
 /// In a forked child: clears `NOTIFYING` on every slab of `gh`. A parent thread that was
@@ -118,21 +100,16 @@ pub(super) unsafe fn each_group_heap(th: *mut ThreadHeap, mut f: impl FnMut(*mut
 /// already and waiting in a parent thread's `release` is lost to the child with that thread.)
 ///
 /// # Safety
-/// In the child, with `gh`'s heap stopped by `fork_prepare`.
-pub(super) unsafe fn clear_notifying(gh: *mut GroupHeap) {
-    // SAFETY: per the caller, the lists are ours and consistent.
-    unsafe {
-        let clear = |mut s: *mut Slab, list: bool| {
-            while !s.is_null() && s != slab::empty() {
-                (*s).remote.fetch_and(!NOTIFYING, Ordering::Relaxed);
-                s = if list { (*s).next } else { null_mut() };
-            }
-        };
-        for q in &(*gh).classes {
-            clear(q.active, false);
-            clear(q.partial, true);
+/// In the child, where no notifier runs (clearing a live notifier's bit would let its group
+/// heap be retired under it).
+pub(super) unsafe fn clear_notifying(gh: Mine<'_>) {
+    for c in 0..CLASSES {
+        for h in gh.active_slab(c).into_iter().chain(gh.partial_slabs(c)) {
+            h.remote().fetch_and(!NOTIFYING, Ordering::Relaxed);
         }
-        clear((*gh).full, true);
+    }
+    for h in gh.full_slabs() {
+        h.remote().fetch_and(!NOTIFYING, Ordering::Relaxed);
     }
 }
 

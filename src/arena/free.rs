@@ -8,14 +8,14 @@ use crate::core::stock::Key;
 use crate::sync::{Backoff, Ordering};
 
 use super::heap::{
-    counter, current, enter, leave, release, resume, stop, usable, Released, EXACT, FORKING,
+    counter, enter, leave, lock, pause, release, try_lock, Released, EXACT, FORKING,
 };
 use super::owner::{
-    after_free, collect, detach, holds_nothing, orphan_free, pause, push_local, NOTIFY_PAUSE_US,
+    after_free, collect, detach, holds_nothing, orphan_free, push_local, NOTIFY_PAUSE_US,
 };
 use super::segment;
 use super::slab::{self, FLAGS, FULL, NOTIFYING, ORPHAN};
-use super::types::{abandoned, untagged, GroupHeap, Slab, FULL_LIST};
+use super::types::{abandoned, untagged, GroupHeap, Held, Slab, FULL_LIST};
 
 /// Frees a slab object. `counted`: a free to count (false for a realloc's move).
 ///
@@ -25,29 +25,33 @@ use super::types::{abandoned, untagged, GroupHeap, Slab, FULL_LIST};
 pub(crate) unsafe fn free(p: *mut u8, size: usize, counted: bool) {
     // SAFETY: per the caller, `p` is in a slab.
     let s = unsafe { segment::slab_of(p) };
-    let th = current();
-    // SAFETY: a usable `HEAP` is this thread's heap; entered, the heap and the slabs its group
-    // heaps own are this thread's until `leave` (see `alloc_fast`).
-    unsafe {
-        if usable(th) && enter(th) {
-            let gh = (*s).owner.load(Ordering::Relaxed);
-            if !gh.is_null() && (*gh).heap.load(Ordering::Relaxed) == th {
-                push_local(gh, s, p, size, counted);
-                if (*s).used == 0 || (*s).state == FULL_LIST || (*gh).left == 0 {
-                    let r = after_free(gh, s);
-                    leave(th);
-                    if !r.is_null() {
-                        release(r);
-                    }
-                    return;
+    if let Some(o) = enter() {
+        // SAFETY: slab metadata and group heaps are never unmapped.
+        let gh = unsafe { (*s).owner.load(Ordering::Relaxed) };
+        // SAFETY: as above; a group heap whose `heap` word names our heap is ours, and `s`
+        // whose owner it is is one of its slabs: both words change only under an owner of
+        // this heap, and we are it.
+        if !gh.is_null() && unsafe { (*gh).heap.load(Ordering::Relaxed) } == o.th() {
+            // SAFETY: as just said, `gh` is ours, and `s` is one of its slabs.
+            let h = unsafe { Held::of(o.mine(gh), s) };
+            // SAFETY: `p` is a live object of `s` (per the caller).
+            unsafe { push_local(h, p, size, counted) };
+            if h.used() == 0 || h.state() == FULL_LIST || h.gh().left() == 0 {
+                let r = after_free(h);
+                leave(o);
+                if !r.is_null() {
+                    // SAFETY: `after_free` gave it up: empty, unlinked, claimed.
+                    unsafe { release(r) };
                 }
-                leave(th);
                 return;
             }
-            leave(th);
+            leave(o);
+            return;
         }
-        free_remote(s, p, size, counted);
+        leave(o);
     }
+    // SAFETY: forwarded.
+    unsafe { free_remote(s, p, size, counted) };
 }
 
 /// A free by a thread that does not own the slab.
@@ -117,35 +121,48 @@ pub(super) unsafe fn free_abandoned(
     size: usize,
     counted: bool,
 ) -> bool {
-    // SAFETY: heaps, group heaps and slab metadata are never unmapped. With the heap's lock
-    // held and its group heaps still marked abandoned, no thread owns the heap (adoption and
-    // every change of ownership happen under that lock), so it is ours as a stopped heap is.
-    unsafe {
-        let raw = (*gh).heap.load(Ordering::Relaxed);
-        let th = untagged(raw);
-        if !abandoned(raw) || !(*th).lock.try_lock() {
-            return false;
-        }
-        if (*gh).heap.load(Ordering::Relaxed) != raw
-            || (*s).owner.load(Ordering::Relaxed) != gh
-            || (*s).remote.load(Ordering::Acquire) & ORPHAN != 0
-        {
-            (*th).lock.unlock();
-            return false;
-        }
-        let mut rel = Released::new();
-        push_local(gh, s, p, size, counted);
-        collect(gh, s);
-        let done = after_free(gh, s);
+    // SAFETY: group heaps are never unmapped.
+    let raw = unsafe { (*gh).heap.load(Ordering::Relaxed) };
+    if !abandoned(raw) {
+        return false;
+    }
+    // SAFETY: the heap a group heap's word names; this thread holds no heap's lock.
+    let Some(l) = (unsafe { try_lock(untagged(raw)) }) else {
+        return false;
+    };
+    // SAFETY: group heaps and slab metadata are never unmapped.
+    let still = unsafe {
+        (*gh).heap.load(Ordering::Relaxed) == raw
+            && (*s).owner.load(Ordering::Relaxed) == gh
+            && (*s).remote.load(Ordering::Acquire) & ORPHAN == 0
+    };
+    if !still {
+        l.unlock();
+        return false;
+    }
+    let mut rel = Released::new();
+    {
+        // SAFETY: locked, with the group heap still marked abandoned: the heap has no thread
+        // (adoption unmarks under this lock, before the adopter's first fast path).
+        let st = unsafe { l.assume_stopped() };
+        // SAFETY: `gh`'s word names the heap stopped, and `s`'s owner is `gh` (both checked
+        // under the lock).
+        let h = unsafe { Held::of(st.mine(gh), s) };
+        let gh = h.gh();
+        // SAFETY: `p` is a live object of `s` (per the caller).
+        unsafe { push_local(h, p, size, counted) };
+        collect(h);
+        let done = after_free(h);
         if !done.is_null() {
-            rel.push(done);
+            // SAFETY: `after_free` gave it up.
+            unsafe { rel.push(done) };
             if holds_nothing(gh) {
-                detach(th, gh, &mut rel);
+                detach(&st, gh, &mut rel);
             }
         }
-        rel.release_after(th, || (*th).lock.unlock());
-        true
     }
+    rel.release_after_unlock(l);
+    true
 }
 
 /// The first remote free into a slab parked as full: hands the object to the owner's delayed
@@ -179,11 +196,11 @@ pub(super) unsafe fn notify(s: *mut Slab, p: *mut u8, size: usize, counted: bool
 /// As for `free`.
 #[cold]
 pub(super) unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, counted: bool) {
-    // SAFETY: slab metadata, group heaps and heaps are never unmapped; ownership is re-checked
-    // with the owner's heap stopped, when it cannot change.
-    unsafe {
-        let mut backoff = Backoff::new();
-        loop {
+    let mut backoff = Backoff::new();
+    loop {
+        // SAFETY: slab metadata and group heaps are never unmapped; ownership is re-checked
+        // below with the owner's heap stopped, when it cannot change.
+        let (gh, raw) = unsafe {
             if (*s).remote.load(Ordering::Acquire) & ORPHAN != 0 {
                 let done = orphan_free(s, size, counted);
                 if !done.is_null() {
@@ -201,26 +218,37 @@ pub(super) unsafe fn free_on_behalf(s: *mut Slab, p: *mut u8, size: usize, count
                 backoff.wait();
                 continue;
             }
-            let th = untagged(raw);
-            stop(th);
-            let owned = (*s).owner.load(Ordering::Relaxed) == gh
+            (gh, raw)
+        };
+        // SAFETY: the heap a group heap's word names; this thread holds no heap's lock.
+        let l = unsafe { lock(untagged(raw)) };
+        let st = l.stop();
+        // SAFETY: as above.
+        let owned = unsafe {
+            (*s).owner.load(Ordering::Relaxed) == gh
                 && (*gh).heap.load(Ordering::Relaxed) == raw
-                && (*s).remote.load(Ordering::Acquire) & ORPHAN == 0;
-            let mut rel = Released::new();
-            if owned {
-                push_local(gh, s, p, size, counted);
-                let done = after_free(gh, s);
-                if !done.is_null() {
-                    rel.push(done);
-                    if abandoned(raw) && holds_nothing(gh) {
-                        detach(th, gh, &mut rel);
-                    }
+                && (*s).remote.load(Ordering::Acquire) & ORPHAN == 0
+        };
+        let mut rel = Released::new();
+        if owned {
+            // SAFETY: `gh`'s word names the heap stopped, and `s`'s owner is `gh` (both checked
+            // with it stopped).
+            let h = unsafe { Held::of(st.mine(gh), s) };
+            let gh = h.gh();
+            // SAFETY: `p` is a live object of `s` (per the caller).
+            unsafe { push_local(h, p, size, counted) };
+            let done = after_free(h);
+            if !done.is_null() {
+                // SAFETY: `after_free` gave it up.
+                unsafe { rel.push(done) };
+                if abandoned(raw) && holds_nothing(gh) {
+                    detach(&st, gh, &mut rel);
                 }
             }
-            rel.release_after(th, || resume(th));
-            if owned {
-                return;
-            }
+        }
+        rel.release_after_unlock(l);
+        if owned {
+            return;
         }
     }
 }

@@ -62,10 +62,9 @@ use crate::sync::{
 use crate::{group, platform, thread, TAG_SIZE};
 
 use super::class;
-use super::owner::{pause, RELEASE_PAUSE_US};
 use super::segment;
 use super::slab::NOTIFYING;
-use super::types::{Slab, ThreadHeap, DEAD_HEAP};
+use super::types::{Locked, Owner, Slab, Stopped, ThreadHeap, DEAD_HEAP};
 
 /// Operations between two harvests of a group heap's counts into its counter.
 pub(super) const HARVEST: u32 = 256;
@@ -132,14 +131,16 @@ pub(super) fn interval() -> u32 {
     }
 }
 
-/// Raises `busy` for a fast-path operation on the thread's own heap; false if another thread
-/// holds the heap (then take the slow path).
-///
-/// # Safety
-/// `th` is this thread's heap.
+/// Enters this thread's heap for a fast-path operation: raises `busy`, and gives the proof
+/// that the heap is this thread's until `leave`. `None` if the thread has no usable heap or
+/// another thread holds it (then take the slow path).
 #[inline(always)]
-pub(super) unsafe fn enter(th: *mut ThreadHeap) -> bool {
-    // SAFETY: `th` is a live heap (heaps are never unmapped).
+pub(super) fn enter<'a>() -> Option<Owner<'a>> {
+    let th = current();
+    if !usable(th) {
+        return None;
+    }
+    // SAFETY: a usable `HEAP` is a heap (heaps are never unmapped).
     let (busy, lock) = unsafe { (&(*th).busy, &(*th).lock) };
     if ASYM.load(Ordering::Relaxed) {
         busy.store(1, Ordering::Relaxed);
@@ -150,38 +151,79 @@ pub(super) unsafe fn enter(th: *mut ThreadHeap) -> bool {
     }
     if lock.is_locked() {
         busy.store(0, Ordering::Release);
-        return false;
+        return None;
     }
-    true
+    // SAFETY: `busy` is raised and the lock was free after it: a thread that takes the lock
+    // now waits for `busy` to drop before it touches the heap (`wait_out`), and no other
+    // thread touches it without the lock. So the heap is ours until `leave` drops `busy`.
+    Some(unsafe { Owner::new(th) })
 }
 
-/// # Safety
-/// `th` is this thread's heap, entered.
+/// Ends a fast-path operation: the heap is open to a thread that holds its lock again.
 #[inline(always)]
-pub(super) unsafe fn leave(th: *mut ThreadHeap) {
-    // SAFETY: as for `enter`.
-    unsafe { (*th).busy.store(0, Ordering::Release) };
+pub(super) fn leave(o: Owner<'_>) {
+    // SAFETY: heaps are never unmapped.
+    unsafe { (*o.th()).busy.store(0, Ordering::Release) };
 }
 
-/// Takes `th` from its owner: locks it and, unless it is this thread's own, waits until the
-/// owner is out of its fast path. Until `resume`, only the caller touches the heap.
+/// Locks `th`. Its owner may still be in its fast path: `Locked::stop` waits it out.
+///
+/// # Safety
+/// `th` names a heap (from `HEAPS`, `HEAP`, or a group heap's `heap` word, untagged); the
+/// caller holds no other heap's lock, and gives this one up only through `Locked::unlock`.
+pub(super) unsafe fn lock<'a>(th: *mut ThreadHeap) -> Locked<'a> {
+    // SAFETY: per the caller (heaps are never unmapped).
+    unsafe {
+        (*th).lock.lock();
+        Locked::new(th)
+    }
+}
+
+/// `lock`, unless the lock is taken.
+///
+/// # Safety
+/// As for `lock`.
+pub(super) unsafe fn try_lock<'a>(th: *mut ThreadHeap) -> Option<Locked<'a>> {
+    // SAFETY: per the caller.
+    unsafe { (*th).lock.try_lock().then(|| Locked::new(th)) }
+}
+
+impl<'a> Locked<'a> {
+    /// Completes the stop of the heap: after the owner's next check of the lock it stays out
+    /// of its fast path, and one it is in now ends. At once for this thread's own heap.
+    pub(super) fn stop(&self) -> Stopped<'_> {
+        wait_out(self.th());
+        // SAFETY: locked, with no fast path running (just waited out, or this thread's own).
+        unsafe { self.assume_stopped() }
+    }
+
+    /// The locked heap as stopped, without waiting.
+    ///
+    /// # Safety
+    /// No fast path runs on the heap while it is locked: its thread is this one, or gone (the
+    /// heap abandoned: its group heaps marked `ABANDONED`, unmarked only by an adopting thread
+    /// under this lock, before its first fast path).
+    pub(super) unsafe fn assume_stopped(&self) -> Stopped<'_> {
+        // SAFETY: per the caller.
+        unsafe { Stopped::new(self) }
+    }
+}
+
+/// Locks `th` and, unless it is this thread's own, waits until the owner is out of its fast
+/// path, for a stop that outlives one function (`fork`): ended by `resume`. Until then, only
+/// the caller touches the heap.
 ///
 /// # Safety
 /// `th` is a heap from `HEAPS`; the caller holds no other heap's lock.
 pub(super) unsafe fn stop(th: *mut ThreadHeap) {
     // SAFETY: heaps are never unmapped.
-    unsafe {
-        (*th).lock.lock();
-        wait_out(th);
-    }
+    unsafe { (*th).lock.lock() };
+    wait_out(th);
 }
 
-/// The second half of `stop`, for a heap the caller has locked: after the owner's next check
+/// The second half of a stop, for a heap the caller has locked: after the owner's next check
 /// of the lock it stays out of its fast path, and one it is in now ends.
-///
-/// # Safety
-/// The caller holds `th`'s lock.
-pub(super) unsafe fn wait_out(th: *mut ThreadHeap) {
+fn wait_out(th: *mut ThreadHeap) {
     if th == current() {
         return;
     }
@@ -192,7 +234,7 @@ pub(super) unsafe fn wait_out(th: *mut ThreadHeap) {
         platform::corrupted(b"membarrier failed after registration");
     }
     let mut backoff = Backoff::new();
-    // SAFETY: heaps are never unmapped.
+    // SAFETY: heaps are never unmapped (every caller has a heap from a `Locked` or `stop`).
     while unsafe { (*th).busy.load(Ordering::SeqCst) } != 0 {
         backoff.wait();
     }
@@ -211,10 +253,24 @@ pub(super) fn wait_released(th: *mut ThreadHeap) {
 }
 
 /// # Safety
-/// The caller stopped `th`.
+/// The caller stopped `th` with `stop`.
 pub(super) unsafe fn resume(th: *mut ThreadHeap) {
     // SAFETY: as for `stop`.
     unsafe { (*th).lock.unlock() };
+}
+
+/// Microseconds a thread releasing slabs after letting their heap go pauses first (0: none),
+/// for the test that widens that window (see `super::pause_before_release`).
+pub(super) static RELEASE_PAUSE_US: AtomicU32 = AtomicU32::new(0);
+
+/// Sleeps `us` microseconds if set (the tests' pauses, see `super::owner`).
+#[inline(always)]
+pub(super) fn pause(us: &AtomicU32) {
+    let us = us.load(Ordering::Relaxed);
+    if us != 0 {
+        // nanosleep(2); allocates nothing.
+        std::thread::sleep(core::time::Duration::from_micros(us.into()));
+    }
 }
 
 /// Slabs unlinked under a heap's lock, released after it is let go (a release uncharges,
@@ -253,6 +309,13 @@ impl Released {
         pause(&RELEASE_PAUSE_US);
         self.release_all();
         releasing.fetch_sub(1, Ordering::Release);
+    }
+
+    /// `release_after` for a heap locked through a `Locked`, which it lets go.
+    pub(super) fn release_after_unlock(&mut self, l: Locked<'_>) {
+        let th = l.th();
+        // SAFETY: `l` proves this thread holds `th`'s lock; `unlock` lets it go.
+        unsafe { self.release_after(th, || l.unlock()) }
     }
 
     fn release_all(&mut self) {
@@ -314,20 +377,18 @@ pub(super) fn listed_heaps() -> impl Iterator<Item = *mut ThreadHeap> {
     })
 }
 
-/// Runs `f` on every heap, live or abandoned, locked (the caller completes the stop with
-/// `settle` before touching it), then releases what `f` unlinked.
-pub(super) fn each_heap(mut f: impl FnMut(*mut ThreadHeap, &mut Released)) {
+/// Runs `f` on every heap, live or abandoned, locked (`f` completes the stop before it
+/// touches a group heap), then releases what `f` unlinked.
+pub(super) fn each_heap(mut f: impl FnMut(&Locked<'_>, &mut Released)) {
     if !ready() {
         return;
     }
     for th in listed_heaps() {
         let mut rel = Released::new();
-        // SAFETY: listed heaps are never unmapped.
-        unsafe {
-            (*th).lock.lock();
-            f(th, &mut rel);
-            rel.release_after(th, || (*th).lock.unlock());
-            wait_released(th);
-        }
+        // SAFETY: a listed heap; this thread holds no other heap's lock.
+        let l = unsafe { lock(th) };
+        f(&l, &mut rel);
+        rel.release_after_unlock(l);
+        wait_released(th);
     }
 }

@@ -9,13 +9,14 @@ use crate::sync::{AtomicBool, AtomicU32, Backoff, Ordering};
 
 use super::fork::join_the_group_table;
 use super::heap::{
-    ready, Released, ASYM, EXACT, EXIT_KEY, FORK_HANDLERS, HEAP, HEAPS, READY, STATE, UNAVAILABLE,
+    lock, ready, Released, ASYM, EXACT, EXIT_KEY, FORK_HANDLERS, HEAP, HEAPS, READY, STATE,
+    UNAVAILABLE,
 };
 use super::owner::{detach, holds_nothing, sweep};
 use super::records::THREAD_HEAPS;
 use super::segment;
-use super::table::{KeyTable, TOMB};
-use super::types::{abandoned, Slab, ThreadHeap, ABANDONED, DEAD_HEAP};
+use super::table::KeyTable;
+use super::types::{abandoned, Slab, Stopped, ThreadHeap, ABANDONED, DEAD_HEAP};
 use crate::lock::Spin;
 
 /// `MEMGROUP_ARENA_POOL`: the resident bytes of empty slabs the pool keeps, by default and at
@@ -113,48 +114,40 @@ pub(super) fn create_heap() -> *mut ThreadHeap {
 pub(super) unsafe extern "C" fn thread_exit(arg: *mut core::ffi::c_void) {
     let th = arg as *mut ThreadHeap;
     let mut rel = Released::new();
-    // SAFETY: `arg` is this thread's heap (set by `create_heap`); locked, it is ours.
-    unsafe {
-        (*th).lock.lock();
-        abandon(th, &mut rel);
-        HEAP.with(|h| h.set(DEAD_HEAP as *mut ThreadHeap));
-        rel.release_after(th, || (*th).lock.unlock());
-        (*th).live.store(false, Ordering::Release);
-    }
+    // SAFETY: per the caller, `arg` is this thread's heap; the thread holds no heap's lock.
+    let l = unsafe { lock(th) };
+    // This thread's own heap: stopped at once.
+    let st = l.stop();
+    // SAFETY: the thread is exiting, past its last fast path on the heap.
+    unsafe { abandon(&st, &mut rel) };
+    HEAP.with(|h| h.set(DEAD_HEAP as *mut ThreadHeap));
+    rel.release_after_unlock(l);
+    // SAFETY: heaps are never unmapped.
+    unsafe { (*th).live.store(false, Ordering::Release) };
 }
 
-/// Leaves `th` for the next new thread (mimalloc's abandoned heaps): every group heap is swept
-/// (objects handed over freed, remote frees collected, empty slabs spares included released,
-/// counts harvested); one left with no slab is retired, the others keep their slabs, objects
-/// and all, and are marked `ABANDONED`. Frees into their slabs from then on are done under the
-/// heap's lock (`free_abandoned`), so a slab emptied by other threads still goes back to the
-/// pool, and the next thread `create_heap` gives this heap to allocates from them again.
+/// Leaves the stopped heap for the next new thread (mimalloc's abandoned heaps): every group
+/// heap is swept (objects handed over freed, remote frees collected, empty slabs spares
+/// included released, counts harvested); one left with no slab is retired, the others keep
+/// their slabs, objects and all, and are marked `ABANDONED`. Frees into their slabs from then
+/// on are done under the heap's lock (`free_abandoned`), so a slab emptied by other threads
+/// still goes back to the pool, and the next thread `create_heap` gives this heap to allocates
+/// from them again.
 ///
 /// # Safety
-/// The caller holds `th`'s lock, and `th`'s thread is exiting (or, in a forked child, gone):
-/// no fast path runs on it any more.
-pub(super) unsafe fn abandon(th: *mut ThreadHeap, rel: &mut Released) {
-    // SAFETY: per the caller.
-    unsafe {
-        let t = &raw mut (*th).table;
-        for i in 0..(*t).cap {
-            let e = (*t).entries.add(i);
-            if (*e).key == 0 || (*e).key == TOMB {
-                continue;
-            }
-            let gh = (*e).value;
-            sweep(gh, rel);
-            if holds_nothing(gh) {
-                detach(th, gh, rel);
-            } else {
-                (*gh)
-                    .heap
-                    .store(th.map_addr(|a| a | ABANDONED), Ordering::Relaxed);
-            }
+/// The heap's thread is exiting (or, in a forked child, gone): no fast path runs on it any
+/// more, so it may be marked as having no thread.
+pub(super) unsafe fn abandon(st: &Stopped<'_>, rel: &mut Released) {
+    let marked = st.th().map_addr(|a| a | ABANDONED);
+    st.each(|_, gh| {
+        sweep(gh, rel);
+        if holds_nothing(gh) {
+            detach(st, gh, rel);
+        } else {
+            gh.heap().store(marked, Ordering::Relaxed);
         }
-        (*th).cached_key = 0;
-        (*th).cached = null_mut();
-    }
+    });
+    st.uncache(None);
 }
 
 /// Takes over an abandoned heap for this thread: its group heaps, with their slabs, are its
@@ -163,19 +156,17 @@ pub(super) unsafe fn abandon(th: *mut ThreadHeap, rel: &mut Released) {
 /// # Safety
 /// `th` was just given to this thread by `create_heap`, before it is set as `HEAP`.
 pub(super) unsafe fn adopt(th: *mut ThreadHeap) {
-    // SAFETY: per the caller; under the lock, racing `free_abandoned`, `flush` and `remove`
-    // calls see the group heaps either all abandoned or all this thread's.
-    unsafe {
-        (*th).lock.lock();
-        let t = &raw mut (*th).table;
-        for i in 0..(*t).cap {
-            let e = (*t).entries.add(i);
-            if (*e).key != 0 && (*e).key != TOMB {
-                (*(*e).value).heap.store(th, Ordering::Relaxed);
-            }
-        }
-        (*th).lock.unlock();
+    // SAFETY: per the caller, `th` is a heap and this thread holds no heap's lock.
+    let l = unsafe { lock(th) };
+    {
+        // SAFETY: no fast path runs on the heap: it has no thread but this one, which has
+        // not set it as `HEAP` yet.
+        let st = unsafe { l.assume_stopped() };
+        // Under the lock, racing `free_abandoned`, `flush` and `remove` calls see the group
+        // heaps either all abandoned or all this thread's.
+        st.each(|_, gh| gh.heap().store(th, Ordering::Relaxed));
     }
+    l.unlock();
 }
 
 /// Whether slab `s`'s owner is an abandoned heap, for diagnostics (a racy read).

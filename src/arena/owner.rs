@@ -7,82 +7,75 @@
 use core::ptr::null_mut;
 
 use crate::sync::{AtomicU32, Backoff, Ordering};
-use crate::TAG_SIZE;
+use crate::{platform, TAG_SIZE};
 
 use super::class::CLASSES;
-use super::heap::{counter, interval, Released, EXACT, TAG};
+use super::heap::{counter, interval, pause, Released, EXACT, RELEASE_PAUSE_US, TAG};
 use super::records::GROUP_HEAPS;
 use super::segment;
 use super::slab::{self, COUNT_ONE, DEAD, FLAGS, FULL, NOTIFYING, ORPHAN, PTR_MASK};
-use super::types::{abandoned, GroupHeap, Slab, ThreadHeap, FULL_LIST, LOOSE, ORPHANED, PARTIAL};
+use super::types::{
+    abandoned, untagged, Held, Mine, Slab, Stopped, FULL_LIST, LOOSE, ORPHANED, PARTIAL,
+};
 
-/// The owner's free: `p` goes on `s`'s free list.
+/// The owner's free: `p` goes on `h`'s free list.
 ///
 /// # Safety
-/// The caller is `gh`'s owner (entered, or holding its heap stopped); `s` is `gh`'s and `p` a
-/// live object of it.
+/// `p` is a live object of `h`.
 #[inline(always)]
-pub(super) unsafe fn push_local(
-    gh: *mut GroupHeap,
-    s: *mut Slab,
-    p: *mut u8,
-    size: usize,
-    counted: bool,
-) {
-    // SAFETY: per the caller.
-    unsafe {
-        *(p as *mut *mut u8) = (*s).free;
-        (*s).free = p;
-        (*s).used -= 1;
-        (*gh).frees += counted as u64;
-        (*gh).adj += (size + TAG_SIZE) as i64;
-        (*gh).left -= 1;
-    }
+pub(super) unsafe fn push_local(h: Held<'_>, p: *mut u8, size: usize, counted: bool) {
+    // SAFETY: per the caller, `p` is an object of `h`, free to hold the link.
+    unsafe { *(p as *mut *mut u8) = h.free() };
+    h.set_free(p);
+    h.set_used(h.used() - 1);
+    let gh = h.gh();
+    gh.set_frees(gh.frees() + counted as u64);
+    gh.set_adj(gh.adj() + (size + TAG_SIZE) as i64);
+    gh.set_left(gh.left() - 1);
 }
 
-/// After an owner's free that emptied `s`, freed into a full slab, or is due a harvest.
-/// Returns `s` if it must be released (unlinked already), else null.
-///
-/// # Safety
-/// As for `push_local`.
+/// After an owner's free that emptied `h`, freed into a full slab, or is due a harvest.
+/// Returns the slab if it must be released (unlinked already), else null.
 #[cold]
-pub(super) unsafe fn after_free(gh: *mut GroupHeap, s: *mut Slab) -> *mut Slab {
-    // SAFETY: per the caller.
-    unsafe {
-        if (*gh).left == 0 {
-            harvest(gh);
+pub(super) fn after_free(h: Held<'_>) -> *mut Slab {
+    let (gh, s) = (h.gh(), h.ptr());
+    if gh.left() == 0 {
+        harvest(gh);
+    }
+    let c = h.class() as usize;
+    if h.state() == FULL_LIST {
+        h.remote().fetch_and(!FULL, Ordering::AcqRel);
+        // SAFETY: the state says which of `gh`'s lists `s` is on.
+        unsafe {
+            slab::unlink(gh.full_list(), s);
+            slab::push(gh.partial_list(c), s);
         }
-        let c = (*s).class as usize;
-        let q = &raw mut (*gh).classes[c];
-        if (*s).state == FULL_LIST {
-            (*s).remote.fetch_and(!FULL, Ordering::AcqRel);
-            slab::unlink(&raw mut (*gh).full, s);
-            slab::push(&raw mut (*q).partial, s);
-            (*s).state = PARTIAL;
+        h.set_state(PARTIAL);
+    }
+    if h.used() != 0 {
+        return null_mut();
+    }
+    // An abandoned heap keeps no spare: no thread would use it.
+    if EXACT.load(Ordering::Relaxed) || abandoned(gh.heap().load(Ordering::Relaxed)) {
+        if gh.active(c) == s {
+            gh.set_active(c, slab::empty());
+        } else {
+            // SAFETY: not active, it is on the partial list (it has free objects).
+            unsafe { slab::unlink(gh.partial_list(c), s) };
         }
-        if (*s).used != 0 {
-            return null_mut();
-        }
-        // An abandoned heap keeps no spare: no thread would use it.
-        if EXACT.load(Ordering::Relaxed) || abandoned((*gh).heap.load(Ordering::Relaxed)) {
-            if (*q).active == s {
-                (*q).active = slab::empty();
-            } else {
-                slab::unlink(&raw mut (*q).partial, s);
-            }
-            (*s).state = LOOSE;
+        h.set_state(LOOSE);
+        return s;
+    }
+    if h.state() == PARTIAL {
+        if gh.empties() & 1 << c != 0 {
+            // SAFETY: as the state says.
+            unsafe { slab::unlink(gh.partial_list(c), s) };
+            h.set_state(LOOSE);
             return s;
         }
-        if (*s).state == PARTIAL {
-            if (*gh).empties & 1 << c != 0 {
-                slab::unlink(&raw mut (*q).partial, s);
-                (*s).state = LOOSE;
-                return s;
-            }
-            (*gh).empties |= 1 << c;
-        }
-        null_mut()
+        gh.set_empties(gh.empties() | 1 << c);
     }
+    null_mut()
 }
 
 /// A free into an orphan: counts it, and claims the slab if that was its last object.
@@ -126,66 +119,59 @@ pub(super) unsafe fn orphan_free(s: *mut Slab, size: usize, counted: bool) -> *m
 /// requested size and the `TAG_SIZE` the formula counts for it, and both go back when freed.
 /// So the overhead is the charged bytes that hold no requested byte: slab ends, class rounding,
 /// free objects and spare slabs.
-///
-/// # Safety
-/// The caller is `gh`'s owner.
-pub(super) unsafe fn harvest(gh: *mut GroupHeap) {
-    // SAFETY: per the caller.
-    unsafe {
-        let c = counter((*gh).key);
-        c.count((*gh).allocs, (*gh).frees);
-        c.adjust_overhead((*gh).adj as isize);
-        (*gh).allocs = 0;
-        (*gh).frees = 0;
-        (*gh).adj = 0;
-        (*gh).left = interval();
-    }
+pub(super) fn harvest(gh: Mine<'_>) {
+    let c = counter(gh.key());
+    c.count(gh.allocs(), gh.frees());
+    c.adjust_overhead(gh.adj() as isize);
+    gh.set_allocs(0);
+    gh.set_frees(0);
+    gh.set_adj(0);
+    gh.set_left(interval());
 }
 
-/// Takes `s`'s remote frees onto its free list and accounts for them.
-///
-/// # Safety
-/// The caller owns `gh` and `s`.
-pub(super) unsafe fn collect(gh: *mut GroupHeap, s: *mut Slab) {
-    // SAFETY: per the caller; objects on the remote list were published by the freers'
-    // release CAS, acquired here.
-    unsafe {
-        let r = &(*s).remote;
-        let mut w = r.load(Ordering::Acquire);
-        loop {
-            if w & PTR_MASK == 0 {
-                return;
-            }
-            match r.compare_exchange_weak(w, w & FLAGS, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(now) => w = now,
-            }
+/// Takes `h`'s remote frees onto its free list and accounts for them.
+pub(super) fn collect(h: Held<'_>) {
+    let r = h.remote();
+    let mut w = r.load(Ordering::Acquire);
+    loop {
+        if w & PTR_MASK == 0 {
+            return;
         }
-        let mut node = slab::head(w);
-        let mut n = 0;
-        while !node.is_null() {
-            let (next, size, counted) = slab::unlink_word(*(node as *const u64));
-            *(node as *mut *mut u8) = (*s).free;
-            (*s).free = node;
-            (*gh).adj += (size + TAG_SIZE) as i64;
-            (*gh).frees += counted as u64;
-            n += 1;
-            node = next;
+        match r.compare_exchange_weak(w, w & FLAGS, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => break,
+            Err(now) => w = now,
         }
-        (*s).used -= n;
     }
+    let gh = h.gh();
+    let mut node = slab::head(w);
+    let mut n = 0;
+    while !node.is_null() {
+        // SAFETY: the objects on the remote list were published by the freers' release CAS,
+        // acquired above: they are ours, each holding its link word.
+        let (next, size, counted) = unsafe { slab::unlink_word(*(node as *const u64)) };
+        // SAFETY: as above: the object is ours to relink.
+        unsafe { *(node as *mut *mut u8) = h.free() };
+        h.set_free(node);
+        gh.set_adj(gh.adj() + (size + TAG_SIZE) as i64);
+        gh.set_frees(gh.frees() + counted as u64);
+        n += 1;
+        node = next;
+    }
+    h.set_used(h.used() - n);
 }
 
 /// Frees the objects other threads handed over (see `notify`): locally, or as orphan frees
 /// if their slab was orphaned since.
-///
-/// # Safety
-/// The caller owns `gh`.
-pub(super) unsafe fn take_delayed(gh: *mut GroupHeap, rel: &mut Released) {
-    // SAFETY: per the caller; the list was published by the notifiers' release CAS.
-    unsafe {
-        let mut node = (*gh).delayed.swap(null_mut(), Ordering::Acquire);
-        while !node.is_null() {
+pub(super) fn take_delayed(gh: Mine<'_>, rel: &mut Released) {
+    let mut node = gh.delayed().swap(null_mut(), Ordering::Acquire);
+    while !node.is_null() {
+        // SAFETY: the list was published by the notifiers' release CAS, acquired above. Each
+        // object on it is live, of a slab that was `gh`'s when it was handed over (`notify`
+        // holds `NOTIFYING` until it is published, so the slab could not leave `gh` before);
+        // a slab that left `gh` since is an orphan (it still holds this object, so it was not
+        // released; `detach` takes the list in again after orphaning), and one without
+        // `ORPHAN` is still `gh`'s.
+        unsafe {
             let (next, size, counted) = slab::unlink_word(*(node as *const u64));
             let s = segment::slab_of(node);
             if (*s).remote.load(Ordering::Acquire) & ORPHAN != 0 {
@@ -194,8 +180,9 @@ pub(super) unsafe fn take_delayed(gh: *mut GroupHeap, rel: &mut Released) {
                     rel.push(done);
                 }
             } else {
-                push_local(gh, s, node, size, counted);
-                let done = after_free(gh, s);
+                let h = Held::of(gh, s);
+                push_local(h, node, size, counted);
+                let done = after_free(h);
                 if !done.is_null() {
                     rel.push(done);
                 }
@@ -208,82 +195,61 @@ pub(super) unsafe fn take_delayed(gh: *mut GroupHeap, rel: &mut Released) {
 /// Returns a group heap (emptied, out of every table) to the pool.
 ///
 /// # Safety
-/// The caller owns `gh`, which owns no slab.
-pub(super) unsafe fn retire(gh: *mut GroupHeap) {
-    // SAFETY: per the caller.
-    unsafe {
-        (*gh).gen = (*gh).gen.wrapping_add(1);
-        (*gh).heap.store(null_mut(), Ordering::Relaxed);
-    }
+/// `gh` owns no slab and is in no table nor cache; the caller does not use it afterwards.
+pub(super) unsafe fn retire(gh: Mine<'_>) {
+    gh.set_gen(gh.gen().wrapping_add(1));
+    gh.heap().store(null_mut(), Ordering::Relaxed);
     GROUP_HEAPS.with(|pool| {
-        // SAFETY: as above.
-        unsafe { (*gh).next_free = pool.free };
-        pool.free = gh;
+        gh.set_next_free(pool.free);
+        pool.free = gh.ptr();
         pool.live -= 1;
     });
 }
 
 /// Whether `gh` owns no slab and has no object handed over.
-///
-/// # Safety
-/// The caller owns `gh`.
-pub(super) unsafe fn holds_nothing(gh: *mut GroupHeap) -> bool {
-    // SAFETY: per the caller.
-    unsafe {
-        (*gh).full.is_null()
-            && (*gh).delayed.load(Ordering::Acquire).is_null()
-            && (*gh)
-                .classes
-                .iter()
-                .all(|q| q.active == slab::empty() && q.partial.is_null())
-    }
+pub(super) fn holds_nothing(gh: Mine<'_>) -> bool {
+    gh.full().is_null()
+        && gh.delayed().load(Ordering::Acquire).is_null()
+        && (0..CLASSES).all(|c| gh.active(c) == slab::empty() && gh.partial(c).is_null())
 }
 
-/// Retires a group heap: frees the objects handed over to it, releases its empty slabs,
-/// orphans the others, adds its counts to its counter and returns it to the pool.
-///
-/// # Safety
-/// The caller stopped `th`, which holds `gh`.
-pub(super) unsafe fn detach(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut Released) {
-    // SAFETY: per the caller.
-    unsafe {
-        take_delayed(gh, rel);
-        for c in 0..CLASSES {
-            let q = &raw mut (*gh).classes[c];
-            let s = (*q).active;
-            if s != slab::empty() {
-                orphan_or_release(gh, s, rel);
-            }
-            (*q).active = slab::empty();
-            let mut s = (*q).partial;
-            (*q).partial = null_mut();
-            while !s.is_null() {
-                let next = (*s).next;
-                orphan_or_release(gh, s, rel);
-                s = next;
-            }
-        }
-        let mut s = (*gh).full;
-        (*gh).full = null_mut();
-        while !s.is_null() {
-            let next = (*s).next;
-            orphan_or_release(gh, s, rel);
-            s = next;
-        }
-        // Objects handed over by remote frees that raced with the loops above: their slabs
-        // are orphans now.
-        take_delayed(gh, rel);
-        harvest(gh);
-        (*th).table.remove((*gh).key);
-        if (*th).cached == gh {
-            (*th).cached_key = 0;
-            (*th).cached = null_mut();
-        }
-        retire(gh);
+/// Retires a group heap of the stopped heap `st`: frees the objects handed over to it,
+/// releases its empty slabs, orphans the others, adds its counts to its counter, takes it out
+/// of the table and the cache and returns it to the pool.
+pub(super) fn detach(st: &Stopped<'_>, gh: Mine<'_>, rel: &mut Released) {
+    if untagged(gh.heap().load(Ordering::Relaxed)) != st.th() {
+        // Every caller has `gh` from `st` (its table, or a slab it checked under the lock).
+        platform::corrupted(b"arena: detach of another heap's group heap");
     }
+    take_delayed(gh, rel);
+    for c in 0..CLASSES {
+        let active = gh.active_slab(c);
+        let partial = gh.partial_slabs(c);
+        gh.set_active(c, slab::empty());
+        gh.set_partial(c, null_mut());
+        for h in active.into_iter().chain(partial) {
+            // SAFETY: the class's lists are emptied above; each slab's link was read before.
+            unsafe { orphan_or_release(h, rel) };
+        }
+    }
+    let full = gh.full_slabs();
+    gh.set_full(null_mut());
+    for h in full {
+        // SAFETY: as for the classes.
+        unsafe { orphan_or_release(h, rel) };
+    }
+    // Objects handed over by remote frees that raced with the loops above: their slabs
+    // are orphans now.
+    take_delayed(gh, rel);
+    harvest(gh);
+    st.table().remove(gh.key());
+    st.uncache(Some(gh));
+    // SAFETY: every slab of `gh` was released or orphaned above, and it is out of the table
+    // and the cache; callers drop `gh` here.
+    unsafe { retire(gh) };
 }
 
-/// Takes `s` from its owner: released if empty, else an orphan.
+/// Takes slab `s` (`h`) from its owner: released if empty, else an orphan.
 ///
 /// The word that makes `s` an orphan (`ORPHAN`, or `DEAD` if empty) is the last thing written:
 /// once it is public, `s` is no longer the owner's. Remote frees then count down on it, and the
@@ -296,54 +262,53 @@ pub(super) unsafe fn detach(th: *mut ThreadHeap, gh: *mut GroupHeap, rel: &mut R
 /// `NOTIFYING`), so none runs and none can start (only the owner sets `FULL` again).
 ///
 /// # Safety
-/// The caller owns `gh` (its heap stopped) and `s`, one of its slabs.
-pub(super) unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &mut Released) {
-    // SAFETY: per the caller: until the publishing CAS below, `s`'s plain fields are ours.
-    unsafe {
-        let r = &(*s).remote;
-        let mut backoff = Backoff::new();
-        let mut w = r.load(Ordering::Acquire);
-        loop {
-            if w & NOTIFYING != 0 {
-                // A remote free is handing an object to `gh`: let it finish.
-                backoff.wait();
-                w = r.load(Ordering::Acquire);
-                continue;
-            }
-            if w & FULL == 0 {
-                break;
-            }
-            match r.compare_exchange(w, w & !FULL, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(now) => w = now,
-            }
+/// `h` is on none of its group heap's lists any more (its links are rewritten here), and the
+/// caller does not use `h` afterwards (the slab is no longer the owner's).
+pub(super) unsafe fn orphan_or_release(h: Held<'_>, rel: &mut Released) {
+    let r = h.remote();
+    let mut backoff = Backoff::new();
+    let mut w = r.load(Ordering::Acquire);
+    loop {
+        if w & NOTIFYING != 0 {
+            // A remote free is handing an object to the group heap: let it finish.
+            backoff.wait();
+            w = r.load(Ordering::Acquire);
+            continue;
         }
-        // Remote frees now only push to the remote list, and read `owner` only to look for an
-        // abandoned heap (whose lock the caller holds).
-        (*s).owner.store(null_mut(), Ordering::Release);
-        (*s).prev = null_mut();
-        (*s).next = null_mut();
-        loop {
-            collect(gh, s);
-            let w = r.load(Ordering::Acquire);
-            if w & PTR_MASK != 0 {
-                continue;
+        if w & FULL == 0 {
+            break;
+        }
+        match r.compare_exchange(w, w & !FULL, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => break,
+            Err(now) => w = now,
+        }
+    }
+    // Remote frees now only push to the remote list, and read `owner` only to look for an
+    // abandoned heap (whose lock the caller holds). Until the publishing CAS below, the
+    // slab's plain fields are still the owner's (`h`).
+    h.owner().store(null_mut(), Ordering::Release);
+    h.clear_links();
+    loop {
+        collect(h);
+        let w = r.load(Ordering::Acquire);
+        if w & PTR_MASK != 0 {
+            continue;
+        }
+        debug_assert_eq!(w & FLAGS, 0, "no flag but the owner's may be set here");
+        let empty = h.used() == 0;
+        h.set_state(if empty { LOOSE } else { ORPHANED });
+        // `used` is final from here: published with the word.
+        let new = if empty { DEAD } else { ORPHAN };
+        if r.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            pause(&ORPHAN_PAUSE_US);
+            if empty {
+                // SAFETY: dead, so ours alone (no object is left to free it): empty,
+                // unlinked, claimed.
+                unsafe { rel.push(h.ptr()) };
             }
-            debug_assert_eq!(w & FLAGS, 0, "no flag but the owner's may be set here");
-            let empty = (*s).used == 0;
-            (*s).state = if empty { LOOSE } else { ORPHANED };
-            // `used` is final from here: published with the word.
-            let new = if empty { DEAD } else { ORPHAN };
-            if r.compare_exchange(w, new, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                pause(&ORPHAN_PAUSE_US);
-                if empty {
-                    // Dead, so ours alone: no object is left to free it.
-                    rel.push(s);
-                }
-                return;
-            }
+            return;
         }
     }
 }
@@ -354,19 +319,6 @@ pub(super) unsafe fn orphan_or_release(gh: *mut GroupHeap, s: *mut Slab, rel: &m
 pub(super) static ORPHAN_PAUSE_US: AtomicU32 = AtomicU32::new(0);
 
 pub(super) static NOTIFY_PAUSE_US: AtomicU32 = AtomicU32::new(0);
-
-/// Microseconds a thread releasing slabs after letting their heap go pauses first (0: none),
-/// for the test that widens that window (see `super::pause_before_release`).
-pub(super) static RELEASE_PAUSE_US: AtomicU32 = AtomicU32::new(0);
-
-#[inline(always)]
-pub(super) fn pause(us: &AtomicU32) {
-    let us = us.load(Ordering::Relaxed);
-    if us != 0 {
-        // nanosleep(2); allocates nothing.
-        std::thread::sleep(core::time::Duration::from_micros(us.into()));
-    }
-}
 
 /// Sets the pause after each orphan's publication; returns the previous one.
 pub(crate) fn pause_after_orphaning(us: u32) -> u32 {
@@ -387,37 +339,29 @@ pub(crate) fn pause_before_release(us: u32) -> u32 {
 /// Collects remote frees and releases every empty slab of `gh`, spares and active ones
 /// included, then harvests: after this (and a drain of the stocks), `gh`'s group's figures
 /// are exact and it holds no slab without objects.
-///
-/// # Safety
-/// The caller stopped `gh`'s heap.
-pub(super) unsafe fn sweep(gh: *mut GroupHeap, rel: &mut Released) {
-    // SAFETY: per the caller.
-    unsafe {
-        take_delayed(gh, rel);
-        for c in 0..CLASSES {
-            let q = &raw mut (*gh).classes[c];
-            let s = (*q).active;
-            if s != slab::empty() {
-                collect(gh, s);
-                if (*s).used == 0 {
-                    (*q).active = slab::empty();
-                    (*s).state = LOOSE;
-                    rel.push(s);
-                }
-            }
-            let mut s = (*q).partial;
-            while !s.is_null() {
-                let next = (*s).next;
-                collect(gh, s);
-                if (*s).used == 0 {
-                    slab::unlink(&raw mut (*q).partial, s);
-                    (*s).state = LOOSE;
-                    rel.push(s);
-                }
-                s = next;
+pub(super) fn sweep(gh: Mine<'_>, rel: &mut Released) {
+    take_delayed(gh, rel);
+    for c in 0..CLASSES {
+        if let Some(h) = gh.active_slab(c) {
+            collect(h);
+            if h.used() == 0 {
+                gh.set_active(c, slab::empty());
+                h.set_state(LOOSE);
+                // SAFETY: empty, no longer active: given up.
+                unsafe { rel.push(h.ptr()) };
             }
         }
-        (*gh).empties = 0;
-        harvest(gh);
+        for h in gh.partial_slabs(c) {
+            collect(h);
+            if h.used() == 0 {
+                // SAFETY: on the partial list, its link already read by the walk.
+                unsafe { slab::unlink(gh.partial_list(c), h.ptr()) };
+                h.set_state(LOOSE);
+                // SAFETY: unlinked, empty, `LOOSE`: given up.
+                unsafe { rel.push(h.ptr()) };
+            }
+        }
     }
+    gh.set_empties(0);
+    harvest(gh);
 }

@@ -42,14 +42,7 @@ pub(crate) const COUNT_ONE: u64 = 1 << 48;
 pub(crate) const UNCOUNTED: u64 = 1 << 63;
 const SIZE_MASK: u64 = 0x3fff;
 
-/// The active slab of a class that has none: its free list is empty, so the allocation fast
-/// path needs no null check. Never written.
-pub(crate) static EMPTY: Slab = Slab::empty();
-
-#[inline(always)]
-pub(crate) fn empty() -> *mut Slab {
-    &EMPTY as *const Slab as *mut Slab
-}
+pub(crate) use super::types::empty;
 
 #[inline(always)]
 pub(crate) const fn count(w: u64) -> u64 {

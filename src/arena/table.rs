@@ -2,6 +2,7 @@
 //! global allocator), only touched by the heap's owner under its lock or by a thread that
 //! stopped it.
 
+use core::cell::Cell;
 use core::ptr::null_mut;
 
 use crate::core::stock::Key;
@@ -12,12 +13,14 @@ use crate::sync::{AtomicUsize, Ordering};
 pub(super) static TABLE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// Records (a heap's group heaps) by key: open addressing, mapped directly (never through the
-/// global allocator). Only touched by the owner under its lock, or by a thread that stopped it.
+/// global allocator). Only touched under its heap's lock, through a `super::types::Locked`,
+/// so changes go through shared references (cells; the entries are in mapped memory of their
+/// own, written through the raw pointer).
 pub(super) struct KeyTable<T> {
-    pub(super) entries: *mut Entry<T>,
-    pub(super) cap: usize,
-    pub(super) len: usize,
-    pub(super) tombs: usize,
+    entries: Cell<*mut Entry<T>>,
+    cap: Cell<usize>,
+    len: Cell<usize>,
+    tombs: Cell<usize>,
 }
 
 #[repr(C)]
@@ -32,97 +35,132 @@ pub(super) const TOMB: Key = u32::MAX;
 impl<T> KeyTable<T> {
     pub(super) const fn new() -> KeyTable<T> {
         KeyTable {
-            entries: null_mut(),
-            cap: 0,
-            len: 0,
-            tombs: 0,
+            entries: Cell::new(null_mut()),
+            cap: Cell::new(0),
+            len: Cell::new(0),
+            tombs: Cell::new(0),
         }
     }
 
-    pub(super) fn slot(&self, key: Key) -> usize {
-        (key.wrapping_mul(0x9e37_79b1) as usize) & (self.cap - 1)
+    fn slot(&self, key: Key) -> usize {
+        (key.wrapping_mul(0x9e37_79b1) as usize) & (self.cap.get() - 1)
+    }
+
+    /// Entry `i`, copied out.
+    ///
+    /// # Safety
+    /// `i < cap`.
+    unsafe fn at(&self, i: usize) -> (Key, *mut T) {
+        // SAFETY: per the caller, `i` is inside the mapped entries; no reference to an entry
+        // outlives a call.
+        unsafe {
+            let e = self.entries.get().add(i);
+            ((*e).key, (*e).value)
+        }
+    }
+
+    /// # Safety
+    /// `i < cap`.
+    unsafe fn set(&self, i: usize, key: Key, value: *mut T) {
+        // SAFETY: as in `at`.
+        unsafe {
+            let e = self.entries.get().add(i);
+            (*e).key = key;
+            (*e).value = value;
+        }
     }
 
     pub(super) fn find(&self, key: Key) -> *mut T {
-        if self.cap == 0 {
+        if self.cap.get() == 0 {
             return null_mut();
         }
         let mut i = self.slot(key);
         loop {
             // SAFETY: `i < cap`, and the table always has an empty entry (load below 1/2).
-            let e = unsafe { &*self.entries.add(i) };
-            if e.key == key {
-                return e.value;
+            let (k, v) = unsafe { self.at(i) };
+            if k == key {
+                return v;
             }
-            if e.key == 0 {
+            if k == 0 {
                 return null_mut();
             }
-            i = (i + 1) & (self.cap - 1);
+            i = (i + 1) & (self.cap.get() - 1);
         }
     }
 
-    /// The group heap of the first key satisfying `pred`, or null.
-    pub(super) fn first(&self, pred: impl Fn(Key) -> bool) -> *mut T {
-        (0..self.cap)
-            .find_map(|i| {
-                // SAFETY: `i < cap`.
-                let e = unsafe { &*self.entries.add(i) };
-                (e.key != 0 && e.key != TOMB && pred(e.key)).then_some(e.value)
-            })
-            .unwrap_or(null_mut())
+    /// The live entries, in table order, each read when the walk reaches it: removals meanwhile
+    /// are seen (they leave tombstones in place), insertions must not happen (they may grow
+    /// the table and move every entry).
+    pub(super) fn entries(&self) -> impl Iterator<Item = (Key, *mut T)> + '_ {
+        let cap = self.cap.get();
+        (0..cap).filter_map(move |i| {
+            // A growth meanwhile would be a bug; stop the walk rather than read past the end.
+            if self.cap.get() != cap {
+                return None;
+            }
+            // SAFETY: `i < cap`, the current capacity.
+            let (k, v) = unsafe { self.at(i) };
+            (k != 0 && k != TOMB).then_some((k, v))
+        })
     }
 
-    pub(super) fn insert(&mut self, key: Key, value: *mut T) -> bool {
-        if (self.len + self.tombs + 1) * 2 > self.cap && !self.grow() {
+    /// The first key satisfying `pred`.
+    pub(super) fn first(&self, pred: impl Fn(Key) -> bool) -> Option<Key> {
+        self.entries().map(|(k, _)| k).find(|&k| pred(k))
+    }
+
+    pub(super) fn insert(&self, key: Key, value: *mut T) -> bool {
+        if (self.len.get() + self.tombs.get() + 1) * 2 > self.cap.get() && !self.grow() {
             return false;
         }
         let mut i = self.slot(key);
         loop {
             // SAFETY: `i < cap`.
-            let e = unsafe { &mut *self.entries.add(i) };
-            if e.key == 0 || e.key == TOMB {
-                if e.key == TOMB {
-                    self.tombs -= 1;
+            let (k, _) = unsafe { self.at(i) };
+            if k == 0 || k == TOMB {
+                if k == TOMB {
+                    self.tombs.set(self.tombs.get() - 1);
                 }
-                e.key = key;
-                e.value = value;
-                self.len += 1;
+                // SAFETY: `i < cap`.
+                unsafe { self.set(i, key, value) };
+                self.len.set(self.len.get() + 1);
                 return true;
             }
-            i = (i + 1) & (self.cap - 1);
+            i = (i + 1) & (self.cap.get() - 1);
         }
     }
 
-    pub(super) fn remove(&mut self, key: Key) {
-        if self.cap == 0 {
+    pub(super) fn remove(&self, key: Key) {
+        if self.cap.get() == 0 {
             return;
         }
         let mut i = self.slot(key);
         loop {
             // SAFETY: `i < cap`.
-            let e = unsafe { &mut *self.entries.add(i) };
-            if e.key == key {
-                e.key = TOMB;
-                e.value = null_mut();
-                self.len -= 1;
-                self.tombs += 1;
+            let (k, _) = unsafe { self.at(i) };
+            if k == key {
+                // SAFETY: `i < cap`.
+                unsafe { self.set(i, TOMB, null_mut()) };
+                self.len.set(self.len.get() - 1);
+                self.tombs.set(self.tombs.get() + 1);
                 return;
             }
-            if e.key == 0 {
+            if k == 0 {
                 return;
             }
-            i = (i + 1) & (self.cap - 1);
+            i = (i + 1) & (self.cap.get() - 1);
         }
     }
 
     /// Rehashes into a table twice as large (or as large, if tombstones filled it).
-    pub(super) fn grow(&mut self) -> bool {
-        let cap = if self.cap == 0 {
+    fn grow(&self) -> bool {
+        let old_cap = self.cap.get();
+        let cap = if old_cap == 0 {
             256
-        } else if self.len * 4 >= self.cap {
-            self.cap * 2
+        } else if self.len.get() * 4 >= old_cap {
+            old_cap * 2
         } else {
-            self.cap
+            old_cap
         };
         let Some(bytes) = cap.checked_mul(core::mem::size_of::<Entry<T>>()) else {
             return false;
@@ -132,25 +170,20 @@ impl<T> KeyTable<T> {
             return false;
         }
         TABLE_BYTES.fetch_add(bytes, Ordering::Relaxed);
-        let old = core::mem::replace(
-            self,
-            KeyTable {
-                entries,
-                cap,
-                len: 0,
-                tombs: 0,
-            },
-        );
-        for i in 0..old.cap {
-            // SAFETY: `i < old.cap`.
-            let e = unsafe { &*old.entries.add(i) };
-            if e.key != 0 && e.key != TOMB {
-                self.insert(e.key, e.value);
+        let old = self.entries.replace(entries);
+        self.cap.set(cap);
+        self.len.set(0);
+        self.tombs.set(0);
+        for i in 0..old_cap {
+            // SAFETY: `i < old_cap`: the old entries, still mapped.
+            let (k, v) = unsafe { ((*old.add(i)).key, (*old.add(i)).value) };
+            if k != 0 && k != TOMB {
+                self.insert(k, v);
             }
         }
-        if old.cap != 0 {
-            let bytes = old.cap * core::mem::size_of::<Entry<T>>();
-            platform::unmap(old.entries.cast(), bytes);
+        if old_cap != 0 {
+            let bytes = old_cap * core::mem::size_of::<Entry<T>>();
+            platform::unmap(old.cast(), bytes);
             TABLE_BYTES.fetch_sub(bytes, Ordering::Relaxed);
         }
         true
