@@ -11,7 +11,7 @@ use core::ptr::null_mut;
 
 use crate::core::stock::{key, key_is_kernel, Key};
 use crate::group::CORE;
-use crate::sync::{AtomicU32, Backoff, Ordering};
+use crate::sync::{Backoff, Ordering};
 use crate::thread::Thread;
 use crate::{platform, TAG_SIZE};
 
@@ -24,6 +24,7 @@ use super::owner::{collect, harvest, retire, take_delayed};
 use super::records::GROUP_HEAPS;
 use super::segment;
 use super::slab::{self, FULL, NOTIFYING, PTR_MASK};
+use super::trial::{on_trial, slab_after};
 use super::types::{
     GroupHeap, Held, Mine, Queue, Slab, Slow, ThreadHeap, ACTIVE, FULL_LIST, LOOSE, PARTIAL,
 };
@@ -48,93 +49,6 @@ pub(crate) fn alloc_fast(key: Key, class: usize, size: usize, counted: bool) -> 
     }
     leave(o);
     p
-}
-
-/// Per class, `class::slab_after` for `MEMGROUP_ARENA_SLAB_AFTER`, set by `read_slab_after` at
-/// the arena's setup (before any thread heap exists, so before any slow path reads it).
-static SLAB_AFTER: [AtomicU32; CLASSES] = [const { AtomicU32::new(0) }; CLASSES];
-
-/// Reads `MEMGROUP_ARENA_SLAB_AFTER` (once, from the arena's setup). Allocates nothing.
-pub(super) fn read_slab_after() {
-    let bytes = platform::env_size_in(
-        c"MEMGROUP_ARENA_SLAB_AFTER",
-        class::SLAB_AFTER_DEFAULT,
-        class::SLAB_AFTER_MAX,
-    );
-    for (c, n) in SLAB_AFTER.iter().enumerate() {
-        n.store(class::slab_after(bytes, c) as u32, Ordering::Relaxed);
-    }
-    TRIAL_BYTES.store(bytes as u32, Ordering::Relaxed);
-}
-
-/// `MEMGROUP_ARENA_SLAB_AFTER` in bytes (at most 256 KiB): what a group must have asked this
-/// thread for, in small blocks of any class, before the thread makes it a group heap.
-static TRIAL_BYTES: AtomicU32 = AtomicU32::new(0);
-
-/// A group key this thread has no group heap for, and the bytes (of its blocks' classes) it
-/// has had served the tag way meanwhile. Key 0 is no key (`key()` of a group id is never 0).
-#[derive(Clone, Copy)]
-struct Trial {
-    key: Key,
-    asked: u32,
-}
-
-const NO_TRIAL: Trial = Trial { key: 0, asked: 0 };
-
-/// The trial table: 16 sets of 4 (512 bytes a thread).
-const TRIAL_SETS: usize = 16;
-const TRIAL_WAYS: usize = 4;
-
-std::thread_local! {
-    /// This thread's groups on trial: a group heap (about 800 bytes, per thread and group) is
-    /// made only for a group that asked for `TRIAL_BYTES` here. Plain thread-local cells, no
-    /// destructor: usable in any thread state, and only ever touched by their thread.
-    static TRIALS: [[Cell<Trial>; TRIAL_WAYS]; TRIAL_SETS] =
-        const { [const { [const { Cell::new(NO_TRIAL) }; TRIAL_WAYS] }; TRIAL_SETS] };
-}
-
-/// Counts `bytes` more asked of this thread by `key`, which has no group heap here: true while
-/// the group is on trial (the block goes the tag way), false once it has asked for
-/// `TRIAL_BYTES` (its entry is cleared: the caller makes its group heap). A new key takes the
-/// entry of its set that asked least, so a group evicted by others (more than four small
-/// groups of one set taking turns on one thread) starts over: it keeps going the tag way,
-/// charged exactly, and pays only in speed.
-fn on_trial(key: Key, bytes: usize) -> bool {
-    let limit = TRIAL_BYTES.load(Ordering::Relaxed);
-    if limit == 0 {
-        return false;
-    }
-    let bytes = bytes as u32;
-    TRIALS.with(|sets| {
-        let set = &sets[(key.wrapping_mul(0x9e37_79b9) >> 28) as usize % TRIAL_SETS];
-        let mut pick = 0;
-        for (i, t) in set.iter().enumerate() {
-            let e = t.get();
-            if e.key == key {
-                let asked = e.asked + bytes;
-                t.set(if asked >= limit {
-                    NO_TRIAL
-                } else {
-                    Trial { key, asked }
-                });
-                return asked < limit;
-            }
-            if e.asked < set[pick].get().asked {
-                pick = i;
-            }
-        }
-        if bytes >= limit {
-            return false;
-        }
-        set[pick].set(Trial { key, asked: bytes });
-        true
-    })
-}
-
-/// Blocks of `class` a group heap has served the tag way before it takes a slab of `class`.
-#[inline(always)]
-fn slab_after(class: usize) -> u16 {
-    SLAB_AFTER[class].load(Ordering::Relaxed) as u16
 }
 
 /// A fresh slab of `class` for `key`, whose charge (`class::slab_bytes(class)`) the caller

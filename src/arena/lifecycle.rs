@@ -41,7 +41,7 @@ pub(crate) fn init() -> bool {
     EXACT.store(crate::stock_batch() == 0, Ordering::Relaxed);
     ASYM.store(platform::membarrier_register(), Ordering::Relaxed);
     let pool = platform::env_size_in(c"MEMGROUP_ARENA_POOL", POOL_DEFAULT, POOL_MAX);
-    super::alloc::read_slab_after();
+    super::trial::read_slab_after();
     let ok = match platform::thread_exit_key(thread_exit) {
         Some(k) if segment::reserve(pool) => {
             EXIT_KEY.store(k, Ordering::Relaxed);

@@ -41,6 +41,7 @@ mod records;
 mod segment;
 mod slab;
 mod table;
+mod trial;
 mod types;
 
 use core::alloc::{GlobalAlloc, Layout};
