@@ -331,6 +331,34 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         })
     }
 
+    /// A block's growth (`grow`) or shrinkage by `bytes` (a `realloc` that keeps the block's
+    /// alignment, so its header and pad) on this thread's pocket, with no locked instruction,
+    /// if the block's tag `tag` is the pocket's own key (its owner's, removed or not: the
+    /// block keeps it) and the pocket has the bytes or the room. No block is counted. False
+    /// when the pocket cannot serve it; then charge or uncharge the block's owner through the
+    /// stocks (`Stocks::charge` or `uncharge` with no object).
+    #[inline(always)]
+    pub(crate) fn pocket_resize(&self, p: &Pocket, tag: u64, bytes: usize, grow: bool) -> bool {
+        if !self.pocket_vouches(p, tag) || bytes > MAX_BATCH {
+            return false;
+        }
+        p.update(&self.pockets.stop, 0, |w| {
+            let (_, check, cap) = p.key();
+            if grow {
+                take_checked(check, bytes, 0)(w)
+            } else {
+                give_checked(check, bytes, 0, cap as usize)(w)
+            }
+        })
+    }
+
+    /// Whether `tag` is this thread's pocket's own key, sealed (so a valid tag: see
+    /// `pocket_uncharge`).
+    #[inline(always)]
+    pub(crate) fn pocket_vouches(&self, p: &Pocket, tag: u64) -> bool {
+        tag == p.key().0
+    }
+
     /// The most bytes a pocket holds (`batch / POCKET_SHARE`).
     pub(crate) fn pocket_size(&self) -> usize {
         self.batch() / POCKET_SHARE
