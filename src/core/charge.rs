@@ -162,19 +162,64 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         }
     }
 
-    /// A block's uncharge that the thread's pocket could not take: it goes to the CPU's
-    /// stock, and a pocket that holds the key (so it was full) is brought back to half.
+    /// A block's uncharge that the thread's pocket could not take into its own word: into its
+    /// far word if that holds the key, else to the CPU's
+    /// stock; then a pocket that holds the key (so it was full) is brought back to half, and
+    /// for a block of another key the pocket's far word is given that key, if it holds
+    /// nothing or that key already (so it was full), for the next frees of that key.
     #[cold]
     #[inline(never)]
     pub(crate) fn uncharge_block_slow(&self, t: &impl Caller, key: Key, bytes: usize, pad: usize) {
+        // A block of the key the far word holds: no locked instruction, no shared line.
+        if let Some(p) = t.listed_pocket(false) {
+            if self.far_uncharge(p, key, bytes, pad) {
+                return;
+            }
+        }
         // Before the bytes go: they keep a removed group's record alive.
         self.pad_overhead(key, -(pad as isize));
         self.uncharge(t, key, bytes, 1);
-        if let Some(p) = t.listed_pocket(false) {
-            if bytes <= self.pocket_size() / 2 && self.pocket_holds(p, key) {
+        if bytes > self.pocket_size() / 2 {
+            return;
+        }
+        // A thread that only frees (a consumer) gets its pocket here, for the far word.
+        if let Some(p) = t.listed_pocket(true) {
+            if self.pocket_holds(p, key) {
                 self.refill_pocket(t.cpu(), p, key);
+            } else {
+                let far = p.far.load(Ordering::Relaxed);
+                if !has_content(far) || word_key(far) == key {
+                    self.claim_far(t.cpu(), p, key);
+                }
             }
         }
+    }
+
+    /// Gives this thread's far pocket word to `key`, claimed and empty: its content goes back
+    /// to this CPU's stock. Not for an offline group (whose frees go to the counters); if
+    /// `key`'s group goes offline meanwhile, `recheck` drains the pocket again.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn claim_far(&self, cpu: usize, p: &Pocket, key: Key) {
+        let stop = &self.pockets.stop;
+        let c = self.groups.counter(key_id(key));
+        if !c.is_online() {
+            return;
+        }
+        self.holding(cpu, || {
+            let Some((held, extra)) = p.take_own(stop, true) else {
+                return;
+            };
+            self.drain_to_stock(cpu, held, extra);
+            p.set_far_key(sealed(key), checked(key), self.pocket_size() as u64);
+            // If a drain began meanwhile the word stays unclaimed: nothing to give back.
+            p.with(stop, |p| p.far.store(word(key, 0, 0, 0), Ordering::Relaxed));
+            // Still in hand, as in `refill_pocket`.
+            if held != 0 {
+                self.recheck(self.groups.counter(key_id(word_key(held))));
+            }
+            self.recheck(c);
+        });
     }
 
     /// Adds a block's `pad` to its group's overhead figure, or (negative) takes it off, for a
@@ -199,7 +244,7 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         let stop = &self.pockets.stop;
         let c = self.groups.counter(key_id(key));
         self.holding(cpu, || {
-            let Some((held, extra)) = p.take_own(stop) else {
+            let Some((held, extra)) = p.take_own(stop, false) else {
                 return;
             };
             self.drain_to_stock(cpu, held, extra);

@@ -331,6 +331,21 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         })
     }
 
+    /// `pocket_uncharge` of a block of another key than the pocket's own, `key`: into the
+    /// pocket's far word, if it holds that key. False when it cannot take it.
+    #[inline(always)]
+    pub(crate) fn far_uncharge(&self, p: &Pocket, key: Key, bytes: usize, pad: usize) -> bool {
+        if sealed(key) != p.far_key().0 || bytes > MAX_BATCH {
+            return false;
+        }
+        let pad = (pad as u64 + PAD_BIAS).wrapping_neg();
+        p.update_far(&self.pockets.stop, pad, |w| {
+            let (_, check) = p.far_key();
+            let (_, _, cap) = p.key();
+            give_checked(check, bytes, 1, cap as usize)(w)
+        })
+    }
+
     /// A block's growth (`grow`) or shrinkage by `bytes` (a `realloc` that keeps the block's
     /// alignment, so its header and pad) on this thread's pocket, with no locked instruction,
     /// if the block's tag `tag` is the pocket's own key (its owner's, removed or not: the
@@ -368,6 +383,12 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     pub(crate) fn pocket_holds(&self, p: &Pocket, key: Key) -> bool {
         // Only the owner changes the key (a drain only takes the word): a plain look will do.
         word_key(p.word.load(Ordering::Relaxed)) == key
+    }
+
+    /// Whether this thread's pocket's far word holds `key` (a plain look, as above).
+    #[cfg_attr(not(memgroup_loom), allow(dead_code))]
+    pub(crate) fn pocket_far_holds(&self, p: &Pocket, key: Key) -> bool {
+        word_key(p.far.load(Ordering::Relaxed)) == key
     }
 
     /// The list of pockets, for a new thread to enlist in.

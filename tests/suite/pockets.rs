@@ -371,6 +371,83 @@ fn realloc_through_the_pocket_is_exact() {
     h.remove().expect("remove");
 }
 
+/// Frees of another group's blocks on a thread whose own pocket holds its own group wait in
+/// that pocket's far word (after the first, which gives the far word their key), 16-aligned
+/// ones with their headers' extra bytes: a charge at the limit takes them back (it fits
+/// exactly), a flush does (the group is exactly 0, overhead included, while the thread sits
+/// idle), and a removal does (the removed group's record goes at once, not at the thread's
+/// exit).
+#[test]
+fn frees_of_another_groups_blocks_wait_in_the_far_word() {
+    let _s = serial();
+    let dying0 = dying_groups();
+    let max = stock_batch() / 2;
+    let fit = size_for_cost(max);
+    let small = 100;
+    let (n, cost) = (pocketful(small), block_cost(small, 16));
+    let g = fresh("pk-far");
+    g.set_max(Some(max));
+    let home = fresh("pk-far-home");
+    // The helper frees what each step hands it, inside its own group.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<Block>>();
+    let home2 = home.clone();
+    let helper = Helper::start(move |pause| {
+        let own = home2.run(|| Block::new(64, 8));
+        pause.pause();
+        for _ in 0..3 {
+            let blocks = rx.recv().expect("blocks to free");
+            home2.run(|| drop(blocks));
+            pause.pause();
+        }
+        drop(own);
+    });
+    // n blocks of `g`, in a vector made outside any group.
+    let handed = |g: &Group| -> Vec<Block> {
+        let mut v = Vec::with_capacity(n);
+        g.run(|| v.extend((0..n).map(|_| Block::new(small, 16))));
+        v
+    };
+
+    // A charge at the limit.
+    tx.send(handed(&g)).expect("send");
+    helper.step();
+    assert_eq!(g.stat().usage, n * cost, "the freed bytes are still charged, unflushed");
+    let b = g.run(|| fallible(|| Block::try_new(fit, 1)));
+    let s = exact(&g);
+    assert!(
+        b.is_some(),
+        "a block costing exactly max was refused while {} bytes sat in an idle thread's far word: {s:?}",
+        n * cost
+    );
+    assert_eq!((s.usage, s.overhead, live(&s)), (max, tag_overhead(1), 1), "{s:?}");
+    drop(b);
+
+    // A flush.
+    tx.send(handed(&g)).expect("send");
+    helper.step();
+    let s = exact(&g);
+    assert_eq!((s.usage, s.overhead, s.kmem, live(&s)), (0, 0, 0, 0), "{s:?}");
+
+    // A removal, of a child whose blocks the helper freed.
+    let c = fresh_child(&g, "c");
+    tx.send(handed(&c)).expect("send");
+    helper.step();
+    c.remove().expect("remove");
+    assert_eq!(
+        dying_groups(),
+        dying0,
+        "the removed group's bytes in the idle thread's far word were taken back: its record goes"
+    );
+    helper.finish();
+    let s = exact(&g);
+    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
+    let s = exact(&home);
+    assert_eq!((s.usage, s.overhead, live(&s), s.allocs), (0, 0, 0, 1), "{s:?}");
+    g.remove().expect("remove");
+    home.remove().expect("remove");
+    assert_eq!(dying_groups(), dying0);
+}
+
 // ---- 2. exact limits with bytes in an idle thread's pocket ------------------------------------
 
 /// A max under the batch: no refill fits, so every charge goes to the counters exactly, and the
