@@ -458,8 +458,10 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 let b = word_bytes(w) + bytes;
                 let (a, f) = (word_allocs(w) + allocs, word_frees(w) + frees);
                 let fits = b <= batch && a <= COUNT_MAX && f <= COUNT_MAX;
-                // Overflowing: keep half a batch and hand the rest to the counters.
-                let keep = if fits { b } else { b.min(batch / 2) };
+                // Overflowing bytes: keep half a batch and hand the rest to the counters; only
+                // the counts overflowing: they go to the counters, and the bytes stay (so the
+                // next refill does not charge back what this one handed over).
+                let keep = if b <= batch { b } else { batch / 2 };
                 let new = if fits {
                     word(key, b, a, f)
                 } else {
