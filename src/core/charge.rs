@@ -247,8 +247,36 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             let Some((held, extra)) = p.take_own(stop, false) else {
                 return;
             };
-            self.drain_to_stock(cpu, held, extra);
             let half = self.pocket_size() / 2;
+            // Still `key`'s (the thread charges the same group): the word's pad stays in the
+            // pocket, so that a refill writes no counter's line, if half a pocket can be had
+            // from its bytes and the stock. The new word holds bytes, so it has content for
+            // the drains to take its extra with, and keeps the record alive until they do.
+            let have = word_bytes(held) as usize;
+            if has_content(held)
+                && word_key(held) == key
+                && c.is_online()
+                && (have >= half || self.consume(cpu, key, half - have, 0))
+            {
+                let carry = pad_total(held, extra);
+                // The counts, and the bytes over half, go to the stock.
+                let (allocs, frees) = (word_allocs(held), word_frees(held));
+                self.refill_slot(cpu, key, c, have.saturating_sub(half), allocs, frees);
+                let new = word(key, half as u64, 0, 0);
+                p.set_key(sealed(key), checked(key), self.pocket_size() as u64);
+                let stored = p.with(stop, |p| {
+                    p.word.store(new, Ordering::Relaxed);
+                    p.extra.store(carry, Ordering::Relaxed);
+                });
+                if stored.is_none() {
+                    // A drain began meanwhile: the pad, then the bytes, go back.
+                    c.adjust_overhead(carry as i64 as isize);
+                    self.refill_slot(cpu, key, c, half, 0, 0);
+                }
+                self.recheck(c);
+                return;
+            }
+            self.drain_to_stock(cpu, held, extra);
             let bytes = if half != 0 && self.consume(cpu, key, half, 0) {
                 half
             } else {
@@ -276,13 +304,16 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// Returns a word and extra taken out of a pocket to this CPU's stock (to the counters if
     /// its group is offline).
     fn drain_to_stock(&self, cpu: usize, w: u64, extra: u64) {
-        if !has_content(w) {
+        if w == 0 {
             return;
         }
         let key = word_key(w);
         let c = self.groups.counter(key_id(key));
         // Before the bytes go: they keep an offline group's record alive.
         c.adjust_overhead(pad_total(w, extra) as i64 as isize);
+        if !has_content(w) {
+            return;
+        }
         if c.is_online() {
             let bytes = word_bytes(w) as usize;
             self.refill_slot(cpu, key, c, bytes, word_allocs(w), word_frees(w));

@@ -177,13 +177,16 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
 
     /// Drains a pocket's word and extra into its group's counters.
     pub(super) fn drain_pocket_word(&self, w: u64, extra: u64) {
-        if !has_content(w) {
+        if w == 0 {
             return;
         }
         let c = self.groups.counter(key_id(word_key(w)));
-        // Before the bytes go: they keep an offline group's record alive.
+        // Before the bytes go: they keep an offline group's record alive. (A claimed word
+        // without content has no extra, as the owner keeps it, but one would not be lost.)
         c.adjust_overhead(pad_total(w, extra) as i64 as isize);
-        self.drain_word(w);
+        if has_content(w) {
+            self.drain_word(w);
+        }
     }
 
     /// Takes one slot's word if `take` says so, and drains it.
