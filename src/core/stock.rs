@@ -360,9 +360,9 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         p.update(&self.pockets.stop, 0, |w| {
             let (_, check, cap) = p.key();
             if grow {
-                // Not the last bytes of a word with no counts: a word left without content
-                // must have no extra (a refill may have kept its pad there).
-                take_checked(check, bytes, 0)(w).filter(|&new| has_content(new))
+                // Never the last bytes: a word left without content must have no extra (a
+                // refill may have kept its pad there), and one with bytes has content.
+                take_checked(check, bytes, 0)(w).filter(|&new| word_bytes(new) != 0)
             } else {
                 give_checked(check, bytes, 0, cap as usize)(w)
             }
