@@ -56,7 +56,11 @@
 //! shrinker), `mimalloc`, `cap-mimalloc`, `tag-mimalloc`, and with feature `jemalloc`
 //! `jemalloc`, `tag-jemalloc`; `CHURN_THREADS=1|2` one scenario
 //! only; `CHURN_SLOTS=n` live blocks per thread (power of two, default 1024);
-//! `CHURN_REMOTE=r` 1 block in r freed by the other thread (default 8, 0 = none).
+//! `CHURN_REMOTE=r` 1 block in r freed by the other thread (default 8, 0 = none);
+//! `CHURN_GROW=1` instead of the ring, `CHURN_OPS` (default 20,000) `Vec`-like growths in one
+//! thread, in its group: an 8-byte block (alignment 8) grown by `realloc`, doubling, to
+//! 2 KiB, then freed (8 reallocs per block; for callgrind, `--toggle-collect='churn::grow*'`,
+//! Ir per growth = "Collected" / `CHURN_OPS`), checked back to 0 like the ring.
 
 use std::alloc::{GlobalAlloc, System};
 use std::hint::black_box;
@@ -243,6 +247,64 @@ fn run_checked(row: &Row, p: &Params, threads: usize) -> RunOut {
     out
 }
 
+// ---- Vec-like growth by realloc (CHURN_GROW) -----------------------------------------------
+
+/// `ops` blocks, each allocated at 8 bytes, grown by `realloc` (doubling) to 2 KiB, written
+/// at each step, and freed: what a `Vec` pushed to 256 words does. Never inlined, so callgrind
+/// can count it alone.
+#[inline(never)]
+fn grow<A: GlobalAlloc>(a: &A, ops: usize) {
+    for i in 0..ops {
+        let mut size = 8;
+        let mut layout = std::alloc::Layout::from_size_align(size, 8).expect("layout");
+        // SAFETY: a non-zero size.
+        let mut p = unsafe { a.alloc(layout) };
+        assert!(!p.is_null(), "grow: alloc");
+        while size < 2048 {
+            // SAFETY: 8 bytes of the block are valid.
+            unsafe { p.cast::<usize>().write(black_box(i)) };
+            size *= 2;
+            // SAFETY: a live block of `layout`, and a non-zero new size.
+            p = unsafe { a.realloc(p, layout, size) };
+            assert!(!p.is_null(), "grow: realloc");
+            layout = std::alloc::Layout::from_size_align(size, 8).expect("layout");
+        }
+        // SAFETY: a live block of `layout`.
+        unsafe { a.dealloc(black_box(p), layout) };
+    }
+}
+
+/// The `CHURN_GROW` mode: each selected row runs `grow` in the 1-thread group, checked.
+fn run_growth(rows: &[Row], p: &Params, ops: usize) {
+    for row in rows {
+        let before = workload::counts(groups_of(p, 1, row.set));
+        let g = groups_of(p, 1, row.set)[0].clone();
+        g.run(|| match row.key {
+            "system" => grow(&SYSTEM, ops),
+            "cap" => grow(&CAP_SYSTEM, ops),
+            "pad8" => grow(&PAD_SYSTEM, ops),
+            "tag" | "tag-sub" => grow(&TAG_SYSTEM, ops),
+            "mimalloc" => grow(&MIMALLOC, ops),
+            "cap-mimalloc" => grow(&CAP_MIMALLOC, ops),
+            "tag-mimalloc" => grow(&TAG_MIMALLOC, ops),
+            #[cfg(feature = "jemalloc")]
+            "jemalloc" => grow(&JEMALLOC, ops),
+            #[cfg(feature = "jemalloc")]
+            "tag-jemalloc" => grow(&TAG_JEMALLOC, ops),
+            other => panic!("CHURN_GROW: no growth for {other}"),
+        });
+        let expected = match row.kind {
+            Kind::Tag => ops as u64,
+            Kind::Raw | Kind::Cap(_) => 0,
+        };
+        workload::check_groups(row.key, groups_of(p, 1, row.set), &before, expected);
+        if let Kind::Cap(counter) = row.kind {
+            assert_eq!(counter.load(Ordering::Relaxed), 0, "{}: counter", row.key);
+        }
+        println!("grow: {} ok, {ops} growths of 8 B to 2 KiB", row.key);
+    }
+}
+
 // ---- configuration and report ------------------------------------------------------------
 
 struct Line {
@@ -322,6 +384,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (sub, g.register_shrinker(NoShrinker))
         })
         .collect();
+    if std::env::var("CHURN_GROW").is_ok_and(|v| v != "0") {
+        run_growth(&rows, &p, fixed_ops.unwrap_or(20_000));
+        return Ok(());
+    }
     let system = all_rows().into_iter().next().expect("system row");
 
     let mut lines = Vec::new();

@@ -26,10 +26,10 @@ const ROOT_KEY: Key = key(ROOT_ID, false);
 // a pocket keeps its key in that form too (see `crate::core::stock::sealed`).
 pub(crate) use crate::core::stock::{sealed, unseal};
 
+// The key and the pocket's fields the fast paths use share the block's first cache line (the
+// pocket's far word, for frees of other groups' blocks, is on the second).
 #[repr(C, align(64))]
 struct Local {
-    /// The thread's pocket (on the pockets' list only while `pocket_state` says so).
-    pocket: Pocket,
     /// The key a new allocation is charged to, sealed: the entered group's, of the kind the
     /// scope bits say (the kernel bit is kept equal to `ctx & KERNEL` by every change of
     /// either).
@@ -37,6 +37,8 @@ struct Local {
     /// The same key as the pocket's word check needs it (`checked`), so a pocket charge does
     /// not recompute it. Set with `key`, always (`set_key`).
     check: Cell<u64>,
+    /// The thread's pocket (on the pockets' list only while `pocket_state` says so).
+    pocket: Pocket,
     /// What `crate::pocket` says of `pocket`.
     pocket_state: Cell<u8>,
     /// The entered group's record, holding a reference; null for the root.
@@ -50,9 +52,9 @@ struct Local {
 thread_local! {
     static LOCAL: Local = const {
         Local {
-            pocket: Pocket::new(),
             key: Cell::new(sealed(ROOT_KEY)),
             check: Cell::new(checked(ROOT_KEY)),
+            pocket: Pocket::new(),
             pocket_state: Cell::new(0),
             node: Cell::new(core::ptr::null()),
             ctx: Cell::new(0),

@@ -269,7 +269,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
     }
 
     /// Reads a block's tag: where its inner allocation starts, and its owner's key sealed
-    /// (unchecked: see `owner`).
+    /// (unchecked: see `checked_tag`).
     ///
     /// # Safety
     /// `ptr` was returned by this allocator for `layout`, placed as `at`, and is live.
@@ -281,17 +281,6 @@ impl<A: GlobalAlloc> TagAlloc<A> {
             let base = ptr.sub(at.block);
             (base, base.add(at.tag).cast::<u64>().read_unaligned())
         }
-    }
-
-    /// Reads the owner's key of a block.
-    ///
-    /// # Safety
-    /// `ptr` was returned by this allocator for `layout`, placed as `at`, and is live.
-    #[inline(always)]
-    unsafe fn owner(ptr: *mut u8, at: Placement) -> (*mut u8, Key) {
-        // SAFETY: forwarded.
-        let (base, tag) = unsafe { Self::tag(ptr, at) };
-        (base, checked_tag(tag))
     }
 }
 
@@ -343,33 +332,48 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed.
         let old = unsafe { placed(layout) };
-        let Some(new) = Layout::from_size_align(new_size, layout.align())
-            .ok()
-            .and_then(place)
-        else {
+        // SAFETY: the caller guarantees that `new_size` rounded up to `layout.align()` (a
+        // power of two) does not overflow `isize`.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        let Some(new) = place(new_layout) else {
             return core::ptr::null_mut();
         };
         // SAFETY: the caller passes a live block of ours with its layout.
-        let (base, key) = unsafe { Self::owner(ptr, old) };
+        let (base, tag) = unsafe { Self::tag(ptr, old) };
         let (old_bytes, new_bytes) = (old.inner.size(), new.inner.size());
-        // The block keeps its owner, even a removed one: growth is charged to it (objects = 0
-        // means "an existing block", which the core never redirects).
-        if new_bytes > old_bytes && thread::charge(key, new_bytes - old_bytes, 0).is_none() {
-            return core::ptr::null_mut();
+        // The block keeps its owner, even a removed one: growth is charged to it, through this
+        // thread's pocket if the pocket holds the owner's key (which vouches for the tag), else
+        // through the stocks (objects = 0 means "an existing block", which the core never
+        // redirects). The alignment, so the pad, is unchanged.
+        let p = scope::pocket();
+        if new_bytes > old_bytes {
+            let more = new_bytes - old_bytes;
+            if !CORE.pocket_resize(p, tag, more, true)
+                && thread::charge(checked_tag(tag), more, 0).is_none()
+            {
+                return core::ptr::null_mut();
+            }
+        } else if !CORE.pocket_vouches(p, tag) {
+            // A damaged tag is seen before the block is touched.
+            checked_tag(tag);
         }
         // SAFETY: `base` is the inner allocation made with `old.inner`, and the new size is
         // non-zero and valid for its alignment (`place` checked it).
         let new_base = unsafe { self.inner.realloc(base, old.inner, new_bytes) };
+        // What goes back: the growth, if the inner allocator refused it; else the shrinkage.
+        let less = if new_base.is_null() {
+            new_bytes.saturating_sub(old_bytes)
+        } else {
+            old_bytes.saturating_sub(new_bytes)
+        };
+        if less != 0 && !CORE.pocket_resize(p, tag, less, false) {
+            thread::uncharge(checked_tag(tag), less, 0);
+        }
         if new_base.is_null() {
-            if new_bytes > old_bytes {
-                thread::uncharge(key, new_bytes - old_bytes, 0);
-            }
             return new_base;
         }
-        if new_bytes < old_bytes {
-            thread::uncharge(key, old_bytes - new_bytes, 0);
-        }
-        // SAFETY: `new_base` is an inner allocation of `new.inner`.
-        unsafe { tagged(new_base, new, key) }
+        // SAFETY: `new_base` is an inner allocation of `new.inner`; `tag` is a valid sealed
+        // key (the pocket's own, or checked above).
+        unsafe { tagged_sealed(new_base, new, tag) }
     }
 }

@@ -276,14 +276,16 @@ mod harness {
             }
         }
 
-        /// Whether some pocket's word names group `id` (either key), with or without content.
-        /// A racy look through the owners' own access (`pocket_holds`), so only meaningful once
-        /// no pocket is in use; `false` for a pocket a taker is stopping.
+        /// Whether some pocket's word (its own or its far one) names group `id` (either key),
+        /// with or without content. A racy look through the owners' own access
+        /// (`pocket_holds`, `pocket_far_holds`), so only meaningful once no pocket is in use;
+        /// `false` for a pocket a taker is stopping.
         pub(crate) fn pocket_names(&self, id: u32) -> bool {
             self.stocks.pockets().iter().any(|p| {
-                [false, true]
-                    .into_iter()
-                    .any(|kernel| self.stocks.pocket_holds(p, key(id, kernel)))
+                [false, true].into_iter().any(|kernel| {
+                    self.stocks.pocket_holds(p, key(id, kernel))
+                        || self.stocks.pocket_far_holds(p, key(id, kernel))
+                })
             })
         }
 

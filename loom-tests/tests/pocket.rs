@@ -147,6 +147,84 @@ mod drain {
         owner_races_drain(true);
     }
 
+    /// A refill for the same key keeps the word's pad in the pocket: the owner allocates
+    /// padded blocks `y` (the pocket's last bytes) and `z` (the stock; then the refill for C,
+    /// which moves the word's count to the stock, tops the pocket up to half from the stock,
+    /// and keeps `y`'s pad in `extra`), then frees `x`, `y` and `z`; thread B drains
+    /// meanwhile. A pad kept but lost, or kept and also added to the counter, leaves C's
+    /// overhead off.
+    #[test]
+    fn same_key_refill_keeps_the_pad_racing_drain() {
+        model(2, || {
+            let (w, p) = setup();
+            let k = key(C, false);
+            let a = loom::thread::spawn(move || {
+                assert_eq!(w.pocket_alloc(0, p, C, false, BLOCK, PAD), Some(k));
+                assert_eq!(w.pocket_alloc(0, p, C, false, BLOCK, PAD), Some(k));
+                for _ in 0..3 {
+                    w.pocket_free(0, p, k, BLOCK, PAD);
+                }
+            });
+            let b = loom::thread::spawn(move || w.stocks.drain(|_| true));
+            a.join().unwrap();
+            b.join().unwrap();
+            w.flush();
+            let c = Expect {
+                allocs: 3,
+                frees: 3,
+                ..Expect::default()
+            };
+            check(&w, C, c);
+            check(&w, R, c);
+            check(&w, D, Expect::default());
+        });
+    }
+
+    /// Frees of another group's blocks into the far word, racing a drain: two blocks of D
+    /// (padded), charged on CPU 1 by a thread with no pocket, are freed by the owner of the
+    /// pocket (which holds C): the first past the pocket (to CPU 0's stock; then the far word
+    /// is given D), the second into the far word (its pad into the far word's extra). Thread B
+    /// drains meanwhile, racing the far word's claim (its take of the far word, its store of
+    /// D's) and the free into it. A far word written while the drain took it would lose or
+    /// double D's bytes, counts or pad.
+    #[test]
+    fn far_frees_race_drain() {
+        model(2, || {
+            let (w, p) = setup();
+            let d = key(D, false);
+            for _ in 0..2 {
+                assert_eq!(w.alloc(1, D, false, BLOCK), Some(d));
+            }
+            w.counter(D).adjust_overhead(2 * PAD as isize);
+            let a = loom::thread::spawn(move || {
+                w.pocket_free(0, p, d, BLOCK, PAD);
+                w.pocket_free(0, p, d, BLOCK, PAD);
+            });
+            let b = loom::thread::spawn(move || w.stocks.drain(|_| true));
+            a.join().unwrap();
+            b.join().unwrap();
+            w.flush();
+            assert!(
+                !w.stocks.pocket_far_holds(p, d) || w.snap(D).usage == 0,
+                "a drained far word holds nothing"
+            );
+            let c = Expect {
+                usage: BLOCK,
+                allocs: 1,
+                overhead: PAD as isize,
+                ..Expect::default()
+            };
+            let dd = Expect {
+                allocs: 2,
+                frees: 2,
+                ..Expect::default()
+            };
+            check(&w, C, c);
+            check(&w, D, dd);
+            check(&w, R, sum(c, dd));
+        });
+    }
+
     /// The owner switches groups: its pocket holds C's bytes when it allocates a block `d` of
     /// D (padded), which the stock serves; the `refill_pocket` for D gives C's content back to CPU 0's
     /// stock and puts 8 of D's bytes in the pocket. It then frees `d` into the pocket (its

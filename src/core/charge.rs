@@ -162,19 +162,64 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         }
     }
 
-    /// A block's uncharge that the thread's pocket could not take: it goes to the CPU's
-    /// stock, and a pocket that holds the key (so it was full) is brought back to half.
+    /// A block's uncharge that the thread's pocket could not take into its own word: into its
+    /// far word if that holds the key, else to the CPU's
+    /// stock; then a pocket that holds the key (so it was full) is brought back to half, and
+    /// for a block of another key the pocket's far word is given that key, if it holds
+    /// nothing or that key already (so it was full), for the next frees of that key.
     #[cold]
     #[inline(never)]
     pub(crate) fn uncharge_block_slow(&self, t: &impl Caller, key: Key, bytes: usize, pad: usize) {
+        // A block of the key the far word holds: no locked instruction, no shared line.
+        if let Some(p) = t.listed_pocket(false) {
+            if self.far_uncharge(p, key, bytes, pad) {
+                return;
+            }
+        }
         // Before the bytes go: they keep a removed group's record alive.
         self.pad_overhead(key, -(pad as isize));
         self.uncharge(t, key, bytes, 1);
-        if let Some(p) = t.listed_pocket(false) {
-            if bytes <= self.pocket_size() / 2 && self.pocket_holds(p, key) {
+        if bytes > self.pocket_size() / 2 {
+            return;
+        }
+        // A thread that only frees (a consumer) gets its pocket here, for the far word.
+        if let Some(p) = t.listed_pocket(true) {
+            if self.pocket_holds(p, key) {
                 self.refill_pocket(t.cpu(), p, key);
+            } else {
+                let far = p.far.load(Ordering::Relaxed);
+                if !has_content(far) || word_key(far) == key {
+                    self.claim_far(t.cpu(), p, key);
+                }
             }
         }
+    }
+
+    /// Gives this thread's far pocket word to `key`, claimed and empty: its content goes back
+    /// to this CPU's stock. Not for an offline group (whose frees go to the counters); if
+    /// `key`'s group goes offline meanwhile, `recheck` drains the pocket again.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn claim_far(&self, cpu: usize, p: &Pocket, key: Key) {
+        let stop = &self.pockets.stop;
+        let c = self.groups.counter(key_id(key));
+        if !c.is_online() {
+            return;
+        }
+        self.holding(cpu, || {
+            let Some((held, extra)) = p.take_own(stop, true) else {
+                return;
+            };
+            self.drain_to_stock(cpu, held, extra);
+            p.set_far_key(sealed(key), checked(key), self.pocket_size() as u64);
+            // If a drain began meanwhile the word stays unclaimed: nothing to give back.
+            p.with(stop, |p| p.far.store(word(key, 0, 0, 0), Ordering::Relaxed));
+            // Still in hand, as in `refill_pocket`.
+            if held != 0 {
+                self.recheck(self.groups.counter(key_id(word_key(held))));
+            }
+            self.recheck(c);
+        });
     }
 
     /// Adds a block's `pad` to its group's overhead figure, or (negative) takes it off, for a
@@ -199,11 +244,39 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         let stop = &self.pockets.stop;
         let c = self.groups.counter(key_id(key));
         self.holding(cpu, || {
-            let Some((held, extra)) = p.take_own(stop) else {
+            let Some((held, extra)) = p.take_own(stop, false) else {
                 return;
             };
-            self.drain_to_stock(cpu, held, extra);
             let half = self.pocket_size() / 2;
+            // Still `key`'s (the thread charges the same group): the word's pad stays in the
+            // pocket, so that a refill writes no counter's line, if half a pocket can be had
+            // from its bytes and the stock. The new word holds bytes, so it has content for
+            // the drains to take its extra with, and keeps the record alive until they do.
+            let have = word_bytes(held) as usize;
+            if has_content(held)
+                && word_key(held) == key
+                && c.is_online()
+                && (have >= half || self.consume(cpu, key, half - have, 0))
+            {
+                let carry = pad_total(held, extra);
+                // The counts, and the bytes over half, go to the stock.
+                let (allocs, frees) = (word_allocs(held), word_frees(held));
+                self.refill_slot(cpu, key, c, have.saturating_sub(half), allocs, frees);
+                let new = word(key, half as u64, 0, 0);
+                p.set_key(sealed(key), checked(key), self.pocket_size() as u64);
+                let stored = p.with(stop, |p| {
+                    p.word.store(new, Ordering::Relaxed);
+                    p.extra.store(carry, Ordering::Relaxed);
+                });
+                if stored.is_none() {
+                    // A drain began meanwhile: the pad, then the bytes, go back.
+                    c.adjust_overhead(carry as i64 as isize);
+                    self.refill_slot(cpu, key, c, half, 0, 0);
+                }
+                self.recheck(c);
+                return;
+            }
+            self.drain_to_stock(cpu, held, extra);
             let bytes = if half != 0 && self.consume(cpu, key, half, 0) {
                 half
             } else {
@@ -231,13 +304,16 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// Returns a word and extra taken out of a pocket to this CPU's stock (to the counters if
     /// its group is offline).
     fn drain_to_stock(&self, cpu: usize, w: u64, extra: u64) {
-        if !has_content(w) {
+        if w == 0 {
             return;
         }
         let key = word_key(w);
         let c = self.groups.counter(key_id(key));
         // Before the bytes go: they keep an offline group's record alive.
         c.adjust_overhead(pad_total(w, extra) as i64 as isize);
+        if !has_content(w) {
+            return;
+        }
         if c.is_online() {
             let bytes = word_bytes(w) as usize;
             self.refill_slot(cpu, key, c, bytes, word_allocs(w), word_frees(w));
@@ -413,8 +489,10 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 let b = word_bytes(w) + bytes;
                 let (a, f) = (word_allocs(w) + allocs, word_frees(w) + frees);
                 let fits = b <= batch && a <= COUNT_MAX && f <= COUNT_MAX;
-                // Overflowing: keep half a batch and hand the rest to the counters.
-                let keep = if fits { b } else { b.min(batch / 2) };
+                // Overflowing bytes: keep half a batch and hand the rest to the counters; only
+                // the counts overflowing: they go to the counters, and the bytes stay (so the
+                // next refill does not charge back what this one handed over).
+                let keep = if b <= batch { b } else { batch / 2 };
                 let new = if fits {
                     word(key, b, a, f)
                 } else {

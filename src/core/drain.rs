@@ -155,34 +155,38 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         });
     }
 
-    /// Takes a stopped pocket's word (and extra) if `take` says so, and drains them.
+    /// Takes each of a stopped pocket's words (and its extra; the own and the far one) if
+    /// `take` says so, and drains them.
     fn drain_stopped_pocket(&self, p: &Pocket, take: impl Fn(u64) -> bool) {
-        let mut w = p.word.load(Ordering::SeqCst);
-        while take(w) {
-            match p
-                .word
-                .compare_exchange(w, 0, Ordering::SeqCst, Ordering::Relaxed)
-            {
-                Ok(_) => {
-                    // The owner is kept out, and other takers only take the extra with a word.
-                    let extra = p.extra.swap(0, Ordering::SeqCst);
-                    self.drain_pocket_word(w, extra);
-                    break;
+        for (word, extra) in p.words() {
+            let mut w = word.load(Ordering::SeqCst);
+            while take(w) {
+                match word.compare_exchange(w, 0, Ordering::SeqCst, Ordering::Relaxed) {
+                    Ok(_) => {
+                        // The owner is kept out, and other takers only take the extra with a
+                        // word.
+                        let extra = extra.swap(0, Ordering::SeqCst);
+                        self.drain_pocket_word(w, extra);
+                        break;
+                    }
+                    Err(now) => w = now,
                 }
-                Err(now) => w = now,
             }
         }
     }
 
     /// Drains a pocket's word and extra into its group's counters.
     pub(super) fn drain_pocket_word(&self, w: u64, extra: u64) {
-        if !has_content(w) {
+        if w == 0 {
             return;
         }
         let c = self.groups.counter(key_id(word_key(w)));
-        // Before the bytes go: they keep an offline group's record alive.
+        // Before the bytes go: they keep an offline group's record alive. (A claimed word
+        // without content has no extra, as the owner keeps it, but one would not be lost.)
         c.adjust_overhead(pad_total(w, extra) as i64 as isize);
-        self.drain_word(w);
+        if has_content(w) {
+            self.drain_word(w);
+        }
     }
 
     /// Takes one slot's word if `take` says so, and drains it.
@@ -220,11 +224,13 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     /// Its owner must not use it any more.
     pub(crate) fn delist_pocket(&self, p: &Pocket) {
         self.holding_drain(|| {
-            let w = p.word.swap(0, Ordering::SeqCst);
-            // Whoever takes a word takes its extra (a drain may have taken both first).
-            if w != 0 {
-                let extra = p.extra.swap(0, Ordering::SeqCst);
-                self.drain_pocket_word(w, extra);
+            for (word, extra) in p.words() {
+                let w = word.swap(0, Ordering::SeqCst);
+                // Whoever takes a word takes its extra (a drain may have taken both first).
+                if w != 0 {
+                    let extra = extra.swap(0, Ordering::SeqCst);
+                    self.drain_pocket_word(w, extra);
+                }
             }
         });
         self.pockets.delist(p);

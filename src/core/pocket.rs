@@ -59,11 +59,21 @@ pub(crate) struct Pocket {
     /// The most bytes the word may hold (`batch / POCKET_SHARE`), set with the key: a free
     /// reads it here rather than computing it from the batch. The owner's alone, as above.
     cap: Cell<u64>,
+    /// A second word, for the owner's frees of blocks of another key (blocks allocated by
+    /// another thread in another group: a consumer's, a server's handed-over buffers), which
+    /// it takes in as `word` takes its own key's frees, never charged from; with its own
+    /// extra, its key sealed and checked (owner-only cells, as above), and the same cap.
+    /// Takers take it as they take `word`.
+    pub(super) far: AtomicU64,
+    pub(super) far_extra: AtomicU64,
+    far_sealed: Cell<u64>,
+    far_check: Cell<u64>,
 }
 
-// SAFETY: the only fields that are not atomics, `sealed`, `check` and `cap`, are read and written
-// by the pocket's owner alone (`key`, `set_key`, called by the owner's fast and slow paths);
-// other threads reach a pocket only to take its word and extra, through the atomics.
+// SAFETY: the only fields that are not atomics, `sealed`, `check`, `cap`, `far_sealed` and
+// `far_check`, are read and written by the pocket's owner alone (`key`, `set_key`, `far_key`,
+// `set_far_key`, called by the owner's fast and slow paths); other threads reach a pocket only
+// to take its words and extras, through the atomics.
 unsafe impl Sync for Pocket {}
 
 impl Pocket {
@@ -78,6 +88,10 @@ impl Pocket {
             sealed: Cell::new(0),
             check: Cell::new(0),
             cap: Cell::new(0),
+            far: AtomicU64::new(0),
+            far_extra: AtomicU64::new(0),
+            far_sealed: Cell::new(0),
+            far_check: Cell::new(0),
         }
     }
 
@@ -91,6 +105,10 @@ impl Pocket {
             sealed: Cell::new(0),
             check: Cell::new(0),
             cap: Cell::new(0),
+            far: AtomicU64::new(0),
+            far_extra: AtomicU64::new(0),
+            far_sealed: Cell::new(0),
+            far_check: Cell::new(0),
         }
     }
 
@@ -108,6 +126,26 @@ impl Pocket {
         self.sealed.set(sealed);
         self.check.set(check);
         self.cap.set(cap);
+    }
+
+    /// The key the owner last gave its far word, sealed and `checked` (only for the owner).
+    #[inline(always)]
+    pub(super) fn far_key(&self) -> (u64, u64) {
+        (self.far_sealed.get(), self.far_check.get())
+    }
+
+    /// Records the key the owner gives its far word, and the cap (only for the owner, before
+    /// the word).
+    #[inline(always)]
+    pub(super) fn set_far_key(&self, sealed: u64, check: u64, cap: u64) {
+        self.far_sealed.set(sealed);
+        self.far_check.set(check);
+        self.cap.set(cap);
+    }
+
+    /// Its two (word, extra) pairs: the own key's, then the far one's.
+    pub(super) fn words(&self) -> [(&AtomicU64, &AtomicU64); 2] {
+        [(&self.word, &self.extra), (&self.far, &self.far_extra)]
     }
 
     /// Whether it is on the list.
@@ -151,16 +189,37 @@ impl Pocket {
         }) == Some(true)
     }
 
-    /// The owner's take of the whole content (word and extra), leaving the pocket unclaimed.
-    #[inline]
-    pub(super) fn take_own(&self, stop: &AtomicU32) -> Option<(u64, u64)> {
+    /// `update` on the far word and its extra.
+    #[inline(always)]
+    pub(super) fn update_far(
+        &self,
+        stop: &AtomicU32,
+        pad: u64,
+        step: impl FnOnce(u64) -> Option<u64>,
+    ) -> bool {
         self.with(stop, |p| {
-            let taken = (
-                p.word.load(Ordering::Relaxed),
-                p.extra.load(Ordering::Relaxed),
-            );
-            p.word.store(0, Ordering::Relaxed);
-            p.extra.store(0, Ordering::Relaxed);
+            let (word, extra) = (&p.far, &p.far_extra);
+            match step(word.load(Ordering::Relaxed)) {
+                Some(new) => {
+                    word.store(new, Ordering::Relaxed);
+                    let e = extra.load(Ordering::Relaxed);
+                    extra.store(e.wrapping_add(pad), Ordering::Relaxed);
+                    true
+                }
+                None => false,
+            }
+        }) == Some(true)
+    }
+
+    /// The owner's take of the whole content of a word (the far one, or the own one) and its
+    /// extra, leaving the word unclaimed.
+    #[inline]
+    pub(super) fn take_own(&self, stop: &AtomicU32, far: bool) -> Option<(u64, u64)> {
+        self.with(stop, |p| {
+            let (word, extra) = p.words()[far as usize];
+            let taken = (word.load(Ordering::Relaxed), extra.load(Ordering::Relaxed));
+            word.store(0, Ordering::Relaxed);
+            extra.store(0, Ordering::Relaxed);
             taken
         })
     }
@@ -327,7 +386,11 @@ impl Pockets {
     /// Whether any pocket's word satisfies `pred` (a racy look, to skip a stop that would find
     /// nothing).
     pub(super) fn any(&self, pred: impl Fn(u64) -> bool) -> bool {
-        self.any_pocket(|p| pred(p.word.load(Ordering::SeqCst)))
+        self.any_pocket(|p| {
+            p.words()
+                .iter()
+                .any(|(w, _)| pred(w.load(Ordering::SeqCst)))
+        })
     }
 
     /// Keeps every owner out of its word until `resume`: raises `stop`, runs `barrier` (after
@@ -358,8 +421,10 @@ impl Pockets {
     pub(super) fn reset_in_child(&self) {
         for p in self.iter() {
             p.busy.store(0, Ordering::Relaxed);
-            if p.word.load(Ordering::Relaxed) == 0 {
-                p.extra.store(0, Ordering::Relaxed);
+            for (word, extra) in p.words() {
+                if word.load(Ordering::Relaxed) == 0 {
+                    extra.store(0, Ordering::Relaxed);
+                }
             }
         }
         self.walkers.store(0, Ordering::SeqCst);

@@ -331,6 +331,51 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         })
     }
 
+    /// `pocket_uncharge` of a block of another key than the pocket's own, `key`: into the
+    /// pocket's far word, if it holds that key. False when it cannot take it.
+    #[inline(always)]
+    pub(crate) fn far_uncharge(&self, p: &Pocket, key: Key, bytes: usize, pad: usize) -> bool {
+        if sealed(key) != p.far_key().0 || bytes > MAX_BATCH {
+            return false;
+        }
+        let pad = (pad as u64 + PAD_BIAS).wrapping_neg();
+        p.update_far(&self.pockets.stop, pad, |w| {
+            let (_, check) = p.far_key();
+            let (_, _, cap) = p.key();
+            give_checked(check, bytes, 1, cap as usize)(w)
+        })
+    }
+
+    /// A block's growth (`grow`) or shrinkage by `bytes` (a `realloc` that keeps the block's
+    /// alignment, so its header and pad) on this thread's pocket, with no locked instruction,
+    /// if the block's tag `tag` is the pocket's own key (its owner's, removed or not: the
+    /// block keeps it) and the pocket has the bytes or the room. No block is counted. False
+    /// when the pocket cannot serve it; then charge or uncharge the block's owner through the
+    /// stocks (`Stocks::charge` or `uncharge` with no object).
+    #[inline(always)]
+    pub(crate) fn pocket_resize(&self, p: &Pocket, tag: u64, bytes: usize, grow: bool) -> bool {
+        if !self.pocket_vouches(p, tag) || bytes > MAX_BATCH {
+            return false;
+        }
+        p.update(&self.pockets.stop, 0, |w| {
+            let (_, check, cap) = p.key();
+            if grow {
+                // Never the last bytes: a word left without content must have no extra (a
+                // refill may have kept its pad there), and one with bytes has content.
+                take_checked(check, bytes, 0)(w).filter(|&new| word_bytes(new) != 0)
+            } else {
+                give_checked(check, bytes, 0, cap as usize)(w)
+            }
+        })
+    }
+
+    /// Whether `tag` is this thread's pocket's own key, sealed (so a valid tag: see
+    /// `pocket_uncharge`).
+    #[inline(always)]
+    pub(crate) fn pocket_vouches(&self, p: &Pocket, tag: u64) -> bool {
+        tag == p.key().0
+    }
+
     /// The most bytes a pocket holds (`batch / POCKET_SHARE`).
     pub(crate) fn pocket_size(&self) -> usize {
         self.batch() / POCKET_SHARE
@@ -340,6 +385,12 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     pub(crate) fn pocket_holds(&self, p: &Pocket, key: Key) -> bool {
         // Only the owner changes the key (a drain only takes the word): a plain look will do.
         word_key(p.word.load(Ordering::Relaxed)) == key
+    }
+
+    /// Whether this thread's pocket's far word holds `key` (a plain look, as above).
+    #[cfg_attr(not(memgroup_loom), allow(dead_code))]
+    pub(crate) fn pocket_far_holds(&self, p: &Pocket, key: Key) -> bool {
+        word_key(p.far.load(Ordering::Relaxed)) == key
     }
 
     /// The list of pockets, for a new thread to enlist in.

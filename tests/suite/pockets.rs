@@ -281,6 +281,173 @@ fn sixteen_aligned_blocks_freed_on_other_threads() {
     h.remove().expect("remove");
 }
 
+/// Blocks grown and shrunk by `realloc` as a `Vec` grows (doubling, then shrinking to fit),
+/// at alignments 8, 16 and 32: in the owner's group (the thread's pocket holds the owner, so
+/// most steps go through it, some past what it holds through the stocks), on a thread whose
+/// pocket holds another group, and outside any group. The owner is charged every step exactly
+/// (the 120 blocks counted once: a realloc counts none; overhead unchanged), the other group
+/// nothing, and every counter ends at 0.
+#[test]
+fn realloc_through_the_pocket_is_exact() {
+    let _s = serial();
+    let g = fresh("pk-realloc");
+    let h = fresh("pk-realloc-other");
+    let aligns = [8usize, 16, 32];
+    // Blocks as (address, size, align); realloc'd in place of `Block`, whose layout is fixed.
+    let mut blocks: Vec<(usize, usize, usize)> = Vec::with_capacity(120);
+    let before = exact(&g);
+    g.run(|| {
+        for i in 0..120usize {
+            let align = aligns[i % aligns.len()];
+            let layout = Block::layout(8, align);
+            // SAFETY: a non-zero size.
+            let p = unsafe { std::alloc::alloc(layout) };
+            assert!(!p.is_null());
+            // SAFETY: 8 bytes are valid.
+            unsafe { p.cast::<u64>().write(i as u64) };
+            blocks.push((p as usize, 8, align));
+        }
+    });
+    let resize = |blocks: &mut [(usize, usize, usize)], to: &dyn Fn(usize) -> usize| {
+        for (i, b) in blocks.iter_mut().enumerate() {
+            let new_size = to(b.1);
+            let layout = Block::layout(b.1, b.2);
+            // SAFETY: a live block of this layout; the new size is non-zero.
+            let p = unsafe { std::alloc::realloc(b.0 as *mut u8, layout, new_size) };
+            assert!(!p.is_null(), "realloc {} -> {new_size} at {}", b.1, b.2);
+            assert_eq!(p as usize % b.2, 0, "realloc result misaligned at {}", b.2);
+            // SAFETY: the first 8 bytes were kept.
+            assert_eq!(unsafe { p.cast::<u64>().read() }, i as u64, "realloc lost data");
+            *b = (p as usize, new_size, b.2);
+        }
+    };
+    let check = |blocks: &[(usize, usize, usize)], step: &str| {
+        let req: usize = blocks.iter().map(|b| b.1).sum();
+        let oh: usize = blocks.iter().map(|b| tag_overhead(b.2)).sum();
+        let s = exact(&g);
+        assert_eq!(
+            (s.usage, s.overhead, live(&s), s.allocs - before.allocs),
+            (req + oh, oh, blocks.len() as u64, 120),
+            "{step}: {s:?}"
+        );
+    };
+    // Vec growth in the owner's group, with no flush between the steps (a flush empties the
+    // pocket): 8 -> 16 -> ... -> 512, then 512 -> 200 -> 24.
+    g.run(|| {
+        for _ in 0..6 {
+            resize(&mut blocks, &|n| n * 2);
+        }
+        resize(&mut blocks, &|_| 200);
+        resize(&mut blocks, &|_| 24);
+    });
+    check(&blocks, "grown and shrunk in the owner's group");
+    g.run(|| resize(&mut blocks, &|n| n * 3));
+    check(&blocks, "grown once more in the owner's group");
+    // On a thread whose pocket holds another group, then outside any group.
+    let mut moved = std::mem::take(&mut blocks);
+    let h2 = h.clone();
+    let mut moved = std::thread::spawn(move || {
+        h2.run(|| {
+            drop(Block::new(100, 8));
+            resize(&mut moved, &|n| n + 40);
+            resize(&mut moved, &|n| n - 30);
+        });
+        moved
+    })
+    .join()
+    .expect("a thread whose pocket holds another group reallocs");
+    check(&moved, "resized on a thread whose pocket holds another group");
+    resize(&mut moved, &|n| n * 2);
+    resize(&mut moved, &|n| n / 4);
+    check(&moved, "resized outside any group");
+    for (p, size, align) in moved.drain(..) {
+        // SAFETY: a live block of this layout.
+        unsafe { std::alloc::dealloc(p as *mut u8, Block::layout(size, align)) };
+    }
+    check(&[], "all freed");
+    let s = exact(&h);
+    assert_eq!((s.usage, s.overhead, live(&s), s.allocs), (0, 0, 0, 1));
+    g.remove().expect("remove");
+    h.remove().expect("remove");
+}
+
+/// Frees of another group's blocks on a thread whose own pocket holds its own group wait in
+/// that pocket's far word (after the first, which gives the far word their key), 16-aligned
+/// ones with their headers' extra bytes: a charge at the limit takes them back (it fits
+/// exactly), a flush does (the group is exactly 0, overhead included, while the thread sits
+/// idle), and a removal does (the removed group's record goes at once, not at the thread's
+/// exit).
+#[test]
+fn frees_of_another_groups_blocks_wait_in_the_far_word() {
+    let _s = serial();
+    let dying0 = dying_groups();
+    let max = stock_batch() / 2;
+    let fit = size_for_cost(max);
+    let small = 100;
+    let (n, cost) = (pocketful(small), block_cost(small, 16));
+    let g = fresh("pk-far");
+    g.set_max(Some(max));
+    let home = fresh("pk-far-home");
+    // The helper frees what each step hands it, inside its own group.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<Block>>();
+    let home2 = home.clone();
+    let helper = Helper::start(move |pause| {
+        let own = home2.run(|| Block::new(64, 8));
+        pause.pause();
+        for _ in 0..3 {
+            let blocks = rx.recv().expect("blocks to free");
+            home2.run(|| drop(blocks));
+            pause.pause();
+        }
+        drop(own);
+    });
+    // n blocks of `g`, in a vector made outside any group.
+    let handed = |g: &Group| -> Vec<Block> {
+        let mut v = Vec::with_capacity(n);
+        g.run(|| v.extend((0..n).map(|_| Block::new(small, 16))));
+        v
+    };
+
+    // A charge at the limit.
+    tx.send(handed(&g)).expect("send");
+    helper.step();
+    assert_eq!(g.stat().usage, n * cost, "the freed bytes are still charged, unflushed");
+    let b = g.run(|| fallible(|| Block::try_new(fit, 1)));
+    let s = exact(&g);
+    assert!(
+        b.is_some(),
+        "a block costing exactly max was refused while {} bytes sat in an idle thread's far word: {s:?}",
+        n * cost
+    );
+    assert_eq!((s.usage, s.overhead, live(&s)), (max, tag_overhead(1), 1), "{s:?}");
+    drop(b);
+
+    // A flush.
+    tx.send(handed(&g)).expect("send");
+    helper.step();
+    let s = exact(&g);
+    assert_eq!((s.usage, s.overhead, s.kmem, live(&s)), (0, 0, 0, 0), "{s:?}");
+
+    // A removal, of a child whose blocks the helper freed.
+    let c = fresh_child(&g, "c");
+    tx.send(handed(&c)).expect("send");
+    helper.step();
+    c.remove().expect("remove");
+    assert_eq!(
+        dying_groups(),
+        dying0,
+        "the removed group's bytes in the idle thread's far word were taken back: its record goes"
+    );
+    helper.finish();
+    let s = exact(&g);
+    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
+    let s = exact(&home);
+    assert_eq!((s.usage, s.overhead, live(&s), s.allocs), (0, 0, 0, 1), "{s:?}");
+    g.remove().expect("remove");
+    home.remove().expect("remove");
+    assert_eq!(dying_groups(), dying0);
+}
+
 // ---- 2. exact limits with bytes in an idle thread's pocket ------------------------------------
 
 /// A max under the batch: no refill fits, so every charge goes to the counters exactly, and the
