@@ -28,6 +28,7 @@ impl Spin {
     }
 
     /// Takes the lock if it is free; never waits.
+    #[cfg_attr(not(feature = "arena"), allow(dead_code))] // the arena's
     pub(crate) fn try_lock(&self) -> bool {
         self.0.load(Ordering::Relaxed) == 0 && self.0.swap(1, Ordering::Acquire) == 0
     }
@@ -39,6 +40,7 @@ impl Spin {
     /// Sequentially consistent: the arena's allocation fast path pairs it with its `busy`
     /// store (see `arena::heap::enter`).
     #[inline(always)]
+    #[cfg_attr(not(feature = "arena"), allow(dead_code))] // the arena's
     pub(crate) fn is_locked(&self) -> bool {
         self.0.load(Ordering::SeqCst) != 0
     }
@@ -69,6 +71,7 @@ impl<T> SpinLock<T> {
     }
 
     /// Runs `f` on the value with the lock held.
+    #[cfg_attr(not(feature = "arena"), allow(dead_code))] // the arena's
     pub(crate) fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         let mut guard = self.lock();
         f(&mut guard)
