@@ -17,7 +17,7 @@ use crate::{platform, TAG_SIZE};
 
 use super::class::{self, CLASSES};
 use super::heap::{
-    counter, current, enter, interval, leave, release, usable, Released, EXACT, FORKING,
+    counter, current, enter, interval, leave, lock, release, usable, Released, EXACT, FORKING,
 };
 use super::lifecycle::create_heap;
 use super::owner::{collect, harvest, retire, take_delayed};
@@ -26,7 +26,7 @@ use super::segment;
 use super::slab::{self, FULL, NOTIFYING, PTR_MASK};
 use super::trial::{on_trial, slab_after};
 use super::types::{
-    GroupHeap, Held, Mine, Queue, Slab, Slow, ThreadHeap, ACTIVE, FULL_LIST, LOOSE, PARTIAL,
+    GroupHeap, Held, Mine, Queue, Slab, Slow, Stopped, ACTIVE, FULL_LIST, LOOSE, PARTIAL,
 };
 
 /// Allocates an object of `class` for `key` from the cached group heap's active slab; null if
@@ -37,15 +37,9 @@ pub(crate) fn alloc_fast(key: Key, class: usize, size: usize, counted: bool) -> 
         return null_mut();
     };
     let mut p = null_mut();
-    if let Some(gh) = o.cached(key) {
-        let s = gh.active(class);
-        // SAFETY: entered: `gh` and the slabs it owns are ours (other than their atomics)
-        // until `leave`; its active slab is one of them (or `EMPTY`, whose list is empty).
-        unsafe {
-            if !(*s).free.is_null() {
-                p = pop(gh.ptr(), s, size, counted);
-            }
-        }
+    if let Some(h) = o.cached(key).and_then(|gh| gh.ready_slab(class)) {
+        // SAFETY: `ready_slab` gives a slab whose free list is not empty.
+        p = unsafe { pop(h, size, counted) };
     }
     leave(o);
     p
@@ -126,66 +120,80 @@ pub(crate) fn alloc_slow(
         return inner();
     }
     let mut rel = Released::new();
-    // SAFETY: `th` is this thread's heap; under its lock, its group heaps and their slabs are
-    // ours (no fast path runs: this thread is here; other threads take the lock first).
-    let out = unsafe {
-        loop {
-            (*th).lock.lock();
-            let gh = group_heap(th, key, class::SIZES[class] as usize);
-            if gh.is_null() {
-                rel.release_after(th, || (*th).lock.unlock());
-                break Slow::Inner;
-            }
-            let p = refill(gh, class, size, counted, &mut rel);
-            if !p.is_null() {
-                rel.release_after(th, || (*th).lock.unlock());
-                break Slow::Done(p);
-            }
-            // Not asked for enough of the class yet: the tag way, charged exactly.
-            let asked = &raw mut (*gh).asked[class];
-            if *asked < slab_after(class) {
-                *asked += 1;
-                rel.release_after(th, || (*th).lock.unlock());
-                break Slow::Inner;
-            }
-            let (gkey, gen) = ((*gh).key, (*gh).gen);
-            // Charging may reclaim (run shrinkers, which allocate and free): hold nothing.
-            rel.release_after(th, || (*th).lock.unlock());
-            // The slab's charge: the one call from here to the stocks and the counters.
-            if CORE
-                .charge(&Thread, gkey, class::slab_bytes(class), 0)
-                .is_none()
-            {
-                break Slow::Refused;
-            }
-            let s = new_slab(gkey, class);
-            if s.is_null() {
-                break Slow::Inner;
-            }
-            (*th).lock.lock();
-            if (*gh).gen != gen {
-                // The group heap was retired meanwhile (its group removed): start over.
-                rel.release_after(th, || (*th).lock.unlock());
-                release(s);
-                continue;
-            }
-            (*s).owner.store(gh, Ordering::Release);
-            let q = &raw mut (*gh).classes[class];
-            if (*q).active == slab::empty() {
-                (*s).state = ACTIVE;
-                (*q).active = s;
-            } else {
-                (*s).state = PARTIAL;
-                slab::push(&raw mut (*q).partial, s);
-            }
-            let p = refill(gh, class, size, counted, &mut rel);
-            rel.release_after(th, || (*th).lock.unlock());
-            break if p.is_null() {
-                Slow::Inner
-            } else {
-                Slow::Done(p)
-            };
+    let out = loop {
+        // SAFETY: `th` is this thread's heap (`HEAP`, or made just now), and this thread holds
+        // no heap's lock (it is in an allocation, which takes none across calls).
+        let l = unsafe { lock(th) };
+        // SAFETY: the heap is this thread's own, and this thread is here: no fast path runs
+        // on it while it is locked (other threads take the lock first).
+        let st = unsafe { l.assume_stopped() };
+        let Some(gh) = group_heap(&st, key, class::SIZES[class] as usize) else {
+            rel.release_after_unlock(l);
+            break Slow::Inner;
+        };
+        let p = refill(gh, class, size, counted, &mut rel);
+        if !p.is_null() {
+            rel.release_after_unlock(l);
+            break Slow::Done(p);
         }
+        // Not asked for enough of the class yet: the tag way, charged exactly.
+        let asked = gh.asked(class);
+        if asked < slab_after(class) {
+            gh.set_asked(class, asked + 1);
+            rel.release_after_unlock(l);
+            break Slow::Inner;
+        }
+        let (gkey, gen, ghp) = (gh.key(), gh.gen(), gh.ptr());
+        // Charging may reclaim (run shrinkers, which allocate and free): hold nothing.
+        rel.release_after_unlock(l);
+        // The slab's charge: the one call from here to the stocks and the counters.
+        if CORE
+            .charge(&Thread, gkey, class::slab_bytes(class), 0)
+            .is_none()
+        {
+            break Slow::Refused;
+        }
+        let s = new_slab(gkey, class);
+        if s.is_null() {
+            break Slow::Inner;
+        }
+        // SAFETY: as above.
+        let l = unsafe { lock(th) };
+        // SAFETY: as above.
+        let st = unsafe { l.assume_stopped() };
+        // SAFETY: group heaps are never unmapped. `gen` is bumped when the group heap is
+        // retired, under the lock of the heap it was in (ours, held); once retired it may be
+        // another heap's, whose owner bumps it again only when retiring it: either way it
+        // differs from the `gen` read above (the read is as it was before the proof types).
+        if unsafe { (*ghp).gen } != gen {
+            // The group heap was retired meanwhile (its group removed): start over.
+            rel.release_after_unlock(l);
+            // SAFETY: `s` is fresh from `new_slab`: ours alone, empty, on no list.
+            unsafe { release(s) };
+            continue;
+        }
+        // SAFETY: not retired since (same `gen`), so still in this heap: its `heap` word
+        // names it.
+        let gh = unsafe { st.mine(ghp) };
+        // SAFETY: `s` is fresh from `new_slab`, ours alone until it is `gh`'s, here.
+        unsafe { (*s).owner.store(ghp, Ordering::Release) };
+        // SAFETY: `s`'s owner is `gh` (just stored), and it is not `EMPTY`.
+        let h = unsafe { Held::of(gh, s) };
+        if gh.active(class) == slab::empty() {
+            h.set_state(ACTIVE);
+            gh.set_active(class, s);
+        } else {
+            h.set_state(PARTIAL);
+            // SAFETY: `s` is on no list (fresh); the partial list is `gh`'s, which we own.
+            unsafe { slab::push(gh.partial_list(class), s) };
+        }
+        let p = refill(gh, class, size, counted, &mut rel);
+        rel.release_after_unlock(l);
+        break if p.is_null() {
+            Slow::Inner
+        } else {
+            Slow::Done(p)
+        };
     };
     match out {
         Slow::Done(p) => {
@@ -200,73 +208,68 @@ pub(crate) fn alloc_slow(
     }
 }
 
-/// Takes the first free object of slab `s` of `gh` for a block of `size` bytes, and counts it
-/// (an allocation if `counted`, its overhead correction, and a harvest every 256 operations).
+/// Takes the first free object of slab `h` for a block of `size` bytes, and counts it in its
+/// group heap (an allocation if `counted`, its overhead correction, and a harvest every 256
+/// operations).
 ///
 /// # Safety
-/// The caller owns `gh` (fast path entered, or its heap's lock held), `s` is a slab of `gh`
-/// and `s`'s free list is not empty.
+/// `h`'s free list is not empty.
 #[inline(always)]
-pub(super) unsafe fn pop(gh: *mut GroupHeap, s: *mut Slab, size: usize, counted: bool) -> *mut u8 {
-    // SAFETY: per the caller: a free object's first word links the next one.
-    unsafe {
-        let p = (*s).free;
-        (*s).free = *(p as *const *mut u8);
-        (*s).used += 1;
-        (*gh).allocs += counted as u64;
-        (*gh).adj -= (size + TAG_SIZE) as i64;
-        (*gh).left -= 1;
-        if (*gh).left == 0 {
-            harvest(Mine::assume(gh));
-        }
-        p
+pub(super) unsafe fn pop(h: Held<'_>, size: usize, counted: bool) -> *mut u8 {
+    let p = h.free();
+    // SAFETY: per the caller `p` is a free object of the slab (the owner's free list holds
+    // nothing else), whose first word links the next one.
+    h.set_free(unsafe { *(p as *const *mut u8) });
+    h.set_used(h.used() + 1);
+    let gh = h.gh();
+    gh.set_allocs(gh.allocs() + counted as u64);
+    gh.set_adj(gh.adj() - (size + TAG_SIZE) as i64);
+    let left = gh.left() - 1;
+    gh.set_left(left);
+    if left == 0 {
+        harvest(gh);
     }
+    p
 }
 
 /// Allocates from the class's active slab, refilling it first: from its remote frees, then
 /// from the partial list (after taking in the objects other threads handed over). Null if no
 /// slab of the group heap has a free object.
-///
-/// # Safety
-/// The caller owns `gh` (holds its heap's lock, on its thread).
-pub(super) unsafe fn refill(
-    gh: *mut GroupHeap,
+pub(super) fn refill(
+    gh: Mine<'_>,
     class: usize,
     size: usize,
     counted: bool,
     rel: &mut Released,
 ) -> *mut u8 {
-    // SAFETY: per the caller.
-    unsafe {
-        if !(*gh).delayed.load(Ordering::Relaxed).is_null() {
-            take_delayed(Mine::assume(gh), rel);
+    if !gh.delayed().load(Ordering::Relaxed).is_null() {
+        take_delayed(gh, rel);
+    }
+    loop {
+        if let Some(h) = gh.active_slab(class) {
+            if h.free().is_null() {
+                collect(h);
+            }
+            if !h.free().is_null() {
+                // SAFETY: its free list is not empty (just checked).
+                return unsafe { pop(h, size, counted) };
+            }
+            // SAFETY: `h` is the class's active slab.
+            if !unsafe { park_full(h) } {
+                continue;
+            }
+            gh.set_active(class, slab::empty());
         }
-        let q = &raw mut (*gh).classes[class];
-        loop {
-            let s = (*q).active;
-            if s != slab::empty() {
-                if (*s).free.is_null() {
-                    collect(Held::of(Mine::assume(gh), s));
-                }
-                if !(*s).free.is_null() {
-                    return pop(gh, s, size, counted);
-                }
-                if !park_full(gh, s) {
-                    continue;
-                }
-                (*q).active = slab::empty();
-            }
-            let s = (*q).partial;
-            if s.is_null() {
-                return null_mut();
-            }
-            slab::unlink(&raw mut (*q).partial, s);
-            if (*s).used == 0 {
-                (*gh).empties &= !(1 << class);
-            }
-            (*s).state = ACTIVE;
-            (*q).active = s;
+        let Some(h) = gh.partial_slabs(class).next() else {
+            return null_mut();
+        };
+        // SAFETY: `h` heads the class's partial list, `gh`'s.
+        unsafe { slab::unlink(gh.partial_list(class), h.ptr()) };
+        if h.used() == 0 {
+            gh.set_empties(gh.empties() & !(1 << class));
         }
+        h.set_state(ACTIVE);
+        gh.set_active(class, h.ptr());
     }
 }
 
@@ -281,90 +284,81 @@ pub(super) unsafe fn refill(
 /// retired group heap's delayed list, or a null owner read).
 ///
 /// # Safety
-/// The caller owns `gh` and `s`, its active slab.
-pub(super) unsafe fn park_full(gh: *mut GroupHeap, s: *mut Slab) -> bool {
-    // SAFETY: per the caller.
-    unsafe {
-        let r = &(*s).remote;
-        let mut backoff = Backoff::new();
-        let mut w = r.load(Ordering::Acquire);
-        // Without `FULL` no new notifier can start: this wait ends with the current one.
-        while w & NOTIFYING != 0 {
-            backoff.wait();
-            w = r.load(Ordering::Acquire);
-        }
-        if w & PTR_MASK != 0 {
-            return false;
-        }
-        // In exact mode remote frees go through the owner's lock and see the state directly.
-        if !EXACT.load(Ordering::Relaxed)
-            && r.compare_exchange(w, w | FULL, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        {
-            return false;
-        }
-        (*s).state = FULL_LIST;
-        slab::push(&raw mut (*gh).full, s);
-        true
+/// `h` is its group heap's active slab of its class (so on no list).
+pub(super) unsafe fn park_full(h: Held<'_>) -> bool {
+    let r = h.remote();
+    let mut backoff = Backoff::new();
+    let mut w = r.load(Ordering::Acquire);
+    // Without `FULL` no new notifier can start: this wait ends with the current one.
+    while w & NOTIFYING != 0 {
+        backoff.wait();
+        w = r.load(Ordering::Acquire);
     }
+    if w & PTR_MASK != 0 {
+        return false;
+    }
+    // In exact mode remote frees go through the owner's lock and see the state directly.
+    if !EXACT.load(Ordering::Relaxed)
+        && r.compare_exchange(w, w | FULL, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+    {
+        return false;
+    }
+    h.set_state(FULL_LIST);
+    // SAFETY: per the caller `h` is on no list; the full list is its group heap's, ours.
+    unsafe { slab::push(h.gh().full_list(), h.ptr()) };
+    true
 }
 
 /// This thread's group heap for `key`, made if needed, for a block of `bytes`; for a removed
-/// group, its nearest live ancestor's. Null if the group is on trial here (`on_trial`: the
+/// group, its nearest live ancestor's. `None` if the group is on trial here (`on_trial`: the
 /// block goes the tag way) or no group heap can be made (out of memory).
-///
-/// # Safety
-/// `th` is this thread's heap, locked.
-pub(super) unsafe fn group_heap(th: *mut ThreadHeap, key: Key, bytes: usize) -> *mut GroupHeap {
-    // SAFETY: per the caller.
-    unsafe {
-        if (*th).cached_key == key {
-            return (*th).cached;
+pub(super) fn group_heap<'s>(st: &'s Stopped<'_>, key: Key, bytes: usize) -> Option<Mine<'s>> {
+    if let Some(gh) = st.cached(key) {
+        return Some(gh);
+    }
+    let kernel = key_is_kernel(key);
+    let mut c = counter(key);
+    loop {
+        while !c.is_online() {
+            c = match c.parent() {
+                Some(p) => p,
+                // The root is never removed: an offline root is corruption.
+                None => platform::corrupted(b"arena: the root group is offline"),
+            };
         }
-        let kernel = key_is_kernel(key);
-        let mut c = counter(key);
-        loop {
-            while !c.is_online() {
-                c = match c.parent() {
-                    Some(p) => p,
-                    // The root is never removed: an offline root is corruption.
-                    None => platform::corrupted(b"arena: the root group is offline"),
-                };
-            }
-            let k = self::key(c.id, kernel);
-            let mut gh = (*th).table.find(k);
-            if gh.is_null() {
+        let k = self::key(c.id, kernel);
+        let gh = match st.find(k) {
+            Some(gh) => gh,
+            None => {
                 if on_trial(k, bytes) {
-                    return null_mut();
+                    return None;
                 }
-                gh = new_group_heap(th, k);
-                if gh.is_null() {
-                    return null_mut();
-                }
+                let gh = new_group_heap(st, k)?;
                 // A `remove` that took the group offline before our insert may have looked at
                 // this heap before it: then we see it offline here (its store came before its
                 // lock of this heap, which came before ours).
                 if !c.is_online() {
-                    (*th).table.remove(k);
-                    retire(Mine::assume(gh));
+                    st.table().remove(k);
+                    // SAFETY: made just now: it owns no slab, and it is out of the table
+                    // (removed above) and not cached.
+                    unsafe { retire(gh) };
                     continue;
                 }
+                gh
             }
-            // A removed group's key is not cached: its id may be reused once it is freed.
-            if k == key {
-                (*th).cached_key = key;
-                (*th).cached = gh;
-            }
-            return gh;
+        };
+        // A removed group's key is not cached: its id may be reused once it is freed.
+        if k == key {
+            st.cache(key, gh);
         }
+        return Some(gh);
     }
 }
 
-/// A fresh group heap for `key` in `th`'s table.
-///
-/// # Safety
-/// `th` is locked by its owner.
-pub(super) unsafe fn new_group_heap(th: *mut ThreadHeap, key: Key) -> *mut GroupHeap {
+/// A fresh group heap for `key` in `st`'s table. `None` if there is no memory for it (or its
+/// table cannot grow).
+pub(super) fn new_group_heap<'s>(st: &'s Stopped<'_>, key: Key) -> Option<Mine<'s>> {
     let gh = GROUP_HEAPS.with(|pool| {
         let gh = pool.free;
         if !gh.is_null() {
@@ -380,13 +374,14 @@ pub(super) unsafe fn new_group_heap(th: *mut ThreadHeap, key: Key) -> *mut Group
         gh
     });
     if gh.is_null() {
-        return gh;
+        return None;
     }
-    // SAFETY: the group heap is ours (fresh zeroed memory or retired); per the caller for `th`.
+    // SAFETY: the group heap is ours alone (fresh zeroed memory, or retired: in no heap and
+    // out of the pool now) until its `heap` word names `st`'s heap, below.
     unsafe {
         (*gh).delayed.store(null_mut(), Ordering::Relaxed);
         (*gh).key = key;
-        (*gh).heap.store(th, Ordering::Relaxed);
+        (*gh).heap.store(st.th(), Ordering::Relaxed);
         (*gh).allocs = 0;
         (*gh).frees = 0;
         (*gh).adj = 0;
@@ -399,10 +394,14 @@ pub(super) unsafe fn new_group_heap(th: *mut ThreadHeap, key: Key) -> *mut Group
             partial: null_mut(),
         }; CLASSES];
         (*gh).asked = [0; CLASSES];
-        if !(*th).table.insert(key, gh) {
-            retire(Mine::assume(gh));
-            return null_mut();
-        }
     }
-    gh
+    // SAFETY: its `heap` word names `st`'s heap (stored above, under the lock).
+    let gh = unsafe { st.mine(gh) };
+    if !st.table().insert(key, gh.ptr()) {
+        // SAFETY: made just now: it owns no slab, is in no table (the insert failed) and not
+        // cached.
+        unsafe { retire(gh) };
+        return None;
+    }
+    Some(gh)
 }

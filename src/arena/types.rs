@@ -19,10 +19,10 @@
 //! fast path; `Locked::stop`, which waits the owner out, for a `Stopped`: lock and owner
 //! together); a `Mine` is a group heap of the owned heap, and a `Held` a slab of a `Mine`, each
 //! reached through the proof before it and living no longer. The owner-only fields of a group
-//! heap and the owner-side fields of its slabs are read and written through those two (the
-//! allocation paths in `super::alloc` still do it by hand, on the contract "the caller owns
-//! `gh`"). What is left unsafe is where such a proof is first made from a pointer: "this
-//! group heap's `heap` word names our heap", "this slab's owner is this group heap".
+//! heap and the owner-side fields of its slabs are read and written through those two. What is
+//! left unsafe is where such a proof is first made from a pointer: "this group heap's `heap`
+//! word names our heap", "this slab's owner is this group heap"; and the fresh records (a new
+//! slab, a new group heap), written before they are anyone's.
 //! - A `ThreadHeap` is live (owned by a running thread) or free for the next new thread; heaps,
 //!   group heaps and their tables are never unmapped, only reused.
 
@@ -269,6 +269,18 @@ impl<'a> Owner<'a> {
         debug_assert!(unsafe { untagged((*gh).heap.load(Ordering::Relaxed)) } == self.th());
         Mine::new(gh)
     }
+
+    /// Makes `gh`, one of the owned heap's group heaps, the one the fast path serves `key` from.
+    #[inline(always)]
+    pub(super) fn cache(&self, key: Key, gh: Mine<'_>) {
+        let th = self.th();
+        debug_assert!(untagged(gh.heap().load(Ordering::Relaxed)) == th);
+        // SAFETY: as in `cached`.
+        unsafe {
+            (*th).cached_key = key;
+            (*th).cached = gh.ptr();
+        }
+    }
 }
 
 /// A thread heap whose lock this thread holds, for `'a`: its key table is this thread's to
@@ -397,8 +409,7 @@ macro_rules! by_value {
 }
 
 impl<'a> Mine<'a> {
-    /// Only `Owner`, `Stopped` and `Mine::assume` make one: from a group heap they know is the
-    /// owned heap's.
+    /// Only `Owner` and `Stopped` make one: from a group heap they know is the owned heap's.
     #[inline(always)]
     fn new(gh: *mut GroupHeap) -> Mine<'a> {
         debug_assert!(!gh.is_null());
@@ -407,16 +418,6 @@ impl<'a> Mine<'a> {
             gh: unsafe { NonNull::new_unchecked(gh) },
             _p: PhantomData,
         }
-    }
-
-    /// `gh` as a group heap this thread owns, for code that knows it by other means.
-    ///
-    /// # Safety
-    /// The caller owns `gh` (its heap entered, or locked with no fast path running on it)
-    /// for `'a`.
-    #[inline(always)]
-    pub(super) unsafe fn assume(gh: *mut GroupHeap) -> Mine<'a> {
-        Mine::new(gh)
     }
 
     #[inline(always)]
@@ -473,6 +474,19 @@ impl<'a> Mine<'a> {
         unsafe { (*self.gh.as_ptr()).classes[c].partial = s }
     }
 
+    /// Blocks of class `c` served the tag way (`GroupHeap::asked`).
+    #[inline(always)]
+    pub(super) fn asked(self, c: usize) -> u16 {
+        // SAFETY: as for the fields above.
+        unsafe { (*self.gh.as_ptr()).asked[c] }
+    }
+
+    #[inline(always)]
+    pub(super) fn set_asked(self, c: usize, n: u16) {
+        // SAFETY: as for the fields above.
+        unsafe { (*self.gh.as_ptr()).asked[c] = n }
+    }
+
     /// The head of class `c`'s partial list, for `super::slab::push` and `unlink`.
     #[inline(always)]
     pub(super) fn partial_list(self, c: usize) -> *mut *mut Slab {
@@ -507,6 +521,16 @@ impl<'a> Mine<'a> {
         let s = self.active(c);
         // An active slab other than `EMPTY` is the group heap's.
         (s != empty()).then(|| Held::new(self, s))
+    }
+
+    /// Class `c`'s active slab if its free list is not empty (`EMPTY`'s always is): the
+    /// allocation fast path's one test.
+    #[inline(always)]
+    pub(super) fn ready_slab(self, c: usize) -> Option<Held<'a>> {
+        let s = self.active(c);
+        // SAFETY: slab metadata (and `EMPTY`) is never unmapped; an active slab's free list is
+        // the owner's, which the `Mine` proves this thread is.
+        (!unsafe { (*s).free.is_null() }).then(|| Held::new(self, s))
     }
 
     /// The slabs on class `c`'s partial list, each one's link read before it is yielded (so
