@@ -164,8 +164,8 @@ pub(crate) fn alloc_slow(
         // SAFETY: group heaps are never unmapped. `gen` is bumped when the group heap is
         // retired, under the lock of the heap it was in (ours, held); once retired it may be
         // another heap's, whose owner bumps it again only when retiring it: either way it
-        // differs from the `gen` read above (the read is as it was before the proof types).
-        if unsafe { (*ghp).gen } != gen {
+        // differs from the `gen` read above (an atomic: that other owner may be writing it).
+        if unsafe { (*ghp).gen.load(Ordering::Relaxed) } != gen {
             // The group heap was retired meanwhile (its group removed): start over.
             rel.release_after_unlock(l);
             // SAFETY: `s` is fresh from `new_slab`: ours alone, empty, on no list.

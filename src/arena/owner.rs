@@ -197,7 +197,7 @@ pub(super) fn take_delayed(gh: Mine<'_>, rel: &mut Released) {
 /// # Safety
 /// `gh` owns no slab and is in no table nor cache; the caller does not use it afterwards.
 pub(super) unsafe fn retire(gh: Mine<'_>) {
-    gh.set_gen(gh.gen().wrapping_add(1));
+    gh.bump_gen();
     gh.heap().store(null_mut(), Ordering::Relaxed);
     GROUP_HEAPS.with(|pool| {
         gh.set_next_free(pool.free);

@@ -149,8 +149,10 @@ pub(crate) struct GroupHeap {
     pub(super) _line: [u64; 7],
     pub(super) key: Key,
     /// Bumped each time the group heap is retired, so a slow path that let go of the lock can
-    /// tell its group heap is gone.
-    pub(super) gen: u32,
+    /// tell its group heap is gone. Atomic (relaxed, written only by the owner under its heap's
+    /// lock): that slow path reads it under its own heap's lock, after which the group heap may
+    /// have been reused by another heap, whose owner may be retiring it.
+    pub(super) gen: AtomicU32,
     /// The owning heap, with `ABANDONED` set while that heap has no thread. Atomic: a freeing
     /// thread reads it to tell whether it is the owner, possibly while the group heap is being
     /// retired or reused (it then finds another heap). Changed only under the heap's lock.
@@ -432,13 +434,29 @@ impl<'a> Mine<'a> {
     by_value! {
         gh;
         key: Key;
-        gen / set_gen: u32;
         allocs / set_allocs: u64;
         frees / set_frees: u64;
         adj / set_adj: i64;
         left / set_left: u32;
         empties / set_empties: u64;
         full / set_full: *mut Slab;
+    }
+
+    #[inline(always)]
+    pub(super) fn gen(self) -> u32 {
+        // SAFETY: group heaps are never unmapped.
+        unsafe { (*self.gh.as_ptr()).gen.load(Ordering::Relaxed) }
+    }
+
+    /// Marks the group heap retired for a slow path that let go of the lock (see `gen`).
+    #[inline(always)]
+    pub(super) fn bump_gen(self) {
+        // SAFETY: group heaps are never unmapped; only the owner writes `gen`.
+        let gen = unsafe { &(*self.gh.as_ptr()).gen };
+        gen.store(
+            gen.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
     }
 
     /// Links the group heap into the pool of retired ones.
