@@ -577,6 +577,107 @@ mod bench {
         idle_groups(env_usize("ARENA_IDLE_GROUPS").unwrap_or(if quick { 10_000 } else { 100_000 }));
     }
 
+    // ---- many small groups, taking turns ------------------------------------------------
+
+    /// Live blocks per group in the small-groups part.
+    const SMALL_PER: usize = 4;
+
+    /// The request of the small-groups part at `step`: 16, 32, 48 or 64 bytes.
+    fn small_req(step: usize) -> Req {
+        (16 + 16 * ((step.wrapping_mul(0x9E37_79B9) >> 7) % 4)) as Req
+    }
+
+    /// The measured loop of the small-groups part: `steps` alloc+free pairs, group
+    /// `step % groups` in turn, each freeing its oldest of `SMALL_PER` live blocks and
+    /// allocating a new one (16..=64 bytes) in its own group. Its own function, for callgrind's
+    /// `--toggle-collect='arena::bench::small_groups_churn*'`.
+    #[inline(never)]
+    fn small_groups_churn<A: GlobalAlloc>(
+        a: &A,
+        kids: &[Group],
+        held: &mut [[Slot; SMALL_PER]],
+        steps: usize,
+    ) {
+        let n = kids.len();
+        for step in 0..steps {
+            let (g, turn) = (step % n, step / n);
+            let _in = kids[g].enter();
+            let slot = &mut held[g][turn % SMALL_PER];
+            free_one(a, *slot);
+            *slot = alloc_one(a, std::hint::black_box(small_req(step)), step);
+        }
+    }
+
+    /// One row of the small-groups part: fills every group's blocks, runs the churn (timed),
+    /// frees everything. Ns per pair.
+    fn small_run<A: GlobalAlloc>(a: &A, kids: &[Group], steps: usize) -> f64 {
+        let mut held = vec![[crate::workload::EMPTY; SMALL_PER]; kids.len()];
+        for (i, (g, blocks)) in kids.iter().zip(held.iter_mut()).enumerate() {
+            let _in = g.enter();
+            for (k, s) in blocks.iter_mut().enumerate() {
+                *s = alloc_one(a, small_req(i * SMALL_PER + k), k);
+            }
+        }
+        let t0 = Instant::now();
+        small_groups_churn(a, kids, &mut held, steps);
+        let ns = t0.elapsed().as_secs_f64() * 1e9 / steps.max(1) as f64;
+        for (g, blocks) in kids.iter().zip(held) {
+            let _in = g.enter();
+            for s in blocks {
+                free_one(a, s);
+            }
+        }
+        ns
+    }
+
+    /// Many small tenants on one thread (issue 12.3: groups on trial, served the tag way):
+    /// `SMALL_GROUPS` (default 1,000) groups holding `SMALL_PER` blocks each, `SMALL_STEPS`
+    /// (default 20,000) alloc+free pairs taking turns; rows `system`, `tag`, `arena`
+    /// (`CHURN_ONLY` picks). Ns per pair of one run (noisy: callgrind's Ir / steps is the
+    /// figure), and every group's usage checked back to 0 at the end.
+    fn small_groups_part() {
+        let groups = env_usize("SMALL_GROUPS").unwrap_or(1000).max(1);
+        let steps = env_usize("SMALL_STEPS").unwrap_or(20_000);
+        let only: Option<Vec<String>> = std::env::var("CHURN_ONLY")
+            .ok()
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+        type Run = fn(&[Group], usize) -> f64;
+        let rows: [(&str, Run); 3] = [
+            ("system", |k, n| small_run(&SYSTEM, k, n)),
+            ("tag", |k, n| small_run(&TAG, k, n)),
+            ("arena", |k, n| small_run(&ARENA, k, n)),
+        ];
+        println!(
+            "\n## memgroup arena: {groups} small groups taking turns, {SMALL_PER} live blocks \
+             each (16..=64 B), 1 thread\n"
+        );
+        println!("| allocator | ns/pair ({steps} pairs, 1 run) |");
+        println!("|---|---:|");
+        for (key, run) in rows {
+            if !only.as_ref().is_none_or(|o| o.iter().any(|x| x == key)) {
+                continue;
+            }
+            let parent = Group::new(&format!("small-{key}")).expect("group");
+            let kids: Vec<Group> = (0..groups)
+                .map(|i| parent.child(&format!("g{i}")).expect("child"))
+                .collect();
+            let ns = run(&kids, steps);
+            println!("| {key} | {ns:.1} |");
+            for g in kids {
+                g.flush();
+                assert_eq!(
+                    g.stat().usage,
+                    0,
+                    "{key}: a small group holds memory after the frees"
+                );
+                g.remove().expect("remove");
+            }
+            parent.flush();
+            assert_eq!(parent.stat().usage, 0);
+            parent.remove().expect("remove");
+        }
+    }
+
     pub(super) fn main() -> Result<(), Box<dyn std::error::Error>> {
         let under_bench = std::env::args().any(|a| a == "--bench");
         let quick = std::env::var("ARENA_QUICK").is_ok_and(|v| v != "0") || !under_bench;
@@ -586,6 +687,9 @@ mod bench {
         }
         if part.is_empty() || part == "memory" {
             memory_part(quick);
+        }
+        if part.is_empty() || part == "groups" {
+            small_groups_part();
         }
         Ok(())
     }
