@@ -24,7 +24,7 @@ use super::owner::{collect, harvest, retire, take_delayed};
 use super::records::GROUP_HEAPS;
 use super::segment;
 use super::slab::{self, FULL, NOTIFYING, PTR_MASK};
-use super::trial::{on_trial, slab_after};
+use super::trial::{on_trial, slab_after, stays_on_trial};
 use super::types::{
     GroupHeap, Held, Mine, Queue, Slab, Slow, Stopped, ACTIVE, FULL_LIST, LOOSE, PARTIAL,
 };
@@ -95,13 +95,18 @@ pub(crate) enum Ask {
 /// The slow path of a small allocation of `layout` (served by `class`) for `key`: finds or
 /// makes this thread's group heap for it (its nearest live ancestor's, if its group was
 /// removed), refills the class's active slab from remote frees, the partial list or a fresh
-/// slab (charged here), and allocates from it. A group heap that has not yet asked for
+/// slab (charged here), and allocates from it. A group on trial here that stays on trial
+/// after this block (`stays_on_trial`) goes the tag way first thing, `inner()`, counted as
+/// `group_heap` would count it, without this heap's lock and key table (`stays_on_trial`
+/// says why they would find no group heap). A group heap that has not yet asked for
 /// `slab_after(class)` blocks of the class takes no slab: the block goes the tag way,
 /// `inner()` (and counts toward the slab), as when the arena cannot serve this thread or has
 /// no memory. Null if a limit refused the slab's charge.
 ///
 /// Not generic (`inner` is a trait object), so it is compiled, with what it inlines, once in
-/// this crate.
+/// this crate. (Splitting off the locked part as its own function, to spare the trial's
+/// shortcut this frame, cost more than it saved: 40 instructions more per pair for groups
+/// taking turns with `MEMGROUP_ARENA_SLAB_AFTER=0`, 9 fewer on trial.)
 #[cold]
 #[inline(never)]
 pub(crate) fn alloc_slow(
@@ -117,6 +122,12 @@ pub(crate) fn alloc_slow(
         th = create_heap();
     }
     if !usable(th) || FORKING.with(Cell::get) {
+        return inner();
+    }
+    // On trial, and still after this block: the tag way, no lock, no key table.
+    if stays_on_trial(key, class::SIZES[class] as usize, || {
+        counter(key).is_online()
+    }) {
         return inner();
     }
     let mut rel = Released::new();

@@ -69,7 +69,7 @@ pub(super) fn on_trial(key: Key, bytes: usize) -> bool {
     }
     let bytes = bytes as u32;
     TRIALS.with(|sets| {
-        let set = &sets[(key.wrapping_mul(0x9e37_79b9) >> 28) as usize % TRIAL_SETS];
+        let set = &sets[set_of(key)];
         let mut pick = 0;
         for (i, t) in set.iter().enumerate() {
             let e = t.get();
@@ -91,6 +91,45 @@ pub(super) fn on_trial(key: Key, bytes: usize) -> bool {
         }
         set[pick].set(Trial { key, asked: bytes });
         true
+    })
+}
+
+/// The set of the trial table `key` is in.
+#[inline(always)]
+fn set_of(key: Key) -> usize {
+    (key.wrapping_mul(0x9e37_79b9) >> 28) as usize % TRIAL_SETS
+}
+
+/// The allocation slow path's shortcut for a group on trial: true if `key` has an entry here
+/// and still has one after `bytes` more (what `on_trial` would then answer true to), and
+/// `online()` (its group not removed: a removed group's blocks count toward its nearest live
+/// ancestor's trial); then the bytes are counted, as `on_trial` counts them, and the block goes
+/// the tag way. False otherwise, nothing changed: the slow path decides (and `on_trial` counts).
+///
+/// A key with an entry has no group heap in this thread's heap: an entry is made only for a
+/// key the heap's table does not hold, and the group heap is made only after `on_trial` has
+/// cleared the entry (a thread has one heap, taken before its first entry; a fork gives the
+/// child's thread no other heap's group heaps). So skipping the heap's lock and its key table
+/// answers what they would.
+#[inline(always)]
+pub(super) fn stays_on_trial(key: Key, bytes: usize, online: impl FnOnce() -> bool) -> bool {
+    let limit = TRIAL_BYTES.load(Ordering::Relaxed);
+    if limit == 0 {
+        return false;
+    }
+    TRIALS.with(|sets| {
+        for t in &sets[set_of(key)] {
+            let e = t.get();
+            if e.key == key {
+                let asked = e.asked + bytes as u32;
+                if asked >= limit || !online() {
+                    return false;
+                }
+                t.set(Trial { key, asked });
+                return true;
+            }
+        }
+        false
     })
 }
 
