@@ -328,3 +328,39 @@ child_test! {
         }
     }
 }
+
+child_test! {
+    /// Two groups on trial taking turns on one thread (the slow path's shortcut for a group
+    /// that stays on trial, which counts its block without the heap's lock or key table): each
+    /// block counts once, toward its own group, so each group's trial ends (its group heap is
+    /// made) exactly at its block that makes `SLAB_AFTER` bytes, not a block earlier or later,
+    /// and its blocks up to that one go the tag way. In a child process: the count is
+    /// process-wide.
+    fn groups_on_trial_taking_turns_end_their_trials_on_time => turns_inner() {
+        let heaps = || memgroup::arena_footprint().group_heaps;
+        let (a, b) = (fresh("turns-a"), fresh("turns-b"));
+        // Class sizes 48 and 64: their trials end at different blocks (the 86th, the 64th).
+        let (na, nb) = (SLAB_AFTER.div_ceil(48), SLAB_AFTER.div_ceil(64));
+        assert_ne!(na, nb);
+        let mut held = Vec::with_capacity(2 * (na + nb));
+        let before = heaps();
+        for i in 1..=na.max(nb) + 2 {
+            held.push(a.run(|| Block::new(48, 8)));
+            let ended_a = usize::from(i >= na);
+            let ended_b = usize::from(i > nb);
+            assert_eq!(heaps(), before + ended_a + ended_b, "a's block {i}");
+            if i <= na {
+                assert!(slab_of(&held[held.len() - 1]).is_none(), "a's block {i}");
+            }
+            held.push(b.run(|| Block::new(64, 8)));
+            let ended_b = usize::from(i >= nb);
+            assert_eq!(heaps(), before + ended_a + ended_b, "b's block {i}");
+            if i <= nb {
+                assert!(slab_of(&held[held.len() - 1]).is_none(), "b's block {i}");
+            }
+        }
+        drop(held);
+        back_to_zero(a);
+        back_to_zero(b);
+    }
+}
