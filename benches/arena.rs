@@ -17,6 +17,14 @@
 //! - memory per idle group: 100,000 groups created and left empty (resident memory, and what
 //!   their records charge their parent).
 //!
+//! Part 3, many small groups (`ARENA_PART=groups`, issue 12.3's groups on trial): `SMALL_GROUPS`
+//! groups (default 1,000) taking turns on one thread, 4 live blocks of 16..=64 bytes each,
+//! `SMALL_STEPS` alloc+free pairs (default 20,000), rows `system`, `tag`, `arena` (`CHURN_ONLY`).
+//! One run each: the figure is callgrind's, `--toggle-collect='arena::bench::small_groups_churn*'`,
+//! Ir / `SMALL_STEPS`. With more groups than the arena's trial table holds (64 a thread), they
+//! evict each other and start their trials over; `SMALL_GROUPS=16 SMALL_STEPS=1000` keeps
+//! every group on trial.
+//!
 //! Reported: bytes requested, bytes charged (the groups' `usage`, bookkeeping of the groups'
 //! records excluded), charged per requested byte, and the memory the design really holds for
 //! them: for `tag`, the inner allocator's in-use bytes (glibc `mallinfo2().uordblks`, which
