@@ -429,24 +429,30 @@ mod bench {
         for s in held {
             free_one(a, s);
         }
-        for g in kids {
-            g.flush();
-            assert_eq!(
-                g.stat().usage,
-                0,
-                "{design}: a group holds memory after the frees"
-            );
-            g.remove().expect("remove");
-        }
-        parent.flush();
-        assert_eq!(parent.stat().usage, 0);
-        parent.remove().expect("remove");
+        remove_all(parent, kids, design);
         Mem {
             requested,
             charged,
             real,
             detail,
         }
+    }
+
+    /// Removes `kids` and their `parent`, each checked back to a usage of 0 (after a flush)
+    /// once `what`'s blocks are freed.
+    fn remove_all(parent: Group, kids: Vec<Group>, what: &str) {
+        for g in kids {
+            g.flush();
+            assert_eq!(
+                g.stat().usage,
+                0,
+                "{what}: a group holds memory after the frees"
+            );
+            g.remove().expect("remove");
+        }
+        parent.flush();
+        assert_eq!(parent.stat().usage, 0);
+        parent.remove().expect("remove");
     }
 
     /// One group holding `n` blocks allocated with `a`; also times the allocations.
@@ -671,18 +677,7 @@ mod bench {
                 .collect();
             let ns = run(&kids, steps);
             println!("| {key} | {ns:.1} |");
-            for g in kids {
-                g.flush();
-                assert_eq!(
-                    g.stat().usage,
-                    0,
-                    "{key}: a small group holds memory after the frees"
-                );
-                g.remove().expect("remove");
-            }
-            parent.flush();
-            assert_eq!(parent.stat().usage, 0);
-            parent.remove().expect("remove");
+            remove_all(parent, kids, key);
         }
     }
 
