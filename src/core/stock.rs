@@ -42,7 +42,10 @@ pub(crate) const MAX_BATCH: usize = 1 << 23;
 /// pocket (an eighth) every 5 steps or so, 16 KiB pockets every 20 (callgrind, 1 thread: 22,800
 /// slow paths per 60,000 steps against 6,900, and 703 against 656 instructions a step). A half
 /// (32 KiB) saves 11 more a step, for twice the slack per thread.
-pub(crate) const POCKET_SHARE: usize = 4;
+///
+/// The loom models keep an eighth: their sizes (a batch of 128 bytes, blocks of 8, a pocket of
+/// 16 that a third free overflows) are chosen for it.
+pub(crate) const POCKET_SHARE: usize = if cfg!(memgroup_loom) { 8 } else { 4 };
 
 // A slot word, from the low bits up: bytes (24 bits), a guard bit, the allocations it can
 // still count (8 bits, counting down), a guard bit, the frees it can still count (8 bits,
