@@ -33,7 +33,7 @@ const OFF: u8 = 3;
 static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
 
 /// Pockets smaller than this (a small `MEMGROUP_BATCH`) would serve too few blocks to pay.
-const MIN_POCKET: usize = 512;
+const MIN_POCKET: usize = 1024;
 /// Bytes mapped at a time for new places on the pockets' list (1,024 places of 16 bytes).
 const CHUNK_BYTES: usize = 16 << 10;
 

@@ -235,9 +235,9 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
 
     /// Makes this thread's pocket serve `key`, after a fast path on it failed and the stocks
     /// served instead: its content goes back to this CPU's stock, and half a pocket's worth for
-    /// `key` comes from there if the stock has it (a pocket never makes a charge fail, nor
-    /// charges the counters). If `key`'s group is offline (removed since), `recheck` drains
-    /// the pocket again.
+    /// `key` comes from there, or all the stock has if that is less (a pocket never makes a
+    /// charge fail, nor charges the counters). If `key`'s group is offline (removed since),
+    /// `recheck` drains the pocket again.
     #[cold]
     #[inline(never)]
     pub(crate) fn refill_pocket(&self, cpu: usize, p: &Pocket, key: Key) {
@@ -277,11 +277,9 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 return;
             }
             self.drain_to_stock(cpu, held, extra);
-            let bytes = if half != 0 && self.consume(cpu, key, half, 0) {
-                half
-            } else {
-                0
-            };
+            // What the stock has, if less than half: an empty pocket would send every next
+            // allocation to the slow path until the stock is empty and refilled.
+            let bytes = self.consume_up_to(cpu, key, half);
             let new = word(key, bytes as u64, 0, 0);
             p.set_key(sealed(key), checked(key), self.pocket_size() as u64);
             if p.with(stop, |p| p.word.store(new, Ordering::Relaxed))

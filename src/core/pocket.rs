@@ -3,7 +3,7 @@
 //! A CPU's stock slot is shared by every thread that runs on that CPU, so each operation on it
 //! is a compare-and-swap: one locked instruction per allocation and one per free, the largest
 //! part of the tag design's cost. A pocket is a slot that belongs to one thread: a few bytes
-//! (at most `batch / 8`) pre-charged to one group key, with the same word format as a stock
+//! (at most `batch / 4`) pre-charged to one group key, with the same word format as a stock
 //! slot, which its owner charges and uncharges with plain loads and stores. It is filled from,
 //! and emptied into, the CPU stocks, so the counters move no more often than before.
 //!

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// A pocket holds at most `batch / POCKET_SHARE` bytes (src/core/stock.rs), 8 KiB by default.
-const POCKET_SHARE: usize = 8;
+/// A pocket holds at most `batch / POCKET_SHARE` bytes (src/core/stock.rs), 16 KiB by default.
+const POCKET_SHARE: usize = 4;
 
 /// The tests of this binary run one at a time: dying_groups() is process-wide (and the probes
 /// of `block_cost` and `pockets_on` remove groups), and a fork is best taken with only the
@@ -1023,16 +1023,16 @@ child_test! {
 }
 
 child_test! {
-    /// A batch of 4 KiB, the smallest with pockets (512 bytes): they fill and overflow all the time.
+    /// A batch of 4 KiB, the smallest with pockets (1 KiB): they fill and overflow all the time.
     fn churn_with_the_smallest_pockets_returns_to_zero => churn_smallest_pockets_inner("MEMGROUP_BATCH" = "4096") {
         assert_eq!(stock_batch(), 4096);
-        assert!(pockets_on(), "a 4 KiB batch has pockets of 512 bytes");
+        assert!(pockets_on(), "a 4 KiB batch has pockets of 1 KiB");
         churn(4);
     }
 }
 
 child_test! {
-    /// The largest batch, 8 MiB: pockets of 1 MiB, which serve blocks of up to 512 KiB.
+    /// The largest batch, 8 MiB: pockets of 2 MiB, which serve blocks of up to 1 MiB.
     fn churn_with_the_largest_pockets_returns_to_zero => churn_largest_pockets_inner("MEMGROUP_BATCH" = "8M") {
         assert_eq!(stock_batch(), 8 << 20);
         assert!(pockets_on());
