@@ -100,7 +100,8 @@ impl Group {
 
     /// The group's figures, its descendants' included. Fast: may over-report by the bytes
     /// held in per-CPU stocks (at most the batch per CPU per group) and threads' pockets (at
-    /// most an eighth of the batch per thread); see [`Group::flush`].
+    /// most half the batch per thread: a pocket and its far word, a quarter each); see
+    /// [`Group::flush`].
     pub fn stat(&self) -> Stat {
         let s = self.node().counter.snapshot();
         let limit = |v: usize| (v != UNLIMITED).then_some(v);
