@@ -76,40 +76,36 @@ pub(crate) struct Pocket {
 // to take its words and extras, through the atomics.
 unsafe impl Sync for Pocket {}
 
+/// A pocket off the list, holding nothing: the one body of both `Pocket::new`s.
+macro_rules! empty_pocket {
+    () => {
+        Pocket {
+            busy: AtomicU32::new(0),
+            live: AtomicBool::new(false),
+            word: AtomicU64::new(0),
+            extra: AtomicU64::new(0),
+            sealed: Cell::new(0),
+            check: Cell::new(0),
+            cap: Cell::new(0),
+            far: AtomicU64::new(0),
+            far_extra: AtomicU64::new(0),
+            far_sealed: Cell::new(0),
+            far_check: Cell::new(0),
+        }
+    };
+}
+
 impl Pocket {
     /// A thread's pocket, off the list.
     #[cfg(not(memgroup_loom))]
     pub(crate) const fn new() -> Pocket {
-        Pocket {
-            busy: AtomicU32::new(0),
-            live: AtomicBool::new(false),
-            word: AtomicU64::new(0),
-            extra: AtomicU64::new(0),
-            sealed: Cell::new(0),
-            check: Cell::new(0),
-            cap: Cell::new(0),
-            far: AtomicU64::new(0),
-            far_extra: AtomicU64::new(0),
-            far_sealed: Cell::new(0),
-            far_check: Cell::new(0),
-        }
+        empty_pocket!()
     }
 
+    /// As above; loom's atomics have no `const` constructor.
     #[cfg(memgroup_loom)]
     pub(crate) fn new() -> Pocket {
-        Pocket {
-            busy: AtomicU32::new(0),
-            live: AtomicBool::new(false),
-            word: AtomicU64::new(0),
-            extra: AtomicU64::new(0),
-            sealed: Cell::new(0),
-            check: Cell::new(0),
-            cap: Cell::new(0),
-            far: AtomicU64::new(0),
-            far_extra: AtomicU64::new(0),
-            far_sealed: Cell::new(0),
-            far_check: Cell::new(0),
-        }
+        empty_pocket!()
     }
 
     /// The key the owner last gave its word, sealed and `checked`, and its cap (only for the
