@@ -86,6 +86,7 @@ mod bench {
     use memgroup::{ArenaAlloc, Group, TagAlloc};
     use mimalloc::MiMalloc;
 
+    use crate::common::resident;
     use crate::workload::{
         alloc_one, env_usize, free_one, load_average, make_table, median, min, run_one, run_two,
         Req, RunOut, Slot, REMOTE, TABLE_LEN,
@@ -504,18 +505,6 @@ mod bench {
             alloc_ns,
             free_ns,
         )
-    }
-
-    /// The process's resident memory in bytes (`/proc/self/statm`, second field, in pages).
-    fn resident() -> usize {
-        let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
-        let pages: usize = statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|f| f.parse().ok())
-            .expect("statm's resident field");
-        // SAFETY: sysconf has no memory arguments.
-        pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize
     }
 
     /// Memory per idle group (issue 12): `n` groups created under one parent and left idle

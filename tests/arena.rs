@@ -8,7 +8,7 @@ static ALLOC: memgroup::ArenaAlloc = memgroup::ArenaAlloc::system();
 include!("suite/common.rs");
 include!("suite/slabs_first.rs");
 
-use common::{exact, fresh, fresh_child, live, wait_child, Block, Rng};
+use common::{exact, fresh, fresh_child, live, resident, wait_child, Block, Rng};
 use memgroup::{dying_groups, kernel, Group, SlabInfo};
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -18,19 +18,6 @@ use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The process's resident memory in bytes (`/proc/self/statm`, second field).
-fn resident() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("reading /proc/self/statm");
-    let pages: usize = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|f| f.parse().ok())
-        .expect("statm's resident field");
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-    pages * page
 }
 
 /// Where a live block lives: `None` for the inner allocator's.

@@ -9,6 +9,9 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+// `resident()`: the process's resident memory (one copy with the tests').
+include!("../../tests/suite/resident.rs");
+
 /// A single global counter with a limit, as the `cap` crate does it: charge with one
 /// `fetch_add`, undo on failure, uncharge with one `fetch_sub`.
 pub struct Cap<A> {

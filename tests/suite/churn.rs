@@ -6,7 +6,7 @@
 
 include!("common.rs");
 
-use common::{exact, fresh, fresh_child, live, wait_child};
+use common::{exact, fresh, fresh_child, live, resident, wait_child};
 use common::{Block, Rng};
 use memgroup::{dying_groups, Group};
 use std::collections::VecDeque;
@@ -28,19 +28,6 @@ const GROWTH: usize = 4 << 20;
 const WINDOW: usize = 15;
 /// The resident-memory growth allowed over the whole churn (the arena's pool included).
 const TOTAL: usize = 24 << 20;
-
-/// The process's resident memory in bytes (`/proc/self/statm`, second field).
-fn resident() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("reading /proc/self/statm");
-    let pages: usize = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|f| f.parse().ok())
-        .expect("statm's resident field");
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-    pages * page
-}
 
 /// The resident memory the arena's pool keeps for reuse (empty slabs, up to
 /// `MEMGROUP_ARENA_POOL` and a batch per slab size waiting to be given back: bounded by its

@@ -35,6 +35,8 @@ mod common {
 
     use memgroup::{Group, Stat};
 
+    include!("resident.rs");
+
     static NAME_SEQ: AtomicUsize = AtomicUsize::new(0);
 
     /// A name no other test of this process uses: `prefix-N`.
