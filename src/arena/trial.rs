@@ -70,26 +70,26 @@ pub(super) fn on_trial(key: Key, bytes: usize) -> bool {
     let bytes = bytes as u32;
     TRIALS.with(|sets| {
         let set = &sets[set_of(key)];
-        let mut pick = 0;
-        for (i, t) in set.iter().enumerate() {
-            let e = t.get();
-            if e.key == key {
-                let asked = e.asked + bytes;
-                t.set(if asked >= limit {
-                    NO_TRIAL
-                } else {
-                    Trial { key, asked }
-                });
-                return asked < limit;
-            }
-            if e.asked < set[pick].get().asked {
-                pick = i;
-            }
+        if let Some(t) = entry(set, key) {
+            let asked = t.get().asked + bytes;
+            t.set(if asked >= limit {
+                NO_TRIAL
+            } else {
+                Trial { key, asked }
+            });
+            return asked < limit;
         }
         if bytes >= limit {
             return false;
         }
-        set[pick].set(Trial { key, asked: bytes });
+        let pick = set.iter().fold(&set[0], |least, t| {
+            if t.get().asked < least.get().asked {
+                t
+            } else {
+                least
+            }
+        });
+        pick.set(Trial { key, asked: bytes });
         true
     })
 }
@@ -98,6 +98,13 @@ pub(super) fn on_trial(key: Key, bytes: usize) -> bool {
 #[inline(always)]
 fn set_of(key: Key) -> usize {
     (key.wrapping_mul(0x9e37_79b9) >> 28) as usize % TRIAL_SETS
+}
+
+/// `key`'s entry in its set (`set_of(key)`), if it has one: the lookup of `on_trial` (which
+/// counts, and may make an entry) and `stays_on_trial` (which only counts on an existing one).
+#[inline(always)]
+fn entry(set: &[Cell<Trial>; TRIAL_WAYS], key: Key) -> Option<&Cell<Trial>> {
+    set.iter().find(|t| t.get().key == key)
 }
 
 /// The allocation slow path's shortcut for a group on trial: true if `key` has an entry here
@@ -118,18 +125,15 @@ pub(super) fn stays_on_trial(key: Key, bytes: usize, online: impl FnOnce() -> bo
         return false;
     }
     TRIALS.with(|sets| {
-        for t in &sets[set_of(key)] {
-            let e = t.get();
-            if e.key == key {
-                let asked = e.asked + bytes as u32;
-                if asked >= limit || !online() {
-                    return false;
-                }
-                t.set(Trial { key, asked });
-                return true;
-            }
+        let Some(t) = entry(&sets[set_of(key)], key) else {
+            return false;
+        };
+        let asked = t.get().asked + bytes as u32;
+        if asked >= limit || !online() {
+            return false;
         }
-        false
+        t.set(Trial { key, asked });
+        true
     })
 }
 
