@@ -39,6 +39,44 @@ fn slab(b: &Block) -> SlabInfo {
     info
 }
 
+/// `g`'s exact figures are 0: usage, kernel memory, overhead and live blocks.
+fn assert_empty(g: &Group, what: &str) {
+    let s = exact(g);
+    assert_eq!(
+        (s.usage, s.kmem, s.overhead, live(&s)),
+        (0, 0, 0, 0),
+        "{what}: {s:?}"
+    );
+}
+
+/// The owner thread of the race tests: it allocates blocks and then stays alive until `exit`,
+/// so its heap keeps their slabs (and their group heap) while the test frees them elsewhere.
+struct Owner {
+    quit: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Owner {
+    /// Starts the owner; `fill` runs on it (outside any group: it enters the blocks' group
+    /// itself) and the blocks it returns come back with the owner.
+    fn start(fill: impl FnOnce() -> Vec<Block> + Send + 'static) -> (Owner, Vec<Block>) {
+        let (blocks_tx, blocks_rx) = mpsc::channel::<Vec<Block>>();
+        let (quit, quit_rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            blocks_tx.send(fill()).unwrap();
+            quit_rx.recv().unwrap();
+        });
+        let blocks = blocks_rx.recv().expect("the owner's blocks");
+        (Owner { quit, thread }, blocks)
+    }
+
+    /// Lets the owner exit (its heap is left for the next thread) and waits for it.
+    fn exit(self) {
+        self.quit.send(()).unwrap();
+        self.thread.join().expect("owner thread");
+    }
+}
+
 #[test]
 fn large_blocks_go_to_the_inner_allocator() {
     let g = fresh("large");
@@ -82,8 +120,7 @@ fn a_group_is_charged_per_slab() {
     let s = exact(&g);
     assert_eq!(s.kmem, 4096);
     drop((one, more, next, k));
-    let s = exact(&g);
-    assert_eq!((s.usage, s.kmem, s.overhead, live(&s)), (0, 0, 0, 0));
+    assert_empty(&g, "every block freed");
 }
 
 /// Many groups, both kinds, two threads, random sizes and alignments, interleaved: every slab
@@ -142,8 +179,7 @@ fn no_slab_holds_two_groups_objects() {
     }
     drop(held);
     for g in &groups {
-        let s = exact(g);
-        assert_eq!((s.usage, s.kmem, s.overhead, live(&s)), (0, 0, 0, 0));
+        assert_empty(g, "every block freed");
     }
 }
 
@@ -317,8 +353,7 @@ fn a_group_with_10000_siblings() {
         c.remove().unwrap();
     }
     assert_eq!(dying_groups(), dying0);
-    let s = exact(&p);
-    assert_eq!((s.usage, s.kmem, s.overhead, live(&s)), (0, 0, 0, 0));
+    assert_empty(&p, "the parent, its children removed");
     p.remove().unwrap();
 }
 
@@ -388,12 +423,7 @@ child_test! {
         std::thread::spawn(move || drop(blocks)).join().unwrap();
         assert_eq!(dying_groups(), dying0);
         drop(after);
-        let s = exact(&p);
-        assert_eq!(
-            (s.usage, s.kmem, s.overhead, live(&s)),
-            (0, 0, 0, 0),
-            "{s:?}"
-        );
+        assert_empty(&p, "the parent, every block freed");
         // The exited threads' and the removed group's group heaps are gone too.
         assert!(memgroup::arena_footprint().group_heaps <= heaps0 + 1);
         p.remove().unwrap();
@@ -687,16 +717,12 @@ child_test! {
             let g = fresh("orphan-reuse-g");
             let h = fresh("orphan-reuse-h");
             // The owner of `g`'s blocks stays alive through the removal: its group heap is live.
-            let (blocks_tx, blocks_rx) = mpsc::channel::<Vec<Block>>();
-            let (quit_tx, quit_rx) = mpsc::channel::<()>();
             let g2 = g.clone();
-            let owner = std::thread::spawn(move || {
+            let (owner, blocks) = Owner::start(move || {
                 let mut blocks = Vec::with_capacity(200);
                 g2.run(|| blocks.extend((0..200).map(|_| Block::new(SIZE, 8))));
-                blocks_tx.send(blocks).unwrap();
-                quit_rx.recv().unwrap();
+                blocks
             });
-            let blocks = blocks_rx.recv().unwrap();
             let starts: Vec<usize> = blocks.iter().map(|b| slab(b).start).collect();
             let go = Arc::new(Barrier::new(3));
             // Frees every block of `g` once the removal has orphaned its first slab.
@@ -742,14 +768,8 @@ child_test! {
             // Remote frees (this thread owns none of them): the first one into the slab parked
             // full hands its object to the owner through `notify`, which reads the slab's owner.
             drop(mine);
-            quit_tx.send(()).unwrap();
-            owner.join().unwrap();
-            let s = exact(&h);
-            assert_eq!(
-                (s.usage, s.kmem, s.overhead, live(&s)),
-                (0, 0, 0, 0),
-                "round {round}: {s:?}"
-            );
+            owner.exit();
+            assert_empty(&h, &format!("round {round}"));
             h.remove().unwrap();
             if target.is_some() {
                 reused += 1;
@@ -778,10 +798,8 @@ child_test! {
         const PAUSE: std::time::Duration = std::time::Duration::from_millis(400);
         let g = fresh("fork-notify");
         // The owner fills a slab and takes another: the first is parked full.
-        let (blocks_tx, blocks_rx) = mpsc::channel::<Vec<Block>>();
-        let (quit_tx, quit_rx) = mpsc::channel::<()>();
         let g2 = g.clone();
-        let owner = std::thread::spawn(move || {
+        let (owner, mut blocks) = Owner::start(move || {
             let mut v = Vec::with_capacity(4096);
             g2.run(|| {
                 v.push(Block::new(SIZE, 8));
@@ -795,10 +813,8 @@ child_test! {
                     }
                 }
             });
-            blocks_tx.send(v).unwrap();
-            quit_rx.recv().unwrap();
+            v
         });
-        let mut blocks = blocks_rx.recv().unwrap();
         assert!(
             slab(&blocks[0]).start != slab(blocks.last().unwrap()).start,
             "the owner filled its first slab"
@@ -827,14 +843,8 @@ child_test! {
             "the child removed the group and exited (None: it hung)"
         );
         drop(blocks);
-        quit_tx.send(()).unwrap();
-        owner.join().unwrap();
-        let s = exact(&g);
-        assert_eq!(
-            (s.usage, s.kmem, s.overhead, live(&s)),
-            (0, 0, 0, 0),
-            "{s:?}"
-        );
+        owner.exit();
+        assert_empty(&g, "after the fork");
         g.remove().unwrap();
     }
 }
@@ -882,12 +892,7 @@ child_test! {
             "one segment cut"
         );
         drop((b, blocks));
-        let s = exact(&g);
-        assert_eq!(
-            (s.usage, s.kmem, s.overhead, live(&s)),
-            (0, 0, 0, 0),
-            "{s:?}"
-        );
+        assert_empty(&g, "every block freed");
         g.remove().unwrap();
     }
 }
@@ -995,17 +1000,14 @@ child_test! {
             let p = fresh("release-p");
             let g = fresh_child(&p, "g");
             // The owner of `g`'s slabs stays alive, so only a sweep releases them.
-            let (blocks_tx, blocks_rx) = mpsc::channel::<Vec<Block>>();
-            let (quit_tx, quit_rx) = mpsc::channel::<()>();
             let g2 = g.clone();
-            let owner = std::thread::spawn(move || {
+            let (owner, blocks) = Owner::start(move || {
                 let mut blocks = Vec::with_capacity(100);
                 g2.run(|| blocks.extend((0..100).map(|_| Block::new(300, 8))));
-                blocks_tx.send(blocks).unwrap();
-                quit_rx.recv().unwrap();
+                blocks
             });
             // Remote frees: the slabs are empty but still the owner's, and charged.
-            drop(blocks_rx.recv().unwrap());
+            drop(blocks);
             let flusher = {
                 let p = p.clone();
                 std::thread::spawn(move || p.flush())
@@ -1020,8 +1022,7 @@ child_test! {
                 "round {round}: the group's figures once its blocks are freed and it is flushed"
             );
             flusher.join().unwrap();
-            quit_tx.send(()).unwrap();
-            owner.join().unwrap();
+            owner.exit();
             hits += waited as u32;
             if hits == 2 {
                 break;

@@ -125,6 +125,39 @@ fn pockets_on() -> bool {
     stock_batch() != 0 && common::exit_empties_a_pocket()
 }
 
+/// Runs `work` on a fresh thread whose pocket holds `h`: the thread allocates a block of 100
+/// bytes at `align` in `h` and frees it, then runs `work` (in `h` too: a block's free and its
+/// realloc charge its owner, whatever group the thread is in), and gives back what it returned.
+fn on_a_thread_holding<T: Send + 'static>(
+    h: &Group,
+    align: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let h = h.clone();
+    std::thread::spawn(move || {
+        h.run(|| {
+            drop(Block::new(100, align));
+            work()
+        })
+    })
+    .join()
+    .expect("a thread whose pocket holds the group")
+}
+
+/// The end of a test whose owner `g`'s blocks met `other` (a thread's pocket held it, charged
+/// one block of `other`): `other` is back to exactly 0 with that one block counted, and both
+/// groups go.
+fn remove_with_other(g: Group, other: Group) {
+    let s = exact(&other);
+    assert_eq!(
+        (s.usage, s.overhead, live(&s), s.allocs),
+        (0, 0, 0, 1),
+        "the other group: {s:?}"
+    );
+    g.remove().expect("removing the owner's group");
+    other.remove().expect("removing the other group");
+}
+
 /// Pockets are on in a default configuration (they need `membarrier(2)`).
 fn assert_pockets_on_by_default() {
     assert!(
@@ -257,28 +290,11 @@ fn sixteen_aligned_blocks_freed_on_other_threads() {
         .expect("a fresh thread frees");
     check(&blocks, "freed on a fresh thread");
     let part: Vec<Block> = blocks.split_off(100);
-    let g2 = g.clone();
-    std::thread::spawn(move || {
-        // This thread's pocket now holds g.
-        g2.run(|| drop(Block::new(100, 16)));
-        drop(part);
-    })
-    .join()
-    .expect("a thread whose pocket holds the owner frees");
+    on_a_thread_holding(&g, 16, move || drop(part));
     check(&blocks, "freed by a thread whose pocket holds the owner");
-    let h2 = h.clone();
-    std::thread::spawn(move || {
-        let keep = h2.run(|| Block::new(100, 16));
-        drop(blocks);
-        drop(keep);
-    })
-    .join()
-    .expect("a thread whose pocket holds another group frees");
+    on_a_thread_holding(&h, 16, move || drop(blocks));
     check(&[], "all freed");
-    let s = exact(&h);
-    assert_eq!((s.usage, s.overhead, live(&s), s.allocs), (0, 0, 0, 1));
-    g.remove().expect("remove");
-    h.remove().expect("remove");
+    remove_with_other(g, h);
 }
 
 /// Blocks grown and shrunk by `realloc` as a `Vec` grows (doubling, then shrinking to fit),
@@ -345,17 +361,11 @@ fn realloc_through_the_pocket_is_exact() {
     check(&blocks, "grown once more in the owner's group");
     // On a thread whose pocket holds another group, then outside any group.
     let mut moved = std::mem::take(&mut blocks);
-    let h2 = h.clone();
-    let mut moved = std::thread::spawn(move || {
-        h2.run(|| {
-            drop(Block::new(100, 8));
-            resize(&mut moved, &|n| n + 40);
-            resize(&mut moved, &|n| n - 30);
-        });
+    let mut moved = on_a_thread_holding(&h, 8, move || {
+        resize(&mut moved, &|n| n + 40);
+        resize(&mut moved, &|n| n - 30);
         moved
-    })
-    .join()
-    .expect("a thread whose pocket holds another group reallocs");
+    });
     check(&moved, "resized on a thread whose pocket holds another group");
     resize(&mut moved, &|n| n * 2);
     resize(&mut moved, &|n| n / 4);
@@ -365,10 +375,7 @@ fn realloc_through_the_pocket_is_exact() {
         unsafe { std::alloc::dealloc(p as *mut u8, Block::layout(size, align)) };
     }
     check(&[], "all freed");
-    let s = exact(&h);
-    assert_eq!((s.usage, s.overhead, live(&s), s.allocs), (0, 0, 0, 1));
-    g.remove().expect("remove");
-    h.remove().expect("remove");
+    remove_with_other(g, h);
 }
 
 /// Frees of another group's blocks on a thread whose own pocket holds its own group wait in
@@ -441,10 +448,7 @@ fn frees_of_another_groups_blocks_wait_in_the_far_word() {
     helper.finish();
     let s = exact(&g);
     assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
-    let s = exact(&home);
-    assert_eq!((s.usage, s.overhead, live(&s), s.allocs), (0, 0, 0, 1), "{s:?}");
-    g.remove().expect("remove");
-    home.remove().expect("remove");
+    remove_with_other(g, home);
     assert_eq!(dying_groups(), dying0);
 }
 
