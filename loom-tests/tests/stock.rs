@@ -439,3 +439,49 @@ fn failing_charge_drains_slot_racing_fast_free() {
         check(&w, P, p);
     });
 }
+
+/// A pocket's refill from a stock holding less than half a pocket (`Stocks::consume_up_to`,
+/// from `refill_pocket`): the pocket takes all the stock has, no more, and no byte is lost on
+/// the way. One thread, so one execution. The pocket holds at most `BATCH / 8` = 8 bytes and
+/// a refill wants half of that, 4.
+///
+/// C's first pocketless block charges a batch (64) to the counters and stocks 56 on CPU 0; a
+/// second block of 53 leaves 3 there. A pocket's first block, of 1 byte, misses the empty
+/// pocket, takes its byte from the stock (2 left) and refills the pocket with those 2. The
+/// thread then migrates to CPU 1, whose stock holds nothing of C, and allocates 2 bytes: only
+/// the pocket can serve them without charging the counters another batch. After a drain the
+/// counters hold exactly the 64 live bytes: a pocket that took more than the stock gave it,
+/// or less than the stock lost, would leave them off.
+#[test]
+fn pocket_refill_takes_what_a_short_stock_holds() {
+    model(0, || {
+        let w = world(None);
+        let k = key(C, false);
+        assert_eq!(w.alloc(0, C, false, 8), Some(k));
+        assert_eq!(w.alloc(0, C, false, 53), Some(k));
+        let p = w.pocket();
+        assert_eq!(w.pocket_alloc(0, p, C, false, 1, 0), Some(k));
+        assert_eq!(
+            w.snap(C).usage,
+            BATCH,
+            "the refill charged the counters nothing"
+        );
+        assert!(w.stocks.pocket_holds(p, k), "the pocket serves C");
+        assert_eq!(w.pocket_alloc(1, p, C, false, 2, 0), Some(k));
+        assert_eq!(
+            w.snap(C).usage,
+            BATCH,
+            "the pocket served 2 bytes on CPU 1: it took the 2 that CPU 0's stock held"
+        );
+        w.flush();
+
+        let c = Expect {
+            usage: 8 + 53 + 1 + 2,
+            allocs: 4,
+            ..Expect::default()
+        };
+        check(&w, C, c);
+        check(&w, P, c);
+        check(&w, R, c);
+    });
+}
