@@ -136,6 +136,19 @@ fn doc(seed: u64, rows: usize) -> u64 {
     sum
 }
 
+/// The timed docs of worker `i`, in its group `g`: a function of its own, never inlined, so
+/// that a profiler can collect just these (`valgrind --tool=callgrind
+/// --toggle-collect='real::timed_docs'`).
+#[inline(never)]
+fn timed_docs(g: &Group, i: usize, iters: usize, rows: usize) -> u64 {
+    let _in = g.enter();
+    let mut sum = 0u64;
+    for k in 0..iters as u64 {
+        sum = sum.wrapping_add(doc(k * 64 + i as u64 % 2, rows));
+    }
+    sum
+}
+
 /// The child: `threads` threads, each in its own group, `iters` docs each.
 fn child() -> Sample {
     let threads = switch::child_threads();
@@ -163,16 +176,10 @@ fn child() -> Sample {
                 // Outside the group: lazily made thread-locals stay the root's.
                 black_box(doc(1_000 + i as u64, rows));
                 let before = switch::counts(&g);
-                let mut sum = 0u64;
                 start.wait();
                 let t0 = Instant::now();
                 let c0 = switch::thread_cpu();
-                {
-                    let _in = g.enter();
-                    for k in 0..iters as u64 {
-                        sum = sum.wrapping_add(doc(k * 64 + i as u64 % 2, rows));
-                    }
-                }
+                let sum = timed_docs(&g, i, iters, rows);
                 let cpu = switch::thread_cpu() - c0;
                 let t1 = Instant::now();
                 let allocs = switch::check_group(&g, before);
