@@ -30,6 +30,17 @@
 //! REAL_QUICK=1 cargo bench --features arena --bench real      # smoke check (also without --bench)
 //! ```
 //!
+//! Instructions per allocation (callgrind): the timed docs are `real::timed_docs`, so
+//!
+//! ```text
+//! REAL_RUNS=1 REAL_THREADS=1 REAL_ONLY=tag REAL_ITERS=3 valgrind --tool=callgrind \
+//!     --trace-children=yes --toggle-collect='real::timed_docs' target/release/deps/real-HASH --bench
+//! ```
+//!
+//! and divide by the groups' allocation count the child prints (callgrind's own call counts
+//! for the `__rust_alloc` shims came out about 1.7 times too high; the first instruction's
+//! execution count, with `--dump-instr=yes`, is exact).
+//!
 //! Environment (all optional): `REAL_QUICK=1` one short repetition; `REAL_RUNS=K` repetitions
 //! (default 7); `REAL_ITERS=n` timed docs per thread per run (default 40, quick 3);
 //! `REAL_ROWS=n` rows per document (default 400); `REAL_THREADS=1,2,16` scenarios;
