@@ -397,6 +397,26 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let align = layout.align();
+        if align > 2 * TAG_SIZE || new_size > SMALL {
+            // SAFETY: forwarded caller contract.
+            return unsafe { self.realloc_other(ptr, layout, new_size) };
+        }
+        // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed
+        // (with a header: the alignment is at most 16); the new size is at most SMALL.
+        unsafe { self.realloc_placed(ptr, headed(layout.size(), align), headed(new_size, align)) }
+    }
+}
+
+impl<A: GlobalAlloc> TagAlloc<A> {
+    /// `realloc` of a block aligned to more than 16, or to a size over `SMALL`: out of the
+    /// fast path's way.
+    ///
+    /// # Safety
+    /// As for [`GlobalAlloc::realloc`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn realloc_other(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed.
         let old = unsafe { placed(layout) };
         // SAFETY: the caller guarantees that `new_size` rounded up to `layout.align()` (a
@@ -405,6 +425,18 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
         let Some(new) = place(new_layout) else {
             return core::ptr::null_mut();
         };
+        // SAFETY: forwarded caller contract; `old` and `new` are the block's placements.
+        unsafe { self.realloc_placed(ptr, old, new) }
+    }
+
+    /// `realloc` of the live block `ptr`, placed as `old`, to a block placed as `new` (the
+    /// same alignment).
+    ///
+    /// # Safety
+    /// As for [`GlobalAlloc::realloc`]; `old` is the block's placement, `new` that of the new
+    /// size (accepted by `place`).
+    #[inline(always)]
+    unsafe fn realloc_placed(&self, ptr: *mut u8, old: Placement, new: Placement) -> *mut u8 {
         // SAFETY: the caller passes a live block of ours with its layout.
         let (base, tag) = unsafe { Self::tag(ptr, old) };
         let (old_bytes, new_bytes) = (old.inner.size(), new.inner.size());
