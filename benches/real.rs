@@ -30,6 +30,17 @@
 //! REAL_QUICK=1 cargo bench --features arena --bench real      # smoke check (also without --bench)
 //! ```
 //!
+//! Instructions per allocation (callgrind): the timed docs are `real::timed_docs`, so
+//!
+//! ```text
+//! REAL_RUNS=1 REAL_THREADS=1 REAL_ONLY=tag REAL_ITERS=3 valgrind --tool=callgrind \
+//!     --trace-children=yes --toggle-collect='real::timed_docs' target/release/deps/real-HASH --bench
+//! ```
+//!
+//! and divide by the groups' allocation count the child prints (callgrind's own call counts
+//! for the `__rust_alloc` shims came out about 1.7 times too high; the first instruction's
+//! execution count, with `--dump-instr=yes`, is exact).
+//!
 //! Environment (all optional): `REAL_QUICK=1` one short repetition; `REAL_RUNS=K` repetitions
 //! (default 7); `REAL_ITERS=n` timed docs per thread per run (default 40, quick 3);
 //! `REAL_ROWS=n` rows per document (default 400); `REAL_THREADS=1,2,16` scenarios;
@@ -136,6 +147,19 @@ fn doc(seed: u64, rows: usize) -> u64 {
     sum
 }
 
+/// The timed docs of worker `i`, in its group `g`: a function of its own, never inlined, so
+/// that a profiler can collect just these (`valgrind --tool=callgrind
+/// --toggle-collect='real::timed_docs'`).
+#[inline(never)]
+fn timed_docs(g: &Group, i: usize, iters: usize, rows: usize) -> u64 {
+    let _in = g.enter();
+    let mut sum = 0u64;
+    for k in 0..iters as u64 {
+        sum = sum.wrapping_add(doc(k * 64 + i as u64 % 2, rows));
+    }
+    sum
+}
+
 /// The child: `threads` threads, each in its own group, `iters` docs each.
 fn child() -> Sample {
     let threads = switch::child_threads();
@@ -163,16 +187,10 @@ fn child() -> Sample {
                 // Outside the group: lazily made thread-locals stay the root's.
                 black_box(doc(1_000 + i as u64, rows));
                 let before = switch::counts(&g);
-                let mut sum = 0u64;
                 start.wait();
                 let t0 = Instant::now();
                 let c0 = switch::thread_cpu();
-                {
-                    let _in = g.enter();
-                    for k in 0..iters as u64 {
-                        sum = sum.wrapping_add(doc(k * 64 + i as u64 % 2, rows));
-                    }
-                }
+                let sum = timed_docs(&g, i, iters, rows);
                 let cpu = switch::thread_cpu() - c0;
                 let t1 = Instant::now();
                 let allocs = switch::check_group(&g, before);

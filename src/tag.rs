@@ -14,7 +14,7 @@
 use core::alloc::{GlobalAlloc, Layout};
 use std::alloc::System;
 
-use crate::core::stock::Key;
+use crate::core::stock::{Key, MAX_BATCH};
 use crate::group::CORE;
 use crate::thread::{self, Thread};
 use crate::{platform, scope};
@@ -96,24 +96,43 @@ fn place(layout: Layout) -> Option<Placement> {
 #[inline(always)]
 unsafe fn placed(layout: Layout) -> Placement {
     let align = layout.align();
-    let (block, tag, pad) = if align <= 2 * TAG_SIZE {
-        let header = align.max(TAG_SIZE);
-        (header, header - TAG_SIZE, header - TAG_SIZE)
-    } else {
-        (0, layout.size(), 0)
-    };
-    // SAFETY: both are powers of two, and size + 2 * TAG_SIZE rounded up to an alignment of
-    // at most MAX_BLOCK is at most 2 * MAX_BLOCK + 2 * TAG_SIZE, far below isize::MAX.
-    let inner = unsafe {
-        Layout::from_size_align_unchecked(layout.size() + TAG_SIZE + pad, align.max(TAG_SIZE))
-    };
+    if align <= 2 * TAG_SIZE {
+        // SAFETY: forwarded.
+        return unsafe { headed(layout.size(), align) };
+    }
+    // SAFETY: both are powers of two, and size + TAG_SIZE rounded up to an alignment of at
+    // most MAX_BLOCK is at most 2 * MAX_BLOCK + TAG_SIZE, far below isize::MAX.
+    let inner = unsafe { Layout::from_size_align_unchecked(layout.size() + TAG_SIZE, align) };
     Placement {
         inner,
-        block,
-        tag,
-        pad,
+        block: 0,
+        tag: layout.size(),
+        pad: 0,
     }
 }
+
+/// `placed` for an alignment of at most 16: a header of 8 bytes (16 if 16-aligned) before
+/// the block, the tag its last 8.
+///
+/// # Safety
+/// `align` is a power of two of at most `2 * TAG_SIZE`, and `size` at most `MAX_BLOCK`.
+#[inline(always)]
+unsafe fn headed(size: usize, align: usize) -> Placement {
+    let header = align.max(TAG_SIZE);
+    // SAFETY: `header` (8 or 16) is a power of two, and `size + header` is far below
+    // isize::MAX.
+    let inner = unsafe { Layout::from_size_align_unchecked(size + header, header) };
+    Placement {
+        inner,
+        block: header,
+        tag: header - TAG_SIZE,
+        pad: header - TAG_SIZE,
+    }
+}
+
+/// The largest block the fast paths take (with its header, a batch at most: no pocket or
+/// stock serves more). A larger one, or one aligned to more than 16, takes `alloc_other`.
+const SMALL: usize = MAX_BATCH - 2 * TAG_SIZE;
 
 /// Writes the tag of a fresh inner block (`key` sealed, so a stray write or a foreign pointer
 /// is seen at the free) and returns the block.
@@ -144,9 +163,36 @@ impl<A: GlobalAlloc> TagAlloc<A> {
     /// As for [`GlobalAlloc::alloc`].
     #[inline(always)]
     unsafe fn alloc_tagged(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        let (size, align) = (layout.size(), layout.align());
+        if size > SMALL || align > 2 * TAG_SIZE {
+            // SAFETY: forwarded caller contract.
+            return unsafe { self.alloc_other(layout, zeroed) };
+        }
+        // SAFETY: just checked; SMALL is below MAX_BLOCK.
+        let at = unsafe { headed(size, align) };
+        // SAFETY: forwarded caller contract; `at` is `place(layout)`.
+        unsafe { self.alloc_placed(layout, at, zeroed) }
+    }
+
+    /// `alloc_tagged` of a block over `SMALL` or aligned to more than 16: out of the fast
+    /// path's way.
+    ///
+    /// # Safety
+    /// As for [`GlobalAlloc::alloc`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn alloc_other(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         let Some(at) = place(layout) else {
             return core::ptr::null_mut();
         };
+        // SAFETY: forwarded caller contract.
+        unsafe { self.alloc_placed(layout, at, zeroed) }
+    }
+
+    /// # Safety
+    /// As for [`GlobalAlloc::alloc`]; `at` is `place(layout)`.
+    #[inline(always)]
+    unsafe fn alloc_placed(&self, layout: Layout, at: Placement, zeroed: bool) -> *mut u8 {
         let (sealed, check, p) = scope::sealed_key_and_pocket();
         let key = sealed as Key;
         let bytes = at.inner.size();
@@ -268,6 +314,33 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         }
     }
 
+    /// `dealloc` of a block aligned to more than 16 (its tag after it): out of the fast path's
+    /// way.
+    ///
+    /// # Safety
+    /// As for [`GlobalAlloc::dealloc`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn dealloc_aligned(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed.
+        unsafe { self.dealloc_placed(ptr, placed(layout)) }
+    }
+
+    /// # Safety
+    /// `ptr` is a live block of ours, placed as `at`.
+    #[inline(always)]
+    unsafe fn dealloc_placed(&self, ptr: *mut u8, at: Placement) {
+        // SAFETY: forwarded.
+        let (base, tag) = unsafe { Self::tag(ptr, at) };
+        let bytes = at.inner.size();
+        // A tag the pocket takes is its own sealed key: only another one needs its seal checked.
+        if !CORE.uncharge_block(scope::pocket(), tag, bytes, at.pad) {
+            CORE.uncharge_block_unpocketed(&Thread, checked_tag(tag), bytes, at.pad);
+        }
+        // SAFETY: `base` is the inner allocation made with `at.inner`.
+        unsafe { self.inner.dealloc(base, at.inner) }
+    }
+
     /// Reads a block's tag: where its inner allocation starts, and its owner's key sealed
     /// (unchecked: see `checked_tag`).
     ///
@@ -314,22 +387,36 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
 
     #[inline(always)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed.
-        let (base, tag, at) = unsafe {
-            let at = placed(layout);
-            let (base, tag) = Self::tag(ptr, at);
-            (base, tag, at)
-        };
-        let bytes = at.inner.size();
-        // A tag the pocket takes is its own sealed key: only another one needs its seal checked.
-        if !CORE.uncharge_block(scope::pocket(), tag, bytes, at.pad) {
-            CORE.uncharge_block_unpocketed(&Thread, checked_tag(tag), bytes, at.pad);
+        if layout.align() > 2 * TAG_SIZE {
+            // SAFETY: forwarded caller contract.
+            return unsafe { self.dealloc_aligned(ptr, layout) };
         }
-        // SAFETY: `base` is the inner allocation made with `at.inner`.
-        unsafe { self.inner.dealloc(base, at.inner) }
+        // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed
+        // (with a header: the alignment is at most 16).
+        unsafe { self.dealloc_placed(ptr, headed(layout.size(), layout.align())) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let align = layout.align();
+        if align > 2 * TAG_SIZE || new_size > SMALL {
+            // SAFETY: forwarded caller contract.
+            return unsafe { self.realloc_other(ptr, layout, new_size) };
+        }
+        // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed
+        // (with a header: the alignment is at most 16); the new size is at most SMALL.
+        unsafe { self.realloc_placed(ptr, headed(layout.size(), align), headed(new_size, align)) }
+    }
+}
+
+impl<A: GlobalAlloc> TagAlloc<A> {
+    /// `realloc` of a block aligned to more than 16, or to a size over `SMALL`: out of the
+    /// fast path's way.
+    ///
+    /// # Safety
+    /// As for [`GlobalAlloc::realloc`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn realloc_other(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed.
         let old = unsafe { placed(layout) };
         // SAFETY: the caller guarantees that `new_size` rounded up to `layout.align()` (a
@@ -338,6 +425,18 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
         let Some(new) = place(new_layout) else {
             return core::ptr::null_mut();
         };
+        // SAFETY: forwarded caller contract; `old` and `new` are the block's placements.
+        unsafe { self.realloc_placed(ptr, old, new) }
+    }
+
+    /// `realloc` of the live block `ptr`, placed as `old`, to a block placed as `new` (the
+    /// same alignment).
+    ///
+    /// # Safety
+    /// As for [`GlobalAlloc::realloc`]; `old` is the block's placement, `new` that of the new
+    /// size (accepted by `place`).
+    #[inline(always)]
+    unsafe fn realloc_placed(&self, ptr: *mut u8, old: Placement, new: Placement) -> *mut u8 {
         // SAFETY: the caller passes a live block of ours with its layout.
         let (base, tag) = unsafe { Self::tag(ptr, old) };
         let (old_bytes, new_bytes) = (old.inner.size(), new.inner.size());
