@@ -111,8 +111,28 @@ pub struct Pad8<A> {
 const PAD: usize = 8;
 const PAD_WORD: u64 = 0x6d65_6d67_726f_7570;
 
+/// The largest block `padded` places without a check (as `TagAlloc`'s fast path: a block of at
+/// most this size aligned to at most 16 takes the header with no overflow check).
+const SMALL: usize = 1 << 40;
+
 /// The inner layout of a block, its offset in it, and the offset of the word.
+#[inline(always)]
 fn padded(layout: Layout) -> Option<(Layout, usize, usize)> {
+    let align = layout.align();
+    if layout.size() <= SMALL && align <= 2 * PAD {
+        let header = align.max(PAD);
+        // SAFETY: `header` (8 or 16) is a power of two and `size + header` is far below
+        // isize::MAX.
+        let inner = unsafe { Layout::from_size_align_unchecked(layout.size() + header, header) };
+        return Some((inner, header, header - PAD));
+    }
+    padded_other(layout)
+}
+
+/// `padded` of a block over `SMALL` or aligned to more than 16.
+#[cold]
+#[inline(never)]
+fn padded_other(layout: Layout) -> Option<(Layout, usize, usize)> {
     let align = layout.align();
     let (block, word, extra) = if align <= 2 * PAD {
         let header = align.max(PAD);
