@@ -28,6 +28,8 @@
 
 use core::cell::Cell;
 
+use super::stock::{word_key, Key};
+
 use crate::sync::{
     fence, light_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Backoff, Ordering,
 };
@@ -217,6 +219,58 @@ impl Pocket {
             word.store(0, Ordering::Relaxed);
             extra.store(0, Ordering::Relaxed);
             taken
+        })
+    }
+
+    /// The owner's switch to `key` when its far word holds it: the two words, their extras and the owner's cells for them (sealed key, check)
+    /// trade places in one access, so the far word's content is charged from and the own
+    /// word's kept for its key's frees, neither going to the stocks. False (nothing touched)
+    /// if the far word does not hold that key or a taker is at work. Takers take both words
+    /// alike, so a drain before or after the swap finds every byte in one of them.
+    #[inline]
+    pub(super) fn swap_words(&self, stop: &AtomicU32, key: Key) -> bool {
+        self.with(stop, |p| {
+            let far = p.far.load(Ordering::Relaxed);
+            // Key 0 names no group: an unclaimed far word never matches.
+            if word_key(far) != key {
+                return false;
+            }
+            let far_extra = p.far_extra.load(Ordering::Relaxed);
+            p.far
+                .store(p.word.load(Ordering::Relaxed), Ordering::Relaxed);
+            p.far_extra
+                .store(p.extra.load(Ordering::Relaxed), Ordering::Relaxed);
+            p.word.store(far, Ordering::Relaxed);
+            p.extra.store(far_extra, Ordering::Relaxed);
+            p.sealed.swap(&p.far_sealed);
+            p.check.swap(&p.far_check);
+            true
+        }) == Some(true)
+    }
+
+    /// The owner's move of a word it took out of its own word (`held` and its `extra`, with
+    /// content) into its far word, for that key's frees and a later `swap_words`: returns
+    /// what the far word held (its word and extra, for the stocks), or `None` if a taker is at
+    /// work (then nothing is touched, and `held` is still the caller's).
+    #[inline]
+    pub(super) fn stash_far(
+        &self,
+        stop: &AtomicU32,
+        held: u64,
+        extra: u64,
+        sealed: u64,
+        check: u64,
+    ) -> Option<(u64, u64)> {
+        self.with(stop, |p| {
+            let old = (
+                p.far.load(Ordering::Relaxed),
+                p.far_extra.load(Ordering::Relaxed),
+            );
+            p.far_sealed.set(sealed);
+            p.far_check.set(check);
+            p.far.store(held, Ordering::Relaxed);
+            p.far_extra.store(extra, Ordering::Relaxed);
+            old
         })
     }
 }
