@@ -70,6 +70,10 @@ pub(crate) struct Pocket {
     pub(super) far_extra: AtomicU64,
     far_sealed: Cell<u64>,
     far_check: Cell<u64>,
+    /// Raised by 2 per `swap_words` (odd while the words trade places; the owner's alone to
+    /// write), so that a taker's racy look at both words (`Pockets::any`) knows when a word it
+    /// looks for may have moved from the word it read second to the one it read first.
+    swaps: AtomicU32,
 }
 
 // SAFETY: the only fields that are not atomics, `sealed`, `check`, `cap`, `far_sealed` and
@@ -93,6 +97,7 @@ macro_rules! empty_pocket {
             far_extra: AtomicU64::new(0),
             far_sealed: Cell::new(0),
             far_check: Cell::new(0),
+            swaps: AtomicU32::new(0),
         }
     };
 }
@@ -235,6 +240,11 @@ impl Pocket {
             if word_key(far) != key {
                 return false;
             }
+            // A seqlock's write, for the looks (see `Pockets::any`): odd before the words
+            // change, even again after (compiler-only fences on x86).
+            let n = p.swaps.load(Ordering::Relaxed);
+            p.swaps.store(n.wrapping_add(1), Ordering::Relaxed);
+            fence(Ordering::Release);
             let far_extra = p.far_extra.load(Ordering::Relaxed);
             p.far
                 .store(p.word.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -242,6 +252,7 @@ impl Pocket {
                 .store(p.extra.load(Ordering::Relaxed), Ordering::Relaxed);
             p.word.store(far, Ordering::Relaxed);
             p.extra.store(far_extra, Ordering::Relaxed);
+            p.swaps.store(n.wrapping_add(2), Ordering::Release);
             p.sealed.swap(&p.far_sealed);
             p.check.swap(&p.far_check);
             true
@@ -437,9 +448,16 @@ impl Pockets {
     /// nothing).
     pub(super) fn any(&self, pred: impl Fn(u64) -> bool) -> bool {
         self.any_pocket(|p| {
-            p.words()
+            // A seqlock's read: an owner's `swap_words` between the two loads could move the
+            // word sought from the far word (read second) to the own one (read first), or
+            // back; a look that overlapped a swap counts as a find (the stop then decides).
+            let swaps = p.swaps.load(Ordering::Acquire);
+            let found = p
+                .words()
                 .iter()
-                .any(|(w, _)| pred(w.load(Ordering::SeqCst)))
+                .any(|(w, _)| pred(w.load(Ordering::SeqCst)));
+            fence(Ordering::Acquire);
+            found || swaps & 1 != 0 || p.swaps.load(Ordering::Relaxed) != swaps
         })
     }
 
