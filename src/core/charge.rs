@@ -150,7 +150,8 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             return false;
         };
         self.pocket_far_holds(p, key)
-            && p.swap_words(&self.pockets.stop, key)
+            // Key 0 names no group: an unclaimed far word never matches.
+            && p.swap_words(&self.pockets.stop, |far| word_key(far) == key)
             && self.pocket_charge(p, checked(key), bytes, pad)
     }
 

@@ -28,8 +28,6 @@
 
 use core::cell::Cell;
 
-use super::stock::{word_key, Key};
-
 use crate::sync::{
     fence, light_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Backoff, Ordering,
 };
@@ -227,17 +225,17 @@ impl Pocket {
         })
     }
 
-    /// The owner's switch to `key` when its far word holds it: the two words, their extras and the owner's cells for them (sealed key, check)
+    /// The owner's switch to the key its far word holds, if `holds(far word)` says it is the
+    /// one wanted: the two words, their extras and the owner's cells for them (sealed key, check)
     /// trade places in one access, so the far word's content is charged from and the own
     /// word's kept for its key's frees, neither going to the stocks. False (nothing touched)
     /// if the far word does not hold that key or a taker is at work. Takers take both words
     /// alike, so a drain before or after the swap finds every byte in one of them.
     #[inline]
-    pub(super) fn swap_words(&self, stop: &AtomicU32, key: Key) -> bool {
+    pub(super) fn swap_words(&self, stop: &AtomicU32, holds: impl FnOnce(u64) -> bool) -> bool {
         self.with(stop, |p| {
             let far = p.far.load(Ordering::Relaxed);
-            // Key 0 names no group: an unclaimed far word never matches.
-            if word_key(far) != key {
+            if !holds(far) {
                 return false;
             }
             // A seqlock's write, for the looks (see `Pockets::any`): odd before the words
