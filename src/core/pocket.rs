@@ -76,8 +76,8 @@ pub(crate) struct Pocket {
 
 // SAFETY: the only fields that are not atomics, `sealed`, `check`, `cap`, `far_sealed` and
 // `far_check`, are read and written by the pocket's owner alone (`key`, `set_key`, `far_key`,
-// `set_far_key`, called by the owner's fast and slow paths); other threads reach a pocket only
-// to take its words and extras, through the atomics.
+// `set_far_key`, `swap_words`, `stash_far`, called by the owner's fast and slow paths); other
+// threads reach a pocket only to take its words and extras, through the atomics.
 unsafe impl Sync for Pocket {}
 
 /// A pocket off the list, holding nothing: the one body of both `Pocket::new`s.
