@@ -345,7 +345,3 @@ mod pressure_models;
 #[cfg(test)]
 #[path = "../tests/pocket.rs"]
 mod pocket_models;
-
-#[cfg(test)]
-#[path = "../tests/swap.rs"]
-mod swap_models;
