@@ -345,3 +345,7 @@ mod pressure_models;
 #[cfg(test)]
 #[path = "../tests/pocket.rs"]
 mod pocket_models;
+
+#[cfg(test)]
+#[path = "../tests/swap.rs"]
+mod swap_models;

@@ -113,6 +113,10 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
         bytes: usize,
         pad: usize,
     ) -> Option<Key> {
+        // A switch back to the group the far word holds: a swap, and no stock.
+        if self.switch_pocket(t, key, bytes, pad) {
+            return Some(key);
+        }
         let cpu = t.cpu();
         let charged = if bytes > self.batch() {
             // What `charge_slow` would do with it, one call nearer the counter.
@@ -132,6 +136,23 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             }
         }
         Some(charged)
+    }
+
+    /// A block's charge of `key` that the pocket's own word (another key's, or short) did not
+    /// serve: if the far word holds `key` (the thread switched back to a group it had left),
+    /// the two words trade places (`Pocket::swap_words`) and the block is charged from the
+    /// swapped-in one if it can be, with no locked instruction and no shared line written. So
+    /// a thread taking turns between two groups (two tenants, a tenant and the root) pays a
+    /// swap a switch, not two trips to the stock. True if served.
+    #[inline(always)]
+    fn switch_pocket(&self, t: &impl Caller, key: Key, bytes: usize, pad: usize) -> bool {
+        let Some(p) = t.listed_pocket(false) else {
+            return false;
+        };
+        self.pocket_far_holds(p, key)
+            // Key 0 names no group: an unclaimed far word never matches.
+            && p.swap_words(&self.pockets.stop, |far| word_key(far) == key)
+            && self.pocket_charge(p, checked(key), bytes, pad)
     }
 
     /// The fast path of a block's uncharge, as `charge_block` charged it, whose tag is `tag`
@@ -234,7 +255,8 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
     // The slow paths.
 
     /// Makes this thread's pocket serve `key`, after a fast path on it failed and the stocks
-    /// served instead: its content goes back to this CPU's stock, and half a pocket's worth for
+    /// served instead: its content goes back to this CPU's stock (another key's goes to the
+    /// far word, whose content goes to the stock instead), and half a pocket's worth for
     /// `key` comes from there, or all the stock has if that is less (a pocket never makes a
     /// charge fail, nor charges the counters). If `key`'s group is offline (removed since),
     /// `recheck` drains the pocket again.
@@ -276,7 +298,17 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
                 self.recheck(c);
                 return;
             }
-            self.drain_to_stock(cpu, held, extra);
+            // Another key's content (the thread switched groups) moves to the far word, for
+            // that key's frees and the switch back (`switch_pocket`); what the far word held
+            // goes to the stock instead.
+            let other = word_key(held);
+            let stash =
+                other != key && has_content(held) && self.groups.counter(key_id(other)).is_online();
+            let (out, out_extra) = stash
+                .then(|| p.stash_far(stop, held, extra, sealed(other), checked(other)))
+                .flatten()
+                .unwrap_or((held, extra));
+            self.drain_to_stock(cpu, out, out_extra);
             // What the stock has, if less than half: an empty pocket would send every next
             // allocation to the slow path until the stock is empty and refilled.
             let bytes = self.consume_up_to(cpu, key, half);
@@ -294,6 +326,9 @@ impl<G: Groups, const N: usize> Stocks<G, N> {
             // keeps that one's record alive.
             if held != 0 {
                 self.recheck(self.groups.counter(key_id(word_key(held))));
+            }
+            if out != held && out != 0 {
+                self.recheck(self.groups.counter(key_id(word_key(out))));
             }
             self.recheck(c);
         });

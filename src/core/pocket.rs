@@ -68,12 +68,16 @@ pub(crate) struct Pocket {
     pub(super) far_extra: AtomicU64,
     far_sealed: Cell<u64>,
     far_check: Cell<u64>,
+    /// Raised by 2 per `swap_words` (odd while the words trade places; the owner's alone to
+    /// write), so that a taker's racy look at both words (`Pockets::any`) knows when a word it
+    /// looks for may have moved from the word it read second to the one it read first.
+    swaps: AtomicU32,
 }
 
 // SAFETY: the only fields that are not atomics, `sealed`, `check`, `cap`, `far_sealed` and
 // `far_check`, are read and written by the pocket's owner alone (`key`, `set_key`, `far_key`,
-// `set_far_key`, called by the owner's fast and slow paths); other threads reach a pocket only
-// to take its words and extras, through the atomics.
+// `set_far_key`, `swap_words`, `stash_far`, called by the owner's fast and slow paths); other
+// threads reach a pocket only to take its words and extras, through the atomics.
 unsafe impl Sync for Pocket {}
 
 /// A pocket off the list, holding nothing: the one body of both `Pocket::new`s.
@@ -91,6 +95,7 @@ macro_rules! empty_pocket {
             far_extra: AtomicU64::new(0),
             far_sealed: Cell::new(0),
             far_check: Cell::new(0),
+            swaps: AtomicU32::new(0),
         }
     };
 }
@@ -217,6 +222,64 @@ impl Pocket {
             word.store(0, Ordering::Relaxed);
             extra.store(0, Ordering::Relaxed);
             taken
+        })
+    }
+
+    /// The owner's switch to the key its far word holds, if `holds(far word)` says it is the
+    /// one wanted: the two words, their extras and the owner's cells for them (sealed key, check)
+    /// trade places in one access, so the far word's content is charged from and the own
+    /// word's kept for its key's frees, neither going to the stocks. False (nothing touched)
+    /// if the far word does not hold that key or a taker is at work. Takers take both words
+    /// alike, so a drain before or after the swap finds every byte in one of them.
+    #[inline]
+    pub(super) fn swap_words(&self, stop: &AtomicU32, holds: impl FnOnce(u64) -> bool) -> bool {
+        self.with(stop, |p| {
+            let far = p.far.load(Ordering::Relaxed);
+            if !holds(far) {
+                return false;
+            }
+            // A seqlock's write, for the looks (see `Pockets::any`): odd before the words
+            // change, even again after (compiler-only fences on x86).
+            let n = p.swaps.load(Ordering::Relaxed);
+            p.swaps.store(n.wrapping_add(1), Ordering::Relaxed);
+            fence(Ordering::Release);
+            let far_extra = p.far_extra.load(Ordering::Relaxed);
+            p.far
+                .store(p.word.load(Ordering::Relaxed), Ordering::Relaxed);
+            p.far_extra
+                .store(p.extra.load(Ordering::Relaxed), Ordering::Relaxed);
+            p.word.store(far, Ordering::Relaxed);
+            p.extra.store(far_extra, Ordering::Relaxed);
+            p.swaps.store(n.wrapping_add(2), Ordering::Release);
+            p.sealed.swap(&p.far_sealed);
+            p.check.swap(&p.far_check);
+            true
+        }) == Some(true)
+    }
+
+    /// The owner's move of a word it took out of its own word (`held` and its `extra`, with
+    /// content) into its far word, for that key's frees and a later `swap_words`: returns
+    /// what the far word held (its word and extra, for the stocks), or `None` if a taker is at
+    /// work (then nothing is touched, and `held` is still the caller's).
+    #[inline]
+    pub(super) fn stash_far(
+        &self,
+        stop: &AtomicU32,
+        held: u64,
+        extra: u64,
+        sealed: u64,
+        check: u64,
+    ) -> Option<(u64, u64)> {
+        self.with(stop, |p| {
+            let old = (
+                p.far.load(Ordering::Relaxed),
+                p.far_extra.load(Ordering::Relaxed),
+            );
+            p.far_sealed.set(sealed);
+            p.far_check.set(check);
+            p.far.store(held, Ordering::Relaxed);
+            p.far_extra.store(extra, Ordering::Relaxed);
+            old
         })
     }
 }
@@ -383,9 +446,16 @@ impl Pockets {
     /// nothing).
     pub(super) fn any(&self, pred: impl Fn(u64) -> bool) -> bool {
         self.any_pocket(|p| {
-            p.words()
+            // A seqlock's read: an owner's `swap_words` between the two loads could move the
+            // word sought from the far word (read second) to the own one (read first), or
+            // back; a look that overlapped a swap counts as a find (the stop then decides).
+            let swaps = p.swaps.load(Ordering::Acquire);
+            let found = p
+                .words()
                 .iter()
-                .any(|(w, _)| pred(w.load(Ordering::SeqCst)))
+                .any(|(w, _)| pred(w.load(Ordering::SeqCst)));
+            fence(Ordering::Acquire);
+            found || swaps & 1 != 0 || p.swaps.load(Ordering::Relaxed) != swaps
         })
     }
 

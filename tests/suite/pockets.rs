@@ -1498,3 +1498,212 @@ fn waits_progress_on_one_cpu() {
         libc::WEXITSTATUS(status)
     );
 }
+
+// ---- 9. a group switch swaps the pocket's two words ----------------------------------------------
+
+/// Two groups taking turns on one thread, block by block (each turn frees the group's oldest of
+/// four live blocks and allocates one, so every allocation follows a switch: the pocket's words
+/// trade places), some of the freed blocks handed to another thread that frees them in a group
+/// of its own. Mid-way (blocks live) and at the end (all freed) every counter is exact after a
+/// flush, and back to 0.
+#[test]
+fn two_groups_taking_turns_on_one_thread_stay_exact() {
+    let _s = serial();
+    let dying0 = dying_groups();
+    const LIVE: usize = 4;
+    let shapes = [(16, 1), (40, 8), (100, 16), (24, 1)];
+    let costs: Vec<usize> = shapes.iter().map(|&(s, a)| block_cost(s, a)).collect();
+    let groups = [fresh("pk-turn-a"), fresh("pk-turn-b")];
+    let home = fresh("pk-turn-home");
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<Block>>();
+    let home2 = home.clone();
+    let freer = std::thread::spawn(move || {
+        for v in rx {
+            home2.run(|| drop(v));
+        }
+    });
+    let steps = quick_or(20_000, 4_000);
+    // Per group: its live blocks (with their shape), and its allocations.
+    let mut held: [Vec<(Block, usize)>; 2] =
+        [Vec::with_capacity(LIVE + 1), Vec::with_capacity(LIVE + 1)];
+    let mut allocs = [0u64; 2];
+    let mut out: Vec<Block> = Vec::with_capacity(16);
+    let mut sent = 0;
+    for step in 0..steps {
+        let k = step % 2;
+        let shape = (step / 2 + k) % shapes.len();
+        groups[k].run(|| {
+            if held[k].len() == LIVE {
+                let (b, _) = held[k].remove(0);
+                if step % 8 < 2 {
+                    out.push(b);
+                } else {
+                    drop(b);
+                }
+            }
+            let (size, align) = shapes[shape];
+            held[k].push((Block::new(std::hint::black_box(size), align), shape));
+        });
+        allocs[k] += 1;
+        if out.len() == out.capacity() {
+            sent += out.len();
+            tx.send(std::mem::replace(&mut out, Vec::with_capacity(16)))
+                .expect("send");
+        }
+    }
+    assert!(sent > 0, "some blocks were freed on the other thread");
+    // Mid-way, once the other thread freed what it was handed: the live blocks exactly.
+    tx.send(std::mem::take(&mut out)).expect("send");
+    drop(tx);
+    freer.join().expect("freeing thread");
+    for (k, g) in groups.iter().enumerate() {
+        let s = exact(g);
+        let usage: usize = held[k].iter().map(|&(_, shape)| costs[shape]).sum();
+        assert_eq!(
+            (s.usage, live(&s), s.allocs, s.kmem),
+            (usage, LIVE as u64, allocs[k], 0),
+            "group {k} with {LIVE} blocks live: {s:?}"
+        );
+        assert_eq!(
+            s.usage,
+            held[k].iter().map(|(b, _)| b.size()).sum::<usize>() + s.overhead,
+            "group {k}: usage is the live bytes plus their overhead: {s:?}"
+        );
+    }
+    // The rest freed, half of it on this thread, half on another.
+    let [h0, h1] = held;
+    drop(h0);
+    std::thread::spawn(move || drop(h1)).join().expect("freeing thread");
+    for (k, g) in groups.iter().enumerate() {
+        let s = exact(g);
+        assert_eq!(
+            (s.usage, s.overhead, s.kmem, s.allocs, s.frees),
+            (0, 0, 0, allocs[k], allocs[k]),
+            "group {k} back to 0: {s:?}"
+        );
+    }
+    let s = exact(&home);
+    assert_eq!((s.usage, s.overhead, s.allocs, s.frees), (0, 0, 0, 0), "{s:?}");
+    for g in groups {
+        g.remove().expect("remove");
+    }
+    home.remove().expect("remove");
+    assert_eq!(dying_groups(), dying0);
+}
+
+/// A helper that charges `first` for `n` blocks of `size` (align 1) and frees them inside it
+/// (its pocket's own word then holds their bytes), then switches to `second` and allocates a
+/// block there: the switch moves `first`'s word to the far word. It pauses with both, and
+/// frees its block of `second` at the end. Its vector is made outside the groups.
+fn park_in_far_word(first: &Group, second: &Group, n: usize, size: usize) -> Helper {
+    let (first, second) = (first.clone(), second.clone());
+    Helper::start(move |pause| {
+        let mut held = Vec::with_capacity(n);
+        first.run(|| {
+            for _ in 0..n {
+                held.push(Block::new(size, 1));
+            }
+            held.clear();
+        });
+        let other = second.run(|| Block::new(size, 1));
+        drop((first, second));
+        pause.pause();
+        drop(other);
+        drop(held);
+    })
+}
+
+/// A charge at a limit while the limited group's bytes sit in an idle thread's far word (the
+/// thread switched to another group after freeing them): the drain before the refusal must take
+/// the far word too, so a block costing exactly max fits, and one byte more is refused.
+#[test]
+fn a_charge_at_the_limit_takes_back_an_idle_threads_far_word() {
+    let _s = serial();
+    let max = stock_batch() / 2;
+    let fit = size_for_cost(max);
+    let small = 100;
+    let (n, cost) = (pocketful(small), block_cost(small, 1));
+    let g = fresh("pk-far-limit");
+    g.set_max(Some(max));
+    let other = fresh("pk-far-limit-other");
+
+    let helper = park_in_far_word(&g, &other, n, small);
+    assert_eq!(
+        g.stat().usage,
+        n * cost,
+        "the helper's far word holds its frees (nothing is live)"
+    );
+    let b = g.run(|| fallible(|| Block::try_new(fit, 1)));
+    let s = exact(&g);
+    assert!(
+        b.is_some(),
+        "a block costing exactly max was refused while {} bytes sat in an idle thread's far word: {s:?}",
+        n * cost
+    );
+    assert_eq!((s.usage, live(&s), s.events.fail), (max, 1, 0), "{s:?}");
+    assert!(g.run(|| fallible(|| Block::try_new(1, 1))).is_none());
+    drop(b);
+    helper.finish();
+
+    // Again, one byte too many: refused, and nothing changed.
+    let base = exact(&g);
+    let helper = park_in_far_word(&g, &other, n, small);
+    assert_eq!(g.stat().usage, n * cost);
+    assert!(
+        g.run(|| fallible(|| Block::try_new(fit + 1, 1))).is_none(),
+        "a block costing max + 1 was charged"
+    );
+    let s = exact(&g);
+    assert_eq!(
+        (s.usage, s.allocs, s.frees, s.events.fail),
+        (
+            0,
+            base.allocs + n as u64,
+            base.frees + n as u64,
+            base.events.fail + 1
+        ),
+        "{s:?}"
+    );
+    helper.finish();
+    for g in [g, other] {
+        let s = exact(&g);
+        assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
+        g.remove().expect("remove");
+    }
+}
+
+/// The removal of a group whose word sits in an idle thread's far word: the removal takes it
+/// back, so the removed group's record goes at once; the parent's counters stay exact.
+#[test]
+fn removal_takes_back_a_far_word() {
+    let _s = serial();
+    let dying0 = dying_groups();
+    let small = 100;
+    let (n, cost) = (pocketful(small), block_cost(small, 1));
+    let parent = fresh("pk-far-rm");
+    let c = fresh_child(&parent, "c");
+    let other = fresh("pk-far-rm-other");
+    let helper = park_in_far_word(&c, &other, n, small);
+    assert!(
+        c.stat().usage >= n * cost,
+        "the helper's far word holds the child's frees"
+    );
+    c.remove().expect("remove");
+    assert_eq!(
+        dying_groups(),
+        dying0,
+        "the removed group's bytes in the idle thread's far word were taken back: its record goes"
+    );
+    let s = exact(&parent);
+    assert_eq!(
+        (s.usage, s.overhead, s.allocs, s.frees),
+        (0, 0, n as u64, n as u64),
+        "{s:?}"
+    );
+    helper.finish();
+    let s = exact(&other);
+    assert_eq!((s.usage, s.overhead, s.allocs, s.frees), (0, 0, 1, 1), "{s:?}");
+    parent.remove().expect("remove");
+    other.remove().expect("remove");
+    assert_eq!(dying_groups(), dying0);
+}
