@@ -326,6 +326,50 @@ mod harness {
     }
 }
 
+/// What the pocket models (`tests/pocket.rs`, `tests/swap.rs`) expect of a group once every
+/// stock and pocket is drained, and its check.
+#[cfg(test)]
+mod expect {
+    use crate::core::counter::Snapshot;
+    use crate::World;
+
+    /// What group `id` should show once every stock and pocket is drained.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub(crate) struct Expect {
+        pub(crate) usage: usize,
+        pub(crate) allocs: u64,
+        pub(crate) frees: u64,
+        pub(crate) overhead: isize,
+        /// Charges refused at its limit or below (events `max` and `fail`).
+        pub(crate) refused: u64,
+    }
+
+    pub(crate) fn check(w: &World, id: u32, e: Expect) {
+        let s: Snapshot = w.snap(id);
+        let got = Expect {
+            usage: s.usage,
+            allocs: s.allocs,
+            frees: s.frees,
+            overhead: s.overhead,
+            refused: s.events[2],
+        };
+        assert_eq!(got, e, "group {id} (events {:?})", s.events);
+        assert_eq!(s.kmem, 0, "group {id}: no kernel block");
+        assert_eq!(s.events[1], s.events[2], "group {id}: nothing is forced");
+    }
+
+    /// The sum of two groups' expectations, for their parent.
+    pub(crate) fn sum(a: Expect, b: Expect) -> Expect {
+        Expect {
+            usage: a.usage + b.usage,
+            allocs: a.allocs + b.allocs,
+            frees: a.frees + b.frees,
+            overhead: a.overhead + b.overhead,
+            refused: a.refused + b.refused,
+        }
+    }
+}
+
 #[cfg(test)]
 #[path = "../tests/counter.rs"]
 mod counter_models;

@@ -21,9 +21,9 @@
 //! the live blocks' bytes, `allocs` and `frees` the blocks allocated and freed, `overhead` the
 //! live blocks' pads), and no drain stays counted in.
 
-use crate::core::counter::Snapshot;
 use crate::core::pocket::Pocket;
 use crate::core::stock::{key, Key};
+use crate::expect::{check, sum, Expect};
 use crate::{model, under, World, ROOT};
 
 const BATCH: usize = 128;
@@ -31,42 +31,6 @@ const BATCH: usize = 128;
 const BLOCK: usize = 8;
 /// The pad of a 16-aligned block.
 const PAD: usize = 8;
-
-/// What group `id` should show once every stock and pocket is drained.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Expect {
-    usage: usize,
-    allocs: u64,
-    frees: u64,
-    overhead: isize,
-    /// Charges refused at its limit or below (events `max` and `fail`).
-    refused: u64,
-}
-
-fn check(w: &World, id: u32, e: Expect) {
-    let s: Snapshot = w.snap(id);
-    let got = Expect {
-        usage: s.usage,
-        allocs: s.allocs,
-        frees: s.frees,
-        overhead: s.overhead,
-        refused: s.events[2],
-    };
-    assert_eq!(got, e, "group {id} (events {:?})", s.events);
-    assert_eq!(s.kmem, 0, "group {id}: no kernel block");
-    assert_eq!(s.events[1], s.events[2], "group {id}: nothing is forced");
-}
-
-/// The sum of two groups' expectations, for their parent.
-fn sum(a: Expect, b: Expect) -> Expect {
-    Expect {
-        usage: a.usage + b.usage,
-        allocs: a.allocs + b.allocs,
-        frees: a.frees + b.frees,
-        overhead: a.overhead + b.overhead,
-        refused: a.refused + b.refused,
-    }
-}
 
 // ---- 1. An owner's fast paths and refills racing a drain ------------------------------------
 

@@ -19,9 +19,9 @@
 //! live blocks' pads); with a removal, the removed group is empty and reported emptied once,
 //! and no pocket names it.
 
-use crate::core::counter::Snapshot;
 use crate::core::pocket::Pocket;
 use crate::core::stock::{key, Key};
+use crate::expect::{check, sum, Expect};
 use crate::{model, under, World, ROOT};
 
 const BATCH: usize = 128;
@@ -31,36 +31,6 @@ const PAD: usize = 8;
 const R: u32 = 1;
 const C: u32 = 2;
 const D: u32 = 3;
-
-/// What group `id` should show once every stock and pocket is drained.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Expect {
-    usage: usize,
-    allocs: u64,
-    frees: u64,
-    overhead: isize,
-}
-
-fn check(w: &World, id: u32, e: Expect) {
-    let s: Snapshot = w.snap(id);
-    let got = Expect {
-        usage: s.usage,
-        allocs: s.allocs,
-        frees: s.frees,
-        overhead: s.overhead,
-    };
-    assert_eq!(got, e, "group {id} (events {:?})", s.events);
-    assert_eq!(s.kmem, 0, "group {id}: no kernel block");
-}
-
-fn sum(a: Expect, b: Expect) -> Expect {
-    Expect {
-        usage: a.usage + b.usage,
-        allocs: a.allocs + b.allocs,
-        frees: a.frees + b.frees,
-        overhead: a.overhead + b.overhead,
-    }
-}
 
 /// R with children C and D; one pocket. Its owner allocates `x` of C (the stock, then a
 /// refill: the pocket's own word holds 8 bytes of C), then `d` of D (the stock, then the
@@ -102,6 +72,7 @@ fn swap_races_drain() {
             allocs: 2,
             frees: 1,
             overhead: PAD as isize,
+            refused: 0,
         };
         let de = Expect {
             allocs: 1,
@@ -158,6 +129,7 @@ fn removal_of_far_word_group_races_swap() {
             allocs: 2,
             frees: 0,
             overhead: 2 * PAD as isize,
+            refused: 0,
         };
         let in_d = (z == d) as u64;
         let de = Expect {
