@@ -147,6 +147,18 @@ fn on_a_thread_holding<T: Send + 'static>(
 /// The end of a test whose owner `g`'s blocks met `other` (a thread's pocket held it, charged
 /// one block of `other`): `other` is back to exactly 0 with that one block counted, and both
 /// groups go.
+/// Checks that `g` holds nothing after a flush: no bytes, no overhead, no live block.
+fn assert_empty(g: &Group) {
+    let s = exact(g);
+    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
+}
+
+/// Checks that `g` holds nothing, then removes it.
+fn remove_empty(g: Group) {
+    assert_empty(&g);
+    g.remove().expect("remove");
+}
+
 fn remove_with_other(g: Group, other: Group) {
     let s = exact(&other);
     assert_eq!(
@@ -446,8 +458,7 @@ fn frees_of_another_groups_blocks_wait_in_the_far_word() {
         "the removed group's bytes in the idle thread's far word were taken back: its record goes"
     );
     helper.finish();
-    let s = exact(&g);
-    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
+    assert_empty(&g);
     remove_with_other(g, home);
     assert_eq!(dying_groups(), dying0);
 }
@@ -517,9 +528,7 @@ fn a_charge_at_the_limit_takes_back_an_idle_threads_pocket() {
     assert_eq!(exact(&g).usage, max);
     helper.finish();
     drop(b);
-    let s = exact(&g);
-    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
-    g.remove().expect("remove");
+    remove_empty(g);
 }
 
 /// A block larger than the batch (charged to the counters directly) that fits only once the
@@ -634,8 +643,7 @@ fn flush_is_exact_while_other_threads_hold_pocket_bytes() {
         h.finish();
     }
     for c in &children {
-        let s = exact(c);
-        assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
+        assert_empty(c);
     }
     for c in children {
         c.remove().expect("remove");
@@ -735,8 +743,7 @@ fn pockets_of_exited_threads_are_emptied_and_reused() {
         "g untouched: {s:?}"
     );
     drop(kept);
-    let s = exact(&h);
-    assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
+    assert_empty(&h);
     g.remove().expect("remove");
     h.remove().expect("remove");
 }
@@ -1297,9 +1304,7 @@ fn fork_while_threads_churn_their_pockets() {
         "the drainer hit its limit: {n} rounds, {fails} refusals"
     );
     for g in churned {
-        let s = exact(&g);
-        assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
-        g.remove().expect("remove");
+        remove_empty(g);
     }
     let s = exact(&pre);
     assert_eq!(
@@ -1336,9 +1341,7 @@ fn fork_children_flush_pockets_without_hanging() {
         assert!(c.join().expect("churner") > 0);
     }
     for g in churned {
-        let s = exact(&g);
-        assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
-        g.remove().expect("remove");
+        remove_empty(g);
     }
 }
 
@@ -1666,9 +1669,7 @@ fn a_charge_at_the_limit_takes_back_an_idle_threads_far_word() {
     );
     helper.finish();
     for g in [g, other] {
-        let s = exact(&g);
-        assert_eq!((s.usage, s.overhead, live(&s)), (0, 0, 0), "{s:?}");
-        g.remove().expect("remove");
+        remove_empty(g);
     }
 }
 
