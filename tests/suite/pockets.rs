@@ -473,45 +473,57 @@ fn a_charge_at_the_limit_takes_back_an_idle_threads_pocket() {
     let _s = serial();
     let batch = stock_batch();
     let max = batch / 2;
-    let fit = size_for_cost(max);
     let small = 100;
     let (n, cost) = (pocketful(small), block_cost(small, 1));
     let g = fresh("pk-limit");
     g.set_max(Some(max));
 
-    let helper = fill_pocket(&g, n, small);
+    limit_takes_back(&g, max, (n, cost), "pocket", || fill_pocket(&g, n, small));
+    remove_empty(g);
+}
+
+/// The two halves of a limit's test with `n` freed blocks of `cost` each (nothing live) left
+/// charged to `g` in an idle thread's `place`, which `hold` starts: a block costing exactly
+/// `max` fits once they are taken back, and one byte more is refused; then, held again, a
+/// block costing `max + 1` is refused and changes no counter, and an exact fit still succeeds.
+/// `g` holds nothing at the start and at the end.
+fn limit_takes_back(g: &Group, max: usize, (n, cost): (usize, usize), place: &str, hold: impl Fn() -> Helper) {
+    let fit = size_for_cost(max);
+    let base = exact(g);
+    assert_eq!(base.usage, 0);
+    let helper = hold();
     // Not flushed: nothing is live, the freed blocks' bytes are still charged.
-    assert_eq!(
-        g.stat().usage,
-        n * cost,
-        "the helper's pocket holds its frees"
-    );
+    assert_eq!(g.stat().usage, n * cost, "the helper's {place} holds its frees");
     let b = g.run(|| fallible(|| Block::try_new(fit, 1)));
-    let s = exact(&g);
+    let s = exact(g);
     assert!(
         b.is_some(),
-        "a block costing exactly max was refused while {} bytes sat in an idle thread's pocket: {s:?}",
+        "a block costing exactly max was refused while {} bytes sat in an idle thread's {place}: {s:?}",
         n * cost
     );
     assert_eq!((s.usage, live(&s)), (max, 1), "{s:?}");
-    assert_eq!((s.events.max, s.events.fail), (0, 0), "{s:?}");
+    assert_eq!((s.events.max, s.events.fail), (base.events.max, base.events.fail), "{s:?}");
     // Full: not one more byte.
     assert!(g.run(|| fallible(|| Block::try_new(1, 1))).is_none());
-    let s = exact(&g);
-    assert_eq!((s.usage, s.events.max, s.events.fail), (max, 1, 1), "{s:?}");
+    let s = exact(g);
+    assert_eq!(
+        (s.usage, s.events.max, s.events.fail),
+        (max, base.events.max + 1, base.events.fail + 1),
+        "{s:?}"
+    );
     drop(b);
     helper.finish();
 
-    // Again with the pocket full: one byte too many is refused, and changes nothing.
-    let base = exact(&g);
+    // Again with the bytes held: one byte too many is refused, and changes nothing.
+    let base = exact(g);
     assert_eq!(base.usage, 0);
-    let helper = fill_pocket(&g, n, small);
+    let helper = hold();
     assert_eq!(g.stat().usage, n * cost);
     assert!(
         g.run(|| fallible(|| Block::try_new(fit + 1, 1))).is_none(),
         "a block costing max + 1 was charged"
     );
-    let s = exact(&g);
+    let s = exact(g);
     assert_eq!(
         (s.usage, s.allocs, s.frees),
         (0, base.allocs + n as u64, base.frees + n as u64),
@@ -525,10 +537,9 @@ fn a_charge_at_the_limit_takes_back_an_idle_threads_pocket() {
     let b = g
         .run(|| fallible(|| Block::try_new(fit, 1)))
         .expect("an exact fit after a refusal");
-    assert_eq!(exact(&g).usage, max);
+    assert_eq!(exact(g).usage, max);
     helper.finish();
     drop(b);
-    remove_empty(g);
 }
 
 /// A block larger than the batch (charged to the counters directly) that fits only once the
@@ -1623,51 +1634,15 @@ fn park_in_far_word(first: &Group, second: &Group, n: usize, size: usize) -> Hel
 fn a_charge_at_the_limit_takes_back_an_idle_threads_far_word() {
     let _s = serial();
     let max = stock_batch() / 2;
-    let fit = size_for_cost(max);
     let small = 100;
     let (n, cost) = (pocketful(small), block_cost(small, 1));
     let g = fresh("pk-far-limit");
     g.set_max(Some(max));
     let other = fresh("pk-far-limit-other");
 
-    let helper = park_in_far_word(&g, &other, n, small);
-    assert_eq!(
-        g.stat().usage,
-        n * cost,
-        "the helper's far word holds its frees (nothing is live)"
-    );
-    let b = g.run(|| fallible(|| Block::try_new(fit, 1)));
-    let s = exact(&g);
-    assert!(
-        b.is_some(),
-        "a block costing exactly max was refused while {} bytes sat in an idle thread's far word: {s:?}",
-        n * cost
-    );
-    assert_eq!((s.usage, live(&s), s.events.fail), (max, 1, 0), "{s:?}");
-    assert!(g.run(|| fallible(|| Block::try_new(1, 1))).is_none());
-    drop(b);
-    helper.finish();
-
-    // Again, one byte too many: refused, and nothing changed.
-    let base = exact(&g);
-    let helper = park_in_far_word(&g, &other, n, small);
-    assert_eq!(g.stat().usage, n * cost);
-    assert!(
-        g.run(|| fallible(|| Block::try_new(fit + 1, 1))).is_none(),
-        "a block costing max + 1 was charged"
-    );
-    let s = exact(&g);
-    assert_eq!(
-        (s.usage, s.allocs, s.frees, s.events.fail),
-        (
-            0,
-            base.allocs + n as u64,
-            base.frees + n as u64,
-            base.events.fail + 1
-        ),
-        "{s:?}"
-    );
-    helper.finish();
+    limit_takes_back(&g, max, (n, cost), "far word", || {
+        park_in_far_word(&g, &other, n, small)
+    });
     for g in [g, other] {
         remove_empty(g);
     }
