@@ -355,60 +355,7 @@ impl<A: GlobalAlloc> TagAlloc<A> {
             (base, base.add(at.tag).cast::<u64>().read_unaligned())
         }
     }
-}
 
-/// The key a block's tag seals; a damaged tag ends the process.
-#[inline(always)]
-fn checked_tag(tag: u64) -> Key {
-    match scope::unseal(tag) {
-        Some(key) => key,
-        None => platform::corrupted(b"a block's owner tag is damaged (heap corruption, or a pointer this allocator did not return)"),
-    }
-}
-
-// SAFETY: every block is the inner allocator's block for `place(layout).inner`, offset so
-// that it meets `layout`'s alignment (a header of 8 bytes keeps the inner allocation's 8-byte
-// alignment, which covers alignments up to 8, and one of 16 bytes its 16-byte alignment; above
-// 16 the block starts the inner allocation, aligned as asked), with `layout.size()` usable
-// bytes after the header or before the tag. Nothing here panics or unwinds:
-// failures return null.
-unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
-    #[inline(always)]
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded caller contract.
-        unsafe { self.alloc_tagged(layout, false) }
-    }
-
-    #[inline(always)]
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded caller contract.
-        unsafe { self.alloc_tagged(layout, true) }
-    }
-
-    #[inline(always)]
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if layout.align() > 2 * TAG_SIZE {
-            // SAFETY: forwarded caller contract.
-            return unsafe { self.dealloc_aligned(ptr, layout) };
-        }
-        // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed
-        // (with a header: the alignment is at most 16).
-        unsafe { self.dealloc_placed(ptr, headed(layout.size(), layout.align())) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let align = layout.align();
-        if align > 2 * TAG_SIZE || new_size > SMALL {
-            // SAFETY: forwarded caller contract.
-            return unsafe { self.realloc_other(ptr, layout, new_size) };
-        }
-        // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed
-        // (with a header: the alignment is at most 16); the new size is at most SMALL.
-        unsafe { self.realloc_placed(ptr, headed(layout.size(), align), headed(new_size, align)) }
-    }
-}
-
-impl<A: GlobalAlloc> TagAlloc<A> {
     /// `realloc` of a block aligned to more than 16, or to a size over `SMALL`: out of the
     /// fast path's way.
     ///
@@ -474,5 +421,56 @@ impl<A: GlobalAlloc> TagAlloc<A> {
         // SAFETY: `new_base` is an inner allocation of `new.inner`; `tag` is a valid sealed
         // key (the pocket's own, or checked above).
         unsafe { tagged_sealed(new_base, new, tag) }
+    }
+}
+
+/// The key a block's tag seals; a damaged tag ends the process.
+#[inline(always)]
+fn checked_tag(tag: u64) -> Key {
+    match scope::unseal(tag) {
+        Some(key) => key,
+        None => platform::corrupted(b"a block's owner tag is damaged (heap corruption, or a pointer this allocator did not return)"),
+    }
+}
+
+// SAFETY: every block is the inner allocator's block for `place(layout).inner`, offset so
+// that it meets `layout`'s alignment (a header of 8 bytes keeps the inner allocation's 8-byte
+// alignment, which covers alignments up to 8, and one of 16 bytes its 16-byte alignment; above
+// 16 the block starts the inner allocation, aligned as asked), with `layout.size()` usable
+// bytes after the header or before the tag. Nothing here panics or unwinds:
+// failures return null.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for TagAlloc<A> {
+    #[inline(always)]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.alloc_tagged(layout, false) }
+    }
+
+    #[inline(always)]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded caller contract.
+        unsafe { self.alloc_tagged(layout, true) }
+    }
+
+    #[inline(always)]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if layout.align() > 2 * TAG_SIZE {
+            // SAFETY: forwarded caller contract.
+            return unsafe { self.dealloc_aligned(ptr, layout) };
+        }
+        // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed
+        // (with a header: the alignment is at most 16).
+        unsafe { self.dealloc_placed(ptr, headed(layout.size(), layout.align())) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let align = layout.align();
+        if align > 2 * TAG_SIZE || new_size > SMALL {
+            // SAFETY: forwarded caller contract.
+            return unsafe { self.realloc_other(ptr, layout, new_size) };
+        }
+        // SAFETY: the caller passes a live block of ours with its layout, which `alloc` placed
+        // (with a header: the alignment is at most 16); the new size is at most SMALL.
+        unsafe { self.realloc_placed(ptr, headed(layout.size(), align), headed(new_size, align)) }
     }
 }
