@@ -11,7 +11,7 @@
 //! row's allocator) is the same for every row, so ratios compare the allocators and not the
 //! switch; it adds the same cost to a row and to its base, so a ratio reads slightly closer to 1
 //! than with the allocator fixed at build time (on `real`, 3.7% of the `System` row's
-//! instructions: a tag row's 1.072 would be 1.074).
+//! instructions: a tag row's 1.072 would be 1.075).
 //!
 //! The parent (the process `cargo bench` starts, with the variable unset) measures nothing
 //! itself: for each repetition it runs the same binary once per row, with the variable set,
